@@ -1,0 +1,3 @@
+from conductor.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""The one exception tree of Conductor; each class carries the CLI exit code it maps to.
+
+Exit codes (documented in docs/cli.md):
+
+====  =====================================================================
+code  meaning
+====  =====================================================================
+0     success
+1     the plan ran but did not succeed (no fork verified, a step failed)
+2     usage error (bad flags or arguments; raised by click)
+3     ConfigError: config.yaml, policy.yaml or a plan file is invalid
+4     PolicyViolation / UnsafePath: a change or path is outside the policy
+5     IntegrityError: checksum mismatch, broken audit chain, bad JSON
+6     BackendError: the LLM provider failed or answered nonsense
+7     CredentialsMissing: no API key for the configured provider
+8     ExecutorError: an executor could not run
+9     NotFound: no project, plan, fork or step by that name
+10    StateConflict: the files on disk disagree with what Conductor expects
+11    Halted: the plan waits for approval or for an external executor
+70    internal error (a bug; the traceback is written to a log file)
+130   interrupted (Ctrl-C)
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+
+class ConductorError(Exception):
+    """Base class of every error Conductor raises on purpose.
+
+    Attributes:
+        exit_code: the process exit code the CLI uses for this error.
+    """
+
+    exit_code = 1
+
+
+class ConfigError(ConductorError):
+    """A configuration, policy or plan file is malformed or has unknown keys.
+
+    The message names the file, the key and (for YAML) the line.
+    """
+
+    exit_code = 3
+
+
+class PolicyViolation(ConductorError):
+    """A change or request breaks the effective policy."""
+
+    exit_code = 4
+
+
+class UnsafePath(PolicyViolation):
+    """A path is absolute, escapes the workspace, or plays tricks (NUL, ``..``, ``.git``)."""
+
+
+class IntegrityError(ConductorError):
+    """Stored data does not match its checksum, chain or schema."""
+
+    exit_code = 5
+
+
+class ChecksumMismatch(IntegrityError):
+    """A file's recorded checksum differs from the checksum of its content."""
+
+
+class InvalidDocument(IntegrityError):
+    """A JSON document is not strict JSON, or does not match its schema."""
+
+
+class AuditChainError(IntegrityError):
+    """The hash chain of an audit log is broken."""
+
+
+class BackendError(ConductorError):
+    """An LLM provider failed, timed out, or returned output that does not parse."""
+
+    exit_code = 6
+
+
+class CredentialsMissing(BackendError):
+    """No API key is configured for the selected provider."""
+
+    exit_code = 7
+
+
+class ExecutorError(ConductorError):
+    """An executor could not run a task (command missing, crashed, timed out)."""
+
+    exit_code = 8
+
+
+class NotFound(ConductorError):
+    """No project, plan, fork or step by that name."""
+
+    exit_code = 9
+
+
+class StateConflict(ConductorError):
+    """Files on disk disagree with what Conductor expects, and it refuses to guess."""
+
+    exit_code = 10
+
+
+class MergeConflict(StateConflict):
+    """A change cannot be applied because its target changed since the change's base."""
+
+
+class Halted(ConductorError):
+    """The plan cannot go on now: it waits for an approval or an external executor."""
+
+    exit_code = 11
+
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130

@@ -1,0 +1,81 @@
+"""Durable file writes: temp file, fsync, atomic rename or link, fsync of the directory.
+
+The pattern follows Maildir delivery: a reader never sees a partial file, and after a crash a file is
+either wholly there or wholly absent. Temp files are named ``.tmp.<name>.<pid>.<random>`` in the target
+directory, so a recovery pass can find and delete them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+TEMP_PREFIX = ".tmp."
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync ``directory`` so that a rename or link inside it survives a power loss."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(target: Path, data: bytes) -> Path:
+    temp = target.parent / f"{TEMP_PREFIX}{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return temp
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Replace ``target`` with ``data`` atomically and durably (temp + fsync + rename + dir fsync).
+
+    Raises:
+        OSError: on any write, fsync or rename failure (fsync errors are not retried: after a failed
+            fsync the page cache state is unknown).
+    """
+    temp = _write_temp(target, data)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def publish_exclusive(target: Path, data: bytes) -> None:
+    """Create ``target`` with ``data`` atomically, failing if it already exists.
+
+    Uses ``os.link`` (which fails on an existing name, unlike rename) from a fsynced temp file.
+
+    Raises:
+        FileExistsError: ``target`` already exists; nothing was changed.
+        OSError: on any other write, fsync or link failure.
+    """
+    temp = _write_temp(target, data)
+    try:
+        os.link(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    fsync_dir(target.parent)
+
+
+def durable_rename(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` (atomic on one file system) and fsync both directories."""
+    os.rename(source, target)
+    fsync_dir(target.parent)
+    if source.parent != target.parent:
+        fsync_dir(source.parent)

@@ -1,0 +1,158 @@
+"""Where everything lives inside a project's ``.conductor/`` folder.
+
+::
+
+    .conductor/
+      config.yaml  policy.yaml  keys/
+      objects/sha256/ab/cdef…        content-addressed blobs (workspace snapshots)
+      handoff/
+        metrics.json
+        plan_<plan>/
+          plan.json  audit.log                      plan-level events (planning, ranking, apply)
+          fork_<fork>/
+            pending/ in_progress/ completed/ failed/
+            audit.log                               every event of this fork
+      workspaces/plan_<plan>/fork_<fork>/           the fork's integrated working copy
+      scratch/plan_<plan>/fork_<fork>/<step>.a<n>/  one attempt's private working copy
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from conductor.errors import NotFound
+
+CONDUCTOR_DIR = ".conductor"
+STATES = ("pending", "in_progress", "completed", "failed")
+TASK_SUFFIX = ".task.json"
+LEASE_SUFFIX = ".lease.json"
+RESULT_SUFFIX = ".result.json"
+EXPLANATION_SUFFIX = ".explanation.md"
+PROVENANCE_SUFFIX = ".provenance.json"
+VERDICT_SUFFIX = ".verdict.json"
+
+
+@dataclass(frozen=True)
+class ProjectLayout:
+    """Paths of one project. ``root`` is the project folder (the one holding ``.conductor/``)."""
+
+    root: Path
+
+    @classmethod
+    def find(cls, start: Path) -> ProjectLayout:
+        """Find the project holding ``start`` by walking up to the first ``.conductor/`` folder.
+
+        Raises:
+            NotFound: no ``.conductor/`` folder in ``start`` or above it.
+        """
+        start = start.resolve()
+        for folder in (start, *start.parents):
+            if (folder / CONDUCTOR_DIR).is_dir():
+                return cls(folder)
+        raise NotFound(f"no Conductor project in {start} or above it (run `conductor init` first)")
+
+    @property
+    def conductor_dir(self) -> Path:
+        return self.root / CONDUCTOR_DIR
+
+    @property
+    def config_file(self) -> Path:
+        return self.conductor_dir / "config.yaml"
+
+    @property
+    def policy_file(self) -> Path:
+        return self.conductor_dir / "policy.yaml"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.conductor_dir / "keys"
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.conductor_dir / "objects"
+
+    @property
+    def handoff_dir(self) -> Path:
+        return self.conductor_dir / "handoff"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.handoff_dir / "metrics.json"
+
+    @property
+    def history_file(self) -> Path:
+        """Outcome history the confidence scorer learns from (JSON lines)."""
+        return self.conductor_dir / "history.jsonl"
+
+    def plan_dir(self, plan_id: str) -> Path:
+        return self.handoff_dir / f"plan_{plan_id}"
+
+    def plan_ids(self) -> list[str]:
+        """Ids of every plan, oldest first (plan ids start with a UTC timestamp)."""
+        if not self.handoff_dir.is_dir():
+            return []
+        return sorted(p.name[5:] for p in self.handoff_dir.glob("plan_*") if (p / "plan.json").is_file())
+
+    def fork(self, plan_id: str, fork_id: str) -> ForkLayout:
+        return ForkLayout(
+            project=self,
+            plan_id=plan_id,
+            fork_id=fork_id,
+            dir=self.plan_dir(plan_id) / f"fork_{fork_id}",
+        )
+
+    def workspace_dir(self, plan_id: str, fork_id: str) -> Path:
+        return self.conductor_dir / "workspaces" / f"plan_{plan_id}" / f"fork_{fork_id}"
+
+    def scratch_dir(self, plan_id: str, fork_id: str, task_id: str, attempt: int) -> Path:
+        return self.conductor_dir / "scratch" / f"plan_{plan_id}" / f"fork_{fork_id}" / f"{task_id}.a{attempt}"
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the project root, in POSIX form (as task files record it)."""
+        return path.resolve().relative_to(self.root.resolve()).as_posix()
+
+
+@dataclass(frozen=True)
+class ForkLayout:
+    """Paths of one fork's handoff folder."""
+
+    project: ProjectLayout
+    plan_id: str
+    fork_id: str
+    dir: Path
+
+    def state_dir(self, state: str) -> Path:
+        return self.dir / state
+
+    def task_file(self, state: str, task_id: str) -> Path:
+        return self.dir / state / f"{task_id}{TASK_SUFFIX}"
+
+    def lease_file(self, task_id: str) -> Path:
+        return self.dir / "in_progress" / f"{task_id}{LEASE_SUFFIX}"
+
+    def sidecar(self, state: str, task_id: str, suffix: str) -> Path:
+        return self.dir / state / f"{task_id}{suffix}"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.dir / "audit.log"
+
+    @property
+    def workspace(self) -> Path:
+        return self.project.workspace_dir(self.plan_id, self.fork_id)
+
+    def task_ids(self, state: str) -> list[str]:
+        """Task ids whose task file is in ``state``, sorted."""
+        folder = self.state_dir(state)
+        if not folder.is_dir():
+            return []
+        return sorted(p.name[: -len(TASK_SUFFIX)] for p in folder.glob(f"*{TASK_SUFFIX}"))
+
+    def find_task(self, task_id: str) -> tuple[str, Path] | None:
+        """The state and path of the task file of ``task_id``, or None if it is in no folder."""
+        for state in STATES:
+            path = self.task_file(state, task_id)
+            if path.exists():
+                return state, path
+        return None

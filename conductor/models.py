@@ -1,0 +1,360 @@
+"""Pydantic models of the file contract: plan, task, lease, result, verdict, audit event.
+
+These models are the source of the JSON Schemas in ``docs/schemas/`` (regenerate with
+``python -m conductor.schemas``); ``docs/protocol.md`` explains how the files move. Every model forbids
+unknown keys, so a misspelt field is an error, not a silently ignored value.
+
+Timestamps are RFC 3339 UTC strings with a ``Z`` suffix (``2026-11-22T10:00:00.123456Z``).
+Checksums are ``"sha256:<64 hex>"`` over the RFC 8785 canonical form of the document without its
+``checksum`` field (see ``conductor.canonical``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+TASK_SCHEMA = "conductor.task/v1"
+LEASE_SCHEMA = "conductor.lease/v1"
+RESULT_SCHEMA = "conductor.result/v1"
+VERDICT_SCHEMA = "conductor.verdict/v1"
+PLAN_SCHEMA = "conductor.plan/v1"
+
+Checksum = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+StepId = Annotated[str, StringConstraints(pattern=r"^step_[0-9]{3,}$")]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+ConfidenceLevel = Literal["high", "medium", "low"]
+
+
+def utc_now() -> str:
+    """The current time as an RFC 3339 UTC string with microseconds and a ``Z`` suffix."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str) -> datetime:
+    """Parse a timestamp written by :func:`utc_now` (or any RFC 3339 UTC string)."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class Contract(BaseModel):
+    """Base of every contract model: unknown keys are errors; values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def to_document(self) -> dict[str, Any]:
+        """The JSON-ready dict of this model (``None`` fields kept, as the schema lists them)."""
+        return self.model_dump(mode="json")
+
+
+# --- policy -------------------------------------------------------------------------------------
+
+
+class FileRules(Contract):
+    """File rules of a policy layer."""
+
+    protected_patterns: list[str] = Field(
+        default_factory=list,
+        description="gitignore-style patterns (pathspec) of files no step may change",
+    )
+
+
+class Behavior(Contract):
+    """Numeric limits of a policy layer; ``None`` means "not set by this layer"."""
+
+    max_diff_lines: int | None = Field(default=None, ge=0, description="lines added + removed, per step")
+    timeout_seconds: int | None = Field(default=None, gt=0, description="wall time of one attempt, seconds")
+
+
+class PolicyLayer(Contract):
+    """One layer of policy (project, plan or step), as written in YAML or in plan.json."""
+
+    global_constraints: list[str] = Field(default_factory=list)
+    file_rules: FileRules = Field(default_factory=FileRules)
+    behavior: Behavior = Field(default_factory=Behavior)
+
+
+class EffectivePolicy(Contract):
+    """The merged policy a step runs under (project → plan → step, tighten-only)."""
+
+    global_constraints: list[str]
+    protected_patterns: list[str]
+    max_diff_lines: int
+    timeout_seconds: int
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+class StepSpec(Contract):
+    """One step of a fork, as planned."""
+
+    step_id: StepId
+    title: str = ""
+    instruction: str = Field(min_length=1)
+    allowed_files: list[str] = Field(default_factory=list)
+    depends_on: list[StepId] = Field(default_factory=list)
+    confidence_estimate: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="the planner's own estimate that the step succeeds"
+    )
+    policy: PolicyLayer = Field(default_factory=PolicyLayer)
+
+
+class Strategy(Contract):
+    """One alternative way to reach the goal; it becomes one fork."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+
+
+class ForkSpec(Contract):
+    """A fork of the plan: a strategy and its steps."""
+
+    fork_id: Identifier
+    strategy: Strategy
+    steps: list[StepSpec] = Field(min_length=1)
+
+
+class PlannerInfo(Contract):
+    """Who made the plan."""
+
+    kind: Literal["llm", "file", "handoff"]
+    provider: str | None = None
+    model: str | None = None
+    source: str | None = Field(default=None, description="plan file path, for kind=file")
+
+
+class Plan(Contract):
+    """``plan.json``: the goal, its forks and the plan-level policy. Written once, checksummed."""
+
+    schema_: Literal["conductor.plan/v1"] = Field(default=PLAN_SCHEMA, alias="schema")
+    plan_id: Identifier
+    goal: str
+    created_at: str
+    planner: PlannerInfo
+    policy: PolicyLayer = Field(default_factory=PolicyLayer)
+    forks: list[ForkSpec] = Field(min_length=1)
+    checksum: Checksum | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    def to_document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def fork(self, fork_id: str) -> ForkSpec:
+        """Return the fork with this id.
+
+        Raises:
+            KeyError: no such fork.
+        """
+        for fork in self.forks:
+            if fork.fork_id == fork_id:
+                return fork
+        raise KeyError(fork_id)
+
+
+# --- task ---------------------------------------------------------------------------------------
+
+
+class Confidence(Contract):
+    """Pre-execution confidence: high ≥ 0.8 (autonomous), medium ≥ 0.5 (extra checks), low (approval)."""
+
+    score: float = Field(ge=0.0, le=1.0)
+    level: ConfidenceLevel
+    reasons: list[str] = Field(default_factory=list)
+
+
+class Task(Contract):
+    """``<step>.task.json``: one attempt of one step, as handed to an executor. Checksummed."""
+
+    schema_: Literal["conductor.task/v1"] = Field(default=TASK_SCHEMA, alias="schema")
+    task_id: StepId
+    plan_id: Identifier
+    fork_id: Identifier
+    attempt: int = Field(ge=1)
+    title: str = ""
+    instruction: str = Field(min_length=1)
+    allowed_files: list[str]
+    protected_patterns: list[str] = Field(default_factory=list)
+    constraints: list[str] = Field(default_factory=list)
+    depends_on: list[StepId] = Field(default_factory=list)
+    workspace: str = Field(description="the directory to work in, relative to the project root")
+    timeout_seconds: int = Field(gt=0)
+    max_diff_lines: int = Field(ge=0)
+    policy_digest: Checksum
+    confidence: Confidence
+    created_at: str
+    checksum: Checksum | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    def to_document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class Lease(Contract):
+    """``<step>.lease.json`` beside a claimed task: who holds it and until when.
+
+    ``fencing_token`` equals the task's ``attempt``: a completion whose token is not the task's
+    current attempt comes from a stale holder and is rejected.
+    """
+
+    schema_: Literal["conductor.lease/v1"] = Field(default="conductor.lease/v1", alias="schema")
+    task_id: StepId
+    attempt: int = Field(ge=1)
+    fencing_token: int = Field(ge=1)
+    holder: str
+    pid: int
+    host: str
+    acquired_at: str
+    renewed_at: str
+    expires_at: str
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    def to_document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# --- result and verdict -------------------------------------------------------------------------
+
+
+class FileChange(Contract):
+    """One changed path in a workspace."""
+
+    path: str
+    change: Literal["added", "modified", "deleted"]
+    sha256: str | None = Field(default=None, description="hex digest of the new content; None if deleted")
+    lines_added: int = Field(default=0, ge=0)
+    lines_removed: int = Field(default=0, ge=0)
+    binary: bool = False
+
+
+class ErrorInfo(Contract):
+    """Why something failed: a machine-readable ``kind`` and a message for people."""
+
+    kind: str
+    message: str
+
+
+class Usage(Contract):
+    """LLM usage of one step or call."""
+
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    cost_usd: float | None = Field(default=None, ge=0.0)
+
+    def __add__(self, other: Usage) -> Usage:
+        cost = None if self.cost_usd is None and other.cost_usd is None else (
+            (self.cost_usd or 0.0) + (other.cost_usd or 0.0)
+        )
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cost_usd=cost,
+        )
+
+
+class ExecutorInfo(Contract):
+    """Identity of an executor."""
+
+    id: str = Field(description="e.g. 'conductor-worker@host:pid', 'llm:openai/gpt-4.1-mini'")
+    kind: str = Field(description="llm | command | handoff | any name an external executor gives")
+    version: str | None = None
+    model: str | None = None
+
+
+class Result(Contract):
+    """``<step>.result.json``: what the executor says it did. Checksummed; never trusted alone."""
+
+    schema_: Literal["conductor.result/v1"] = Field(default=RESULT_SCHEMA, alias="schema")
+    task_id: StepId
+    plan_id: Identifier
+    fork_id: Identifier
+    attempt: int = Field(ge=1)
+    fencing_token: int = Field(ge=1)
+    task_checksum: Checksum
+    status: Literal["completed", "failed"]
+    executor: ExecutorInfo
+    files_changed: list[FileChange] = Field(default_factory=list)
+    summary: str = ""
+    error: ErrorInfo | None = None
+    started_at: str
+    finished_at: str
+    usage: Usage = Field(default_factory=Usage)
+    checksum: Checksum | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    def to_document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class CommandEvidence(Contract):
+    """One verification command and what it did."""
+
+    command: str
+    exit_code: int | None = Field(description="None if it timed out or could not start")
+    duration_seconds: float = Field(ge=0.0)
+    timed_out: bool = False
+    output_sha256: str = Field(description="hex SHA-256 of the combined stdout+stderr")
+    output_tail: str = Field(description="the last 4,000 characters of the output")
+
+
+class Check(Contract):
+    """One check of a verdict."""
+
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+class Verdict(Contract):
+    """``<step>.verdict.json``: Conductor's own decision on a finished attempt. Checksummed."""
+
+    schema_: Literal["conductor.verdict/v1"] = Field(default=VERDICT_SCHEMA, alias="schema")
+    task_id: StepId
+    plan_id: Identifier
+    fork_id: Identifier
+    attempt: int = Field(ge=1)
+    accepted: bool
+    reasons: list[str] = Field(default_factory=list)
+    checks: list[Check] = Field(default_factory=list)
+    files_changed: list[FileChange] = Field(default_factory=list, description="ground truth from hashing")
+    diff_lines: int = Field(ge=0)
+    verification: list[CommandEvidence] = Field(default_factory=list)
+    policy_digest: Checksum
+    decided_at: str
+    checksum: Checksum | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    def to_document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# --- audit --------------------------------------------------------------------------------------
+
+
+class Event(Contract):
+    """One line of ``audit.log``: ``hash`` is SHA-256 over the JCS form of the entry without ``hash``;
+    ``prev`` is the previous entry's hash (the genesis value for ``seq`` 0)."""
+
+    seq: int = Field(ge=0)
+    ts: str
+    type: str = Field(pattern=r"^[a-z_]+(\.[a-z_]+)+$")
+    data: dict[str, Any] = Field(default_factory=dict)
+    prev: Checksum
+    hash: Checksum
+
+
+CONTRACT_MODELS: dict[str, type[BaseModel]] = {
+    "plan": Plan,
+    "task": Task,
+    "lease": Lease,
+    "result": Result,
+    "verdict": Verdict,
+    "event": Event,
+    "policy": PolicyLayer,
+}
