@@ -102,6 +102,10 @@ class StateConflict(ConductorError):
     exit_code = 10
 
 
+class LeaseLost(StateConflict):
+    """A completion or heartbeat carries a stale fencing token: the task was reclaimed meanwhile."""
+
+
 class MergeConflict(StateConflict):
     """A change cannot be applied because its target changed since the change's base."""
 

@@ -210,6 +210,7 @@ class Lease(Contract):
     acquired_at: str
     renewed_at: str
     expires_at: str
+    checksum: Checksum | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

@@ -1,0 +1,450 @@
+"""The hash-chained audit log: one RFC 8785 (JCS) JSON object per line.
+
+Each line is ``{seq, ts, type, data, prev, hash}`` serialised in canonical form and terminated by
+``\\n``. ``hash`` is ``"sha256:<hex>"`` over the JCS bytes of the entry without ``hash``
+(:func:`conductor.canonical.digest`); ``prev`` is the previous line's ``hash``, or :data:`GENESIS` on
+``seq`` 0. Editing, deleting, inserting or reordering a line breaks the chain and
+:func:`verify_chain` names the line. Truncating the tail does not: a signed checkpoint (size + head
+hash) kept where executors cannot write closes that gap later.
+
+Event types the runtime writes (``data`` keys; ``?`` marks a key that may be absent):
+
+=====================  ==========================================================================
+type                   data
+=====================  ==========================================================================
+plan.created           plan_id, goal, planner, forks, plan_checksum
+fork.created           fork_id, strategy, steps, workspace
+llm.call               purpose ("plan" | "step"), step_id?, provider, model, input_tokens,
+                       output_tokens, cost_usd?, duration_seconds
+confidence.scored      step_id, score, level, reasons
+policy.merged          step_id, effective, sources, notes, digest
+task.published         step_id, attempt, checksum
+approval.requested     step_id
+approval.granted       step_id, by
+task.claimed           step_id, attempt, holder, pid, host
+task.lease_expired     step_id, attempt, holder
+task.completed         step_id, attempt, executor, duration_seconds
+task.failed            step_id, attempt, reason, message
+step.verified          step_id, attempt, accepted, reasons, diff_lines, files, verification
+step.merged            step_id, attempt, files
+fork.finished          fork_id, status
+plan.ranked            ranking
+plan.applied           fork_id, files
+plan.resumed           (none)
+plan.finished          status
+=====================  ==========================================================================
+
+Plan-level events (planning, ranking, apply) go to ``handoff/plan_<id>/audit.log``; everything about
+one fork goes to ``handoff/plan_<id>/fork_<id>/audit.log``. :func:`read_events` merges them by time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+from pydantic import ValidationError
+
+from conductor.canonical import canonical_bytes, digest, strict_loads
+from conductor.errors import AuditChainError, ConductorError, InvalidDocument, StateConflict
+from conductor.fsutil import fsync_dir
+from conductor.models import Event, parse_time, utc_now
+
+GENESIS = "sha256:" + "0" * 64
+LOCK_TIMEOUT_SECONDS = 60.0
+_TAIL_CHUNK = 8192
+
+EVENT_TYPES: dict[str, tuple[str, ...]] = {
+    "plan.created": ("plan_id", "goal", "planner", "forks", "plan_checksum"),
+    "fork.created": ("fork_id", "strategy", "steps", "workspace"),
+    "llm.call": (
+        "purpose", "step_id?", "provider", "model", "input_tokens", "output_tokens", "cost_usd?",
+        "duration_seconds",
+    ),
+    "confidence.scored": ("step_id", "score", "level", "reasons"),
+    "policy.merged": ("step_id", "effective", "sources", "notes", "digest"),
+    "task.published": ("step_id", "attempt", "checksum"),
+    "approval.requested": ("step_id",),
+    "approval.granted": ("step_id", "by"),
+    "task.claimed": ("step_id", "attempt", "holder", "pid", "host"),
+    "task.lease_expired": ("step_id", "attempt", "holder"),
+    "task.completed": ("step_id", "attempt", "executor", "duration_seconds"),
+    "task.failed": ("step_id", "attempt", "reason", "message"),
+    "step.verified": ("step_id", "attempt", "accepted", "reasons", "diff_lines", "files", "verification"),
+    "step.merged": ("step_id", "attempt", "files"),
+    "fork.finished": ("fork_id", "status"),
+    "plan.ranked": ("ranking",),
+    "plan.applied": ("fork_id", "files"),
+    "plan.resumed": (),
+    "plan.finished": ("status",),
+}
+"""Event type → the ``data`` keys the runtime writes (``?`` = optional). Documentation, not a gate:
+:meth:`AuditLog.append` accepts any type matching the ``Event`` pattern."""
+
+
+# --- parsing one line ---------------------------------------------------------------------------
+
+
+def _entry_hash(document: Mapping[str, Any]) -> str:
+    return digest({k: v for k, v in document.items() if k != "hash"})
+
+
+def _parse_line(line: bytes, where: str) -> Event:
+    """Parse one complete line (without its ``\\n``) strictly; check canonical form and own hash.
+
+    Raises:
+        AuditChainError: naming ``where`` and the first thing wrong with the line.
+    """
+    problems, event = _line_problems(line)
+    if problems:
+        raise AuditChainError(f"{where}: {problems[0]}")
+    assert event is not None  # a line without problems always has a schema-valid event
+    return event
+
+
+def _line_problems(line: bytes) -> tuple[list[str], Event | None]:
+    """Problems of one line on its own (no chain context), and the event if it is schema-valid."""
+    if not line.strip():
+        return ["empty line"], None
+    try:
+        document = strict_loads(line, source="entry")
+    except ConductorError as exc:
+        return [f"not strict JSON ({exc})"], None
+    problems: list[str] = []
+    if not _is_canonical(document, line):
+        problems.append("not in RFC 8785 canonical form")
+    try:
+        event = Event.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first["loc"]) or "entry"
+        return [*problems, f"schema: {location}: {first['msg']}"], None
+    if _entry_hash(document) != event.hash:
+        problems.append("hash mismatch (entry edited?)")
+    return problems, event
+
+
+def _new_event(document: dict[str, Any]) -> Event:
+    try:
+        return Event.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidDocument(f"audit event {document.get('type')!r}: {first['loc']}: {first['msg']}") from exc
+
+
+def _is_canonical(document: Any, line: bytes) -> bool:
+    try:
+        return canonical_bytes(document) == line
+    except ConductorError:  # e.g. an integer beyond 2**53 parses but has no canonical form
+        return False
+
+
+# --- the log ------------------------------------------------------------------------------------
+
+
+class AuditLog:
+    """An append-only, hash-chained JSON-lines log at ``path``.
+
+    Appends are serialised across threads (a ``threading.Lock``) and processes (a
+    ``filelock.FileLock`` on ``<path>.lock``); each costs O(1) in the log's size, because only the
+    last line is read (backwards from the end of the file).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], str] = utc_now,
+        lock_timeout: float = LOCK_TIMEOUT_SECONDS,
+    ):
+        """Open (lazily; nothing is touched until the first call) the log at ``path``.
+
+        Args:
+            path: the ``audit.log`` file; it and its folder are created by the first append.
+            clock: returns the RFC 3339 UTC ``ts`` of each new entry (tests inject a fixed clock).
+            lock_timeout: seconds to wait for the cross-process lock before raising StateConflict.
+        """
+        self.path = Path(path)
+        self._clock = clock
+        self._thread_lock = threading.Lock()
+        self._file_lock = filelock.FileLock(f"{self.path}.lock", timeout=lock_timeout)
+
+    def __repr__(self) -> str:
+        return f"AuditLog({str(self.path)!r})"
+
+    def append(self, type: str, data: Mapping[str, Any] | None = None) -> Event:  # noqa: A002 (the field's name)
+        """Append one event, chained to the current last line, and fsync it.
+
+        The line is written with a single ``os.write`` on an ``O_APPEND`` descriptor, so concurrent
+        readers see either the whole line or none of it.
+
+        Args:
+            type: dotted event type, e.g. ``"task.claimed"`` (see :data:`EVENT_TYPES`).
+            data: JSON-ready event data; it must survive RFC 8785 canonicalisation (no NaN, no
+                integers beyond 2**53).
+
+        Returns:
+            The event as written, with its ``seq``, ``ts``, ``prev`` and ``hash``.
+
+        Raises:
+            AuditChainError: the log ends with a torn (unterminated) or invalid last line; nothing
+                is written, because appending would bury the damage.
+            InvalidDocument: ``data`` cannot be canonicalised, or ``type`` is not a dotted lowercase
+                name, or the clock gave no string.
+            StateConflict: the lock stayed held by another process beyond the lock timeout.
+            OSError: the write or fsync failed.
+        """
+        # Round-trip the data so the hash covers exactly what a reader will parse back.
+        payload = strict_loads(canonical_bytes(dict(data or {})), source="event data")
+        with self._thread_lock, self._locked():
+            last = self._last_event()
+            entry = {
+                "seq": 0 if last is None else last.seq + 1,
+                "ts": self._clock(),
+                "type": type,
+                "data": payload,
+                "prev": GENESIS if last is None else last.hash,
+            }
+            event = _new_event({**entry, "hash": digest(entry)})
+            self._write_line(canonical_bytes(event.to_document()) + b"\n")
+        return event
+
+    def events(self) -> list[Event]:
+        """Every event of the log, after checking each line and the whole chain.
+
+        Returns:
+            The events in file order; ``[]`` if the file does not exist yet.
+
+        Raises:
+            AuditChainError: naming the line number of the first problem (and how many more there are).
+        """
+        if not self.path.exists():
+            return []
+        events, problems = _scan(self.path.read_bytes())
+        if problems:
+            extra = len(problems) - 1
+            more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
+            raise AuditChainError(f"{self.path}: {problems[0]}{more}")
+        return events
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events())
+
+    def tail(self, n: int) -> list[Event]:
+        """The last ``n`` events (the whole chain is checked first, so this reads the whole file)."""
+        return self.events()[-n:] if n > 0 else []
+
+    def _locked(self) -> _TimeoutAsConflict:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return _TimeoutAsConflict(self._file_lock, self.path)
+
+    def _last_event(self) -> Event | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            line = _read_last_line(fd, self.path)
+        finally:
+            os.close(fd)
+        return None if line is None else _parse_line(line, f"{self.path}: last line")
+
+    def _write_line(self, line: bytes) -> None:
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                # A short write leaves a torn line; say so instead of writing the rest separately.
+                raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.path.parent)
+
+
+class _TimeoutAsConflict:
+    """Context manager around a file lock that turns ``filelock.Timeout`` into ``StateConflict``."""
+
+    def __init__(self, lock: filelock.BaseFileLock, path: Path):
+        self._lock, self._path = lock, path
+
+    def __enter__(self) -> None:
+        try:
+            self._lock.acquire()
+        except filelock.Timeout as exc:
+            raise StateConflict(f"{self._path}: audit log lock held too long by another process") from exc
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+def _read_last_line(fd: int, path: Path) -> bytes | None:
+    """The last complete line of the file (without ``\\n``), reading backwards in chunks.
+
+    Raises:
+        AuditChainError: the file does not end with ``\\n`` (a torn write).
+    """
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return None
+    if os.pread(fd, 1, size - 1) != b"\n":
+        raise AuditChainError(f"{path}: unterminated last line (torn write); recover the log before appending")
+    end = size - 1  # the final newline
+    buffer = b""
+    position = end
+    while position > 0:
+        step = min(_TAIL_CHUNK, position)
+        position -= step
+        buffer = os.pread(fd, step, position) + buffer
+        cut = buffer.rfind(b"\n")
+        if cut != -1:
+            return buffer[cut + 1 :]
+    return buffer
+
+
+# --- verification -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What :func:`verify_chain` found.
+
+    Attributes:
+        path: the log checked.
+        entries: complete lines in the file (valid or not); a torn last line is not counted.
+        ok: True when no problem was found.
+        problems: one message per problem, each starting ``"line <n>: "`` (1-based).
+        head: the ``hash`` of the last valid entry (for a checkpoint), or None.
+    """
+
+    path: Path
+    entries: int
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    head: str | None = None
+
+
+def verify_chain(path: Path) -> ChainReport:
+    """Check every line and link of an audit log and report every problem found.
+
+    Checks, per line: strict JSON, RFC 8785 canonical form (the line's bytes equal the JCS of its
+    value), the ``Event`` schema, the recomputed hash, ``seq`` contiguous from 0, ``prev`` equal to the
+    previous line's hash (:data:`GENESIS` first), duplicated lines, and a torn last line.
+
+    Args:
+        path: the ``audit.log`` file.
+
+    Returns:
+        A :class:`ChainReport`; a missing file is reported as a problem, an empty file is ok.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ChainReport(path=path, entries=0, ok=False, problems=[f"{path}: no such file"])
+    events, problems = _scan(data)
+    complete = data.count(b"\n")
+    head = events[-1].hash if events else None
+    return ChainReport(path=path, entries=complete, ok=not problems, problems=problems, head=head)
+
+
+def _scan(data: bytes) -> tuple[list[Event], list[str]]:
+    """Parse and check every line of ``data``; return the schema-valid events and all problems."""
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline
+    chain = _ChainCheck()
+    for number, line in enumerate(lines, start=1):
+        chain.check(number, line)
+    if torn:
+        chain.problems.append(f"line {len(lines) + 1}: unterminated last line (torn write)")
+    return chain.events, chain.problems
+
+
+class _ChainCheck:
+    """Walks lines in order, keeping what the next line must link to."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.problems: list[str] = []
+        self._seen: dict[str, int] = {}  # hash -> line number where it first appeared
+        self._previous: tuple[int, Event] | None = None  # (line number, event) of the last linked line
+        self._lost_track = False  # the previous line could not be parsed: do not judge the next link
+
+    def check(self, number: int, line: bytes) -> None:
+        problems, event = _line_problems(line)
+        self.problems.extend(f"line {number}: {problem}" for problem in problems)
+        if event is None:
+            self._lost_track = True
+            return
+        if event.hash in self._seen:
+            self.problems.append(f"line {number}: duplicate of line {self._seen[event.hash]}")
+            return
+        self._seen[event.hash] = number
+        self.events.append(event)
+        if not self._lost_track:
+            self._check_link(number, event)
+        self._previous, self._lost_track = (number, event), False
+
+    def _check_link(self, number: int, event: Event) -> None:
+        if self._previous is None:
+            if event.seq != 0:
+                self.problems.append(f"line {number}: seq {event.seq} where 0 was expected (start of log lost?)")
+            if event.prev != GENESIS:
+                self.problems.append(f"line {number}: prev is not the genesis value")
+            return
+        previous_number, previous = self._previous
+        self._check_seq(number, event.seq, previous.seq)
+        if event.prev != previous.hash:
+            self.problems.append(f"line {number}: prev does not match line {previous_number}'s hash{self._hint(event)}")
+
+    def _check_seq(self, number: int, seq: int, previous_seq: int) -> None:
+        if seq == previous_seq + 1:
+            return
+        if seq > previous_seq + 1:
+            cause = "entries deleted or reordered"
+        elif seq == previous_seq:
+            cause = "entry inserted or duplicated"
+        else:
+            cause = "entries reordered or inserted"
+        self.problems.append(f"line {number}: seq {seq} follows {previous_seq} ({cause})")
+
+    def _hint(self, event: Event) -> str:
+        earlier = self._seen.get(event.prev)
+        if earlier is None:
+            return ""
+        return f" (it is line {earlier}'s hash: entries inserted or reordered)"
+
+
+# --- merging logs -------------------------------------------------------------------------------
+
+
+def read_events(paths: Iterable[Path]) -> list[tuple[str, Event]]:
+    """Merge several audit logs (the plan-level log and its fork logs) into one timeline.
+
+    Each event is tagged with its log's source label, the name of the folder holding the log
+    (``"plan_<id>"`` or ``"fork_<id>"``). Events are ordered by ``ts``; ties keep the order of
+    ``paths`` and then ``seq``. Missing files are skipped.
+
+    Args:
+        paths: ``audit.log`` files.
+
+    Returns:
+        ``[(label, event), ...]`` in time order.
+
+    Raises:
+        AuditChainError: a log's chain is broken (naming the file and line).
+    """
+    tagged: list[tuple[Any, str, Event]] = []
+    for index, path in enumerate(paths):
+        label = Path(path).parent.name
+        for event in AuditLog(Path(path)).events():
+            tagged.append(((parse_time(event.ts), index, event.seq), label, event))
+    tagged.sort(key=lambda item: item[0])
+    return [(label, event) for _, label, event in tagged]

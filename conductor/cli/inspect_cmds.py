@@ -1,0 +1,195 @@
+"""``status``, ``events``, ``explain``, ``policy`` and ``handoff-metrics``: read-only views."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from conductor.cli.common import echo_json, json_option, open_project, plan_option, project_option
+
+
+@click.command()
+@plan_option
+@click.option("--all", "all_plans", is_flag=True, help="Every plan, not only the newest.")
+@project_option
+@json_option
+def status(plan_id, all_plans, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Show plans, forks and steps by state."""
+    from conductor.inspect import plan_status
+    from conductor.runtime import resolve_plan_id
+
+    project = open_project(project_dir)
+    layout = project.layout
+    ids = layout.plan_ids() if all_plans else ([resolve_plan_id(layout, plan_id)] if layout.plan_ids() or plan_id else [])
+    statuses = [plan_status(layout, pid) for pid in ids]
+    if as_json:
+        echo_json(statuses if all_plans else (statuses[0] if statuses else None))
+        return 0
+    from conductor.cli.render import console, status_table
+
+    out = console()
+    if not statuses:
+        out.print("no plans yet: run `conductor explore \"<goal>\"`")
+    for item in statuses:
+        out.print(status_table(item))
+    return 0
+
+
+@click.command()
+@plan_option
+@click.option("--fork", "fork_id", default=None, help="Only this fork's log.")
+@click.option("--step", "step_id", default=None, help="Only events about this step.")
+@click.option("--type", "types", multiple=True, help="Event type or prefix (repeatable), e.g. task or llm.call.")
+@project_option
+@json_option
+def events(plan_id, fork_id, step_id, types, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """List a plan's audit events, oldest first."""
+    from conductor.inspect import list_events
+    from conductor.runtime import resolve_plan_id
+
+    project = open_project(project_dir)
+    rows = list_events(project.layout, resolve_plan_id(project.layout, plan_id), fork_id=fork_id,
+                       step_id=step_id, types=tuple(types))
+    if as_json:
+        echo_json(rows)
+        return 0
+    from conductor.cli.render import console, events_table
+
+    console().print(events_table(rows))
+    return 0
+
+
+@click.command()
+@click.argument("step_id")
+@plan_option
+@click.option("--fork", "fork_id", default=None, help="Only this fork.")
+@project_option
+@json_option
+def explain(step_id, plan_id, fork_id, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Tell the story of STEP_ID: task, policy, confidence, claims, result, verdict, explanation."""
+    from conductor.inspect import explain_step
+    from conductor.runtime import resolve_plan_id
+
+    project = open_project(project_dir)
+    stories = explain_step(project.layout, resolve_plan_id(project.layout, plan_id), step_id, fork_id)
+    if as_json:
+        echo_json(stories)
+        return 0
+    for story in stories:
+        _print_story(story)
+    return 0
+
+
+def _print_story(story) -> None:  # type: ignore[no-untyped-def]
+    from rich.markdown import Markdown
+
+    from conductor.cli.render import console
+
+    out = console()
+    step = story["step"]
+    out.rule(f"fork {story['fork_id']} ({story['strategy']}) — {step['step_id']} {step['title']} [{story['state']}]")
+    out.print(f"[bold]instruction[/]: {step['instruction']}")
+    out.print(f"[bold]allowed files[/]: {', '.join(step['allowed_files']) or '(none)'}")
+    if story["task"]:
+        task = story["task"]
+        out.print(f"[bold]task[/]: attempt {task.get('attempt')}, checksum {task.get('checksum')}")
+    for event in story["events"]:
+        data = {k: v for k, v in event["data"].items() if k != "step_id"}
+        out.print(f"  {event['ts'][11:23]}  [cyan]{event['type']}[/]  {json.dumps(data, ensure_ascii=False)[:400]}")
+    if story["result"]:
+        result = story["result"]
+        out.print(f"[bold]result[/]: {result.get('status')} by {result.get('executor', {}).get('id')}: {result.get('summary')}")
+    if story["verdict"]:
+        verdict = story["verdict"]
+        verdict_text = "accepted" if verdict.get("accepted") else "rejected: " + "; ".join(verdict.get("reasons", []))
+        out.print(f"[bold]verdict[/]: {verdict_text} ({verdict.get('diff_lines')} changed lines)")
+    if story["explanation"]:
+        out.print(Markdown(story["explanation"]))
+
+
+@click.command()
+@click.option("--step", "step_id", default=None, help="Merge this step's policy too (needs a plan).")
+@click.option("--fork", "fork_id", default=None, help="The fork of --step (default: the first that has it).")
+@plan_option
+@project_option
+@json_option
+def policy(step_id, fork_id, plan_id, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Show the effective policy and where each value came from (project → plan → step)."""
+    from conductor.policy import merge_policies
+
+    project = open_project(project_dir)
+    layers = [("project", project.policy)]
+    if step_id is not None or plan_id is not None:
+        from conductor.plan_store import load_plan
+        from conductor.runtime import resolve_plan_id
+
+        plan = load_plan(project.layout, resolve_plan_id(project.layout, plan_id))
+        layers.append(("plan", plan.policy))
+        if step_id is not None:
+            steps = [s for f in plan.forks if fork_id in (None, f.fork_id) for s in f.steps if s.step_id == step_id]
+            if not steps:
+                from conductor.errors import NotFound
+
+                raise NotFound(f"no step {step_id!r} in plan {plan.plan_id}")
+            layers.append(("step", steps[0].policy))
+    merged = merge_policies(layers)
+    effective = merged.effective.model_dump(mode="json")
+    if as_json:
+        echo_json({"effective": effective, "sources": merged.sources, "notes": merged.notes, "digest": merged.digest})
+        return 0
+    from rich.table import Table
+
+    from conductor.cli.render import console
+
+    table = Table(title=f"effective policy ({merged.digest[:19]}…)", title_justify="left")
+    table.add_column("key")
+    table.add_column("value")
+    table.add_column("from")
+    for key in ("max_diff_lines", "timeout_seconds"):
+        table.add_row(key, str(effective[key]), merged.sources.get(key, ""))
+    for key in ("global_constraints", "protected_patterns"):
+        for index, item in enumerate(effective[key]):
+            table.add_row(key if index == 0 else "", item, merged.sources.get(f"{key}[{index}]", ""))
+    out = console()
+    out.print(table)
+    for note in merged.notes:
+        out.print(f"note: {note}")
+    return 0
+
+
+@click.command("handoff-metrics")
+@project_option
+@json_option
+def handoff_metrics(project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Compute execution statistics, write .conductor/handoff/metrics.json and show them."""
+    from conductor.metrics import write_metrics
+
+    project = open_project(project_dir)
+    metrics = write_metrics(project.layout)
+    if as_json:
+        echo_json(metrics)
+        return 0
+    from rich.table import Table
+
+    from conductor.cli.render import console
+
+    totals = metrics["totals"]
+    table = Table(title=f"handoff metrics (written to {project.layout.relative(project.layout.metrics_file)})",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in _flatten(totals):
+        table.add_row(key, str(value))
+    console().print(table)
+    for error in metrics.get("errors", []):
+        console(stderr=True).print(f"[red]unreadable[/] {error}")
+    return 0
+
+
+def _flatten(value, prefix=""):  # type: ignore[no-untyped-def]
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _flatten(inner, f"{prefix}{key}." if not isinstance(inner, dict) else f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), value

@@ -1,0 +1,51 @@
+"""``init`` and ``approve``."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+
+import click
+
+from conductor.cli.common import json_option, open_project, plan_option, project_option, echo_json
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("-C", "--directory", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              help="Where to create NAME (or the folder to prepare).")
+@json_option
+def init(name, directory, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Create project NAME (or, without NAME, prepare the current folder) with .conductor/ defaults."""
+    from conductor.project import init_project
+
+    project = init_project(directory, name)
+    if as_json:
+        echo_json({"root": str(project.root), "created": list(project.created)})
+        return 0
+    if project.created:
+        click.echo(f"initialised {project.root}")
+        for path in project.created:
+            click.echo(f"  created {path}")
+    else:
+        click.echo(f"{project.root} is already a Conductor project; nothing changed")
+    return 0
+
+
+@click.command()
+@click.argument("step_id")
+@click.option("--fork", "fork_id", default=None, help="Only in this fork (default: every fork where it waits).")
+@plan_option
+@project_option
+@json_option
+def approve(step_id, fork_id, plan_id, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Approve STEP_ID, a low-confidence step waiting for review; then run `conductor resume`."""
+    from conductor.runtime import approve_step
+
+    project = open_project(project_dir)
+    forks = approve_step(project, step_id, plan_id=plan_id, fork_id=fork_id, by=f"user:{getpass.getuser()}")
+    if as_json:
+        echo_json({"step_id": step_id, "approved_in_forks": forks})
+    else:
+        click.echo(f"approved {step_id} in fork(s) {', '.join(forks)}; run `conductor resume` to continue")
+    return 0

@@ -1,0 +1,160 @@
+"""``explore``, ``build`` and ``resume``: plan and run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from conductor.cli.common import echo_json, json_option, open_project, project_option
+
+
+def _run_options(func):  # type: ignore[no-untyped-def]
+    for option in reversed([
+        project_option,
+        click.option("--provider", type=click.Choice(["openai", "gemini"]), default=None, help="LLM provider."),
+        click.option("--model", default=None, help="Model for planner and executor."),
+        click.option("--executor", "executor_kind", type=click.Choice(["llm", "command", "handoff"]), default=None,
+                     help="Who executes steps (default: config.yaml)."),
+        click.option("--command", "executor_command", default=None, help="Command for --executor command."),
+        click.option("--auto-approve", is_flag=True, help="Run low-confidence steps without approval."),
+        click.option("--no-apply", is_flag=True, help="Do not apply the winner's changes to the project."),
+        click.option("--no-wait", is_flag=True, help="Return when only external executors have work left."),
+        json_option,
+    ]):
+        func = option(func)
+    return func
+
+
+def _overrides(provider, model, executor_kind, executor_command, forks=None):  # type: ignore[no-untyped-def]
+    values = {"planner.provider": provider, "planner.model": model, "executor.kind": executor_kind,
+              "executor.command": executor_command, "planner.forks": forks}
+    if provider is not None:
+        values["executor.provider"] = provider
+    if model is not None:
+        values["executor.model"] = model
+    return values
+
+
+@click.command()
+@click.argument("goal", required=False)
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A hand-written plan (YAML/JSON) instead of the LLM planner.")
+@click.option("--forks", type=click.IntRange(1, 16), default=None, help="Strategies to explore (default: config, 3).")
+@_run_options
+def explore(goal, plan_file, forks, **options) -> int:  # type: ignore[no-untyped-def]
+    """Plan several distinct strategies for GOAL, run each as a fork, rank them, apply the best."""
+    return _plan_and_run(goal, plan_file, forks, single=False, **options)
+
+
+@click.command()
+@click.argument("goal", required=False)
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A hand-written plan (YAML/JSON); its first strategy is used.")
+@_run_options
+def build(goal, plan_file, **options) -> int:  # type: ignore[no-untyped-def]
+    """Plan one strategy for GOAL and run it."""
+    return _plan_and_run(goal, plan_file, 1, single=True, **options)
+
+
+def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, model, executor_kind,  # type: ignore[no-untyped-def]
+                  executor_command, auto_approve, no_apply, no_wait, as_json) -> int:
+    from conductor.runtime import new_plan, runner_factory
+
+    project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command, forks))
+    factory = runner_factory(project)  # fails on a missing API key before anything is written
+    count = 1 if single else (forks or project.config.planner.forks)
+    plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count)
+    if not as_json:
+        click.echo(f"plan {plan.plan_id}: {len(plan.forks)} fork(s) for: {plan.goal}", err=True)
+    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait,
+                    as_json=as_json)
+
+
+@click.command()
+@click.argument("plan_id", required=False)
+@_run_options
+def resume(plan_id, project_dir, provider, model, executor_kind, executor_command, auto_approve,  # type: ignore[no-untyped-def]
+           no_apply, no_wait, as_json) -> int:
+    """Continue PLAN_ID (default: the newest unfinished plan) after a crash, timeout or approval."""
+    from conductor.runtime import resume_plan, runner_factory
+
+    project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command))
+    factory = runner_factory(project)
+    plan = resume_plan(project, plan_id)
+    if not as_json:
+        click.echo(f"resuming plan {plan.plan_id}: {plan.goal}", err=True)
+    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait,
+                    as_json=as_json)
+
+
+def _execute(project, plan, factory, *, auto_approve, no_apply, no_wait, as_json) -> int:  # type: ignore[no-untyped-def]
+    from conductor.engine import EngineOptions
+    from conductor.runtime import run_plan
+
+    options = EngineOptions(auto_approve=auto_approve or project.config.approval.auto_approve,
+                            apply=not no_apply, wait=not no_wait)
+    live = None
+    progress = lambda: None  # noqa: E731
+    if not as_json and sys.stderr.isatty():
+        live, progress = _live_status(project, plan.plan_id)
+    try:
+        report = run_plan(project, plan, options, on_progress=progress, factory=factory)
+    finally:
+        if live is not None:
+            live.stop()
+    return _report(project, report, as_json)
+
+
+def _live_status(project, plan_id):  # type: ignore[no-untyped-def]
+    from rich.live import Live
+
+    from conductor.cli.render import console, status_table
+    from conductor.inspect import plan_status
+
+    live = Live(console=console(stderr=True), refresh_per_second=4, transient=True)
+    live.start()
+    return live, lambda: live.update(status_table(plan_status(project.layout, plan_id)))
+
+
+def _report(project, report, as_json: bool) -> int:  # type: ignore[no-untyped-def]
+    from conductor.errors import Halted
+
+    data = {
+        "plan_id": report.plan_id, "status": report.status, "message": report.message,
+        "ranking": [e.to_dict() for e in report.ranking], "applied_fork": report.applied_fork,
+        "applied_files": report.applied_files,
+        "awaiting_approval": [{"fork_id": f, "step_id": s} for f, s in report.awaiting_approval],
+        "waiting_for_executor": [{"fork_id": f, "step_id": s} for f, s in report.waiting_for_executor],
+    }
+    if as_json:
+        echo_json(data)
+    else:
+        _print_report(project, report)
+    if report.status == "halted":
+        return Halted.exit_code
+    return 0 if report.status == "succeeded" else 1
+
+
+def _print_report(project, report) -> None:  # type: ignore[no-untyped-def]
+    from conductor.cli.render import console, ranking_table, status_table
+    from conductor.inspect import plan_status
+
+    out = console()
+    out.print(status_table(plan_status(project.layout, report.plan_id)))
+    if report.ranking:
+        winner = report.ranking[0].fork_id if report.status == "succeeded" else None
+        out.print(ranking_table([e.to_dict() for e in report.ranking], winner))
+    for fork_id, step_id in report.awaiting_approval:
+        out.print(f"[magenta]{step_id} of fork {fork_id} waits for approval:[/] "
+                  f"conductor approve {step_id} --fork {fork_id} --plan-id {report.plan_id}, then conductor resume")
+    if report.waiting_for_executor:
+        out.print(f"{len(report.waiting_for_executor)} task(s) wait for an external executor "
+                  "(start `conductor worker`, then `conductor resume`).")
+    if report.applied_fork:
+        out.print(f"[green]applied fork {report.applied_fork}[/]: {', '.join(report.applied_files) or 'no file changes'}")
+    elif report.status == "succeeded":
+        out.print("not applied (--no-apply)")
+    if report.message and report.status != "succeeded":
+        out.print(f"[red]{report.message}[/]" if report.status == "failed" else report.message)

@@ -1,0 +1,45 @@
+"""``worker``: the reference external executor."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import click
+
+from conductor.cli.common import open_project, project_option
+
+
+@click.command()
+@click.option("--command", "command", required=True, help="Shell command run per task in its workspace.")
+@click.option("--plan-id", "plan_id", default=None, help="Only this plan's tasks (default: all plans).")
+@click.option("--burst", is_flag=True, help="Exit when no pending task is left instead of waiting for more.")
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after this many tasks.")
+@click.option("--lease-seconds", type=click.FloatRange(min=0.1), default=None, help="Lease length (default: config).")
+@click.option("--heartbeat-seconds", type=click.FloatRange(min=0.05), default=None, help="Heartbeat (default: config).")
+@project_option
+def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds, project_dir) -> int:  # type: ignore[no-untyped-def]
+    """Watch the handoff folder, claim tasks and run COMMAND for each.
+
+    The task arrives as JSON on stdin and in CONDUCTOR_* environment variables; the command runs in the
+    task's workspace, in its own process group, under the task's timeout. Exit 0 = completed.
+    SIGTERM/SIGINT stop the worker after killing the running command's process group.
+    """
+    from conductor.executors.command import CommandRunner
+    from conductor.worker import Worker, WorkerSettings
+
+    project = open_project(project_dir)
+    config = project.config.executor
+    settings = WorkerSettings(
+        lease_seconds=lease_seconds or config.lease_seconds,
+        heartbeat_seconds=heartbeat_seconds or config.heartbeat_seconds,
+        max_attempts=config.max_attempts, poll_seconds=config.poll_seconds, plan_id=plan_id,
+    )
+    runner = CommandRunner(command, layout=project.layout)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    work = Worker(project.layout, runner, settings, ignore=list(project.config.workspace.ignore))
+    done = work.run(burst=burst, stop=stop, max_tasks=max_tasks)
+    click.echo(f"worker {work.holder}: {done} task(s) run", err=True)
+    return 0

@@ -1,0 +1,253 @@
+"""``.conductor/config.yaml``: planner, executor, verification, LLM, workspace and approval settings.
+
+Defaults are the field defaults below and nowhere else (``conductor/templates/config.yaml`` spells them
+out for people, and a test checks that it loads back to them). Values are resolved in this order, each
+overriding the previous one:
+
+1. the defaults;
+2. ``config.yaml``;
+3. environment variables ``CONDUCTOR_<SECTION>_<KEY>`` for scalar keys, e.g. ``CONDUCTOR_PLANNER_MODEL``,
+   ``CONDUCTOR_EXECUTOR_KIND``, ``CONDUCTOR_LLM_OPENAI_BASE_URL``, ``CONDUCTOR_APPROVAL_AUTO_APPROVE``
+   (an empty value sets an optional key to null);
+4. command-line flags, through :meth:`Config.override`.
+
+A ``CONDUCTOR_<SECTION>_…`` variable that names no key is an error (a typo must not be silently
+ignored); other ``CONDUCTOR_`` variables, such as ``CONDUCTOR_SIGNING_KEY_FILE``, are not config keys.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from conductor.errors import ConfigError
+from conductor.yamlutil import Document, Loc, display_path, format_validation_error, read_yaml_document
+
+ENV_PREFIX = "CONDUCTOR_"
+Provider = Literal["openai", "gemini"]
+DEFAULT_WORKSPACE_IGNORE = (
+    "__pycache__/",
+    "*.pyc",
+    ".pytest_cache/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    ".venv/",
+    "venv/",
+    "node_modules/",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PlannerConfig(_Section):
+    """How plans are made."""
+
+    provider: Provider = "openai"
+    model: str = Field(default="gpt-4.1-mini", min_length=1)
+    forks: int = Field(default=3, ge=1, description="strategies asked for by `explore`")
+
+
+class ExecutorConfig(_Section):
+    """Who executes tasks, and the lease timings of the handoff protocol (seconds)."""
+
+    kind: Literal["llm", "command", "handoff"] = "llm"
+    provider: Provider | None = Field(default=None, description="null: the planner's provider")
+    model: str | None = Field(default=None, min_length=1, description="null: the planner's model")
+    command: str | None = Field(default=None, min_length=1, description="required when kind is 'command'")
+    parallel: int = Field(default=4, ge=1, description="tasks executed at once")
+    max_attempts: int = Field(default=3, ge=1)
+    lease_seconds: int = Field(default=60, gt=0)
+    heartbeat_seconds: int = Field(default=10, gt=0)
+    poll_seconds: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExecutorConfig:
+        if self.kind == "command" and not self.command:
+            raise ValueError("kind 'command' requires executor.command")
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be less than "
+                f"lease_seconds ({self.lease_seconds}), or leases expire between heartbeats"
+            )
+        return self
+
+
+class VerificationConfig(_Section):
+    """Commands run in a workspace after each step; all must exit 0."""
+
+    commands: list[str] = Field(default_factory=list)
+    timeout_seconds: int = Field(default=600, gt=0)
+
+
+class LlmConfig(_Section):
+    """LLM client settings shared by planner and executor."""
+
+    openai_base_url: str | None = Field(default=None, min_length=1)
+    gemini_base_url: str | None = Field(default=None, min_length=1)
+    timeout_seconds: float = Field(default=120, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    input_usd_per_million: float | None = Field(default=None, ge=0.0, description="price of input tokens")
+    output_usd_per_million: float | None = Field(default=None, ge=0.0, description="price of output tokens")
+
+
+class WorkspaceConfig(_Section):
+    """Files left out of workspace snapshots (gitignore-style patterns)."""
+
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_WORKSPACE_IGNORE))
+
+
+class ApprovalConfig(_Section):
+    """Whether low-confidence steps run without `conductor approve`."""
+
+    auto_approve: bool = False
+
+
+class Config(_Section):
+    """The whole of ``config.yaml``."""
+
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    verification: VerificationConfig = Field(default_factory=VerificationConfig)
+    llm: LlmConfig = Field(default_factory=LlmConfig)
+    workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
+    approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
+
+    @property
+    def executor_provider(self) -> str:
+        """The executor's provider, falling back to the planner's."""
+        return self.executor.provider or self.planner.provider
+
+    @property
+    def executor_model(self) -> str:
+        """The executor's model, falling back to the planner's."""
+        return self.executor.model or self.planner.model
+
+    def override(self, values: Mapping[str, Any]) -> Config:
+        """A new validated Config with dotted keys replaced, e.g. ``{"planner.model": "x"}``.
+
+        ``None`` values are skipped, so CLI flags that were not given can be passed as they are.
+
+        Raises:
+            ConfigError: an unknown key, or a value that does not validate (naming the key).
+        """
+        data = self.model_dump(mode="python")
+        sources: dict[Loc, str] = {}
+        for dotted, value in values.items():
+            if value is None:
+                continue
+            section, key = _split_dotted(dotted)
+            data[section][key] = value
+            sources[(section, key)] = f"override {dotted}={value!r}"
+        return _validate(Document(data=data, source="override"), sources)
+
+
+def _split_dotted(dotted: str) -> tuple[str, str]:
+    section, _, key = dotted.partition(".")
+    if section not in Config.model_fields or key not in _section_model(section).model_fields:
+        raise ConfigError(f"override {dotted}: unknown config key (known: {', '.join(_all_keys())})")
+    return section, key
+
+
+def _section_model(section: str) -> type[BaseModel]:
+    annotation = Config.model_fields[section].annotation
+    assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation
+
+
+def _all_keys() -> list[str]:
+    return [
+        f"{section}.{key}" for section in Config.model_fields for key in _section_model(section).model_fields
+    ]
+
+
+def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """Load ``config.yaml`` and apply ``CONDUCTOR_<SECTION>_<KEY>`` environment overrides.
+
+    Args:
+        path: the config file; a missing file means all defaults.
+        environ: the environment to read overrides from.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: a YAML error, an unknown key, an invalid value (naming the file, key and line, or
+            the environment variable it came from), an unknown ``CONDUCTOR_<SECTION>_…`` variable, or a
+            broken cross-field rule (``kind: command`` without a command; heartbeat not below the lease).
+    """
+    if path.exists():
+        document = read_yaml_document(path)
+    else:
+        document = Document(data={}, source=display_path(path))
+    sources = _apply_environment(document.data, environ)
+    return _validate(document, sources)
+
+
+def _validate(document: Document, sources: Mapping[Loc, str]) -> Config:
+    try:
+        return Config.model_validate(document.data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, Config, document, sources)) from exc
+
+
+def env_variables() -> dict[str, tuple[str, str]]:
+    """Every environment variable that overrides a scalar key: name -> (section, key)."""
+    names = {}
+    for section in Config.model_fields:
+        for key, info in _section_model(section).model_fields.items():
+            if not _is_list(info.annotation):
+                names[f"{ENV_PREFIX}{section}_{key}".upper()] = (section, key)
+    return names
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[Loc, str]:
+    """Write environment overrides into ``data`` in place; return which keys came from which variable."""
+    known = env_variables()
+    section_prefixes = tuple(f"{ENV_PREFIX}{section}_".upper() for section in Config.model_fields)
+    sources: dict[Loc, str] = {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(section_prefixes):
+            continue  # CONDUCTOR_SIGNING_KEY_FILE and friends are not config keys
+        if name not in known:
+            raise ConfigError(_unknown_variable(name, known))
+        section, key = known[name]
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            continue  # the file's own error ("should be a valid dictionary") is clearer
+        target[key] = _env_value(section, key, value)
+        sources[(section, key)] = f"{name}={value!r}"
+    return sources
+
+
+def _unknown_variable(name: str, known: Mapping[str, tuple[str, str]]) -> str:
+    section_prefix = name[: name.index("_", len(ENV_PREFIX)) + 1]
+    candidates = sorted(n for n in known if n.startswith(section_prefix))
+    return f"{name}: not a config variable (known: {', '.join(candidates)}; lists are set in config.yaml)"
+
+
+def _env_value(section: str, key: str, value: str) -> str | None:
+    annotation = _section_model(section).model_fields[key].annotation
+    if value == "" and _is_optional(annotation):
+        return None
+    return value
+
+
+def _is_optional(annotation: Any) -> bool:
+    return _is_union(annotation) and type(None) in typing.get_args(annotation)
+
+
+def _is_union(annotation: Any) -> bool:
+    return isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list

@@ -1,0 +1,361 @@
+"""The scheduler: runs every fork of a plan to the end, step by step, in dependency order.
+
+One pass (``process_once``) looks at each fork's folders and decides what to do next: reap expired
+leases, verify arrivals in ``completed/``, publish steps whose dependencies are merged (after scoring
+their confidence and merging their policy; a low-confidence step waits for approval), and hand pending
+tasks to the in-process executor (``llm`` or ``command``) if there is one. ``run`` repeats passes,
+sleeping on filesystem events, until every fork is finished or only approvals are left.
+
+State is never kept only in memory: each pass re-derives it from the folders (where the task file is;
+whether a verdict exists) and the audit log (what was published, approved, finished), so a restart after
+a crash at any instant continues where the files say.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from conductor.attempts import create_attempt_workspace, prepare_retry
+from conductor.audit import AuditLog
+from conductor.config import Config
+from conductor.confidence import read_history, record_outcome, score_step
+from conductor.errors import MergeConflict
+from conductor.executors.base import StepRunner, execute_claim
+from conductor.handoff.lease import claim_task, holder_name
+from conductor.handoff.publish import publish_task
+from conductor.handoff.reaper import reap_expired
+from conductor.handoff.watcher import FolderWatcher
+from conductor.layout import VERDICT_SUFFIX, ForkLayout, ProjectLayout
+from conductor.models import Event, ForkSpec, Plan, PolicyLayer, StepSpec, Task, utc_now
+from conductor.plan_store import ensure_forks, fork_log, plan_log
+from conductor.policy import MergedPolicy, merge_policies
+from conductor.ranking import ForkEvidence, apply_winner, fork_changes, fork_checks, fork_tokens, rank
+from conductor.verifier import VerifySettings, verify_step
+from conductor.workspace import diff_lines
+
+RunnerFactory = Callable[[AuditLog], StepRunner]
+
+WAITING, AWAITING_APPROVAL, PENDING, IN_PROGRESS, COMPLETED, ACCEPTED, FAILED, BLOCKED = (
+    "waiting", "awaiting_approval", "pending", "in_progress", "completed", "accepted", "failed", "blocked",
+)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    auto_approve: bool = False
+    apply: bool = True
+    wait: bool = True  # False: return as soon as nothing can progress without an external executor
+
+
+@dataclass
+class RunReport:
+    """How a run ended."""
+
+    plan_id: str
+    status: str  # "succeeded" | "failed" | "halted"
+    ranking: list[ForkEvidence] = field(default_factory=list)
+    applied_fork: str | None = None
+    applied_files: list[str] = field(default_factory=list)
+    awaiting_approval: list[tuple[str, str]] = field(default_factory=list)  # (fork_id, step_id)
+    waiting_for_executor: list[tuple[str, str]] = field(default_factory=list)
+    message: str = ""
+
+
+class _ForkView:
+    """One fork's events, read once per pass."""
+
+    def __init__(self, layout: ProjectLayout, plan: Plan, spec: ForkSpec) -> None:
+        self.spec = spec
+        self.fork: ForkLayout = layout.fork(plan.plan_id, spec.fork_id)
+        self.log = fork_log(layout, plan.plan_id, spec.fork_id)
+        self.events: list[Event] = self.log.events()
+
+    def has(self, type_: str, **match: object) -> bool:
+        return any(e.type == type_ and all(e.data.get(k) == v for k, v in match.items()) for e in self.events)
+
+    def last(self, type_: str, **match: object) -> Event | None:
+        found = [e for e in self.events if e.type == type_ and all(e.data.get(k) == v for k, v in match.items())]
+        return found[-1] if found else None
+
+    def append(self, type_: str, data: dict) -> None:
+        self.events.append(self.log.append(type_, data))
+
+
+class Engine:
+    """Runs one plan. ``runner_factory`` makes the in-process executor for a fork (None = handoff)."""
+
+    def __init__(
+        self,
+        layout: ProjectLayout,
+        config: Config,
+        project_policy: PolicyLayer,
+        plan: Plan,
+        *,
+        runner_factory: RunnerFactory | None,
+        options: EngineOptions,
+        on_progress: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.layout, self.config, self.project_policy, self.plan = layout, config, project_policy, plan
+        self.runner_factory = runner_factory
+        self.options = options
+        self.on_progress = on_progress
+        self.ignore = list(config.workspace.ignore)
+        self.plan_log = plan_log(layout, plan.plan_id)
+        self.holder = holder_name("conductor-engine")
+        self._inflight: dict[tuple[str, str], Future] = {}
+        self._runners: dict[str, StepRunner] = {}
+        self._pool = ThreadPoolExecutor(max_workers=config.executor.parallel, thread_name_prefix="conductor-exec")
+        self._wake: Callable[[], None] = lambda: None
+        self._verify_settings = VerifySettings(
+            commands=list(config.verification.commands),
+            timeout_seconds=config.verification.timeout_seconds,
+            ignore=self.ignore,
+        )
+
+    # --- policy and confidence ------------------------------------------------------------------
+
+    def merged_policy(self, step: StepSpec) -> MergedPolicy:
+        return merge_policies([("project", self.project_policy), ("plan", self.plan.policy), ("step", step.policy)])
+
+    def _executor_kind(self) -> str:
+        return self.config.executor.kind
+
+    # --- one pass -------------------------------------------------------------------------------
+
+    def process_once(self) -> dict[str, dict[str, str]]:
+        """Advance every fork as far as the files allow. Returns step states per fork."""
+        states = {}
+        for spec in self.plan.forks:
+            view = _ForkView(self.layout, self.plan, spec)
+            self._reap(view)
+            states[spec.fork_id] = self._advance(view)
+        return states
+
+    def _reap(self, view: _ForkView) -> None:
+        reap_expired(view.fork, max_attempts=self.config.executor.max_attempts,
+                     lease_seconds=self.config.executor.lease_seconds, on_event=view.append,
+                     prepare_retry=lambda task: prepare_retry(self.layout, task))
+
+    def _advance(self, view: _ForkView) -> dict[str, str]:
+        states: dict[str, str] = {}
+        for step in view.spec.steps:
+            state = self._state_of(view, step, states)
+            if state == COMPLETED:
+                state = self._verify(view, step)
+            if state == WAITING and all(states.get(d) == ACCEPTED for d in step.depends_on):
+                state = self._publish(view, step)
+            if state == PENDING:
+                self._dispatch(view, step)
+            states[step.step_id] = state
+        self._finish_fork(view, states)
+        return states
+
+    def _state_of(self, view: _ForkView, step: StepSpec, states: dict[str, str]) -> str:
+        found = view.fork.find_task(step.step_id)
+        if found is None:
+            if any(states.get(d) in (FAILED, BLOCKED) for d in step.depends_on):
+                return BLOCKED
+            if view.has("approval.requested", step_id=step.step_id) and not self._approved(view, step):
+                return AWAITING_APPROVAL
+            return WAITING
+        state = found[0]
+        if state == "completed":
+            return ACCEPTED if view.fork.sidecar("completed", step.step_id, VERDICT_SUFFIX).exists() else COMPLETED
+        return {"pending": PENDING, "in_progress": IN_PROGRESS, "failed": FAILED}[state]
+
+    def _approved(self, view: _ForkView, step: StepSpec) -> bool:
+        return self.options.auto_approve or view.has("approval.granted", step_id=step.step_id)
+
+    def _publish(self, view: _ForkView, step: StepSpec) -> str:
+        policy = self.merged_policy(step)
+        accepted, total = read_history(self.layout.history_file, self._executor_kind())
+        confidence = score_step(estimate=step.confidence_estimate, allowed_files=step.allowed_files,
+                                accepted=accepted, total=total)
+        if not view.has("confidence.scored", step_id=step.step_id):
+            view.append("confidence.scored", {"step_id": step.step_id, **confidence.model_dump(mode="json")})
+            view.append("policy.merged", {"step_id": step.step_id, "effective": policy.effective.model_dump(mode="json"),
+                                          "sources": policy.sources, "notes": policy.notes, "digest": policy.digest})
+        if confidence.level == "low" and not self._approved(view, step):
+            if not view.has("approval.requested", step_id=step.step_id):
+                view.append("approval.requested", {"step_id": step.step_id, "score": confidence.score})
+            return AWAITING_APPROVAL
+        if confidence.level == "low" and self.options.auto_approve and not view.has("approval.granted", step_id=step.step_id):
+            view.append("approval.granted", {"step_id": step.step_id, "by": "--auto-approve"})
+        scratch = self.layout.scratch_dir(self.plan.plan_id, view.spec.fork_id, step.step_id, 1)
+        create_attempt_workspace(self.layout, view.fork.workspace, scratch, ignore=self.ignore)
+        effective = policy.effective
+        task = Task(
+            task_id=step.step_id, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id, attempt=1,
+            title=step.title, instruction=step.instruction, allowed_files=step.allowed_files,
+            protected_patterns=effective.protected_patterns, constraints=effective.global_constraints,
+            depends_on=step.depends_on, workspace=self.layout.relative(scratch),
+            timeout_seconds=effective.timeout_seconds, max_diff_lines=effective.max_diff_lines,
+            policy_digest=policy.digest, confidence=confidence, created_at=utc_now(),
+        )
+        sealed = publish_task(view.fork, task)
+        view.append("task.published", {"step_id": step.step_id, "attempt": 1, "checksum": sealed.checksum})
+        return PENDING
+
+    def _dispatch(self, view: _ForkView, step: StepSpec) -> None:
+        if self.runner_factory is None:
+            return
+        key = (view.spec.fork_id, step.step_id)
+        if key in self._inflight:
+            future = self._inflight[key]
+            if not future.done():
+                return
+            future.result()  # an executor thread's unexpected exception is a bug: surface it here
+        runner = self._runners.get(view.spec.fork_id)
+        if runner is None:
+            runner = self._runners[view.spec.fork_id] = self.runner_factory(view.log)
+        fork, log = view.fork, view.log
+        self._inflight[key] = self._pool.submit(self._execute, fork, log, step.step_id, runner)
+
+    def _execute(self, fork: ForkLayout, log: AuditLog, task_id: str, runner: StepRunner) -> None:
+        try:
+            claim = claim_task(fork, task_id, holder=self.holder, lease_seconds=self.config.executor.lease_seconds,
+                               on_event=log.append)
+            if claim is not None:
+                execute_claim(self.layout, claim, runner, ignore=self.ignore,
+                              lease_seconds=self.config.executor.lease_seconds,
+                              heartbeat_seconds=self.config.executor.heartbeat_seconds, on_event=log.append)
+        finally:
+            self._wake()
+
+    def _verify(self, view: _ForkView, step: StepSpec) -> str:
+        attempt = self._completed_attempt(view, step)
+        published = view.last("task.published", step_id=step.step_id, attempt=attempt)
+        scored = view.last("confidence.scored", step_id=step.step_id)
+        verdict = verify_step(
+            self.layout, view.fork, step.step_id,
+            published_checksum=published.data.get("checksum") if published else None,
+            policy=self.merged_policy(step),
+            confidence_level=scored.data.get("level", "high") if scored else "high",
+            settings=self._verify_settings,
+        )
+        view.append("step.verified", {
+            "step_id": step.step_id, "attempt": verdict.attempt, "accepted": verdict.accepted,
+            "reasons": verdict.reasons, "diff_lines": verdict.diff_lines,
+            "files": [c.path for c in verdict.files_changed],
+            "checks": [c.model_dump(mode="json") for c in verdict.checks],
+            "verification": [{"command": e.command, "exit_code": e.exit_code, "output_sha256": e.output_sha256}
+                             for e in verdict.verification],
+            "verdict_checksum": verdict.checksum,
+        })
+        executor = self._executor_kind()
+        record_outcome(self.layout.history_file, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id,
+                       step_id=step.step_id, executor=executor, accepted=verdict.accepted)
+        if verdict.accepted:
+            view.append("step.merged", {"step_id": step.step_id, "attempt": verdict.attempt,
+                                        "files": [c.path for c in verdict.files_changed]})
+            return ACCEPTED
+        view.append("task.failed", {"step_id": step.step_id, "attempt": verdict.attempt,
+                                    "reason": "verification_rejected", "message": "; ".join(verdict.reasons)})
+        return FAILED
+
+    def _completed_attempt(self, view: _ForkView, step: StepSpec) -> int:
+        published = [e for e in view.events if e.type == "task.published" and e.data.get("step_id") == step.step_id]
+        return int(published[-1].data.get("attempt", 1)) if published else 1
+
+    def _finish_fork(self, view: _ForkView, states: dict[str, str]) -> None:
+        if view.has("fork.finished"):
+            return
+        values = set(states.values())
+        if values == {ACCEPTED}:
+            view.append("fork.finished", {"fork_id": view.spec.fork_id, "status": "succeeded"})
+        elif values <= {ACCEPTED, FAILED, BLOCKED} and FAILED in values:
+            failed = [s for s, v in states.items() if v == FAILED]
+            view.append("fork.finished", {"fork_id": view.spec.fork_id, "status": "failed", "failed_steps": failed})
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> RunReport:
+        """Run passes until every fork has finished, or only approvals/external work remain.
+
+        Returns:
+            The run's report; the plan is ranked and (with ``apply``) the winner applied when all forks
+            finished.
+        """
+        stop = stop or threading.Event()
+        ensure_forks(self.layout, self.plan, ignore=self.ignore)
+        try:
+            with FolderWatcher([self.layout.plan_dir(self.plan.plan_id)]) as watcher:
+                self._wake = watcher.notify
+                while True:
+                    states = self.process_once()
+                    self.on_progress()
+                    report = self._halt_report(states)
+                    if report is not None or stop.is_set():
+                        return report or RunReport(self.plan.plan_id, "halted", message="stopped")
+                    watcher.wait(self.config.executor.poll_seconds)
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _halt_report(self, states: dict[str, dict[str, str]]) -> RunReport | None:
+        # After a pass, a WAITING step waits on a dependency that is active or awaiting approval: only
+        # active states (an executor or the verifier has work) keep the loop going.
+        values = [v for fork in states.values() for v in fork.values()]
+        if COMPLETED in values or (self.runner_factory is not None and (PENDING in values or IN_PROGRESS in values)):
+            return None
+        if PENDING in values or IN_PROGRESS in values:
+            if self.options.wait:
+                return None
+            waiting = [(f, s) for f, fork in states.items() for s, v in fork.items() if v in (PENDING, IN_PROGRESS)]
+            return RunReport(self.plan.plan_id, "halted", waiting_for_executor=waiting,
+                             message="tasks wait for an external executor")
+        awaiting = [(f, s) for f, fork in states.items() for s, v in fork.items() if v == AWAITING_APPROVAL]
+        if awaiting:
+            return RunReport(self.plan.plan_id, "halted", awaiting_approval=awaiting,
+                             message="low-confidence steps wait for approval")
+        return self.conclude()
+
+    def conclude(self) -> RunReport:
+        """Rank the finished forks, apply the winner (unless told not to) and record the plan's end."""
+        evidence = [self._evidence(spec) for spec in self.plan.forks]
+        ranking = rank(evidence)
+        self.plan_log.append("plan.ranked", {"ranking": [e.to_dict() for e in ranking]})
+        report = RunReport(self.plan.plan_id, "failed", ranking=ranking)
+        winner = ranking[0]
+        if winner.status == "succeeded" and winner.checks_passed:
+            report.status = "succeeded"
+            if self.options.apply:
+                self._apply(winner.fork_id, report)
+        else:
+            report.message = "no fork was fully verified"
+        self.plan_log.append("plan.finished", {"status": report.status, "winner": winner.fork_id
+                                               if report.status == "succeeded" else None,
+                                               "applied": report.applied_fork is not None})
+        return report
+
+    def _apply(self, fork_id: str, report: RunReport) -> None:
+        changes = fork_changes(self.layout, self.plan.plan_id, fork_id, ignore=self.ignore)
+        try:
+            apply_winner(self.layout, self.plan.plan_id, fork_id, changes, ignore=self.ignore)
+        except MergeConflict as exc:
+            self.plan_log.append("plan.apply_failed", {"fork_id": fork_id, "reason": str(exc)})
+            report.status = "failed"
+            report.message = f"the winner's changes were not applied: {exc}"
+            return
+        report.applied_fork = fork_id
+        report.applied_files = [c.path for c in changes]
+        self.plan_log.append("plan.applied", {"fork_id": fork_id, "files": report.applied_files})
+
+    def _evidence(self, spec: ForkSpec) -> ForkEvidence:
+        view = _ForkView(self.layout, self.plan, spec)
+        finished = view.last("fork.finished")
+        status = finished.data.get("status", "failed") if finished else "failed"
+        verified = sum(1 for s in spec.steps if view.has("step.merged", step_id=s.step_id))
+        changes = fork_changes(self.layout, self.plan.plan_id, spec.fork_id, ignore=self.ignore)
+        checks = status == "succeeded" and fork_checks(
+            self.layout, self.plan.plan_id, spec.fork_id, view.log,
+            commands=list(self.config.verification.commands),
+            timeout_seconds=self.config.verification.timeout_seconds,
+        )
+        return ForkEvidence(
+            fork_id=spec.fork_id, strategy=spec.strategy.name, status=status, steps_verified=verified,
+            steps_total=len(spec.steps), checks_passed=bool(checks), changed_lines=diff_lines(changes),
+            changed_files=len(changes), tokens=fork_tokens(view.log),
+        )

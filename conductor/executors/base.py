@@ -1,0 +1,191 @@
+"""What every Conductor-run executor does around its own work on a claimed task.
+
+``execute_claim`` hashes the attempt's workspace before and after the work, renews the lease by heartbeat
+while the runner works, builds the result (with the files that really changed, not what the runner says),
+the explanation and the provenance statement, and commits them with ``complete_task``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from conductor import __version__
+from conductor.blobs import BlobStore
+from conductor.canonical import sha256_hex
+from conductor.errors import ConductorError, LeaseLost, UnsafePath
+from conductor.handoff.complete import complete_task
+from conductor.handoff.documents import sealed_bytes
+from conductor.handoff.lease import Claim, EventSink, _no_events, renew_lease
+from conductor.layout import ProjectLayout
+from conductor.models import ErrorInfo, ExecutorInfo, Result, Task, Usage, utc_now
+from conductor.provenance import build_statement, statement_bytes
+from conductor.workspace import diff, snapshot
+
+
+@dataclass
+class Outcome:
+    """What a runner reports about its work on one task."""
+
+    status: Literal["completed", "failed"]
+    summary: str
+    explanation: str
+    error: ErrorInfo | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+class StepRunner(Protocol):
+    """Does the actual work of a task inside its workspace."""
+
+    info: ExecutorInfo
+
+    def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
+        """Work on ``task`` in ``workspace``; poll ``should_stop`` and give up when it turns true."""
+        ...
+
+
+def task_workspace(layout: ProjectLayout, task: Task) -> Path:
+    """The absolute workspace of ``task``; it must lie inside the project's ``.conductor/scratch``.
+
+    Raises:
+        UnsafePath: the task points its executor anywhere else.
+    """
+    scratch_root = (layout.conductor_dir / "scratch").resolve()
+    workspace = (layout.root / task.workspace).resolve()
+    if not workspace.is_relative_to(scratch_root) or not workspace.is_dir():
+        raise UnsafePath(f"{task.task_id}: workspace {task.workspace!r} is not an attempt copy under .conductor/scratch")
+    return workspace
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a lease every ``interval`` seconds; remembers when the lease was lost."""
+
+    def __init__(self, claim: Claim, *, interval: float, lease_seconds: float) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{claim.task.task_id}")
+        self.claim, self.interval, self.lease_seconds = claim, interval, lease_seconds
+        self.stopped = threading.Event()
+        self.lost: LeaseLost | None = None
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                renew_lease(self.claim, lease_seconds=self.lease_seconds)
+            except LeaseLost as exc:
+                self.lost = exc
+                return
+
+
+def execute_claim(
+    layout: ProjectLayout,
+    claim: Claim,
+    runner: StepRunner,
+    *,
+    ignore: list[str],
+    lease_seconds: float,
+    heartbeat_seconds: float,
+    on_event: EventSink = _no_events,
+    stop: threading.Event | None = None,
+    prepare_retry: Callable[[Task], Task] | None = None,
+) -> Result | None:
+    """Run ``runner`` on a claimed task and commit its result files.
+
+    Args:
+        stop: when set (the worker was told to stop), the runner is asked to give up and the task is
+            released back to ``pending/`` as a new attempt instead of being failed.
+        prepare_retry: gives a released task a fresh workspace (see ``conductor.attempts``).
+
+    Returns:
+        The committed result, or None when the lease was lost meanwhile (nothing is committed: the task
+        belongs to a newer attempt now) or the task was released.
+    """
+    task = claim.task
+    started = utc_now()
+    try:
+        workspace = task_workspace(layout, task)
+        store = BlobStore(layout.objects_dir)
+        before = snapshot(workspace, ignore=ignore, store=store)
+    except (ConductorError, OSError) as exc:
+        return _commit(claim, runner, Outcome("failed", "could not prepare the workspace", str(exc),
+                                              ErrorInfo(kind="workspace_error", message=str(exc))), [], started, on_event)
+    heartbeat = _Heartbeat(claim, interval=heartbeat_seconds, lease_seconds=lease_seconds)
+    heartbeat.start()
+    try:
+        outcome = runner.run(task, workspace, lambda: heartbeat.lost is not None or (stop is not None and stop.is_set()))
+    except ConductorError as exc:
+        kind = type(exc).__name__
+        outcome = Outcome("failed", f"{kind}: {exc}", f"The executor failed: {exc}", ErrorInfo(kind=kind, message=str(exc)))
+    finally:
+        heartbeat.stopped.set()
+        heartbeat.join()
+    if heartbeat.lost is not None:
+        on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(heartbeat.lost)})
+        return None
+    if stop is not None and stop.is_set():
+        _release(claim, prepare_retry, on_event)
+        return None
+    changes = diff(before, snapshot(workspace, ignore=ignore), before_store=store, after_root=workspace)
+    try:
+        return _commit(claim, runner, outcome, changes, started, on_event)
+    except LeaseLost as exc:
+        on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(exc)})
+        return None
+
+
+def _release(claim: Claim, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink) -> None:
+    from conductor.handoff.lease import assert_holder, fork_lock
+    from conductor.handoff.reaper import requeue_task
+
+    with fork_lock(claim.fork):
+        try:
+            assert_holder(claim)
+        except LeaseLost:
+            return
+        requeue_task(claim.fork, claim.task, prepare_retry=prepare_retry, on_event=on_event, reason="released")
+
+
+def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, started: str, on_event: EventSink) -> Result:
+    task = claim.task
+    finished = utc_now()
+    result = Result(
+        task_id=task.task_id,
+        plan_id=task.plan_id,
+        fork_id=task.fork_id,
+        attempt=task.attempt,
+        fencing_token=claim.lease.fencing_token,
+        task_checksum=task.checksum or "",
+        status=outcome.status,
+        executor=runner.info,
+        files_changed=changes,
+        summary=outcome.summary,
+        error=outcome.error,
+        started_at=started,
+        finished_at=finished,
+        usage=outcome.usage,
+    )
+    _, result_bytes = sealed_bytes(result)
+    statement = build_statement(
+        task=task,
+        result_digest_hex=sha256_hex(result_bytes),
+        result_name=f"{task.task_id}.result.json",
+        changed=changes,
+        executor=runner.info,
+        started_at=started,
+        finished_at=finished,
+        usage=outcome.usage,
+        policy_digest=task.policy_digest,
+    )
+    return complete_task(
+        claim,
+        result,
+        explanation=outcome.explanation,
+        provenance=statement_bytes(statement),
+        on_event=on_event,
+    )
+
+
+def executor_info(kind: str, identity: str, model: str | None = None) -> ExecutorInfo:
+    """An ``ExecutorInfo`` stamped with this Conductor version."""
+    return ExecutorInfo(id=identity, kind=kind, version=f"conductor-runtime {__version__}", model=model)

@@ -1,0 +1,79 @@
+"""The ``command`` executor: run any command per task (a script, a linter, ``claude -p``, ``aider``).
+
+The command runs in the attempt's workspace, in its own process group, under the task's timeout. It
+gets the task as JSON on stdin and in environment variables (see docs/protocol.md, "Command executor").
+Exit status 0 means completed; anything else, or a timeout, means failed. If the command writes the file
+named by ``CONDUCTOR_EXPLANATION_FILE``, that text becomes the step's explanation.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from conductor.canonical import pretty_bytes
+from conductor.executors.base import Outcome, executor_info
+from conductor.handoff.lease import holder_name
+from conductor.layout import ProjectLayout
+from conductor.models import ErrorInfo, Task
+from conductor.proc import run_command
+
+OUTPUT_TAIL_CHARS = 4000
+
+
+def task_environment(task: Task, *, layout: ProjectLayout, workspace: Path, explanation_file: Path) -> dict[str, str]:
+    """The ``CONDUCTOR_*`` variables a command sees (documented in docs/protocol.md)."""
+    return {
+        "CONDUCTOR_TASK_ID": task.task_id,
+        "CONDUCTOR_PLAN_ID": task.plan_id,
+        "CONDUCTOR_FORK_ID": task.fork_id,
+        "CONDUCTOR_ATTEMPT": str(task.attempt),
+        "CONDUCTOR_INSTRUCTION": task.instruction,
+        "CONDUCTOR_ALLOWED_FILES": "\n".join(task.allowed_files),
+        "CONDUCTOR_TIMEOUT_SECONDS": str(task.timeout_seconds),
+        "CONDUCTOR_WORKSPACE": str(workspace),
+        "CONDUCTOR_PROJECT_ROOT": str(layout.root),
+        "CONDUCTOR_TASK_FILE": str(layout.root / ".conductor" / "handoff" / f"plan_{task.plan_id}"
+                                   / f"fork_{task.fork_id}" / "in_progress" / f"{task.task_id}.task.json"),
+        "CONDUCTOR_EXPLANATION_FILE": str(explanation_file),
+    }
+
+
+class CommandRunner:
+    """Runs a shell command for each task."""
+
+    def __init__(self, command: str, *, layout: ProjectLayout, environ: Mapping[str, str] | None = None) -> None:
+        self.command = command
+        self.layout = layout
+        self.environ = dict(os.environ if environ is None else environ)
+        self.info = executor_info("command", holder_name("conductor-worker"))
+
+    def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
+        with tempfile.TemporaryDirectory(prefix="conductor-explain-") as scratch:
+            explanation_file = Path(scratch) / "explanation.md"
+            env = {**self.environ, **task_environment(task, layout=self.layout, workspace=workspace,
+                                                        explanation_file=explanation_file)}
+            outcome = run_command(self.command, cwd=workspace, env=env, stdin=pretty_bytes(task.to_document()),
+                                  timeout_seconds=task.timeout_seconds, shell=True, should_stop=should_stop)
+            written = explanation_file.read_text("utf-8", errors="replace") if explanation_file.exists() else ""
+        output = outcome.output.decode("utf-8", errors="replace")[-OUTPUT_TAIL_CHARS:]
+        explanation = _explanation(self.command, outcome, written, output)
+        if outcome.timed_out:
+            message = f"command timed out after {task.timeout_seconds} s: {self.command}"
+            return Outcome("failed", message, explanation, ErrorInfo(kind="timeout", message=message))
+        if outcome.exit_code != 0:
+            message = f"command exited with {outcome.exit_code}: {self.command}"
+            return Outcome("failed", message, explanation, ErrorInfo(kind="command_failed", message=message))
+        summary = (written.strip().splitlines() or [f"ran {self.command}"])[0][:200]
+        return Outcome("completed", summary, explanation)
+
+
+def _explanation(command: str, outcome, written: str, output: str) -> str:  # type: ignore[no-untyped-def]
+    status = "timed out" if outcome.timed_out else f"exited with {outcome.exit_code}"
+    parts = [written.strip()] if written.strip() else []
+    parts.append(f"## Command\n`{command}` {status} after {outcome.duration_seconds:.2f} s.")
+    if output.strip():
+        parts.append(f"## Output (last {OUTPUT_TAIL_CHARS} characters)\n```\n{output.rstrip()}\n```")
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,83 @@
+"""Reading and writing the checksummed JSON documents of the handoff folder.
+
+Every read is strict: a size limit, strict JSON (no duplicate keys, no NaN), the known schema version,
+the model's fields, and the checksum. Errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from conductor.canonical import check_checksum, pretty_bytes, seal, strict_loads
+from conductor.errors import InvalidDocument
+from conductor.fsutil import atomic_write, publish_exclusive
+
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # a task or result larger than this is refused, not parsed
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_document(path: Path, model: type[M], *, checksummed: bool = True) -> M:
+    """Read, check and validate one contract document.
+
+    Args:
+        path: the JSON file.
+        model: the pydantic model it must match (its ``schema`` literal pins the version).
+        checksummed: verify the ``checksum`` field (RFC 8785 + SHA-256).
+
+    Raises:
+        FileNotFoundError: the file is gone (e.g. claimed by another executor).
+        InvalidDocument: too large, not strict JSON, wrong schema version, or a field is invalid.
+        ChecksumMismatch: the content does not match its checksum.
+    """
+    with path.open("rb") as handle:
+        data = handle.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise InvalidDocument(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes")
+    document = strict_loads(data, source=str(path))
+    if not isinstance(document, dict):
+        raise InvalidDocument(f"{path}: top level is not an object")
+    expected = model.model_fields.get("schema_")
+    if expected is not None and document.get("schema") != expected.default:
+        raise InvalidDocument(
+            f"{path}: schema {document.get('schema')!r} is not supported (expected {expected.default!r})"
+        )
+    if checksummed:
+        check_checksum(document, source=str(path))
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidDocument(f"{path}: {_summarise(exc)}") from exc
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "(document)"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def sealed_bytes(model: BaseModel) -> tuple[dict, bytes]:
+    """Return the sealed (checksummed) document of ``model`` and its file bytes."""
+    document = model.to_document()  # type: ignore[attr-defined]
+    document.pop("checksum", None)
+    sealed = seal(document)
+    return sealed, pretty_bytes(sealed)
+
+
+def write_document(path: Path, model: M, *, exclusive: bool = False) -> M:
+    """Seal ``model`` with its checksum and write it durably; return the sealed model.
+
+    Args:
+        exclusive: fail with ``FileExistsError`` instead of replacing an existing file.
+    """
+    sealed, data = sealed_bytes(model)
+    if exclusive:
+        publish_exclusive(path, data)
+    else:
+        atomic_write(path, data)
+    return type(model).model_validate(sealed)

@@ -1,0 +1,209 @@
+"""Claiming a task and holding its lease.
+
+A claim is ``os.rename(pending/x, in_progress/x)``: exactly one claimer wins; the others get
+``FileNotFoundError`` and move on. The winner then verifies the task (strict JSON, schema, checksum) and
+writes ``in_progress/<step>.lease.json``. The lease's ``fencing_token`` is the task's ``attempt``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from filelock import FileLock
+
+from conductor.canonical import compute_checksum, strict_loads
+from conductor.errors import ConductorError, IntegrityError, LeaseLost
+from conductor.handoff.documents import read_document, write_document
+from conductor.layout import ForkLayout
+from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, utc_now
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+HOST = socket.gethostname()
+
+
+def _no_events(type_: str, data: dict[str, Any]) -> None:
+    return None
+
+
+@contextmanager
+def fork_lock(fork: ForkLayout) -> Iterator[None]:
+    """Hold the fork's lock file (cross-process, cross-thread) for a short critical section.
+
+    Completion, renewal and reaping take it so that a reaper cannot re-queue a task while its holder
+    is committing it.
+    """
+    with FileLock(str(fork.dir / ".lock")):
+        yield
+
+
+def holder_name(kind: str) -> str:
+    """An executor identity such as ``conductor-worker@host:1234``."""
+    return f"{kind}@{HOST}:{os.getpid()}"
+
+
+def _time_after(seconds: float) -> str:
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Claim:
+    """A task this process holds, with the lease that proves it."""
+
+    fork: ForkLayout
+    task: Task
+    lease: Lease
+
+    @property
+    def task_path(self) -> Path:
+        return self.fork.task_file("in_progress", self.task.task_id)
+
+
+def claim_task(
+    fork: ForkLayout,
+    task_id: str,
+    *,
+    holder: str,
+    lease_seconds: float,
+    on_event: EventSink = _no_events,
+) -> Claim | None:
+    """Try to claim ``task_id`` from ``pending/``.
+
+    Returns:
+        The claim, or None when another executor won the race or the task file was rejected (a tampered
+        or malformed task goes to ``failed/`` with a result whose ``error.kind`` is ``checksum_mismatch``
+        or ``invalid_task``; it is never executed).
+    """
+    source = fork.task_file("pending", task_id)
+    target = fork.task_file("in_progress", task_id)
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        return None
+    try:
+        task = read_document(target, Task)
+        _check_identity(fork, task_id, task)
+    except IntegrityError as exc:
+        reject_task_file(fork, task_id, target, exc, holder=holder, on_event=on_event)
+        return None
+    now = utc_now()
+    lease = Lease(
+        task_id=task_id,
+        attempt=task.attempt,
+        fencing_token=task.attempt,
+        holder=holder,
+        pid=os.getpid(),
+        host=HOST,
+        acquired_at=now,
+        renewed_at=now,
+        expires_at=_time_after(lease_seconds),
+    )
+    lease = write_document(fork.lease_file(task_id), lease)
+    on_event("task.claimed", {"step_id": task_id, "attempt": task.attempt, "holder": holder, "pid": lease.pid, "host": HOST})
+    return Claim(fork=fork, task=task, lease=lease)
+
+
+def _check_identity(fork: ForkLayout, task_id: str, task: Task) -> None:
+    from conductor.errors import InvalidDocument
+
+    if (task.task_id, task.plan_id, task.fork_id) != (task_id, fork.plan_id, fork.fork_id):
+        raise InvalidDocument(
+            f"task file {task_id} names {task.plan_id}/{task.fork_id}/{task.task_id}, "
+            f"but lies in {fork.plan_id}/{fork.fork_id}"
+        )
+
+
+def reject_task_file(
+    fork: ForkLayout, task_id: str, path: Path, exc: ConductorError, *, holder: str, on_event: EventSink
+) -> None:
+    """Move an unreadable or tampered task file from ``path`` to ``failed/`` with a failure result.
+
+    The result is written first and the task file moved last (the commit point), so a crash in between
+    leaves the task where it was.
+    """
+    from conductor.errors import ChecksumMismatch
+    from conductor.fsutil import durable_rename
+
+    kind = "checksum_mismatch" if isinstance(exc, ChecksumMismatch) else "invalid_task"
+    attempt, seen_checksum = _salvage(path)
+    now = utc_now()
+    result = Result(
+        task_id=task_id,
+        plan_id=fork.plan_id,
+        fork_id=fork.fork_id,
+        attempt=attempt,
+        fencing_token=attempt,
+        task_checksum=seen_checksum,
+        status="failed",
+        executor=ExecutorInfo(id=holder, kind="conductor"),
+        summary="task file rejected before execution",
+        error=ErrorInfo(kind=kind, message=str(exc)),
+        started_at=now,
+        finished_at=now,
+    )
+    write_document(fork.sidecar("failed", task_id, ".result.json"), result)
+    durable_rename(path, fork.task_file("failed", task_id))
+    on_event("task.failed", {"step_id": task_id, "attempt": attempt, "reason": kind, "message": str(exc)})
+
+
+def _salvage(path: Path) -> tuple[int, str]:
+    """Best-effort attempt number and content checksum of a task file that failed validation."""
+    try:
+        document = strict_loads(path.read_bytes())
+        attempt = document.get("attempt") if isinstance(document, dict) else None
+        checksum = compute_checksum(document) if isinstance(document, dict) else None
+    except Exception:  # the file is garbage: any parse error leads to the fallback values
+        attempt, checksum = None, None
+    if checksum is None:
+        import hashlib
+
+        checksum = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    valid_attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1 else 1
+    return valid_attempt, checksum
+
+
+def read_lease(fork: ForkLayout, task_id: str) -> Lease | None:
+    """The lease of an in-progress task, or None if it has none (yet) or it is unreadable."""
+    try:
+        return read_document(fork.lease_file(task_id), Lease)
+    except (FileNotFoundError, IntegrityError):
+        return None
+
+
+def assert_holder(claim: Claim) -> None:
+    """Check, under the fork lock, that ``claim`` still holds its task (fencing check).
+
+    Raises:
+        LeaseLost: the task left ``in_progress/`` or was re-queued with a newer attempt.
+    """
+    try:
+        current = read_document(claim.task_path, Task)
+    except FileNotFoundError as exc:
+        raise LeaseLost(f"{claim.task.task_id}: no longer in progress (reclaimed or finished)") from exc
+    if current.attempt != claim.lease.fencing_token:
+        raise LeaseLost(
+            f"{claim.task.task_id}: fencing token {claim.lease.fencing_token} is stale (current attempt {current.attempt})"
+        )
+    lease = read_lease(claim.fork, claim.task.task_id)
+    if lease is not None and (lease.fencing_token, lease.holder) != (claim.lease.fencing_token, claim.lease.holder):
+        raise LeaseLost(f"{claim.task.task_id}: lease now held by {lease.holder} (token {lease.fencing_token})")
+
+
+def renew_lease(claim: Claim, *, lease_seconds: float) -> Lease:
+    """Extend the lease of ``claim`` by ``lease_seconds`` from now (the heartbeat).
+
+    Raises:
+        LeaseLost: the task was reclaimed; the caller must stop working on it.
+    """
+    with fork_lock(claim.fork):
+        assert_holder(claim)
+        renewed = claim.lease.model_copy(update={"renewed_at": utc_now(), "expires_at": _time_after(lease_seconds)})
+        claim.lease = write_document(claim.fork.lease_file(claim.task.task_id), renewed)
+    return claim.lease

@@ -1,0 +1,168 @@
+"""Returning tasks whose lease expired (or whose holder died) to ``pending/``.
+
+Run by the engine and by every worker before it looks for work. A task whose lease has expired goes
+back to ``pending/`` with ``attempt + 1`` (a new checksum); after ``max_attempts`` it goes to ``failed/``
+with reason ``lease_expired``. A holder on this host whose process is gone is treated as expired at once,
+so ``conductor resume`` after a kill -9 does not wait out the lease.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from conductor.errors import IntegrityError, StateConflict
+from conductor.fsutil import durable_rename
+from conductor.handoff.documents import read_document, write_document
+from conductor.handoff.lease import HOST, EventSink, _no_events, fork_lock, read_lease, reject_task_file
+from conductor.layout import ForkLayout
+from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, parse_time, utc_now
+
+
+@dataclass(frozen=True)
+class Reaped:
+    task_id: str
+    attempt: int
+    outcome: str  # "requeued" | "failed"
+    holder: str | None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_expired(lease: Lease | None, *, task_mtime: float, now: datetime, lease_seconds: float) -> bool:
+    """Is a lease over? A task without a readable lease gets ``lease_seconds`` from its claim (ctime)."""
+    if lease is None:
+        return now.timestamp() - task_mtime > lease_seconds
+    if lease.host == HOST and lease.pid != os.getpid() and not _pid_alive(lease.pid):
+        return True
+    return parse_time(lease.expires_at) <= now
+
+
+def reap_expired(
+    fork: ForkLayout,
+    *,
+    max_attempts: int,
+    lease_seconds: float,
+    now: datetime | None = None,
+    on_event: EventSink = _no_events,
+    prepare_retry: Callable[[Task], Task] | None = None,
+) -> list[Reaped]:
+    """Re-queue or fail every in-progress task of ``fork`` whose lease is over.
+
+    Args:
+        prepare_retry: called with the re-queued task (attempt already incremented) before it is
+            published; returns the task to publish (Conductor uses it to give the retry a fresh copy of
+            the step's base workspace).
+
+    Returns:
+        What was done, one entry per reaped task.
+    """
+    now = now or datetime.now(timezone.utc)
+    reaped = []
+    for task_id in fork.task_ids("in_progress"):
+        with fork_lock(fork):
+            entry = _reap_one(
+                fork, task_id, now=now, max_attempts=max_attempts, lease_seconds=lease_seconds,
+                on_event=on_event, prepare_retry=prepare_retry,
+            )
+        if entry is not None:
+            reaped.append(entry)
+    return reaped
+
+
+def _reap_one(
+    fork: ForkLayout,
+    task_id: str,
+    *,
+    now: datetime,
+    max_attempts: int,
+    lease_seconds: float,
+    on_event: EventSink,
+    prepare_retry: Callable[[Task], Task] | None,
+) -> Reaped | None:
+    path = fork.task_file("in_progress", task_id)
+    try:
+        ctime = path.stat().st_ctime
+    except FileNotFoundError:
+        return None  # completed meanwhile
+    lease = read_lease(fork, task_id)
+    if not lease_expired(lease, task_mtime=ctime, now=now, lease_seconds=lease_seconds):
+        return None
+    try:
+        task = read_document(path, Task)
+    except IntegrityError as exc:
+        reject_task_file(fork, task_id, path, exc, holder="conductor-reaper", on_event=on_event)
+        return Reaped(task_id, 0, "failed", lease.holder if lease else None)
+    holder = lease.holder if lease else None
+    on_event("task.lease_expired", {"step_id": task_id, "attempt": task.attempt, "holder": holder})
+    if task.attempt >= max_attempts:
+        _fail_exhausted(fork, task, holder, on_event)
+        return Reaped(task_id, task.attempt, "failed", holder)
+    requeue_task(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason="lease_expired")
+    return Reaped(task_id, task.attempt, "requeued", holder)
+
+
+def requeue_task(
+    fork: ForkLayout,
+    task: Task,
+    *,
+    prepare_retry: Callable[[Task], Task] | None,
+    on_event: EventSink,
+    reason: str,
+) -> Task:
+    """Put an in-progress task back into ``pending/`` as attempt + 1 (call under the fork lock).
+
+    The new task file is published before the old one is removed, so a crash in between leaves the task
+    in two folders (which recovery resolves) rather than in none.
+
+    Returns:
+        The published retry.
+
+    Raises:
+        StateConflict: a task file with this name is already pending.
+    """
+    retry = task.model_copy(update={"attempt": task.attempt + 1, "created_at": utc_now()})
+    if prepare_retry is not None:
+        retry = prepare_retry(retry)
+    try:
+        retry = write_document(fork.task_file("pending", task.task_id), retry, exclusive=True)
+    except FileExistsError as exc:
+        raise StateConflict(f"{task.task_id}: in both pending/ and in_progress/ of fork {fork.fork_id}") from exc
+    fork.task_file("in_progress", task.task_id).unlink()
+    fork.lease_file(task.task_id).unlink(missing_ok=True)
+    on_event("task.published", {"step_id": task.task_id, "attempt": retry.attempt, "checksum": retry.checksum,
+                                "reason": reason})
+    return retry
+
+
+def _fail_exhausted(fork: ForkLayout, task: Task, holder: str | None, on_event: EventSink) -> None:
+    now = utc_now()
+    message = f"lease expired on attempt {task.attempt} of {task.attempt}; no attempts left"
+    result = Result(
+        task_id=task.task_id,
+        plan_id=task.plan_id,
+        fork_id=task.fork_id,
+        attempt=task.attempt,
+        fencing_token=task.attempt,
+        task_checksum=task.checksum or "",
+        status="failed",
+        executor=ExecutorInfo(id=holder or "unknown", kind="unknown"),
+        summary="the executor stopped renewing its lease",
+        error=ErrorInfo(kind="lease_expired", message=message),
+        started_at=now,
+        finished_at=now,
+    )
+    write_document(fork.sidecar("failed", task.task_id, ".result.json"), result)
+    durable_rename(fork.task_file("in_progress", task.task_id), fork.task_file("failed", task.task_id))
+    fork.lease_file(task.task_id).unlink(missing_ok=True)
+    on_event("task.failed", {"step_id": task.task_id, "attempt": task.attempt, "reason": "lease_expired", "message": message})

@@ -1,0 +1,72 @@
+"""Waking up when the handoff folders change: watchdog (inotify) with a slow fallback poll.
+
+watchdog holds a rename *out of* a watched folder — and every later event — for ~0.5 s while it groups
+move events, so callers never trust event order: they re-list the folders after every wake-up, and the
+fallback poll covers any missed event.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+
+class FolderWatcher:
+    """Wait for any change below a set of folders.
+
+    Use as a context manager; ``wait(timeout)`` returns True when something changed since the last call,
+    False when ``timeout`` seconds passed without a change. Falls back to plain sleeping (polling) when
+    watchdog cannot start (e.g. inotify watch limits).
+    """
+
+    def __init__(self, folders: Iterable[Path]) -> None:
+        self._folders = [Path(f) for f in folders]
+        self._changed = threading.Event()
+        self._observer = None
+
+    def __enter__(self) -> FolderWatcher:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:  # watchdog is a dependency; polling still works without it
+            return self
+
+        changed = self._changed
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # type: ignore[no-untyped-def]
+                # Opening or reading a file changes nothing, and lock files churn on every pass: waking on
+                # them would make every pass trigger the next.
+                if event.event_type in ("opened", "closed_no_write"):
+                    return
+                if str(event.src_path).endswith(".lock"):
+                    return
+                changed.set()
+
+        observer = Observer()
+        try:
+            for folder in self._folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                observer.schedule(_Handler(), str(folder), recursive=True)
+            observer.start()
+        except OSError:
+            return self
+        self._observer = observer
+        return self
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a change or ``timeout`` seconds; True if something changed."""
+        changed = self._changed.wait(timeout)
+        self._changed.clear()
+        return changed
+
+    def notify(self) -> None:
+        """Wake a waiter from another thread (e.g. an in-process executor finished)."""
+        self._changed.set()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)

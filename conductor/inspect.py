@@ -1,0 +1,148 @@
+"""Read-only views of plans for people and scripts: status, events, the story of one step.
+
+Everything here is derived from the folders and the audit logs; nothing is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conductor.canonical import strict_loads
+from conductor.errors import ConductorError, NotFound
+from conductor.layout import (
+    EXPLANATION_SUFFIX,
+    RESULT_SUFFIX,
+    STATES,
+    VERDICT_SUFFIX,
+    ProjectLayout,
+)
+from conductor.models import Event
+from conductor.plan_store import fork_log, load_plan, plan_log
+from conductor.runtime import audit_logs
+
+
+def _safe_events(log: Any) -> list[Event]:
+    try:
+        return log.events()
+    except ConductorError:
+        return []
+
+
+def step_state(layout: ProjectLayout, plan_id: str, fork_id: str, step_id: str, events: list[Event]) -> str:
+    """The step's state as people see it: a folder name, ``accepted``, ``awaiting_approval`` or ``not_published``."""
+    fork = layout.fork(plan_id, fork_id)
+    found = fork.find_task(step_id)
+    if found is not None:
+        state = found[0]
+        if state == "completed" and fork.sidecar("completed", step_id, VERDICT_SUFFIX).exists():
+            return "accepted"
+        return state
+    requested = any(e.type == "approval.requested" and e.data.get("step_id") == step_id for e in events)
+    granted = any(e.type == "approval.granted" and e.data.get("step_id") == step_id for e in events)
+    return "awaiting_approval" if requested and not granted else "not_published"
+
+
+def plan_status(layout: ProjectLayout, plan_id: str) -> dict[str, Any]:
+    """One plan's status: goal, whether it finished, and each fork's steps with their states.
+
+    Returns:
+        ``{"plan_id", "goal", "created_at", "status", "forks": [{"fork_id", "strategy", "status",
+        "counts": {state: n}, "steps": [{"step_id", "title", "state", "attempt", "confidence"}]}]}``
+    """
+    plan = load_plan(layout, plan_id)
+    plan_events = _safe_events(plan_log(layout, plan_id))
+    finished = [e for e in plan_events if e.type == "plan.finished"]
+    forks = []
+    for spec in plan.forks:
+        events = _safe_events(fork_log(layout, plan_id, spec.fork_id))
+        steps = []
+        for step in spec.steps:
+            published = [e for e in events if e.type == "task.published" and e.data.get("step_id") == step.step_id]
+            scored = [e for e in events if e.type == "confidence.scored" and e.data.get("step_id") == step.step_id]
+            steps.append({
+                "step_id": step.step_id, "title": step.title,
+                "state": step_state(layout, plan_id, spec.fork_id, step.step_id, events),
+                "attempt": published[-1].data.get("attempt") if published else None,
+                "confidence": scored[-1].data.get("level") if scored else None,
+            })
+        counts = {state: 0 for state in ("not_published", "awaiting_approval", *STATES, "accepted")}
+        for step in steps:
+            counts[step["state"]] += 1
+        done = [e for e in events if e.type == "fork.finished"]
+        forks.append({
+            "fork_id": spec.fork_id, "strategy": spec.strategy.name,
+            "status": done[-1].data.get("status") if done else "running",
+            "counts": counts, "steps": steps,
+        })
+    return {
+        "plan_id": plan_id, "goal": plan.goal, "created_at": plan.created_at,
+        "status": finished[-1].data.get("status") if finished else "unfinished",
+        "forks": forks,
+    }
+
+
+def list_events(
+    layout: ProjectLayout, plan_id: str, *, fork_id: str | None = None, step_id: str | None = None,
+    types: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """The plan's audit events, oldest first, filtered.
+
+    Args:
+        types: event types or prefixes (``task`` matches ``task.claimed``…); empty = all.
+
+    Returns:
+        ``[{"log", "seq", "ts", "type", "data"}]`` sorted by time.
+    """
+    rows = []
+    for label, log in audit_logs(layout, plan_id):
+        if fork_id is not None and label != f"fork {fork_id}":
+            continue
+        for event in log.events():
+            if step_id is not None and event.data.get("step_id") != step_id:
+                continue
+            if types and not any(event.type == t or event.type.startswith(t + ".") for t in types):
+                continue
+            rows.append({"log": label, "seq": event.seq, "ts": event.ts, "type": event.type, "data": event.data})
+    return sorted(rows, key=lambda r: (r["ts"], r["log"], r["seq"]))
+
+
+def _read_json(path: Any) -> Any:
+    try:
+        return strict_loads(path.read_bytes(), source=str(path))
+    except (OSError, ConductorError):
+        return None
+
+
+def explain_step(layout: ProjectLayout, plan_id: str, step_id: str, fork_id: str | None = None) -> list[dict[str, Any]]:
+    """The story of one step in each fork (or one fork): task, events, result, verdict, explanation.
+
+    Raises:
+        NotFound: no fork of the plan has that step.
+    """
+    plan = load_plan(layout, plan_id)
+    stories = []
+    for spec in plan.forks:
+        if fork_id is not None and spec.fork_id != fork_id:
+            continue
+        step = next((s for s in spec.steps if s.step_id == step_id), None)
+        if step is None:
+            continue
+        fork = layout.fork(plan_id, spec.fork_id)
+        events = _safe_events(fork_log(layout, plan_id, spec.fork_id))
+        found = fork.find_task(step_id)
+        state = found[0] if found else None
+        folder = state or "pending"
+        explanation = fork.sidecar(folder, step_id, EXPLANATION_SUFFIX)
+        stories.append({
+            "fork_id": spec.fork_id, "strategy": spec.strategy.name, "step": step.model_dump(mode="json"),
+            "state": step_state(layout, plan_id, spec.fork_id, step_id, events),
+            "task": _read_json(found[1]) if found else None,
+            "result": _read_json(fork.sidecar(folder, step_id, RESULT_SUFFIX)),
+            "verdict": _read_json(fork.sidecar(folder, step_id, VERDICT_SUFFIX)),
+            "explanation": explanation.read_text("utf-8", errors="replace") if explanation.exists() else None,
+            "events": [{"seq": e.seq, "ts": e.ts, "type": e.type, "data": e.data}
+                       for e in events if e.data.get("step_id") == step_id],
+        })
+    if not stories:
+        raise NotFound(f"no step {step_id!r} in plan {plan_id}" + (f" fork {fork_id}" if fork_id else ""))
+    return stories

@@ -1,0 +1,175 @@
+"""Provenance of one step attempt: an in-toto Statement v1 with a SLSA Provenance v1 predicate.
+
+Formats:
+    * in-toto Statement v1 (https://github.com/in-toto/attestation/blob/main/spec/v1/statement.md):
+      ``{"_type", "subject": [ResourceDescriptor], "predicateType", "predicate"}``; every subject has a
+      ``name`` and a ``digest`` (a DigestSet: algorithm → lowercase hex).
+    * SLSA Provenance v1 (https://slsa.dev/provenance/v1): ``buildDefinition`` {buildType,
+      externalParameters, internalParameters, resolvedDependencies} and ``runDetails`` {builder {id,
+      version}, metadata {invocationId, startedOn, finishedOn}, byproducts}.
+
+How Conductor fills them:
+    * subjects: every changed file that still exists (name = path relative to the workspace) and the
+      result file (name = its file name), sorted by name;
+    * ``externalParameters.task``: the task document as handed to the executor (with its checksum);
+    * ``internalParameters``: the task checksum, the digest of the effective policy and the executor's
+      full identity (id, kind, version, model);
+    * ``runDetails.builder.id``: the executor's id; ``invocationId``: ``<plan>/<fork>/<step>#<attempt>``;
+    * ``byproducts``: one ResourceDescriptor per verification command (digest = SHA-256 of its output)
+      and one for the LLM usage.
+
+The statement is unsigned here. :func:`statement_bytes` gives the exact payload a DSSE envelope
+(payloadType :data:`PAYLOAD_TYPE`) signs, so signing wraps these bytes and changes nothing above.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from conductor import __version__
+from conductor.canonical import canonical_bytes, compute_checksum, sha256_hex
+from conductor.errors import ChecksumMismatch, InvalidDocument
+from conductor.models import CommandEvidence, ExecutorInfo, FileChange, Task, Usage
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+BUILD_TYPE = "https://conductor.dev/step/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+"""DSSE payloadType of an in-toto statement."""
+
+_HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def build_statement(
+    *,
+    task: Task,
+    result_digest_hex: str,
+    result_name: str,
+    changed: Sequence[FileChange],
+    executor: ExecutorInfo,
+    started_at: str,
+    finished_at: str,
+    usage: Usage | None = None,
+    verification: Sequence[CommandEvidence] = (),
+    policy_digest: str | None = None,
+) -> dict[str, Any]:
+    """Build the in-toto Statement v1 (SLSA Provenance v1 predicate) of one step attempt.
+
+    Args:
+        task: the task as published; its checksum is recomputed and, if present, checked.
+        result_digest_hex: lowercase hex SHA-256 of the result file's bytes.
+        result_name: the result file's name, e.g. ``"step_001.result.json"``.
+        changed: the files actually changed (ground truth from hashing); deleted files and files
+            without a digest are not subjects, since there is nothing left to point at.
+        executor: who ran the attempt; becomes ``runDetails.builder``.
+        started_at: RFC 3339 UTC start of the attempt.
+        finished_at: RFC 3339 UTC end of the attempt.
+        usage: LLM token usage and cost, if any.
+        verification: evidence of the verification commands.
+        policy_digest: ``"sha256:<hex>"`` of the effective policy; defaults to the task's.
+
+    Returns:
+        The statement as a JSON-ready dict.
+
+    Raises:
+        ChecksumMismatch: the task's recorded checksum does not match its content.
+        InvalidDocument: a digest is not 64 lowercase hex characters.
+    """
+    task_document = task.to_document()
+    task_checksum = _task_checksum(task_document)
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": _subjects(changed, result_name, result_digest_hex),
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {"task": task_document},
+                "internalParameters": {
+                    "task_checksum": task_checksum,
+                    "policy_digest": policy_digest or task.policy_digest,
+                    "executor": executor.to_document(),
+                },
+                "resolvedDependencies": [],
+            },
+            "runDetails": {
+                "builder": {"id": executor.id, "version": _builder_version(executor)},
+                "metadata": {
+                    "invocationId": invocation_id(task),
+                    "startedOn": started_at,
+                    "finishedOn": finished_at,
+                },
+                "byproducts": _byproducts(verification, usage),
+            },
+        },
+    }
+
+
+def statement_bytes(statement: dict[str, Any]) -> bytes:
+    """The RFC 8785 canonical bytes of ``statement`` (the payload a DSSE envelope signs).
+
+    Raises:
+        InvalidDocument: the statement holds a value JSON cannot represent canonically.
+    """
+    return canonical_bytes(statement)
+
+
+def invocation_id(task: Task) -> str:
+    """``"<plan>/<fork>/<step>#<attempt>"``: the attempt's identity, unique within a project."""
+    return f"{task.plan_id}/{task.fork_id}/{task.task_id}#{task.attempt}"
+
+
+def _task_checksum(task_document: dict[str, Any]) -> str:
+    actual = compute_checksum(task_document)
+    recorded = task_document.get("checksum")
+    if recorded is not None and recorded != actual:
+        raise ChecksumMismatch(f"task {task_document.get('task_id')}: checksum {recorded} does not match content")
+    return actual
+
+
+def _subjects(changed: Sequence[FileChange], result_name: str, result_hex: str) -> list[dict[str, Any]]:
+    subjects = [
+        _descriptor(change.path, change.sha256)
+        for change in changed
+        if change.change != "deleted" and change.sha256 is not None
+    ]
+    subjects.append(_descriptor(result_name, result_hex))
+    return sorted(subjects, key=lambda subject: subject["name"])
+
+
+def _descriptor(name: str, hex_digest: str) -> dict[str, Any]:
+    if not _HEX_SHA256.match(hex_digest):
+        raise InvalidDocument(f"{name}: sha256 digest {hex_digest!r} is not 64 lowercase hex characters")
+    return {"name": name, "digest": {"sha256": hex_digest}}
+
+
+def _builder_version(executor: ExecutorInfo) -> dict[str, str]:
+    # SLSA: builder.version is a map of component name -> version string.
+    version = {"conductor": __version__}
+    if executor.version:
+        version["executor"] = executor.version
+    if executor.model:
+        version["model"] = executor.model
+    return version
+
+
+def _byproducts(verification: Sequence[CommandEvidence], usage: Usage | None) -> list[dict[str, Any]]:
+    byproducts = [_evidence_descriptor(index, evidence) for index, evidence in enumerate(verification)]
+    if usage is not None:
+        document = usage.to_document()
+        # A ResourceDescriptor needs a uri, digest or content; the digest lets a reader check the annotations.
+        byproducts.append({
+            "name": "usage",
+            "mediaType": "application/json",
+            "digest": {"sha256": sha256_hex(canonical_bytes(document))},
+            "annotations": document,
+        })
+    return byproducts
+
+
+def _evidence_descriptor(index: int, evidence: CommandEvidence) -> dict[str, Any]:
+    annotations = evidence.to_document()
+    descriptor = _descriptor(f"verification/{index}", annotations.pop("output_sha256"))
+    return {**descriptor, "mediaType": "text/plain", "annotations": annotations}

@@ -1,0 +1,85 @@
+"""Ranking the forks of a plan by evidence, and applying the winner's changes to the project.
+
+Order (best first): every step verified; the verification commands pass on the fork's final workspace;
+fewer changed lines; fewer LLM tokens; then the fork id. A fork that is not fully verified never wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from conductor.audit import AuditLog
+from conductor.blobs import BlobStore
+from conductor.layout import ProjectLayout
+from conductor.models import FileChange
+from conductor.plan_store import load_base
+from conductor.verification import all_passed, run_verification
+from conductor.verifier import merge_changes
+from conductor.workspace import diff, diff_lines, snapshot
+
+
+@dataclass(frozen=True)
+class ForkEvidence:
+    """What a fork achieved, as the ranking sees it."""
+
+    fork_id: str
+    strategy: str
+    status: str              # "succeeded" | "failed"
+    steps_verified: int
+    steps_total: int
+    checks_passed: bool
+    changed_lines: int
+    changed_files: int
+    tokens: int
+
+    def sort_key(self) -> tuple:
+        return (self.status != "succeeded", not self.checks_passed, self.changed_lines, self.tokens, self.fork_id)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fork_changes(layout: ProjectLayout, plan_id: str, fork_id: str, *, ignore: list[str]) -> list[FileChange]:
+    """The changes of a fork's workspace against the project as it was when the plan began."""
+    workspace = layout.workspace_dir(plan_id, fork_id)
+    return diff(load_base(layout, plan_id), snapshot(workspace, ignore=ignore),
+                before_store=BlobStore(layout.objects_dir), after_root=workspace)
+
+
+def fork_checks(
+    layout: ProjectLayout, plan_id: str, fork_id: str, log: AuditLog, *, commands: list[str], timeout_seconds: float
+) -> bool:
+    """Run the verification commands once on the fork's final workspace (reusing a recorded run)."""
+    for event in log.events():
+        if event.type == "fork.verified":
+            return bool(event.data.get("passed"))
+    evidence = run_verification(commands, layout.workspace_dir(plan_id, fork_id), timeout_seconds=timeout_seconds)
+    passed = all_passed(evidence)
+    log.append("fork.verified", {
+        "fork_id": fork_id, "passed": passed,
+        "verification": [{"command": e.command, "exit_code": e.exit_code, "output_sha256": e.output_sha256}
+                         for e in evidence],
+    })
+    return passed
+
+
+def fork_tokens(log: AuditLog) -> int:
+    return sum(int(e.data.get("input_tokens", 0)) + int(e.data.get("output_tokens", 0))
+               for e in log.events() if e.type == "llm.call")
+
+
+def rank(evidence: list[ForkEvidence]) -> list[ForkEvidence]:
+    """Best fork first (see the module docstring)."""
+    return sorted(evidence, key=ForkEvidence.sort_key)
+
+
+def apply_winner(
+    layout: ProjectLayout, plan_id: str, fork_id: str, changes: list[FileChange], *, ignore: list[str]
+) -> None:
+    """Apply a fork's changes to the project itself (skipping any already applied).
+
+    Raises:
+        MergeConflict: a project file changed since the plan began; nothing was written.
+    """
+    merge_changes(changes, src_root=layout.workspace_dir(plan_id, fork_id), dst_root=layout.root,
+                  base=load_base(layout, plan_id), ignore=ignore)

@@ -1,0 +1,193 @@
+"""The operations behind the CLI, as plain functions over typed arguments (no click, no rich).
+
+``open_project`` → ``new_plan`` → ``run_plan``; ``resume_plan``; ``approve_step``; ``start_worker``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conductor.audit import AuditLog
+from conductor.config import Config
+from conductor.engine import Engine, EngineOptions, RunnerFactory, RunReport
+from conductor.errors import ConfigError, NotFound
+from conductor.layout import ProjectLayout
+from conductor.llm.base import LLMClient, LLMSettings
+from conductor.models import Plan, PolicyLayer
+from conductor.plan_store import create_plan, fork_log, latest_plan_id, load_plan, plan_log
+
+
+@dataclass(frozen=True)
+class Project:
+    """A loaded project: where it is and what its config and policy say."""
+
+    layout: ProjectLayout
+    config: Config
+    policy: PolicyLayer
+    environ: Mapping[str, str]
+
+
+def open_project(
+    start: Path, *, environ: Mapping[str, str] = os.environ, overrides: Mapping[str, Any] | None = None
+) -> Project:
+    """Find the project holding ``start`` and load its config (with env and flag overrides) and policy.
+
+    Raises:
+        NotFound: no ``.conductor/`` folder at or above ``start``.
+        ConfigError: config.yaml or policy.yaml is invalid.
+    """
+    from conductor.project import load_project
+
+    layout = ProjectLayout.find(start)
+    config, policy = load_project(layout, environ)
+    if overrides:
+        config = config.override(overrides)
+    return Project(layout=layout, config=config, policy=policy, environ=environ)
+
+
+def llm_settings(config: Config, *, provider: str, model: str) -> LLMSettings:
+    """LLM settings for one provider and model from the config's ``llm`` section."""
+    base_url = config.llm.openai_base_url if provider == "openai" else config.llm.gemini_base_url
+    return LLMSettings(
+        provider=provider, model=model, base_url=base_url, timeout_seconds=config.llm.timeout_seconds,
+        max_retries=config.llm.max_retries, temperature=config.llm.temperature,
+        input_usd_per_million=config.llm.input_usd_per_million,
+        output_usd_per_million=config.llm.output_usd_per_million,
+    )
+
+
+def _client(project: Project, *, provider: str, model: str) -> LLMClient:
+    from conductor.llm import make_client
+
+    return make_client(llm_settings(project.config, provider=provider, model=model), project.environ)
+
+
+def runner_factory(project: Project) -> RunnerFactory | None:
+    """The in-process executor for the configured kind (None for ``handoff``).
+
+    Builds the LLM client at once, so a missing API key fails before anything is written.
+
+    Raises:
+        CredentialsMissing: the executor's provider has no key.
+    """
+    config = project.config
+    if config.executor.kind == "handoff":
+        return None
+    if config.executor.kind == "command":
+        from conductor.executors.command import CommandRunner
+
+        command = config.executor.command
+        assert command is not None  # validated by ExecutorConfig
+        return lambda log: CommandRunner(command, layout=project.layout, environ=project.environ)
+    from conductor.executors.llm import LLMRunner
+
+    client = _client(project, provider=config.executor_provider, model=config.executor_model)
+    return lambda log: LLMRunner(client, on_event=log.append)
+
+
+def new_plan(
+    project: Project, *, goal: str | None, plan_file: Path | None, forks: int
+) -> Plan:
+    """Plan ``goal`` (with the LLM planner, or from ``plan_file``) and write the plan to disk.
+
+    Raises:
+        ConfigError: no goal, or an invalid plan file.
+        CredentialsMissing / BackendError: the planner's provider failed.
+    """
+    from conductor.planner import plan_from_file, plan_with_llm
+
+    ignore = list(project.config.workspace.ignore)
+    if plan_file is not None:
+        plan = plan_from_file(plan_file, goal=goal, forks=forks)
+        return create_plan(project.layout, plan, ignore=ignore)
+    if not goal:
+        raise ConfigError("no goal given (pass a goal, or --plan FILE)")
+    planner = project.config.planner
+    client = _client(project, provider=planner.provider, model=planner.model)
+    calls: list[dict[str, Any]] = []
+    plan = plan_with_llm(client, goal=goal, forks=forks, root=project.layout.root,
+                         constraints=list(project.policy.global_constraints), on_call=calls.append)
+    sealed = create_plan(project.layout, plan, ignore=ignore)
+    log = plan_log(project.layout, sealed.plan_id)
+    for call in calls:
+        log.append("llm.call", call)
+    return sealed
+
+
+def run_plan(
+    project: Project, plan: Plan, options: EngineOptions, *,
+    on_progress: Callable[[], None] = lambda: None, stop: threading.Event | None = None,
+    factory: RunnerFactory | None = None,
+) -> RunReport:
+    """Run (or continue) ``plan`` until it finishes or halts."""
+    factory = factory if factory is not None else runner_factory(project)
+    engine = Engine(project.layout, project.config, project.policy, plan, runner_factory=factory,
+                    options=options, on_progress=on_progress)
+    return engine.run(stop)
+
+
+def resume_plan(project: Project, plan_id: str | None) -> Plan:
+    """Load the plan to resume (the newest unfinished one by default) and record the resume.
+
+    Raises:
+        NotFound: no such plan, or no unfinished plan.
+        IntegrityError: plan.json was altered.
+    """
+    plan_id = plan_id or latest_plan_id(project.layout, unfinished=True)
+    plan = load_plan(project.layout, plan_id)
+    plan_log(project.layout, plan_id).append("plan.resumed", {"pid": os.getpid()})
+    return plan
+
+
+def approve_step(project: Project, step_id: str, *, plan_id: str | None, fork_id: str | None, by: str) -> list[str]:
+    """Approve a low-confidence step that waits for approval.
+
+    Returns:
+        The fork ids where the step was approved.
+
+    Raises:
+        NotFound: the step waits for approval in no fork (of the selected plan/fork).
+    """
+    plan_id = plan_id or latest_plan_id(project.layout)
+    plan = load_plan(project.layout, plan_id)
+    approved = []
+    for spec in plan.forks:
+        if fork_id is not None and spec.fork_id != fork_id:
+            continue
+        log = fork_log(project.layout, plan_id, spec.fork_id)
+        events = log.events()
+        requested = any(e.type == "approval.requested" and e.data.get("step_id") == step_id for e in events)
+        granted = any(e.type == "approval.granted" and e.data.get("step_id") == step_id for e in events)
+        if requested and not granted:
+            log.append("approval.granted", {"step_id": step_id, "by": by})
+            approved.append(spec.fork_id)
+    if not approved:
+        where = f"fork {fork_id} of plan {plan_id}" if fork_id else f"plan {plan_id}"
+        raise NotFound(f"{step_id} does not wait for approval in {where}")
+    return approved
+
+
+def audit_logs(layout: ProjectLayout, plan_id: str) -> list[tuple[str, AuditLog]]:
+    """The plan's logs, labelled: ``("plan", …)`` then ``("fork 1", …)``…"""
+    logs = [("plan", plan_log(layout, plan_id))]
+    for folder in sorted(layout.plan_dir(plan_id).glob("fork_*")):
+        logs.append((f"fork {folder.name[5:]}", AuditLog(folder / "audit.log")))
+    return logs
+
+
+def resolve_plan_id(layout: ProjectLayout, plan_id: str | None) -> str:
+    """``plan_id`` if given and known, else the newest plan.
+
+    Raises:
+        NotFound: no such plan.
+    """
+    if plan_id is None:
+        return latest_plan_id(layout)
+    if plan_id not in layout.plan_ids():
+        raise NotFound(f"no plan {plan_id!r}")
+    return plan_id

@@ -1,0 +1,86 @@
+"""Verification commands (tests, linters) run by Conductor itself, recorded as evidence for a verdict."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from conductor.canonical import sha256_hex
+from conductor.errors import ExecutorError
+from conductor.models import CommandEvidence
+from conductor.proc import run_command
+
+OUTPUT_TAIL_CHARS = 4000
+_TAIL_BYTES = OUTPUT_TAIL_CHARS * 4  # a UTF-8 character is at most 4 bytes
+
+
+def verification_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment verification commands run with.
+
+    ``environ`` (default ``os.environ``) plus the folder of ``sys.executable`` put first on ``PATH``, so
+    ``pytest`` or ``python`` resolve in the environment Conductor runs from even when it is not
+    activated, and ``PYTHONDONTWRITEBYTECODE=1`` so that checks do not leave ``__pycache__`` behind.
+    """
+    env = dict(os.environ if environ is None else environ)
+    # abspath, not realpath: a venv's python is a symlink to the base interpreter, whose folder is wrong.
+    interpreter_dir = os.path.dirname(os.path.abspath(sys.executable))
+    env["PATH"] = os.pathsep.join([interpreter_dir, env.get("PATH") or os.defpath])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def run_verification(
+    commands: Sequence[str],
+    cwd: Path,
+    *,
+    timeout_seconds: float,
+    environ: Mapping[str, str] | None = None,
+) -> list[CommandEvidence]:
+    """Run every command through ``/bin/sh -c`` in ``cwd``, in order, and record what each did.
+
+    All commands run, even after one fails, so the evidence is complete.
+
+    Args:
+        commands: shell command lines.
+        cwd: the working copy to verify.
+        timeout_seconds: the limit of each command, in seconds.
+        environ: the base environment (default ``os.environ``); see :func:`verification_environment`.
+
+    Returns:
+        One :class:`CommandEvidence` per command, in order. A command that cannot start has
+        ``exit_code`` None and the reason as its output.
+    """
+    env = verification_environment(environ)
+    return [_run_one(command, cwd, env, timeout_seconds) for command in commands]
+
+
+def _run_one(command: str, cwd: Path, env: dict[str, str], timeout_seconds: float) -> CommandEvidence:
+    try:
+        outcome = run_command(command, cwd=cwd, env=env, timeout_seconds=timeout_seconds, shell=True)
+    except ExecutorError as exc:
+        message = str(exc).encode("utf-8")
+        return _evidence(command, None, 0.0, False, sha256_hex(message), message)
+    return _evidence(
+        command, outcome.exit_code, outcome.duration_seconds, outcome.timed_out, outcome.output_sha256, outcome.output
+    )
+
+
+def _evidence(
+    command: str, exit_code: int | None, duration: float, timed_out: bool, output_sha256: str, output: bytes
+) -> CommandEvidence:
+    tail = output[-_TAIL_BYTES:].decode("utf-8", errors="replace")[-OUTPUT_TAIL_CHARS:]
+    return CommandEvidence(
+        command=command,
+        exit_code=exit_code,
+        duration_seconds=duration,
+        timed_out=timed_out,
+        output_sha256=output_sha256,
+        output_tail=tail,
+    )
+
+
+def all_passed(evidence: Sequence[CommandEvidence]) -> bool:
+    """True if every command exited 0 without timing out (vacuously True for no commands)."""
+    return all(e.exit_code == 0 and not e.timed_out for e in evidence)

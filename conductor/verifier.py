@@ -1,0 +1,161 @@
+"""Conductor's own check of every task that arrives in ``completed/``, and the merge of accepted work.
+
+Nothing the executor says is trusted. The verifier re-reads the task (its checksum must equal the one
+published), reads the result (strictly; it must name this attempt and this task checksum), hashes the
+attempt's workspace against its base to find what really changed, evaluates the changes against the
+merged policy, runs the verification commands, and only then applies the change set to the fork's
+workspace. The verdict file is written after the merge, so a crash anywhere is redone on resume: the
+merge skips changes that already reached the fork.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from conductor.attempts import read_base
+from conductor.blobs import BlobStore
+from conductor.errors import IntegrityError, MergeConflict, UnsafePath
+from conductor.executors.base import task_workspace
+from conductor.fsutil import durable_rename
+from conductor.handoff.documents import read_document, write_document
+from conductor.layout import (
+    EXPLANATION_SUFFIX,
+    PROVENANCE_SUFFIX,
+    RESULT_SUFFIX,
+    VERDICT_SUFFIX,
+    ForkLayout,
+    ProjectLayout,
+)
+from conductor.models import Check, FileChange, Result, Task, Verdict, utc_now
+from conductor.policy import MergedPolicy, evaluate_changes
+from conductor.verification import all_passed, run_verification
+from conductor.workspace import apply_changes, diff, diff_lines, snapshot
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    commands: list[str]
+    timeout_seconds: float
+    ignore: list[str]
+
+
+def _reject_early(fork: ForkLayout, task_id: str, attempt: int, reason: str, policy: MergedPolicy) -> Verdict:
+    return _finish(fork, Verdict(
+        task_id=task_id, plan_id=fork.plan_id, fork_id=fork.fork_id, attempt=attempt, accepted=False,
+        reasons=[reason], diff_lines=0, policy_digest=policy.digest, decided_at=utc_now(),
+    ))
+
+
+def verify_step(
+    layout: ProjectLayout,
+    fork: ForkLayout,
+    task_id: str,
+    *,
+    published_checksum: str | None,
+    policy: MergedPolicy,
+    confidence_level: str,
+    settings: VerifySettings,
+) -> Verdict:
+    """Verify the completed task ``task_id`` of ``fork`` and merge it when accepted.
+
+    Args:
+        published_checksum: the checksum the engine published for this attempt (from the audit log).
+        policy: the step's merged policy now.
+        confidence_level: "medium" adds the check that the executor's reported files match the truth.
+
+    Returns:
+        The verdict, already written (``completed/`` if accepted, else the task moved to ``failed/``).
+    """
+    task_path = fork.task_file("completed", task_id)
+    try:
+        task = read_document(task_path, Task)
+    except IntegrityError as exc:
+        return _reject_early(fork, task_id, 1, f"checksum_mismatch: {exc}", policy)
+    if published_checksum is not None and task.checksum != published_checksum:
+        return _reject_early(fork, task_id, task.attempt,
+                             f"checksum_mismatch: task file is not the one published ({published_checksum})", policy)
+    try:
+        result = read_document(fork.sidecar("completed", task_id, RESULT_SUFFIX), Result)
+    except (FileNotFoundError, IntegrityError) as exc:
+        return _reject_early(fork, task_id, task.attempt, f"invalid_result: {exc}", policy)
+    if (result.attempt, result.task_checksum) != (task.attempt, task.checksum):
+        return _reject_early(fork, task_id, task.attempt,
+                             "result_mismatch: the result names another attempt or task checksum", policy)
+    try:
+        workspace = task_workspace(layout, task)
+        base = read_base(workspace)
+        store = BlobStore(layout.objects_dir)
+        changes = diff(base, snapshot(workspace, ignore=settings.ignore), before_store=store, after_root=workspace)
+    except (UnsafePath, FileNotFoundError, IntegrityError) as exc:
+        return _reject_early(fork, task_id, task.attempt, f"workspace_error: {exc}", policy)
+
+    decision = evaluate_changes(policy, task.allowed_files, changes)
+    reasons, checks = list(decision.reasons), list(decision.checks)
+    checks.append(_reported_check(result, changes))
+    if confidence_level == "medium" and not checks[-1].passed:
+        reasons.append(f"medium confidence: {checks[-1].detail}")
+    evidence = []
+    if not reasons and settings.commands:
+        evidence = run_verification(settings.commands, workspace, timeout_seconds=settings.timeout_seconds)
+        passed = all_passed(evidence)
+        checks.append(Check(name="verification_commands", passed=passed,
+                            detail=", ".join(f"{e.command} → {e.exit_code}" for e in evidence)))
+        reasons += [f"verification failed: {e.command} exited {e.exit_code}" + (" (timeout)" if e.timed_out else "")
+                    for e in evidence if e.exit_code != 0]
+    if not reasons:
+        try:
+            merge_changes(changes, src_root=workspace, dst_root=fork.workspace, base=base, ignore=settings.ignore)
+        except MergeConflict as exc:
+            reasons.append(f"merge_conflict: {exc}")
+    verdict = Verdict(
+        task_id=task_id, plan_id=fork.plan_id, fork_id=fork.fork_id, attempt=task.attempt,
+        accepted=not reasons, reasons=reasons, checks=checks, files_changed=changes,
+        diff_lines=diff_lines(changes), verification=evidence, policy_digest=policy.digest, decided_at=utc_now(),
+    )
+    return _finish(fork, verdict)
+
+
+def _reported_check(result: Result, changes: list[FileChange]) -> Check:
+    reported = {c.path for c in result.files_changed}
+    observed = {c.path for c in changes}
+    if reported == observed:
+        return Check(name="reported_changes_match", passed=True)
+    detail = f"executor reported {sorted(reported)}, workspace shows {sorted(observed)}"
+    return Check(name="reported_changes_match", passed=False, detail=detail)
+
+
+def _finish(fork: ForkLayout, verdict: Verdict) -> Verdict:
+    task_id = verdict.task_id
+    if verdict.accepted:
+        return write_document(fork.sidecar("completed", task_id, VERDICT_SUFFIX), verdict)
+    sealed = write_document(fork.sidecar("failed", task_id, VERDICT_SUFFIX), verdict)
+    for suffix in (RESULT_SUFFIX, EXPLANATION_SUFFIX, PROVENANCE_SUFFIX):
+        source = fork.sidecar("completed", task_id, suffix)
+        if source.exists():
+            durable_rename(source, fork.sidecar("failed", task_id, suffix))
+    durable_rename(fork.task_file("completed", task_id), fork.task_file("failed", task_id))  # commit point
+    return sealed
+
+
+def _current_digest(path: Path) -> str | None:
+    if path.is_symlink():
+        return hashlib.sha256(os.readlink(path).encode("utf-8", errors="surrogateescape")).hexdigest()
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return None
+
+
+def merge_changes(
+    changes: list[FileChange], *, src_root: Path, dst_root: Path, base: dict, ignore: list[str]
+) -> None:
+    """Apply ``changes`` to ``dst_root``, skipping those already there (idempotent after a crash).
+
+    Raises:
+        MergeConflict: a target changed since ``base`` (by someone else); nothing was written.
+    """
+    pending = [c for c in changes if _current_digest(dst_root / c.path) != c.sha256]
+    if pending:
+        apply_changes(pending, src_root=src_root, dst_root=dst_root, base=base, dst_ignore=ignore)
