@@ -61,18 +61,19 @@ def resolve_credentials(settings: LLMSettings, environ: Mapping[str, str]) -> tu
     return api_key, base_url
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def _http_library_errors(name: str) -> tuple[type[BaseException], ...]:
     # The SDK runs on httpx2 or httpx (whichever is installed) and lets their errors escape raw.
     found: list[type[BaseException]] = []
-    for name in ("httpx2", "httpx"):
+    for library in ("httpx2", "httpx"):
         try:
-            found.append(importlib.import_module(name).HTTPError)
+            found.append(getattr(importlib.import_module(library), name))
         except ImportError:
             continue
     return tuple(found)
 
 
-TRANSPORT_ERRORS = _transport_errors()
+TRANSPORT_ERRORS = _http_library_errors("HTTPError")
+TIMEOUT_ERRORS = _http_library_errors("TimeoutException")
 
 
 class GeminiClient:
@@ -162,7 +163,7 @@ class GeminiClient:
 
     def _transport_reason(self, exc: BaseException) -> str:
         tries = self.settings.max_retries + 1
-        if "Timeout" in type(exc).__name__:
+        if isinstance(exc, TIMEOUT_ERRORS):
             return f"timed out after {self.settings.timeout_seconds:g} s (tried {tries} times)"
         return f"cannot connect (tried {tries} times): {type(exc).__name__}: {exc}"
 
