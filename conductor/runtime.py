@@ -83,7 +83,10 @@ def runner_factory(project: Project) -> RunnerFactory | None:
 
         command = config.executor.command
         assert command is not None  # validated by ExecutorConfig
-        return lambda log: CommandRunner(command, layout=project.layout, environ=project.environ)
+        from conductor.handoff.lease import holder_name
+
+        identity = holder_name("conductor-engine")
+        return lambda log: CommandRunner(command, layout=project.layout, environ=project.environ, identity=identity)
     from conductor.executors.llm import LLMRunner
 
     client = _client(project, provider=config.executor_provider, model=config.executor_model)

@@ -58,11 +58,35 @@ def ranking_table(ranking: list[dict[str, Any]], winner: str | None) -> Table:
     return table
 
 
+def summarise_event(event_type: str, data: dict[str, Any]) -> str:
+    """One short line about an event for people (``--json`` has everything)."""
+    if event_type == "step.verified":
+        verdict = "accepted" if data.get("accepted") else "rejected: " + "; ".join(data.get("reasons", []))
+        return f"{verdict} ({data.get('diff_lines')} lines: {', '.join(data.get('files', [])) or 'no files'})"
+    if event_type == "policy.merged":
+        effective = data.get("effective", {})
+        return (f"max_diff_lines={effective.get('max_diff_lines')} timeout={effective.get('timeout_seconds')}s "
+                f"protected={effective.get('protected_patterns')}")
+    if event_type == "confidence.scored":
+        return f"{data.get('level')} {data.get('score')} ({'; '.join(data.get('reasons', []))})"
+    if event_type == "llm.call":
+        return (f"{data.get('purpose')} {data.get('provider')}/{data.get('model')} "
+                f"{data.get('input_tokens')}+{data.get('output_tokens')} tokens")
+    if event_type == "plan.ranked":
+        return " > ".join(f"fork {r['fork_id']} ({r['status']}, {r['changed_lines']} lines)" for r in data.get("ranking", []))
+    skip = {"plan_id", "step_id", "checksum", "plan_checksum", "verification", "checks"}
+    parts = [f"{k}={v}" for k, v in data.items() if k not in skip and not isinstance(v, (dict, list))]
+    parts += [f"{k}={','.join(map(str, v))}" for k, v in data.items() if k not in skip and isinstance(v, list)
+              and all(not isinstance(x, (dict, list)) for x in v)]
+    return " ".join(parts)
+
+
 def events_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(show_lines=False)
-    for name in ("time", "log", "seq", "type", "details"):
+    for name in ("time", "log", "seq", "type", "step", "details"):
         table.add_column(name, overflow="fold")
     for row in rows:
-        details = ", ".join(f"{k}={v}" for k, v in row["data"].items() if k not in ("plan_id",))
-        table.add_row(row["ts"][11:23], row["log"], str(row["seq"]), row["type"], details[:300])
+        details = summarise_event(row["type"], row["data"])
+        table.add_row(row["ts"][11:23], row["log"], str(row["seq"]), row["type"], row["data"].get("step_id", ""),
+                      details[:240])
     return table

@@ -44,11 +44,14 @@ def task_environment(task: Task, *, layout: ProjectLayout, workspace: Path, expl
 class CommandRunner:
     """Runs a shell command for each task."""
 
-    def __init__(self, command: str, *, layout: ProjectLayout, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, command: str, *, layout: ProjectLayout, environ: Mapping[str, str] | None = None,
+        identity: str | None = None,
+    ) -> None:
         self.command = command
         self.layout = layout
         self.environ = dict(os.environ if environ is None else environ)
-        self.info = executor_info("command", holder_name("conductor-worker"))
+        self.info = executor_info("command", identity or holder_name("conductor-worker"))
 
     def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
         with tempfile.TemporaryDirectory(prefix="conductor-explain-") as scratch:
