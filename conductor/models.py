@@ -25,6 +25,8 @@ PLAN_SCHEMA = "conductor.plan/v1"
 Checksum = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
 StepId = Annotated[str, StringConstraints(pattern=r"^step_[0-9]{3,}$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+# A result may answer a task file that is not a valid task (rejected unread): it names the file's stem.
+FileStem = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 ConfidenceLevel = Literal["high", "medium", "low"]
 
 
@@ -270,7 +272,7 @@ class Result(Contract):
     """``<step>.result.json``: what the executor says it did. Checksummed; never trusted alone."""
 
     schema_: Literal["conductor.result/v1"] = Field(default=RESULT_SCHEMA, alias="schema")
-    task_id: StepId
+    task_id: FileStem = Field(description="the task's id; for a task file rejected unread, the file's name stem")
     plan_id: Identifier
     fork_id: Identifier
     attempt: int = Field(ge=1)

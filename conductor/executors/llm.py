@@ -8,7 +8,7 @@ is touched.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -109,7 +109,7 @@ class LLMRunner:
             return Outcome("failed", "the model asked to change files it may not change", message,
                            ErrorInfo(kind="disallowed_edit", message=message), reply.usage)
         for edit in answer.edits:
-            target = resolve_inside(workspace, edit.path)
+            target = _entry_path(workspace, edit.path)
             if edit.action == "delete":
                 target.unlink(missing_ok=True)
             else:
@@ -118,6 +118,14 @@ class LLMRunner:
         written = "\n".join(f"- {e.action} `{e.path}`" for e in answer.edits) or "- (no files)"
         explanation = f"{answer.explanation.strip()}\n\n## Files\n{written}\n"
         return Outcome("completed", answer.summary, explanation, usage=reply.usage)
+
+
+def _entry_path(workspace: Path, path: str) -> Path:
+    """The directory entry ``path`` names, with only its parent resolved: a write or delete acts on a
+    symlink itself, never on what it points to."""
+    relative = PurePosixPath(check_relpath(path))
+    parent = workspace if str(relative.parent) == "." else resolve_inside(workspace, str(relative.parent))
+    return parent / relative.name
 
 
 def _refused_edits(task: Task, edits: list[StepEdit]) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from filelock import FileLock
+from pydantic import ValidationError
 
 from conductor.canonical import compute_checksum, strict_loads
 from conductor.errors import ConductorError, IntegrityError, LeaseLost
@@ -134,21 +135,25 @@ def reject_task_file(
     kind = "checksum_mismatch" if isinstance(exc, ChecksumMismatch) else "invalid_task"
     attempt, seen_checksum = _salvage(path)
     now = utc_now()
-    result = Result(
-        task_id=task_id,
-        plan_id=fork.plan_id,
-        fork_id=fork.fork_id,
-        attempt=attempt,
-        fencing_token=attempt,
-        task_checksum=seen_checksum,
-        status="failed",
-        executor=ExecutorInfo(id=holder, kind="conductor"),
-        summary="task file rejected before execution",
-        error=ErrorInfo(kind=kind, message=str(exc)),
-        started_at=now,
-        finished_at=now,
-    )
-    write_document(fork.sidecar("failed", task_id, ".result.json"), result)
+    try:
+        result = Result(
+            task_id=task_id,
+            plan_id=fork.plan_id,
+            fork_id=fork.fork_id,
+            attempt=attempt,
+            fencing_token=attempt,
+            task_checksum=seen_checksum,
+            status="failed",
+            executor=ExecutorInfo(id=holder, kind="conductor"),
+            summary="task file rejected before execution",
+            error=ErrorInfo(kind=kind, message=str(exc)),
+            started_at=now,
+            finished_at=now,
+        )
+    except ValidationError:
+        result = None  # a file name no result can carry: the move alone records the rejection
+    if result is not None:
+        write_document(fork.sidecar("failed", task_id, ".result.json"), result)
     durable_rename(path, fork.task_file("failed", task_id))
     on_event("task.failed", {"step_id": task_id, "attempt": attempt, "reason": kind, "message": str(exc)})
 

@@ -68,6 +68,7 @@ def reap_expired(
         What was done, one entry per reaped task.
     """
     now = now or datetime.now(timezone.utc)
+    finish_parked(fork, prepare_retry=prepare_retry, on_event=on_event)
     reaped = []
     for task_id in fork.task_ids("in_progress"):
         with fork_lock(fork):
@@ -112,6 +113,9 @@ def _reap_one(
     return Reaped(task_id, task.attempt, "requeued", holder)
 
 
+PARKED_SUFFIX = ".requeue"
+
+
 def requeue_task(
     fork: ForkLayout,
     task: Task,
@@ -122,27 +126,62 @@ def requeue_task(
 ) -> Task:
     """Put an in-progress task back into ``pending/`` as attempt + 1 (call under the fork lock).
 
-    The new task file is published before the old one is removed, so a crash in between leaves the task
-    in two folders (which recovery resolves) rather than in none.
+    The in-progress file is first parked as ``<step>.task.json.requeue`` (a name no claimer lists), so a
+    claim of the retry can never land on, or be removed with, the old attempt's file. A crash after
+    parking is finished by the next reap (``finish_parked``).
 
     Returns:
-        The published retry.
+        The published retry (or the one a crashed requeue had already published).
 
     Raises:
-        StateConflict: a task file with this name is already pending.
+        StateConflict: a different task file with this name is already pending.
     """
+    in_progress = fork.task_file("in_progress", task.task_id)
+    parked = in_progress.with_name(in_progress.name + PARKED_SUFFIX)
+    durable_rename(in_progress, parked)
+    fork.lease_file(task.task_id).unlink(missing_ok=True)
+    retry = _publish_retry(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason=reason)
+    parked.unlink()
+    return retry
+
+
+def _publish_retry(
+    fork: ForkLayout, task: Task, *, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink, reason: str
+) -> Task:
+    found = fork.find_task(task.task_id)
+    if found is not None:  # a requeue that crashed after publishing: the retry is out already
+        try:
+            existing = read_document(found[1], Task)
+        except (IntegrityError, FileNotFoundError) as exc:
+            raise StateConflict(f"{task.task_id}: re-queued, but {found[0]}/ holds an unreadable task") from exc
+        if existing.attempt > task.attempt:
+            return existing
+        raise StateConflict(f"{task.task_id}: re-queued attempt {task.attempt}, but {found[0]}/ holds attempt "
+                            f"{existing.attempt}")
     retry = task.model_copy(update={"attempt": task.attempt + 1, "created_at": utc_now()})
     if prepare_retry is not None:
         retry = prepare_retry(retry)
-    try:
-        retry = write_document(fork.task_file("pending", task.task_id), retry, exclusive=True)
-    except FileExistsError as exc:
-        raise StateConflict(f"{task.task_id}: in both pending/ and in_progress/ of fork {fork.fork_id}") from exc
-    fork.task_file("in_progress", task.task_id).unlink()
-    fork.lease_file(task.task_id).unlink(missing_ok=True)
+    retry = write_document(fork.task_file("pending", task.task_id), retry, exclusive=True)
     on_event("task.published", {"step_id": task.task_id, "attempt": retry.attempt, "checksum": retry.checksum,
                                 "reason": reason})
     return retry
+
+
+def finish_parked(
+    fork: ForkLayout, *, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink
+) -> list[str]:
+    """Finish requeues a crash interrupted (parked files left in ``in_progress/``); returns their ids."""
+    finished = []
+    folder = fork.state_dir("in_progress")
+    for parked in sorted(folder.glob(f"*.task.json{PARKED_SUFFIX}")) if folder.is_dir() else []:
+        with fork_lock(fork):
+            if not parked.exists():
+                continue
+            task = read_document(parked, Task)
+            _publish_retry(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason="recovered")
+            parked.unlink()
+            finished.append(task.task_id)
+    return finished
 
 
 def _fail_exhausted(fork: ForkLayout, task: Task, holder: str | None, on_event: EventSink) -> None:

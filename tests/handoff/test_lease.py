@@ -334,11 +334,6 @@ def test_a_holder_that_loses_its_lease_stops_its_command_and_commits_nothing(han
 # --- bugs ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: requeue_task publishes the retry into pending/ before unlinking in_progress/<step>; claim_task "
-    "(which takes no fork lock) can rename the retry over in_progress/<step> in between, and the reaper "
-    "then unlinks the new claim's task file and lease: the task is in no folder at all"
-))
 def test_a_claim_racing_a_requeue_never_loses_the_task(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> None:
     handoff.publish("step_001")
     _claim(handoff, holder="dead-holder@here:1")
@@ -362,10 +357,6 @@ def test_a_claim_racing_a_requeue_never_loses_the_task(handoff: Handoff, monkeyp
         assert handoff.where()["completed"] == ["step_001"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: reject_task_file builds Result(task_id=<file name>); a name that is not a StepId raises "
-    "pydantic.ValidationError out of reap_expired, so every worker start (Worker.run reaps first) crashes"
-))
 def test_reaper_survives_a_badly_named_in_progress_file(tmp_path: Path) -> None:
     handoff = make_handoff(tmp_path / "project", steps=1)
     handoff.publish("step_001")
@@ -378,11 +369,6 @@ def test_reaper_survives_a_badly_named_in_progress_file(tmp_path: Path) -> None:
     assert handoff.where()["pending"] == ["step_001"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a requeue interrupted between publishing the retry and unlinking in_progress/<step> (the state "
-    "requeue_task's docstring says 'recovery resolves') is resolved by nobody: the next reap raises "
-    "StateConflict, and Worker.run, which reaps first, dies at every start"
-))
 def test_a_requeue_interrupted_by_a_crash_is_finished_by_the_next_reaper(handoff: Handoff, tmp_path: Path) -> None:
     handoff.publish("step_001")
     claim = _claim(handoff, holder="crashed-worker@here:1")

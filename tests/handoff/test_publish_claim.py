@@ -302,11 +302,6 @@ def test_pending_temp_files_are_never_claimed(handoff: Handoff, tmp_path: Path) 
     assert handoff.where()["failed"] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a task file whose name is not a StepId (e.g. step_1.task.json) makes claim_task raise a pydantic "
-    "ValidationError from reject_task_file (Result.task_id), leaving the file in in_progress/; the reaper "
-    "then raises the same error at every worker start"
-))
 @pytest.mark.parametrize("name", ["step_1", "hello"])
 def test_a_task_file_with_a_bad_name_is_rejected_not_fatal(tmp_path: Path, name: str) -> None:
     handoff = make_handoff(tmp_path / "project", steps=1)
