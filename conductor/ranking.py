@@ -15,7 +15,7 @@ from conductor.models import FileChange
 from conductor.plan_store import load_base
 from conductor.verification import all_passed, run_verification
 from conductor.verifier import merge_changes
-from conductor.workspace import diff, diff_lines, snapshot
+from conductor.workspace import diff, snapshot
 
 
 @dataclass(frozen=True)

@@ -218,3 +218,13 @@ def _schema(name: str) -> dict:
     from conductor.schemas import generate
 
     return generate()[name]
+
+
+def test_the_confidence_example_is_right() -> None:
+    from conductor.confidence import score_step
+
+    example = json.loads(block("confidence-example", DOCS / "confidence.md"))
+    confidence = score_step(estimate=example["estimate"], allowed_files=example["allowed_files"],
+                            accepted=example["accepted"], total=example["total"])
+    assert (confidence.score, confidence.level) == (example["score"], example["level"])
+    assert json.dumps(confidence.reasons, ensure_ascii=False) in (DOCS / "confidence.md").read_text("utf-8")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import rfc8785
 
 from conductor.attempts import prepare_retry
-from conductor.canonical import check_checksum, compute_checksum, sha256_hex, strict_loads
+from conductor.canonical import (
+    check_checksum,
+    compute_checksum,
+    sha256_hex,
+    strict_loads,
+)
 from conductor.errors import LeaseLost
-from conductor.executors.base import execute_claim
+from conductor.executors.base import Outcome, execute_claim
 from conductor.executors.command import CommandRunner
 from conductor.handoff import complete as complete_module
 from conductor.handoff.complete import complete_task
@@ -21,7 +27,13 @@ from conductor.handoff.lease import Claim, claim_task
 from conductor.handoff.reaper import reap_expired
 from conductor.models import ExecutorInfo, FileChange, Result, utc_now
 from conductor.provenance import PREDICATE_TYPE, STATEMENT_TYPE
-from tests.handoff.support import Handoff, make_handoff, pid_running, sha256_file, wait_for
+from tests.handoff.support import (
+    Handoff,
+    make_handoff,
+    pid_running,
+    sha256_file,
+    wait_for,
+)
 
 FILES = {"README.md": "hello\n", "notes.txt": "a\nb\n", "gone.txt": "bye\n"}
 
@@ -111,7 +123,7 @@ def test_a_crash_before_the_commit_point_leaves_the_task_in_progress(project: Ha
     assert project.read_lease("step_001") == claim.lease
     # The holder is gone for good; once its lease is over, the reaper hands the task out again.
     reap_expired(project.fork, max_attempts=3, lease_seconds=60,
-                 now=datetime.now(timezone.utc) + timedelta(seconds=61),
+                 now=datetime.now(UTC) + timedelta(seconds=61),
                  prepare_retry=lambda task: prepare_retry(project.layout, task))
     retry = _claim(project)
     assert retry.task.attempt == 2
@@ -288,3 +300,57 @@ def test_each_task_gets_its_own_workspace_and_results(tmp_path: Path) -> None:
         workspace = handoff.scratch(task_id)
         assert (workspace / "mine.txt").read_text() == f"{task_id}\n"
         assert change.sha256 == sha256_file(workspace / "mine.txt")
+
+
+# --- bugs ---------------------------------------------------------------------------------------
+
+
+class _ScriptedRunner:
+    """A runner that does ``action`` (with the task) and reports success."""
+
+    info = ExecutorInfo(id="scripted@here:1", kind="test")
+
+    def __init__(self, action) -> None:  # type: ignore[no-untyped-def]
+        self.action = action
+
+    def run(self, task, workspace, should_stop):  # type: ignore[no-untyped-def]
+        self.action(task)
+        return Outcome("completed", "finished on its own", "finished on its own")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: execute_claim releases the task whenever stop is set after the runner returns, even when the "
+    "runner finished on its own: the finished work is discarded and the task runs again as attempt 2"
+))
+def test_a_stop_request_after_the_work_finished_does_not_discard_it(project: Handoff) -> None:
+    project.publish("step_001")
+    claim = _claim(project)
+    stop = threading.Event()
+    runner = _ScriptedRunner(lambda task: stop.set())  # SIGTERM lands just as the command exits 0
+
+    result = execute_claim(project.layout, claim, runner, ignore=[], lease_seconds=60, heartbeat_seconds=5, stop=stop)
+
+    assert result is not None and result.status == "completed"
+    assert project.where()["completed"] == ["step_001"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: an in-progress task file edited while its command runs makes complete_task's assert_holder raise "
+    "ChecksumMismatch, which execute_claim does not handle: it escapes Worker.run and the worker exits (code 5) instead of "
+    "failing the task with checksum_mismatch"
+))
+def test_a_task_file_tampered_with_during_execution_fails_the_task_not_the_worker(project: Handoff) -> None:
+    project.publish("step_001")
+    claim = _claim(project)
+
+    def tamper(task) -> None:  # type: ignore[no-untyped-def]
+        path = project.task_path("in_progress", task.task_id)
+        path.write_bytes(path.read_bytes().replace(b"Do step 1.", b"Do evil 1."))
+
+    result = execute_claim(project.layout, claim, _ScriptedRunner(tamper), ignore=[], lease_seconds=60,
+                           heartbeat_seconds=5)  # must not raise
+
+    assert result is None or result.status == "failed"
+    assert project.where()["failed"] == ["step_001"]
+    stored = project.read_result("failed", "step_001")
+    assert stored.error is not None and stored.error.kind == "checksum_mismatch"

@@ -7,20 +7,21 @@ import socket
 import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from conductor.attempts import prepare_retry, read_base
 from conductor.canonical import check_checksum, strict_loads
-from conductor.errors import LeaseLost
+from conductor.errors import LeaseLost, StateConflict
 from conductor.executors.base import execute_claim
 from conductor.executors.command import CommandRunner
 from conductor.handoff import reaper as reaper_module
 from conductor.handoff.complete import complete_task
 from conductor.handoff.documents import write_document
 from conductor.handoff.lease import Claim, claim_task, renew_lease
+from conductor.handoff.publish import publish_task
 from conductor.handoff.reaper import reap_expired
 from conductor.models import ExecutorInfo, Result, parse_time, utc_now
 from conductor.worker import Worker, WorkerSettings
@@ -42,7 +43,7 @@ def _reap(handoff: Handoff, *, after: float = 0.0, max_attempts: int = 3, lease:
         handoff.fork,
         max_attempts=max_attempts,
         lease_seconds=lease,
-        now=datetime.now(timezone.utc) + timedelta(seconds=after),
+        now=datetime.now(UTC) + timedelta(seconds=after),
         prepare_retry=lambda task: prepare_retry(handoff.layout, task),
     )
 
@@ -72,7 +73,7 @@ def _tree(handoff: Handoff) -> dict[str, bytes]:
 
 def test_claim_writes_a_lease_with_fencing_token_holder_pid_and_host(handoff: Handoff) -> None:
     handoff.publish("step_001")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
 
     claim = _claim(handoff, lease=LEASE)
 
@@ -86,7 +87,7 @@ def test_claim_writes_a_lease_with_fencing_token_holder_pid_and_host(handoff: Ha
     assert lease.pid == os.getpid()
     assert lease.host == socket.gethostname()
     expires = parse_time(lease.expires_at)
-    assert before + timedelta(seconds=LEASE - 1) <= expires <= datetime.now(timezone.utc) + timedelta(seconds=LEASE)
+    assert before + timedelta(seconds=LEASE - 1) <= expires <= datetime.now(UTC) + timedelta(seconds=LEASE)
 
 
 def test_renew_lease_extends_expires_at_on_disk(handoff: Handoff) -> None:
@@ -331,7 +332,7 @@ def test_a_holder_that_loses_its_lease_stops_its_command_and_commits_nothing(han
     assert (handoff.root / claim.task.workspace / "README.md").read_text() == "hello\n"
 
 
-# --- bugs ---------------------------------------------------------------------------------------
+# --- regressions: bugs these tests found (fixed in 14ac897) and the states the fix introduced -----
 
 
 def test_a_claim_racing_a_requeue_never_loses_the_task(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -383,3 +384,61 @@ def test_a_requeue_interrupted_by_a_crash_is_finished_by_the_next_reaper(handoff
 
     assert marker.read_text().splitlines() == ["step_001 2"]
     assert handoff.where() == {"pending": [], "in_progress": [], "completed": ["step_001"], "failed": []}
+
+
+def _park(handoff: Handoff, claim: Claim) -> Path:
+    """The state a kill -9 leaves right after ``requeue_task`` parked the old attempt (lease removed)."""
+    parked = handoff.task_path("in_progress", "step_001").with_name("step_001.task.json" + reaper_module.PARKED_SUFFIX)
+    os.rename(handoff.task_path("in_progress", "step_001"), parked)
+    handoff.fork.lease_file("step_001").unlink()
+    return parked
+
+
+@pytest.mark.parametrize("retry_published", [False, True])
+def test_a_requeue_interrupted_after_parking_is_finished_by_the_next_worker(
+    handoff: Handoff, tmp_path: Path, retry_published: bool
+) -> None:
+    handoff.publish("step_001")
+    claim = _claim(handoff, holder="crashed-worker@here:1")
+    parked = _park(handoff, claim)
+    if retry_published:
+        retry = prepare_retry(handoff.layout, claim.task.model_copy(update={"attempt": 2, "created_at": utc_now()}))
+        write_document(handoff.task_path("pending", "step_001"), retry, exclusive=True)
+    marker = tmp_path / "ran.txt"
+    runner = CommandRunner(f'echo "$CONDUCTOR_TASK_ID $CONDUCTOR_ATTEMPT" >> {marker}', layout=handoff.layout)
+
+    Worker(handoff.layout, runner, WorkerSettings(), ignore=[]).run(burst=True)
+
+    assert marker.read_text().splitlines() == ["step_001 2"]
+    assert handoff.where() == {"pending": [], "in_progress": [], "completed": ["step_001"], "failed": []}
+    assert not parked.exists()
+    assert handoff.files_in("in_progress") == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: while requeue_task has parked in_progress/<step>.task.json.requeue and not yet published the retry, "
+    "find_task sees the step in no folder, so publish_task (the engine's, which takes no fork lock) publishes "
+    "attempt 1 again; requeue_task's exclusive publish then raises FileExistsError out of reap_expired"
+))
+def test_a_task_being_requeued_is_never_invisible(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> None:
+    handoff.publish("step_001")
+    claim = _claim(handoff)
+    duplicate = claim.task.model_copy(update={"created_at": utc_now()})  # an engine re-publishing attempt 1
+    during: list[object] = []
+
+    def prepare_and_observe(task):  # type: ignore[no-untyped-def]  # runs between the park and the publish
+        during.append(handoff.fork.find_task("step_001"))
+        try:
+            publish_task(handoff.fork, duplicate)
+            during.append("published attempt 1 again")
+        except StateConflict:
+            during.append("refused")
+        return prepare_retry(handoff.layout, task)
+
+    reap_expired(handoff.fork, max_attempts=3, lease_seconds=LEASE,
+                 now=datetime.now(UTC) + timedelta(seconds=LEASE + 1), prepare_retry=prepare_and_observe)
+
+    assert during[0] is not None, "the step was in no state folder during the requeue"
+    assert during[1] == "refused"
+    assert handoff.where() == {"pending": ["step_001"], "in_progress": [], "completed": [], "failed": []}
+    assert handoff.read_task("pending", "step_001").attempt == 2

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conductor.canonical import check_checksum, compute_checksum, pretty_bytes, seal, strict_loads
+from conductor.canonical import (
+    check_checksum,
+    compute_checksum,
+    pretty_bytes,
+    seal,
+    strict_loads,
+)
 from conductor.errors import StateConflict
 from conductor.executors.command import CommandRunner
 from conductor.fsutil import TEMP_PREFIX
