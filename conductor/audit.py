@@ -7,32 +7,8 @@ Each line is ``{seq, ts, type, data, prev, hash}`` serialised in canonical form 
 :func:`verify_chain` names the line. Truncating the tail does not: a signed checkpoint (size + head
 hash) kept where executors cannot write closes that gap later.
 
-Event types the runtime writes (``data`` keys; ``?`` marks a key that may be absent):
-
-=====================  ==========================================================================
-type                   data
-=====================  ==========================================================================
-plan.created           plan_id, goal, planner, forks, plan_checksum
-fork.created           fork_id, strategy, steps, workspace
-llm.call               purpose ("plan" | "step"), step_id?, provider, model, input_tokens,
-                       output_tokens, cost_usd?, duration_seconds
-confidence.scored      step_id, score, level, reasons
-policy.merged          step_id, effective, sources, notes, digest
-task.published         step_id, attempt, checksum
-approval.requested     step_id
-approval.granted       step_id, by
-task.claimed           step_id, attempt, holder, pid, host
-task.lease_expired     step_id, attempt, holder
-task.completed         step_id, attempt, executor, duration_seconds
-task.failed            step_id, attempt, reason, message
-step.verified          step_id, attempt, accepted, reasons, diff_lines, files, verification
-step.merged            step_id, attempt, files
-fork.finished          fork_id, status
-plan.ranked            ranking
-plan.applied           fork_id, files
-plan.resumed           (none)
-plan.finished          status
-=====================  ==========================================================================
+Event types and their ``data`` keys are listed once, in :data:`EVENT_TYPES` (and for readers in
+docs/protocol.md, whose table a test keeps in step with it).
 
 Plan-level events (planning, ranking, apply) go to ``handoff/plan_<id>/audit.log``; everything about
 one fork goes to ``handoff/plan_<id>/fork_<id>/audit.log``. :func:`read_events` merges them by time.
@@ -61,27 +37,33 @@ _TAIL_CHUNK = 8192
 
 EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "plan.created": ("plan_id", "goal", "planner", "forks", "plan_checksum"),
-    "fork.created": ("fork_id", "strategy", "steps", "workspace"),
+    "fork.created": ("plan_id", "fork_id", "plan_checksum", "strategy", "steps", "workspace"),
     "llm.call": (
         "purpose", "step_id?", "provider", "model", "input_tokens", "output_tokens", "cost_usd?",
         "duration_seconds",
     ),
     "confidence.scored": ("step_id", "score", "level", "reasons"),
     "policy.merged": ("step_id", "effective", "sources", "notes", "digest"),
-    "task.published": ("step_id", "attempt", "checksum"),
-    "approval.requested": ("step_id",),
+    "task.published": ("step_id", "attempt", "checksum", "reason?"),
+    "approval.requested": ("step_id", "score"),
     "approval.granted": ("step_id", "by"),
     "task.claimed": ("step_id", "attempt", "holder", "pid", "host"),
     "task.lease_expired": ("step_id", "attempt", "holder"),
     "task.completed": ("step_id", "attempt", "executor", "duration_seconds"),
     "task.failed": ("step_id", "attempt", "reason", "message"),
-    "step.verified": ("step_id", "attempt", "accepted", "reasons", "diff_lines", "files", "verification"),
+    "task.abandoned": ("step_id", "attempt", "reason"),
+    "step.verified": (
+        "step_id", "attempt", "accepted", "reasons", "diff_lines", "files", "checks", "verification",
+        "verdict_checksum",
+    ),
     "step.merged": ("step_id", "attempt", "files"),
-    "fork.finished": ("fork_id", "status"),
+    "fork.finished": ("fork_id", "status", "failed_steps?"),
+    "fork.verified": ("fork_id", "passed", "verification"),
     "plan.ranked": ("ranking",),
     "plan.applied": ("fork_id", "files"),
-    "plan.resumed": (),
-    "plan.finished": ("status",),
+    "plan.apply_failed": ("fork_id", "reason"),
+    "plan.resumed": ("pid",),
+    "plan.finished": ("status", "winner", "applied"),
 }
 """Event type → the ``data`` keys the runtime writes (``?`` = optional). Documentation, not a gate:
 :meth:`AuditLog.append` accepts any type matching the ``Event`` pattern."""

@@ -31,6 +31,7 @@ RESULT_SUFFIX = ".result.json"
 EXPLANATION_SUFFIX = ".explanation.md"
 PROVENANCE_SUFFIX = ".provenance.json"
 VERDICT_SUFFIX = ".verdict.json"
+PARKED_SUFFIX = ".requeue"  # in_progress/<step>.task.json.requeue: an attempt being re-queued
 
 
 @dataclass(frozen=True)
@@ -155,4 +156,9 @@ class ForkLayout:
             path = self.task_file(state, task_id)
             if path.exists():
                 return state, path
+            if state == "in_progress":
+                # A task being re-queued is parked under this name; it is still in progress, not gone.
+                parked = path.with_name(path.name + PARKED_SUFFIX)
+                if parked.exists():
+                    return state, parked
         return None

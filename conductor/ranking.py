@@ -33,7 +33,9 @@ class ForkEvidence:
     tokens: int
 
     def sort_key(self) -> tuple:
-        return (self.status != "succeeded", not self.checks_passed, self.changed_lines, self.tokens, self.fork_id)
+        # fork ids are numbers as text: compare by length first so fork 10 follows fork 2
+        return (self.status != "succeeded", not self.checks_passed, self.changed_lines, self.tokens,
+                len(self.fork_id), self.fork_id)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,6 +43,7 @@ class Worker:
         self.holder = holder_name("conductor-worker")
         self.processed = 0
         self._stop = threading.Event()
+        self._watcher: FolderWatcher | None = None
         self._logs: dict[Path, AuditLog] = {}
 
     def forks(self) -> list[ForkLayout]:
@@ -70,7 +71,7 @@ class Worker:
             )
 
     def process_once(self) -> int:
-        """Claim and run at most one pending task. Returns how many tasks it ran (0 or 1)."""
+        """Claim and run at most one pending task. Returns 1 if it claimed one, else 0."""
         candidates = [(fork, task_id) for fork in self.forks() for task_id in fork.task_ids("pending")]
         # Racing workers that all start at the first name collide on every claim; a random start spreads them.
         if candidates:
@@ -82,13 +83,21 @@ class Worker:
                                on_event=log.append)
             if claim is None:
                 continue
-            execute_claim(self.layout, claim, self.runner, ignore=self.ignore,
+            result = execute_claim(self.layout, claim, self.runner, ignore=self.ignore,
                           lease_seconds=self.settings.lease_seconds,
                           heartbeat_seconds=self.settings.heartbeat_seconds, on_event=log.append,
                           stop=self._stop, prepare_retry=lambda task: prepare_retry(self.layout, task))
-            self.processed += 1
+            if result is not None:  # released or abandoned tasks were not run to the end
+                self.processed += 1
             return 1
         return 0
+
+    def request_stop(self) -> None:
+        """Ask the worker to stop (safe from a signal handler): a running command's process group is
+        killed and its task released; an idle wait ends at once."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.notify()
 
     def run(self, *, burst: bool = False, stop: threading.Event | None = None, max_tasks: int | None = None) -> int:
         """Work until stopped (or, with ``burst``, until no pending task is left).
@@ -99,6 +108,7 @@ class Worker:
         stop = self._stop = stop or self._stop
         self.reap()
         with FolderWatcher([self.layout.handoff_dir]) as watcher:
+            self._watcher = watcher
             while not stop.is_set():
                 if max_tasks is not None and self.processed >= max_tasks:
                     break
@@ -107,5 +117,6 @@ class Worker:
                 if burst:
                     break
                 watcher.wait(self.settings.poll_seconds)
-                self.reap()
+                if not stop.is_set():
+                    self.reap()
         return self.processed

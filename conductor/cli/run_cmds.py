@@ -63,6 +63,10 @@ def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, mode
     from conductor.runtime import new_plan, runner_factory
 
     project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command, forks))
+    if plan_file is not None:
+        from conductor.planner import load_plan_file
+
+        load_plan_file(plan_file)  # a bad plan file is reported before a missing API key
     factory = runner_factory(project)  # fails on a missing API key before anything is written
     count = 1 if single else (forks or project.config.planner.forks)
     plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count)

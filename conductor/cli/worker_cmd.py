@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 
 import click
 
@@ -35,11 +34,15 @@ def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds,
         heartbeat_seconds=heartbeat_seconds or config.heartbeat_seconds,
         max_attempts=config.max_attempts, poll_seconds=config.poll_seconds, plan_id=plan_id,
     )
+    if settings.heartbeat_seconds >= settings.lease_seconds:
+        raise click.BadParameter(
+            f"heartbeat ({settings.heartbeat_seconds} s) must be shorter than the lease ({settings.lease_seconds} s)",
+            param_hint="--heartbeat-seconds/--lease-seconds",
+        )
     runner = CommandRunner(command, layout=project.layout)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     work = Worker(project.layout, runner, settings, ignore=list(project.config.workspace.ignore))
-    done = work.run(burst=burst, stop=stop, max_tasks=max_tasks)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: work.request_stop())
+    done = work.run(burst=burst, max_tasks=max_tasks)
     click.echo(f"worker {work.holder}: {done} task(s) run", err=True)
     return 0

@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 from conductor import __version__
 from conductor.blobs import BlobStore
 from conductor.canonical import sha256_hex
-from conductor.errors import ConductorError, LeaseLost, UnsafePath
+from conductor.errors import ConductorError, IntegrityError, LeaseLost, UnsafePath
 from conductor.handoff.complete import complete_task
 from conductor.handoff.documents import sealed_bytes
 from conductor.handoff.lease import Claim, EventSink, _no_events, renew_lease
@@ -76,6 +76,10 @@ class _Heartbeat(threading.Thread):
             except LeaseLost as exc:
                 self.lost = exc
                 return
+            except IntegrityError as exc:  # the task file was altered under us
+                self.lost = LeaseLost(f"{self.claim.task.task_id}: {exc}")
+                self.lost.__cause__ = exc
+                return
 
 
 def execute_claim(
@@ -112,18 +116,26 @@ def execute_claim(
                                               ErrorInfo(kind="workspace_error", message=str(exc))), [], started, on_event)
     heartbeat = _Heartbeat(claim, interval=heartbeat_seconds, lease_seconds=lease_seconds)
     heartbeat.start()
+    stop_seen = threading.Event()
+
+    def should_stop() -> bool:
+        if stop is not None and stop.is_set():
+            stop_seen.set()  # only work the runner gave up on is released, never finished work
+            return True
+        return heartbeat.lost is not None
+
     try:
-        outcome = runner.run(task, workspace, lambda: heartbeat.lost is not None or (stop is not None and stop.is_set()))
+        outcome = runner.run(task, workspace, should_stop)
     except ConductorError as exc:
         kind = type(exc).__name__
         outcome = Outcome("failed", f"{kind}: {exc}", f"The executor failed: {exc}", ErrorInfo(kind=kind, message=str(exc)))
     finally:
         heartbeat.stopped.set()
         heartbeat.join()
-    if heartbeat.lost is not None:
+    if heartbeat.lost is not None and not isinstance(heartbeat.lost.__cause__, IntegrityError):
         on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(heartbeat.lost)})
         return None
-    if stop is not None and stop.is_set():
+    if stop_seen.is_set():
         _release(claim, prepare_retry, on_event)
         return None
     changes = diff(before, snapshot(workspace, ignore=ignore), before_store=store, after_root=workspace)
@@ -132,6 +144,19 @@ def execute_claim(
     except LeaseLost as exc:
         on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(exc)})
         return None
+    except IntegrityError as exc:  # the task file was altered while it ran: fail it, never the executor
+        _reject_altered(claim, exc, runner, on_event)
+        return None
+
+
+def _reject_altered(claim: Claim, exc: IntegrityError, runner: StepRunner, on_event: EventSink) -> None:
+    from conductor.handoff.lease import fork_lock, reject_task_file
+
+    with fork_lock(claim.fork):
+        if claim.task_path.exists():
+            reject_task_file(claim.fork, claim.task.task_id, claim.task_path, exc, holder=runner.info.id,
+                             on_event=on_event)
+            claim.fork.lease_file(claim.task.task_id).unlink(missing_ok=True)
 
 
 def _release(claim: Claim, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink) -> None:

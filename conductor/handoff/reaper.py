@@ -17,7 +17,7 @@ from conductor.errors import IntegrityError, StateConflict
 from conductor.fsutil import durable_rename
 from conductor.handoff.documents import read_document, write_document
 from conductor.handoff.lease import HOST, EventSink, _no_events, fork_lock, read_lease, reject_task_file
-from conductor.layout import ForkLayout
+from conductor.layout import PARKED_SUFFIX, STATES, ForkLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, parse_time, utc_now
 
 
@@ -113,9 +113,6 @@ def _reap_one(
     return Reaped(task_id, task.attempt, "requeued", holder)
 
 
-PARKED_SUFFIX = ".requeue"
-
-
 def requeue_task(
     fork: ForkLayout,
     task: Task,
@@ -148,7 +145,8 @@ def requeue_task(
 def _publish_retry(
     fork: ForkLayout, task: Task, *, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink, reason: str
 ) -> Task:
-    found = fork.find_task(task.task_id)
+    found = next(((state, fork.task_file(state, task.task_id)) for state in STATES
+                  if fork.task_file(state, task.task_id).exists()), None)
     if found is not None:  # a requeue that crashed after publishing: the retry is out already
         try:
             existing = read_document(found[1], Task)
@@ -161,7 +159,10 @@ def _publish_retry(
     retry = task.model_copy(update={"attempt": task.attempt + 1, "created_at": utc_now()})
     if prepare_retry is not None:
         retry = prepare_retry(retry)
-    retry = write_document(fork.task_file("pending", task.task_id), retry, exclusive=True)
+    try:
+        retry = write_document(fork.task_file("pending", task.task_id), retry, exclusive=True)
+    except FileExistsError as exc:
+        raise StateConflict(f"{task.task_id}: another task file appeared in pending/ during its re-queue") from exc
     on_event("task.published", {"step_id": task.task_id, "attempt": retry.attempt, "checksum": retry.checksum,
                                 "reason": reason})
     return retry

@@ -318,10 +318,6 @@ class _ScriptedRunner:
         return Outcome("completed", "finished on its own", "finished on its own")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: execute_claim releases the task whenever stop is set after the runner returns, even when the "
-    "runner finished on its own: the finished work is discarded and the task runs again as attempt 2"
-))
 def test_a_stop_request_after_the_work_finished_does_not_discard_it(project: Handoff) -> None:
     project.publish("step_001")
     claim = _claim(project)
@@ -334,11 +330,6 @@ def test_a_stop_request_after_the_work_finished_does_not_discard_it(project: Han
     assert project.where()["completed"] == ["step_001"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an in-progress task file edited while its command runs makes complete_task's assert_holder raise "
-    "ChecksumMismatch, which execute_claim does not handle: it escapes Worker.run and the worker exits (code 5) instead of "
-    "failing the task with checksum_mismatch"
-))
 def test_a_task_file_tampered_with_during_execution_fails_the_task_not_the_worker(project: Handoff) -> None:
     project.publish("step_001")
     claim = _claim(project)

@@ -415,11 +415,6 @@ def test_a_requeue_interrupted_after_parking_is_finished_by_the_next_worker(
     assert handoff.files_in("in_progress") == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: while requeue_task has parked in_progress/<step>.task.json.requeue and not yet published the retry, "
-    "find_task sees the step in no folder, so publish_task (the engine's, which takes no fork lock) publishes "
-    "attempt 1 again; requeue_task's exclusive publish then raises FileExistsError out of reap_expired"
-))
 def test_a_task_being_requeued_is_never_invisible(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> None:
     handoff.publish("step_001")
     claim = _claim(handoff)

@@ -221,7 +221,7 @@ def test_a_watching_worker_picks_up_a_task_published_later_then_stops_on_sigterm
         assert worker.poll() is None
 
         worker.send_signal(signal.SIGTERM)
-        code = worker.wait(timeout=15)  # not below poll_seconds: see the xfail test below
+        code = worker.wait(timeout=15)
     finally:
         stop_process(worker)
 
@@ -232,10 +232,6 @@ def test_a_watching_worker_picks_up_a_task_published_later_then_stops_on_sigterm
     assert log.read_text().splitlines() == ["step_001", "step_002"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: SIGTERM only sets the stop event; an idle watch-mode worker sleeps in FolderWatcher.wait("
-    "poll_seconds) and exits only when that wait ends (up to executor.poll_seconds later)"
-))
 @pytest.mark.timeout(90)
 def test_an_idle_watching_worker_stops_promptly_on_sigterm(tmp_path: Path, handoff: Handoff) -> None:
     log = tmp_path / "executed.log"
