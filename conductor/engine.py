@@ -29,7 +29,7 @@ from conductor.handoff.publish import publish_task
 from conductor.handoff.reaper import reap_expired
 from conductor.handoff.watcher import FolderWatcher
 from conductor.layout import VERDICT_SUFFIX, ForkLayout, ProjectLayout
-from conductor.models import Event, ForkSpec, Plan, PolicyLayer, StepSpec, Task, utc_now
+from conductor.models import Confidence, Event, ForkSpec, Plan, PolicyLayer, StepSpec, Task, utc_now
 from conductor.plan_store import ensure_forks, fork_log, plan_log
 from conductor.policy import MergedPolicy, merge_policies
 from conductor.ranking import ForkEvidence, apply_winner, fork_changes, fork_checks, fork_tokens, rank
@@ -171,10 +171,14 @@ class Engine:
 
     def _publish(self, view: _ForkView, step: StepSpec) -> str:
         policy = self.merged_policy(step)
-        accepted, total = read_history(self.layout.history_file, self._executor_kind())
-        confidence = score_step(estimate=step.confidence_estimate, allowed_files=step.allowed_files,
-                                accepted=accepted, total=total)
-        if not view.has("confidence.scored", step_id=step.step_id):
+        scored = view.last("confidence.scored", step_id=step.step_id)
+        if scored is not None:  # scored once: an approved step runs with the confidence it was approved at
+            confidence = Confidence.model_validate({k: v for k, v in scored.data.items() if k != "step_id"})
+        else:
+            accepted, total = read_history(self.layout.history_file, self._executor_kind())
+            confidence = score_step(estimate=step.confidence_estimate, allowed_files=step.allowed_files,
+                                    accepted=accepted, total=total)
+        if scored is None:
             view.append("confidence.scored", {"step_id": step.step_id, **confidence.model_dump(mode="json")})
             view.append("policy.merged", {"step_id": step.step_id, "effective": policy.effective.model_dump(mode="json"),
                                           "sources": policy.sources, "notes": policy.notes, "digest": policy.digest})
@@ -232,6 +236,7 @@ class Engine:
         verdict = verify_step(
             self.layout, view.fork, step.step_id,
             published_checksum=published.data.get("checksum") if published else None,
+            published_attempt=attempt,
             policy=self.merged_policy(step),
             confidence_level=scored.data.get("level", "high") if scored else "high",
             settings=self._verify_settings,
@@ -269,6 +274,12 @@ class Engine:
         elif values <= {ACCEPTED, FAILED, BLOCKED} and FAILED in values:
             failed = [s for s, v in states.items() if v == FAILED]
             view.append("fork.finished", {"fork_id": view.spec.fork_id, "status": "failed", "failed_steps": failed})
+            # Steps the executor itself failed (or whose lease ran out) never reached the verifier: they
+            # count in the confidence history too, or the success rate would only ever see verdicts.
+            for step_id in failed:
+                if not view.has("step.verified", step_id=step_id):
+                    record_outcome(self.layout.history_file, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id,
+                                   step_id=step_id, executor=self._executor_kind(), accepted=False)
 
     # --- the loop -------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ def verify_step(
     task_id: str,
     *,
     published_checksum: str | None,
+    published_attempt: int = 1,
     policy: MergedPolicy,
     confidence_level: str,
     settings: VerifySettings,
@@ -63,6 +64,7 @@ def verify_step(
 
     Args:
         published_checksum: the checksum the engine published for this attempt (from the audit log).
+        published_attempt: that attempt's number (used when the task file itself cannot be read).
         policy: the step's merged policy now.
         confidence_level: "medium" adds the check that the executor's reported files match the truth.
 
@@ -73,7 +75,7 @@ def verify_step(
     try:
         task = read_document(task_path, Task)
     except IntegrityError as exc:
-        return _reject_early(fork, task_id, 1, f"checksum_mismatch: {exc}", policy)
+        return _reject_early(fork, task_id, published_attempt, f"checksum_mismatch: {exc}", policy)
     if published_checksum is not None and task.checksum != published_checksum:
         return _reject_early(fork, task_id, task.attempt,
                              f"checksum_mismatch: task file is not the one published ({published_checksum})", policy)
@@ -81,9 +83,14 @@ def verify_step(
         result = read_document(fork.sidecar("completed", task_id, RESULT_SUFFIX), Result)
     except (FileNotFoundError, IntegrityError) as exc:
         return _reject_early(fork, task_id, task.attempt, f"invalid_result: {exc}", policy)
-    if (result.attempt, result.task_checksum) != (task.attempt, task.checksum):
+    mismatched = [name for name, got, want in (
+        ("task_id", result.task_id, task.task_id), ("plan_id", result.plan_id, task.plan_id),
+        ("fork_id", result.fork_id, task.fork_id), ("attempt", result.attempt, task.attempt),
+        ("fencing_token", result.fencing_token, task.attempt), ("task_checksum", result.task_checksum, task.checksum),
+    ) if got != want]
+    if mismatched:
         return _reject_early(fork, task_id, task.attempt,
-                             "result_mismatch: the result names another attempt or task checksum", policy)
+                             f"result_mismatch: the result's {', '.join(mismatched)} do not match the task", policy)
     try:
         workspace = task_workspace(layout, task)
         base = read_base(workspace)

@@ -21,7 +21,7 @@ def init(name, directory, as_json) -> int:  # type: ignore[no-untyped-def]
 
     project = init_project(directory, name)
     if as_json:
-        echo_json({"root": str(project.root), "created": list(project.created)})
+        echo_json({"root": str(project.root.resolve()), "created": list(project.created)})
         return 0
     if project.created:
         click.echo(f"initialised {project.root}")

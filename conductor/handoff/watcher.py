@@ -7,6 +7,7 @@ fallback poll covers any missed event.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,5 +69,19 @@ class FolderWatcher:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._observer is not None:
+            _quiet_shutdown_race()
             self._observer.stop()
             self._observer.join(timeout=5)
+
+
+def _quiet_shutdown_race() -> None:
+    """watchdog's inotify emitter logs an error when a read returns after the observer stopped; the event
+    is simply dropped, so the message (printed by logging's last-resort handler) is noise."""
+    logger = logging.getLogger("watchdog.observers.inotify")
+    if not any(isinstance(f, _DropInactiveEmitter) for f in logger.filters):
+        logger.addFilter(_DropInactiveEmitter())
+
+
+class _DropInactiveEmitter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
