@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conductor.errors import ChecksumMismatch, NotFound
-from conductor.fsutil import TEMP_PREFIX, fsync_dir
+from conductor.fsutil import TEMP_PREFIX, file_sha256, fsync_dir, write_all
 
 ALGORITHM = "sha256"
 BLOB_MODE = 0o444
@@ -53,7 +53,7 @@ class BlobStore:
         if not self.has(hexdigest):
 
             def write(fd: int) -> str:
-                _write_all(fd, data)
+                write_all(fd, data)
                 return hexdigest
 
             self._publish(write)
@@ -69,7 +69,7 @@ class BlobStore:
         Raises:
             OSError: ``path`` cannot be read, or the store cannot be written.
         """
-        hexdigest = _hash_file(path)
+        hexdigest = file_sha256(path, chunk_bytes=CHUNK_SIZE)
         if self.has(hexdigest):
             return hexdigest
         return self._publish(lambda fd: _copy_hashing(path, fd))
@@ -127,24 +127,10 @@ def _make_dirs(directory: Path) -> None:
     fsync_dir(directory.parent)  # the new folder's name must survive a crash too
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _hash_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as source:
-        while chunk := source.read(CHUNK_SIZE):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def _copy_hashing(path: Path, fd: int) -> str:
     hasher = hashlib.sha256()
     with open(path, "rb") as source:
         while chunk := source.read(CHUNK_SIZE):
             hasher.update(chunk)
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
     return hasher.hexdigest()

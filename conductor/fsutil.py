@@ -7,6 +7,7 @@ directory, so a recovery pass can find and delete them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -23,14 +24,28 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(target: Path, data: bytes) -> Path:
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """Lowercase hex SHA-256 of a file's content, read in chunks of ``chunk_bytes``."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(chunk_bytes):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
     temp = target.parent / f"{TEMP_PREFIX}{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        write_all(fd, data)
+        os.fchmod(fd, mode)  # before the rename, whatever the umask: no reader sees a wrong mode
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -40,14 +55,16 @@ def _write_temp(target: Path, data: bytes) -> Path:
     return temp
 
 
-def atomic_write(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``target`` with ``data`` atomically and durably (temp + fsync + rename + dir fsync).
+
+    ``mode`` (permission bits) is set on the file before it becomes visible.
 
     Raises:
         OSError: on any write, fsync or rename failure (fsync errors are not retried: after a failed
             fsync the page cache state is unknown).
     """
-    temp = _write_temp(target, data)
+    temp = _write_temp(target, data, mode)
     try:
         os.replace(temp, target)
     except BaseException:

@@ -19,7 +19,7 @@ from conductor.attempts import read_base
 from conductor.blobs import BlobStore
 from conductor.errors import IntegrityError, MergeConflict, UnsafePath
 from conductor.executors.base import task_workspace
-from conductor.fsutil import durable_rename
+from conductor.fsutil import durable_rename, file_sha256
 from conductor.handoff.documents import read_document, write_document
 from conductor.layout import (
     EXPLANATION_SUFFIX,
@@ -151,7 +151,7 @@ def _current_digest(path: Path) -> str | None:
     if path.is_symlink():
         return hashlib.sha256(os.readlink(path).encode("utf-8", errors="surrogateescape")).hexdigest()
     if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     return None
 
 

@@ -23,7 +23,7 @@ import pathspec
 
 from conductor.blobs import BlobStore
 from conductor.errors import ChecksumMismatch, InvalidDocument, MergeConflict, UnsafePath
-from conductor.fsutil import TEMP_PREFIX, fsync_dir
+from conductor.fsutil import TEMP_PREFIX, atomic_write, file_sha256, fsync_dir
 from conductor.models import FileChange
 from conductor.paths import check_relpath, resolve_inside
 
@@ -31,7 +31,6 @@ ALWAYS_EXCLUDED = (".conductor",)
 SNAPSHOT_SCHEMA = "conductor.snapshot/v1"
 SYMLINK_MODE = 0o777
 BINARY_SNIFF_BYTES = 8192
-_CHUNK = 1 << 20
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -142,16 +141,8 @@ def _entry(path: Path, st: os.stat_result, store: BlobStore | None) -> Entry:
         target = os.fsencode(os.readlink(path))
         digest = store.put_bytes(target) if store else hashlib.sha256(target).hexdigest()
         return Entry("symlink", SYMLINK_MODE, digest, len(target))
-    digest = store.put_file(path) if store else _hash_file(path)
+    digest = store.put_file(path) if store else file_sha256(path)
     return Entry("file", stat.S_IMODE(st.st_mode), digest, st.st_size)
-
-
-def _hash_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as source:
-        while chunk := source.read(_CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def snapshot_to_document(s: Snapshot) -> dict[str, Any]:
@@ -509,33 +500,17 @@ def _write(dst_root: Path, rel: str, data: bytes, mode: int | None) -> None:
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)  # holds only empty folders once this change set's deletions ran (checked)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if mode is not None:
+        atomic_write(target, data, mode=mode)
+        return
     temp = target.parent / f"{TEMP_PREFIX}{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    if mode is None:
-        os.symlink(os.fsdecode(data), temp)
-    else:
-        _write_temp_file(temp, data, mode)
+    os.symlink(os.fsdecode(data), temp)
     try:
         os.replace(temp, target)  # rename(2) replaces a symlink itself, never what it points to
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
-
-
-def _write_temp_file(temp: Path, data: bytes, mode: int) -> None:
-    # Like fsutil.atomic_write, but the mode is set before the rename, so no reader sees a wrong one.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
 
 
 # --- path safety --------------------------------------------------------------------------------
