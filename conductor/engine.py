@@ -73,12 +73,13 @@ class _ForkView:
         self.log = fork_log(layout, plan.plan_id, spec.fork_id)
         self.events: list[Event] = self.log.events()
 
-    def has(self, type_: str, **match: object) -> bool:
-        return any(e.type == type_ and all(e.data.get(k) == v for k, v in match.items()) for e in self.events)
-
     def last(self, type_: str, **match: object) -> Event | None:
-        found = [e for e in self.events if e.type == type_ and all(e.data.get(k) == v for k, v in match.items())]
-        return found[-1] if found else None
+        """The newest event of ``type_`` whose data holds every ``match`` item, or None."""
+        return next((e for e in reversed(self.events)
+                     if e.type == type_ and all(e.data.get(k) == v for k, v in match.items())), None)
+
+    def has(self, type_: str, **match: object) -> bool:
+        return self.last(type_, **match) is not None
 
     def append(self, type_: str, data: dict) -> None:
         self.events.append(self.log.append(type_, data))
@@ -262,8 +263,8 @@ class Engine:
         return FAILED
 
     def _completed_attempt(self, view: _ForkView, step: StepSpec) -> int:
-        published = [e for e in view.events if e.type == "task.published" and e.data.get("step_id") == step.step_id]
-        return int(published[-1].data.get("attempt", 1)) if published else 1
+        published = view.last("task.published", step_id=step.step_id)
+        return int(published.data.get("attempt", 1)) if published else 1
 
     def _finish_fork(self, view: _ForkView, states: dict[str, str]) -> None:
         if view.has("fork.finished"):

@@ -19,7 +19,16 @@ from conductor.canonical import sha256_hex
 from conductor.errors import ConductorError, IntegrityError, LeaseLost, UnsafePath
 from conductor.handoff.complete import complete_task
 from conductor.handoff.documents import sealed_bytes
-from conductor.handoff.lease import Claim, EventSink, _no_events, renew_lease
+from conductor.handoff.lease import (
+    Claim,
+    EventSink,
+    _no_events,
+    assert_holder,
+    fork_lock,
+    reject_task_file,
+    renew_lease,
+)
+from conductor.handoff.reaper import requeue_task
 from conductor.layout import ProjectLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Result, Task, Usage, utc_now
 from conductor.provenance import build_statement, statement_bytes
@@ -150,8 +159,6 @@ def execute_claim(
 
 
 def _reject_altered(claim: Claim, exc: IntegrityError, runner: StepRunner, on_event: EventSink) -> None:
-    from conductor.handoff.lease import fork_lock, reject_task_file
-
     with fork_lock(claim.fork):
         if claim.task_path.exists():
             reject_task_file(claim.fork, claim.task.task_id, claim.task_path, exc, holder=runner.info.id,
@@ -160,9 +167,6 @@ def _reject_altered(claim: Claim, exc: IntegrityError, runner: StepRunner, on_ev
 
 
 def _release(claim: Claim, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink) -> None:
-    from conductor.handoff.lease import assert_holder, fork_lock
-    from conductor.handoff.reaper import requeue_task
-
     with fork_lock(claim.fork):
         try:
             assert_holder(claim)

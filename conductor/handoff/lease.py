@@ -19,8 +19,9 @@ from typing import Any, Iterator
 from filelock import FileLock
 from pydantic import ValidationError
 
-from conductor.canonical import compute_checksum, strict_loads
-from conductor.errors import ConductorError, IntegrityError, LeaseLost
+from conductor.canonical import compute_checksum, sha256_hex, strict_loads
+from conductor.errors import ChecksumMismatch, ConductorError, IntegrityError, InvalidDocument, LeaseLost
+from conductor.fsutil import durable_rename
 from conductor.handoff.documents import read_document, write_document
 from conductor.layout import ForkLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, utc_now
@@ -112,8 +113,6 @@ def claim_task(
 
 
 def _check_identity(fork: ForkLayout, task_id: str, task: Task) -> None:
-    from conductor.errors import InvalidDocument
-
     if (task.task_id, task.plan_id, task.fork_id) != (task_id, fork.plan_id, fork.fork_id):
         raise InvalidDocument(
             f"task file {task_id} names {task.plan_id}/{task.fork_id}/{task.task_id}, "
@@ -129,9 +128,6 @@ def reject_task_file(
     The result is written first and the task file moved last (the commit point), so a crash in between
     leaves the task where it was.
     """
-    from conductor.errors import ChecksumMismatch
-    from conductor.fsutil import durable_rename
-
     kind = "checksum_mismatch" if isinstance(exc, ChecksumMismatch) else "invalid_task"
     attempt, seen_checksum = _salvage(path)
     now = utc_now()
@@ -160,18 +156,20 @@ def reject_task_file(
 
 def _salvage(path: Path) -> tuple[int, str]:
     """Best-effort attempt number and content checksum of a task file that failed validation."""
+    data = path.read_bytes()
     try:
-        document = strict_loads(path.read_bytes())
-        attempt = document.get("attempt") if isinstance(document, dict) else None
-        checksum = compute_checksum(document) if isinstance(document, dict) else None
-    except Exception:  # the file is garbage: any parse error leads to the fallback values
-        attempt, checksum = None, None
-    if checksum is None:
-        import hashlib
-
-        checksum = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    valid_attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1 else 1
-    return valid_attempt, checksum
+        document = strict_loads(data)
+    except InvalidDocument:
+        document = None
+    if not isinstance(document, dict):
+        return 1, "sha256:" + sha256_hex(data)
+    try:
+        checksum = compute_checksum(document)
+    except InvalidDocument:  # parses, but holds values JCS cannot express
+        checksum = "sha256:" + sha256_hex(data)
+    attempt = document.get("attempt")
+    valid = isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1
+    return (attempt if valid else 1), checksum
 
 
 def read_lease(fork: ForkLayout, task_id: str) -> Lease | None:
