@@ -72,6 +72,14 @@ class AuditChainError(IntegrityError):
     """The hash chain of an audit log is broken."""
 
 
+class SignatureError(IntegrityError):
+    """A signature does not verify, is missing where one is required, or comes from an untrusted key."""
+
+
+class KeyFileError(ConfigError):
+    """A signing or public key file is missing, malformed, or readable by others (mode looser than 0600)."""
+
+
 class BackendError(ConductorError):
     """An LLM provider failed, timed out, or returned output that does not parse."""
 

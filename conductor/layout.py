@@ -3,8 +3,10 @@
 ::
 
     .conductor/
-      config.yaml  policy.yaml  keys/
+      config.yaml  policy.yaml  keys/signing.key  keys/signing.pub
       objects/sha256/ab/cdef…        content-addressed blobs (workspace snapshots)
+      recordings/ab/cdef….json       recorded LLM requests and responses, by request hash
+      checkpoints/plan_<plan>/<log>/000001.note   signed audit checkpoints (where executors do not write)
       handoff/
         metrics.json
         plan_<plan>/
@@ -68,6 +70,15 @@ class ProjectLayout:
     @property
     def keys_dir(self) -> Path:
         return self.conductor_dir / "keys"
+
+    @property
+    def recordings_dir(self) -> Path:
+        """Recorded LLM calls, one file per request hash (see ``conductor.llm.recording``)."""
+        return self.conductor_dir / "recordings"
+
+    def checkpoint_dir(self, plan_id: str, log_label: str) -> Path:
+        """Signed checkpoints of one audit log; ``log_label`` is ``"plan"`` or ``"fork_<id>"``."""
+        return self.conductor_dir / "checkpoints" / f"plan_{plan_id}" / log_label
 
     @property
     def objects_dir(self) -> Path:
