@@ -20,19 +20,38 @@ from dataclasses import dataclass, field
 
 from conductor.attempts import create_attempt_workspace, prepare_retry
 from conductor.audit import AuditLog
-from conductor.config import Config
 from conductor.confidence import read_history, record_outcome, score_step
+from conductor.config import Config
 from conductor.errors import MergeConflict
 from conductor.executors.base import StepRunner, execute_claim
+from conductor.handoff.documents import read_document
 from conductor.handoff.lease import claim_task, holder_name
 from conductor.handoff.publish import publish_task
 from conductor.handoff.reaper import reap_expired
 from conductor.handoff.watcher import FolderWatcher
 from conductor.layout import VERDICT_SUFFIX, ForkLayout, ProjectLayout
-from conductor.models import Confidence, Event, ForkSpec, Plan, PolicyLayer, StepSpec, Task, utc_now
+from conductor.models import (
+    Confidence,
+    Event,
+    ForkSpec,
+    Plan,
+    PolicyLayer,
+    StepSpec,
+    Task,
+    Verdict,
+    utc_now,
+)
 from conductor.plan_store import ensure_forks, fork_log, plan_log
 from conductor.policy import MergedPolicy, merge_policies
-from conductor.ranking import ForkEvidence, apply_winner, fork_changes, fork_checks, fork_tokens, rank
+from conductor.ranking import (
+    ForkEvidence,
+    apply_winner,
+    fork_changes,
+    fork_checks,
+    fork_tokens,
+    rank,
+)
+from conductor.snapshots import record_workspace
 from conductor.verifier import VerifySettings, verify_step
 from conductor.workspace import diff_lines
 
@@ -72,6 +91,9 @@ class _ForkView:
         self.fork: ForkLayout = layout.fork(plan.plan_id, spec.fork_id)
         self.log = fork_log(layout, plan.plan_id, spec.fork_id)
         self.events: list[Event] = self.log.events()
+        created = self.last("fork.created")
+        # Steps a fork made by `fork --from` took over from its parent: done, never run again here.
+        self.reused: set[str] = set(created.data.get("reused_steps", [])) if created else set()
 
     def last(self, type_: str, **match: object) -> Event | None:
         """The newest event of ``type_`` whose data holds every ``match`` item, or None."""
@@ -146,6 +168,8 @@ class Engine:
             state = self._state_of(view, step, states)
             if state == COMPLETED:
                 state = self._verify(view, step)
+            elif state in (ACCEPTED, FAILED):
+                self._log_unlogged_verdict(view, step, state)
             if state == WAITING and all(states.get(d) == ACCEPTED for d in step.depends_on):
                 state = self._publish(view, step)
             if state == PENDING:
@@ -156,6 +180,8 @@ class Engine:
 
     def _state_of(self, view: _ForkView, step: StepSpec, states: dict[str, str]) -> str:
         found = view.fork.find_task(step.step_id)
+        if found is None and step.step_id in view.reused:
+            return ACCEPTED
         if found is None:
             if any(states.get(d) in (FAILED, BLOCKED) for d in step.depends_on):
                 return BLOCKED
@@ -242,6 +268,21 @@ class Engine:
             confidence_level=scored.data.get("level", "high") if scored else "high",
             settings=self._verify_settings,
         )
+        return self._log_verdict(view, step, verdict)
+
+    def _log_unlogged_verdict(self, view: _ForkView, step: StepSpec, state: str) -> None:
+        """Log a verdict written just before a crash (the verdict file is written before its events)."""
+        if step.step_id in view.reused:
+            return
+        folder = "completed" if state == ACCEPTED else "failed"
+        path = view.fork.sidecar(folder, step.step_id, VERDICT_SUFFIX)
+        if not path.exists():
+            return
+        verdict = read_document(path, Verdict)
+        if not view.has("step.verified", step_id=step.step_id, attempt=verdict.attempt):
+            self._log_verdict(view, step, verdict)
+
+    def _log_verdict(self, view: _ForkView, step: StepSpec, verdict: Verdict) -> str:
         view.append("step.verified", {
             "step_id": step.step_id, "attempt": verdict.attempt, "accepted": verdict.accepted,
             "reasons": verdict.reasons, "diff_lines": verdict.diff_lines,
@@ -255,8 +296,9 @@ class Engine:
         record_outcome(self.layout.history_file, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id,
                        step_id=step.step_id, executor=executor, accepted=verdict.accepted)
         if verdict.accepted:
+            snapshot_id = record_workspace(self.layout, view.fork.workspace, ignore=self.ignore)
             view.append("step.merged", {"step_id": step.step_id, "attempt": verdict.attempt,
-                                        "files": [c.path for c in verdict.files_changed]})
+                                        "files": [c.path for c in verdict.files_changed], "workspace": snapshot_id})
             return ACCEPTED
         view.append("task.failed", {"step_id": step.step_id, "attempt": verdict.attempt,
                                     "reason": "verification_rejected", "message": "; ".join(verdict.reasons)})
@@ -331,9 +373,12 @@ class Engine:
         self.plan_log.append("plan.ranked", {"ranking": [e.to_dict() for e in ranking]})
         report = RunReport(self.plan.plan_id, "failed", ranking=ranking)
         winner = ranking[0]
+        applied = next((e for e in reversed(self.plan_log.events()) if e.type == "plan.applied"), None)
         if winner.status == "succeeded" and winner.checks_passed:
             report.status = "succeeded"
-            if self.options.apply:
+            if applied is not None:  # a plan is applied once; later forks (fork --from) are ranked only
+                report.message = f"fork {applied.data.get('fork_id')} was applied earlier; nothing applied now"
+            elif self.options.apply:
                 self._apply(winner.fork_id, report)
         else:
             report.message = "no fork was fully verified"
@@ -359,7 +404,7 @@ class Engine:
         view = _ForkView(self.layout, self.plan, spec)
         finished = view.last("fork.finished")
         status = finished.data.get("status", "failed") if finished else "failed"
-        verified = sum(1 for s in spec.steps if view.has("step.merged", step_id=s.step_id))
+        verified = sum(1 for s in spec.steps if s.step_id in view.reused or view.has("step.merged", step_id=s.step_id))
         changes = fork_changes(self.layout, self.plan.plan_id, spec.fork_id, ignore=self.ignore)
         checks = status == "succeeded" and fork_checks(
             self.layout, self.plan.plan_id, spec.fork_id, view.log,

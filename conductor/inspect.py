@@ -18,7 +18,6 @@ from conductor.layout import (
 )
 from conductor.models import Event
 from conductor.plan_store import fork_log, load_plan, plan_log
-from conductor.runtime import audit_logs
 
 
 def _safe_events(log: Any) -> list[Event]:
@@ -91,19 +90,25 @@ def list_events(
         types: event types or prefixes (``task`` matches ``task.claimed``…); empty = all.
 
     Returns:
-        ``[{"log", "seq", "ts", "type", "data"}]`` sorted by time.
+        ``[{"index", "log", "seq", "ts", "type", "data"}]`` in timeline order; ``index`` is the event's
+        position in the plan's merged timeline (what ``conductor replay --to`` takes), ``log`` is
+        ``"plan"`` or ``"fork <id>"``.
     """
+    from conductor.replay import timeline
+
     rows = []
-    for label, log in audit_logs(layout, plan_id):
-        if fork_id is not None and label != f"fork {fork_id}":
+    for entry in timeline(layout, load_plan(layout, plan_id)):
+        event = entry.event
+        if fork_id is not None and entry.log != fork_id:
             continue
-        for event in log.events():
-            if step_id is not None and event.data.get("step_id") != step_id:
-                continue
-            if types and not any(event.type == t or event.type.startswith(t + ".") for t in types):
-                continue
-            rows.append({"log": label, "seq": event.seq, "ts": event.ts, "type": event.type, "data": event.data})
-    return sorted(rows, key=lambda r: (r["ts"], r["log"], r["seq"]))
+        if step_id is not None and event.data.get("step_id") != step_id:
+            continue
+        if types and not any(event.type == t or event.type.startswith(t + ".") for t in types):
+            continue
+        label = "plan" if entry.log == "plan" else f"fork {entry.log}"
+        rows.append({"index": entry.index, "log": label, "seq": event.seq, "ts": event.ts, "type": event.type,
+                     "data": event.data})
+    return rows
 
 
 def _read_json(path: Any) -> Any:

@@ -12,15 +12,23 @@ import shutil
 from conductor.audit import AuditLog
 from conductor.blobs import BlobStore
 from conductor.canonical import pretty_bytes, strict_loads
-from conductor.errors import NotFound
+from conductor.errors import NotFound, StateConflict
 from conductor.fsutil import atomic_write
 from conductor.handoff.documents import read_document, write_document
 from conductor.handoff.publish import ensure_fork_dirs
 from conductor.layout import ProjectLayout
-from conductor.models import Plan
-from conductor.workspace import Snapshot, copy_tree, snapshot, snapshot_from_document, snapshot_to_document
+from conductor.models import ForkRecord, Plan
+from conductor.snapshots import restore_workspace
+from conductor.workspace import (
+    Snapshot,
+    copy_tree,
+    snapshot,
+    snapshot_from_document,
+    snapshot_to_document,
+)
 
 BASE_SNAPSHOT = "base.snapshot.json"
+FORK_RECORD = "fork.json"
 
 
 def plan_log(layout: ProjectLayout, plan_id: str) -> AuditLog:
@@ -54,16 +62,51 @@ def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Plan
 
 
 def load_plan(layout: ProjectLayout, plan_id: str) -> Plan:
-    """Read ``plan.json`` strictly (checksum verified).
+    """Read ``plan.json`` strictly (checksum verified), with the forks added later by ``fork --from``.
+
+    Returns:
+        The plan; its ``checksum`` is that of ``plan.json``, its ``forks`` are the planned ones followed
+        by the recorded ones in fork-id order.
 
     Raises:
         NotFound: no such plan.
-        IntegrityError: the file was altered or is malformed.
+        IntegrityError: ``plan.json`` or a ``fork.json`` was altered or is malformed.
     """
     path = layout.plan_dir(plan_id) / "plan.json"
     if not path.is_file():
         raise NotFound(f"no plan {plan_id!r} (known: {', '.join(layout.plan_ids()) or 'none'})")
-    return read_document(path, Plan)
+    plan = read_document(path, Plan)
+    added = [record.fork for record in fork_records(layout, plan_id).values()]
+    if not added:
+        return plan
+    return plan.model_copy(update={"forks": [*plan.forks, *added]})
+
+
+def fork_records(layout: ProjectLayout, plan_id: str) -> dict[str, ForkRecord]:
+    """Fork id → record of every fork added to the plan after planning, in numeric id order.
+
+    Raises:
+        IntegrityError: a ``fork.json`` was altered or is malformed.
+    """
+    records = {}
+    for path in layout.plan_dir(plan_id).glob(f"fork_*/{FORK_RECORD}"):
+        record = read_document(path, ForkRecord)
+        records[record.fork.fork_id] = record
+    return dict(sorted(records.items(), key=lambda item: (len(item[0]), item[0])))
+
+
+def add_fork(layout: ProjectLayout, record: ForkRecord) -> ForkRecord:
+    """Write the record of a new fork (never overwriting one); its workspace is made by ``ensure_forks``.
+
+    Raises:
+        StateConflict: a fork with that id exists already.
+    """
+    fork = layout.fork(record.plan_id, record.fork.fork_id)
+    try:
+        fork.dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise StateConflict(f"fork {record.fork.fork_id} of plan {record.plan_id} exists already") from None
+    return write_document(fork.dir / FORK_RECORD, record, exclusive=True)
 
 
 def load_base(layout: ProjectLayout, plan_id: str) -> Snapshot:
@@ -73,7 +116,13 @@ def load_base(layout: ProjectLayout, plan_id: str) -> Snapshot:
 
 
 def ensure_forks(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> None:
-    """Create each fork's folders and workspace copy, unless its ``fork.created`` event says it is done."""
+    """Create each fork's folders and workspace copy, unless its ``fork.created`` event says it is done.
+
+    A planned fork starts from a copy of the project; a fork added by ``fork --from`` starts from the
+    workspace snapshot recorded after its parent's step, and its ``fork.created`` event links to the
+    parent's ``step.merged`` event.
+    """
+    records = fork_records(layout, plan.plan_id)
     for spec in plan.forks:
         fork = layout.fork(plan.plan_id, spec.fork_id)
         ensure_fork_dirs(fork)
@@ -84,7 +133,14 @@ def ensure_forks(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Non
         if workspace.exists():
             shutil.rmtree(workspace)  # a copy a crash interrupted
         workspace.parent.mkdir(parents=True, exist_ok=True)
-        copy_tree(layout.root, workspace, ignore=ignore)
+        record = records.get(spec.fork_id)
+        extra = {}
+        if record is None:
+            copy_tree(layout.root, workspace, ignore=ignore)
+        else:
+            restore_workspace(layout, record.parent.workspace, workspace)
+            extra = {"parent": record.parent.model_dump(mode="json"), "reused_steps": record.reused_steps,
+                     "fork_checksum": record.checksum}
         log.append("fork.created", {
             "plan_id": plan.plan_id,
             "fork_id": spec.fork_id,
@@ -92,6 +148,7 @@ def ensure_forks(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Non
             "strategy": spec.strategy.model_dump(mode="json"),
             "steps": [s.step_id for s in spec.steps],
             "workspace": layout.relative(workspace),
+            **extra,
         })
 
 

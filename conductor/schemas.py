@@ -33,7 +33,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ID_PREFIX = "https://conductor.dev/schemas/"
 VERSION = "v1"
-CHECKSUMMED = ("plan", "task", "lease", "result", "verdict")
+CHECKSUMMED = ("plan", "fork", "task", "lease", "result", "verdict")
 CHECKSUM_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 _TEXT: dict[str, tuple[str, str]] = {
@@ -41,6 +41,13 @@ _TEXT: dict[str, tuple[str, str]] = {
         "Conductor plan (conductor.plan/v1)",
         "handoff/plan_<id>/plan.json: the goal, its forks (strategies and their steps) and the plan-level "
         "policy. Written once by Conductor, never rewritten. Checksummed.",
+    ),
+    "fork": (
+        "Conductor added fork (conductor.fork/v1)",
+        "handoff/plan_<id>/fork_<id>/fork.json: a fork added to an existing plan by `conductor fork --from`: "
+        "its steps, the past step it starts from (parent fork, step, the parent's step.merged event and "
+        "the workspace snapshot after it) and the steps it takes over unchanged. Written once by Conductor. "
+        "Checksummed.",
     ),
     "task": (
         "Conductor task (conductor.task/v1)",

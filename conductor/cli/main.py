@@ -11,7 +11,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -24,11 +24,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explore": ("conductor.cli.run_cmds:explore", "Plan several strategies for a goal, run them as forks, apply the best."),
     "build": ("conductor.cli.run_cmds:build", "Plan one strategy for a goal and run it."),
     "resume": ("conductor.cli.run_cmds:resume", "Continue a halted or crashed plan; nothing done is redone."),
+    "fork": ("conductor.cli.run_cmds:fork", "Start a new fork from the workspace as it was after a step."),
     "approve": ("conductor.cli.project_cmds:approve", "Approve a low-confidence step that waits for review."),
     "worker": ("conductor.cli.worker_cmd:worker", "Run tasks from the handoff folder with any command."),
     "status": ("conductor.cli.inspect_cmds:status", "Show plans, forks and steps by state."),
     "events": ("conductor.cli.inspect_cmds:events", "List a plan's audit events."),
     "explain": ("conductor.cli.inspect_cmds:explain", "Tell the story of one step."),
+    "replay": ("conductor.cli.history_cmds:replay", "Rebuild a plan's state at any point from its audit logs."),
+    "checkout": ("conductor.cli.history_cmds:checkout", "Restore the workspace as it was after a step."),
+    "verify": ("conductor.cli.history_cmds:verify", "Check checksums, results, provenance signatures and audit logs."),
+    "keys": ("conductor.cli.history_cmds:keys", "Show the signing key id and the trusted keys."),
     "policy": ("conductor.cli.inspect_cmds:policy", "Show the effective policy and where each value came from."),
     "handoff-metrics": ("conductor.cli.inspect_cmds:handoff_metrics", "Write and show handoff metrics.json."),
 }
@@ -63,7 +68,7 @@ def cli() -> None:
 
 
 def _crash_log(exc: BaseException) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     path = Path(tempfile.gettempdir()) / f"conductor-crash-{stamp}.log"
     path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
     return path

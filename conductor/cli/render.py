@@ -83,10 +83,40 @@ def summarise_event(event_type: str, data: dict[str, Any]) -> str:
 
 def events_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(show_lines=False)
-    for name in ("time", "log", "seq", "type", "step", "details"):
+    for name in ("#", "time", "log", "seq", "type", "step", "details"):
         table.add_column(name, overflow="fold")
     for row in rows:
         details = summarise_event(row["type"], row["data"])
-        table.add_row(row["ts"][11:23], row["log"], str(row["seq"]), row["type"], row["data"].get("step_id", ""),
-                      details[:240])
+        table.add_row(str(row["index"]), row["ts"][11:23], row["log"], str(row["seq"]), row["type"],
+                      row["data"].get("step_id", ""), details[:240])
     return table
+
+
+def replay_view(report: dict[str, Any]) -> list[Any]:
+    """The rebuilt state of a plan: a heading, one table of steps, LLM totals and any disagreement."""
+    state = report["state"]
+    last = state.get("last")
+    where = (f"after #{last['index']} ({last['log']}:{last['seq']} {last['type']}, {last['ts']})" if last
+             else "before the first event")
+    present = "the present" if report["at_present"] else f"{state['events']} of {report['total_events']} events"
+    lines: list[Any] = [f"plan {state['plan_id']} — {state['goal']}: {where}, {present}",
+                        f"status {state['status']}" + (f", winner fork {state['winner']}" if state["winner"] else "")
+                        + (f", applied fork {state['applied']}" if state["applied"] else "")]
+    table = Table(title_justify="left")
+    for name in ("fork", "step", "state", "attempt", "confidence", "holder", "workspace"):
+        table.add_column(name, overflow="fold")
+    for fork_id, fork in state["forks"].items():
+        for index, (step_id, step) in enumerate(fork["steps"].items()):
+            style = STATE_STYLE.get(step["state"], "")
+            table.add_row(f"{fork_id} ({fork['status']})" if index == 0 else "", step_id,
+                          f"[{style}]{step['state']}[/]" if style else step["state"], str(step["attempt"] or ""),
+                          step["confidence"] or "", step["holder"] or "",
+                          (step["workspace"] or "")[:19])
+    lines.append(table)
+    llm = state["llm"]
+    lines.append(f"LLM calls {llm['calls']} ({llm['cached']} from recordings), tokens "
+                 f"{llm['input_tokens']}+{llm['output_tokens']}, cost ${llm['cost_usd']:.4f}")
+    if report["at_present"]:
+        lines += ([f"[red]log and folders disagree:[/] {p}" for p in report["problems"]]
+                  or ["[green]the log agrees with the task folders[/]"])
+    return lines

@@ -21,6 +21,8 @@ def _run_options(func):  # type: ignore[no-untyped-def]
         click.option("--auto-approve", is_flag=True, help="Run low-confidence steps without approval."),
         click.option("--no-apply", is_flag=True, help="Do not apply the winner's changes to the project."),
         click.option("--no-wait", is_flag=True, help="Return when only external executors have work left."),
+        click.option("--no-cache", is_flag=True,
+                     help="Call the LLM even where a recording of the same request exists (and record anew)."),
         json_option,
     ]):
         func = option(func)
@@ -59,7 +61,7 @@ def build(goal, plan_file, **options) -> int:  # type: ignore[no-untyped-def]
 
 
 def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, model, executor_kind,  # type: ignore[no-untyped-def]
-                  executor_command, auto_approve, no_apply, no_wait, as_json) -> int:
+                  executor_command, auto_approve, no_apply, no_wait, no_cache, as_json) -> int:
     from conductor.runtime import new_plan, runner_factory
 
     project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command, forks))
@@ -67,9 +69,9 @@ def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, mode
         from conductor.planner import load_plan_file
 
         load_plan_file(plan_file)  # a bad plan file is reported before a missing API key
-    factory = runner_factory(project)  # fails on a missing API key before anything is written
+    factory = runner_factory(project, no_cache=no_cache)  # fails on a missing API key before anything is written
     count = 1 if single else (forks or project.config.planner.forks)
-    plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count)
+    plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count, no_cache=no_cache)
     if not as_json:
         click.echo(f"plan {plan.plan_id}: {len(plan.forks)} fork(s) for: {plan.goal}", err=True)
     return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait,
@@ -80,15 +82,37 @@ def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, mode
 @click.argument("plan_id", required=False)
 @_run_options
 def resume(plan_id, project_dir, provider, model, executor_kind, executor_command, auto_approve,  # type: ignore[no-untyped-def]
-           no_apply, no_wait, as_json) -> int:
+           no_apply, no_wait, no_cache, as_json) -> int:
     """Continue PLAN_ID (default: the newest unfinished plan) after a crash, timeout or approval."""
     from conductor.runtime import resume_plan, runner_factory
 
     project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command))
-    factory = runner_factory(project)
+    factory = runner_factory(project, no_cache=no_cache)
     plan = resume_plan(project, plan_id)
     if not as_json:
         click.echo(f"resuming plan {plan.plan_id}: {plan.goal}", err=True)
+    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait,
+                    as_json=as_json)
+
+
+@click.command("fork")
+@click.option("--from", "from_step", required=True, help="The step after which the new fork starts.")
+@click.option("--fork", "parent_fork", default=None, help="The fork to start from (default: the winner, or the "
+              "only fork that merged the step).")
+@click.option("--instruction", default=None, help="Extra instruction added to every step after --from.")
+@click.option("--plan-id", "plan_id", default=None, help="Plan id (default: the newest plan).")
+@_run_options
+def fork(from_step, parent_fork, instruction, plan_id, project_dir, provider, model, executor_kind,  # type: ignore[no-untyped-def]
+         executor_command, auto_approve, no_apply, no_wait, no_cache, as_json) -> int:
+    """Start a new fork of a plan from the workspace as it was after a step, and run the rest."""
+    from conductor.runtime import fork_plan, runner_factory
+
+    project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command))
+    factory = runner_factory(project, no_cache=no_cache)
+    record, plan = fork_plan(project, plan_id, from_step, fork_id=parent_fork, instruction=instruction)
+    if not as_json:
+        click.echo(f"fork {record.fork.fork_id} of plan {plan.plan_id}: from fork {record.parent.fork_id} after "
+                   f"{from_step} (reusing {', '.join(record.reused_steps)})", err=True)
     return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait,
                     as_json=as_json)
 

@@ -1,0 +1,78 @@
+"""``replay``, ``checkout``, ``verify`` and ``keys``: the plan's past, and whether its records hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from conductor.cli.common import (
+    echo_json,
+    json_option,
+    open_project,
+    plan_option,
+    project_option,
+)
+
+
+@click.command()
+@plan_option
+@click.option("--to", "to", default=None, metavar="INDEX|LOG:SEQ",
+              help="Stop after this event: its timeline index (see `conductor events`) or <log>:<seq> "
+                   "with log 'plan' or a fork id.")
+@click.option("--to-step", "to_step", default=None, help="Stop where this step was merged (or failed).")
+@click.option("--fork", "fork_id", default=None, help="With --to-step: the fork to look in.")
+@project_option
+@json_option
+def replay(plan_id, to, to_step, fork_id, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Rebuild and show the plan's state at a point from its audit logs alone.
+
+    At the present (no --to/--to-step) the rebuilt state is also checked against the task folders;
+    a disagreement exits 10.
+    """
+    from conductor.errors import StateConflict
+    from conductor.replay import replay as run_replay
+    from conductor.runtime import resolve_plan_id
+
+    if to is not None and to_step is not None:
+        raise click.UsageError("use --to or --to-step, not both")
+    project = open_project(project_dir)
+    report = run_replay(project.layout, resolve_plan_id(project.layout, plan_id), to=to, to_step=to_step,
+                        fork_id=fork_id)
+    if as_json:
+        echo_json(report)
+    else:
+        from conductor.cli.render import console, replay_view
+
+        for renderable in replay_view(report):
+            console().print(renderable)
+    return StateConflict.exit_code if report["problems"] else 0
+
+
+@click.command()
+@click.argument("step_id")
+@plan_option
+@click.option("--fork", "fork_id", default=None, help="The fork (default: the winner, or the only fork that "
+              "merged the step).")
+@click.option("--into", "into", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="An absent or empty folder (default: .conductor/checkouts/plan_<id>/fork_<id>/<step>).")
+@project_option
+@json_option
+def checkout(step_id, plan_id, fork_id, into, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Write the workspace as it was after STEP_ID into a folder."""
+    from conductor.runtime import resolve_plan_id
+    from conductor.timetravel import checkout as run_checkout
+
+    project = open_project(project_dir)
+    plan_id = resolve_plan_id(project.layout, plan_id)
+    try:
+        point, target = run_checkout(project.layout, plan_id, step_id, fork_id=fork_id, into=into)
+    except FileExistsError as exc:
+        raise click.UsageError(str(exc)) from None
+    data = {"plan_id": plan_id, "fork_id": point.fork_id, "step_id": step_id, "workspace": point.workspace,
+            "event": {"seq": point.event.seq, "hash": point.event.hash}, "path": str(target)}
+    if as_json:
+        echo_json(data)
+    else:
+        click.echo(f"{step_id} of fork {point.fork_id} (snapshot {point.workspace[:19]}…) → {target}")
+    return 0
