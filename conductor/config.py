@@ -27,7 +27,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from conductor.errors import ConfigError
-from conductor.yamlutil import Document, Loc, display_path, format_validation_error, read_yaml_document
+from conductor.yamlutil import (
+    Document,
+    Loc,
+    display_path,
+    format_validation_error,
+    read_yaml_document,
+)
 
 ENV_PREFIX = "CONDUCTOR_"
 Provider = Literal["openai", "gemini"]
@@ -111,6 +117,22 @@ class ApprovalConfig(_Section):
     auto_approve: bool = False
 
 
+class TrustedKey(_Section):
+    """A public key whose signatures Conductor accepts, and the executors it may sign for."""
+
+    public_key: str = Field(min_length=1, description="PEM public key file; a relative path is under .conductor/")
+    executors: list[str] = Field(
+        default_factory=lambda: ["*"], min_length=1, description="fnmatch patterns on executor ids; '*' = any"
+    )
+
+
+class TrustConfig(_Section):
+    """Which keys may sign provenance (besides the project's own ``keys/signing.pub``)."""
+
+    keys: list[TrustedKey] = Field(default_factory=list)
+    require_signatures: bool = Field(default=False, description="true: unsigned provenance is a rejection")
+
+
 class Config(_Section):
     """The whole of ``config.yaml``."""
 
@@ -120,6 +142,7 @@ class Config(_Section):
     llm: LlmConfig = Field(default_factory=LlmConfig)
     workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
 
     @property
     def executor_provider(self) -> str:

@@ -263,6 +263,35 @@ def test_env_variable_names() -> None:
     assert "CONDUCTOR_WORKSPACE_IGNORE" not in names
 
 
+def test_trust_section(tmp_path: Path) -> None:
+    assert load_config(tmp_path / "config.yaml", environ={}).trust.model_dump() == {
+        "keys": [], "require_signatures": False,
+    }
+    text = (
+        "trust:\n  keys:\n    - public_key: keys/ci.pub\n      executors: ['conductor-worker@*']\n"
+        "    - public_key: /etc/conductor/release.pub\n  require_signatures: true\n"
+    )
+    trust = load_config(write(tmp_path / "config.yaml", text), environ={}).trust
+    assert [(k.public_key, k.executors) for k in trust.keys] == [
+        ("keys/ci.pub", ["conductor-worker@*"]), ("/etc/conductor/release.pub", ["*"]),
+    ]
+    assert trust.require_signatures is True
+    environ = {"CONDUCTOR_TRUST_REQUIRE_SIGNATURES": "false"}
+    assert load_config(tmp_path / "config.yaml", environ=environ).trust.require_signatures is False
+    assert "CONDUCTOR_TRUST_KEYS" not in env_variables()
+
+
+def test_trust_section_errors_name_key_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "config.yaml", "trust:\n  keys:\n    - executors: ['*']\n    - public_key: k.pub\n"
+                 "      executors: []\n      pattern: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    message = str(info.value)
+    assert "config.yaml:3: trust.keys[0].public_key: required key is missing" in message
+    assert "config.yaml:5: trust.keys[1].executors: List should have at least 1 item" in message
+    assert "config.yaml:6: trust.keys[1].pattern: unknown key (known: public_key, executors)" in message
+
+
 def test_override_returns_new_validated_config() -> None:
     base = Config()
     changed = base.override({"planner.model": "gpt-x", "planner.forks": 2, "executor.kind": None})
