@@ -74,9 +74,13 @@ class _Llm:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    cached_calls: int = 0
 
     def add_call(self, data: dict[str, Any]) -> None:
         self.calls += 1
+        if data.get("cached"):  # answered from a recording: no tokens spent, nothing paid now
+            self.cached_calls += 1
+            return
         self.input_tokens += int(_number(data.get("input_tokens")))
         self.output_tokens += int(_number(data.get("output_tokens")))
         self.cost_usd += _number(data.get("cost_usd"))
@@ -86,6 +90,7 @@ class _Llm:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cost_usd += other.cost_usd
+        self.cached_calls += other.cached_calls
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +98,7 @@ class _Llm:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cost_usd": round(self.cost_usd, 6),
+            **({"cached_calls": self.cached_calls} if self.cached_calls else {}),
         }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from conductor.errors import ConfigError, UnsafePath
 from conductor.llm.base import LLMClient
-from conductor.models import ForkSpec, Plan, PlannerInfo, PolicyLayer, StepSpec, Strategy, utc_now
+from conductor.models import (
+    ForkSpec,
+    Plan,
+    PlannerInfo,
+    PolicyLayer,
+    StepSpec,
+    Strategy,
+    utc_now,
+)
 from conductor.paths import check_relpath
 
 MAX_LISTED_FILES = 300
@@ -98,7 +106,7 @@ def load_plan_file(path: Path) -> PlanFile:
 
 def new_plan_id() -> str:
     """A sortable plan id: UTC time to the second and 4 random hex digits, e.g. ``20261122T100000-3fa2``."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
 
 
 def _fork_steps(strategy: FileStrategy, source: str) -> list[StepSpec]:
@@ -199,7 +207,8 @@ def plan_with_llm(
     """Ask an LLM for ``forks`` strategies and build the plan.
 
     Args:
-        on_call: receives the ``llm.call`` audit data (provider, model, tokens, duration).
+        on_call: receives the ``llm.call`` audit data (provider, model, tokens, duration, ``cached``, and
+            ``recording``: the request key, when the client records).
 
     Raises:
         BackendError: the provider failed or answered something unusable.
@@ -213,6 +222,8 @@ def plan_with_llm(
         "purpose": "plan", "provider": client.settings.provider, "model": reply.model,
         "input_tokens": reply.usage.input_tokens, "output_tokens": reply.usage.output_tokens,
         "cost_usd": reply.usage.cost_usd, "duration_seconds": round(reply.duration_seconds, 6),
+        # a replay (cached) repeats the recorded usage: totals of new spending skip it
+        "cached": reply.cached, **({"recording": reply.recording} if reply.recording else {}),
     })
     draft: PlanDraft = reply.parsed
     if not draft.strategies:

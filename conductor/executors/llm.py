@@ -101,6 +101,9 @@ class LLMRunner:
             "output_tokens": reply.usage.output_tokens,
             "cost_usd": reply.usage.cost_usd,
             "duration_seconds": round(reply.duration_seconds, 6),
+            # a replay (cached) repeats the recorded usage: totals of new spending skip it
+            "cached": reply.cached,
+            **({"recording": reply.recording} if reply.recording else {}),
         })
         answer: StepAnswer = reply.parsed
         refused = _refused_edits(task, answer.edits)

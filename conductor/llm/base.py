@@ -72,7 +72,11 @@ class LLMReply(Generic[T]):
         usage: tokens of the call; ``cost_usd`` is set when the settings carry a price.
         model: the model name the server reported (``settings.model`` when it reported none).
         raw_text: the text of the structured answer, as received (JSON).
-        duration_seconds: wall time of the call including retries, seconds.
+        duration_seconds: wall time of the call including retries, seconds (``0.0`` for a replay).
+        recording: ``"sha256:<hex>"`` key of the recording that holds this call, when the client
+            records (see ``conductor.llm.recording``); ``None`` otherwise.
+        cached: the answer was replayed from a recording, not paid for now; ``usage`` is then the
+            recorded call's usage, a fact of that call, not new spending.
     """
 
     parsed: T
@@ -80,6 +84,8 @@ class LLMReply(Generic[T]):
     model: str
     raw_text: str
     duration_seconds: float
+    recording: str | None = None
+    cached: bool = False
 
 
 class LLMClient(Protocol):
