@@ -4,6 +4,14 @@ The child gets its own session and process group, so a timeout or a stop request
 it started (SIGTERM, then SIGKILL after a grace period), and whatever is left of the group when the
 child exits is killed too: a backgrounded grandchild never outlives its command. Input and output go
 through one ``select`` loop, so neither a large stdin nor a large output can deadlock.
+
+A child that leaves the group (``setsid``, a daemon's double fork) escapes ``killpg``. Given a
+``sweep_environ`` entry such as ``CONDUCTOR_WORKSPACE=<path>``, which every descendant inherits, the
+processes still carrying it are killed too (Linux, via ``/proc``). A descendant that both leaves the group
+and replaces its environment escapes; a cgroup would catch it, but needs delegation we cannot count on.
+
+:func:`kill_orphans` finds and kills what a dead executor left running (used by the reaper), and
+:func:`process_start` gives the start identity that protects it against recycled pids.
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ import shlex
 import signal as signals
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from conductor.errors import ExecutorError
@@ -81,6 +90,8 @@ def run_command(
     kill_grace_seconds: float = 2.0,
     on_start: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    kill_now: Callable[[], bool] | None = None,
+    sweep_environ: str | None = None,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
 ) -> ProcOutcome:
     """Run ``command`` in its own process group and wait for it, at most ``timeout_seconds``.
@@ -94,8 +105,15 @@ def run_command(
         timeout_seconds: wall-time limit in seconds, counted from the spawn.
         shell: see ``command``; None chooses by the type of ``command``.
         kill_grace_seconds: seconds between SIGTERM and SIGKILL when the group must be stopped.
-        on_start: called with the child's pid right after the spawn (to record it in a lease).
-        should_stop: polled about every 0.1 s; when it returns True the group is stopped.
+        on_start: called with the child's pid (= its process group id) right after the spawn, to record it
+            in a lease; if it raises, the group is killed and the exception propagates.
+        should_stop: polled about every 0.1 s; when it returns True the group is stopped (SIGTERM, then
+            SIGKILL after ``kill_grace_seconds``).
+        kill_now: polled about every 0.1 s, also during the grace period; when it returns True the group
+            gets SIGKILL at once (a second Ctrl-C).
+        sweep_environ: a ``NAME=value`` environment entry the child is started with; when the group is
+            gone, every other process whose environment holds exactly this entry is killed too (it left
+            the group with ``setsid``). Linux only; elsewhere ignored.
         max_output_bytes: how much of the end of the output to keep in memory.
 
     Returns:
@@ -111,9 +129,11 @@ def run_command(
         if on_start is not None:
             on_start(proc.pid)
         run = _Run(proc, stdin or b"", _Output(max_output_bytes))
-        run.loop(started + timeout_seconds, kill_grace_seconds, should_stop)
+        run.loop(started + timeout_seconds, kill_grace_seconds, should_stop, kill_now)
     finally:
         _reap(proc)  # also on an exception or Ctrl-C: the group must not outlive us
+        if sweep_environ is not None:
+            kill_orphans(None, leader_start=None, marker=sweep_environ, grace_seconds=0.0)
     returncode = proc.returncode
     killed_by = -returncode if returncode < 0 else None
     return ProcOutcome(
@@ -184,17 +204,20 @@ class _Run:
             if not self.pending:
                 self._close_stdin()
 
-    def loop(self, deadline: float, grace: float, should_stop: Callable[[], bool] | None) -> None:
+    def loop(
+        self, deadline: float, grace: float, should_stop: Callable[[], bool] | None, kill_now: Callable[[], bool] | None
+    ) -> None:
         try:
             while not _has_exited(self.proc.pid):
                 self._pump(POLL_SECONDS)
                 now = time.monotonic()
+                hurry = kill_now is not None and kill_now()
                 if not self.stopping and now >= deadline:
                     self.timed_out = True
                     self._stop(now + grace)
-                elif not self.stopping and should_stop is not None and should_stop():
+                elif not self.stopping and (hurry or (should_stop is not None and should_stop())):
                     self._stop(now + grace)
-                elif self.stopping and not self.killed and now >= self.kill_at:
+                if self.stopping and not self.killed and (hurry or now >= self.kill_at):
                     self.killed = True
                     self.last_signal = _signal_group(self.proc.pid, signals.SIGKILL) or self.last_signal
             # The child is a zombie, so its pid (= the group id) cannot be reused yet: kill what is left.
@@ -301,3 +324,194 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
                 stream.close()
             except OSError:  # a broken stdin pipe; nothing is buffered in it
                 pass
+
+
+# --- processes left behind (Linux /proc) ---------------------------------------------------------
+#
+# After a kill -9 of an executor, its command runs on, orphaned. The reaper knows from the lease the
+# command's process group id and the start identity of its leader. A pid (and so a group id) is recycled
+# once the group is gone, so before signalling anything it proves the group is still the recorded one:
+# either its leader still has the recorded start identity (boot id + start time in clock ticks: for a pid
+# to come back within one tick the whole pid space would have to wrap), or a live member carries the
+# attempt's environment marker (a recycled group's members do not). Each candidate is pinned by a pidfd before it is
+# examined, so what was examined is what gets signalled. Without /proc (not Linux) nothing is proven and
+# nothing is killed: an orphan may survive, an unrelated process never dies.
+
+_PROC = Path("/proc")
+_ORPHAN_POLL_SECONDS = 0.05
+
+
+@cache
+def _boot_id() -> str | None:
+    try:
+        return (_PROC / "sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _read(path: str) -> bytes | None:
+    """The content of a ``/proc`` file, or None if it cannot be read (plain ``os.read``: a scan reads
+    hundreds of them, and ``Path.read_bytes`` costs five times as much)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # gone, or another user's process
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, _READ_SIZE):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """``(state, pgrp, starttime)`` of ``pid`` from ``/proc/<pid>/stat`` (proc(5): fields 3, 5 and 22)."""
+    raw = _read(f"{_PROC}/{pid}/stat")
+    if raw is None:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()  # the command name (field 2) may contain spaces and parens
+    try:
+        return fields[0].decode(), int(fields[2]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_start(pid: int) -> str | None:
+    """The start identity of process ``pid``: ``"<boot_id>:<starttime>"``, which a recycled pid never shares.
+
+    ``boot_id`` is ``/proc/sys/kernel/random/boot_id``; ``starttime`` is field 22 of ``/proc/<pid>/stat``
+    (clock ticks after boot, proc(5)). Returns None without ``/proc`` (not Linux) or once ``pid`` is gone.
+    """
+    boot, stat = _boot_id(), _stat(pid)
+    if boot is None or stat is None:
+        return None
+    return f"{boot}:{stat[2]}"
+
+
+def _environ_has(pid: int, entry: bytes) -> bool:
+    """Does ``pid``'s environment (as of its last exec) hold exactly ``entry``? (A zombie's reads as empty.)"""
+    raw = _read(f"{_PROC}/{pid}/environ")
+    return raw is not None and entry in raw.split(b"\0")
+
+
+class _Pinned:
+    """A process held by a pidfd (Linux >= 5.3): a signal sent through it can never reach a recycled pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = _open_pidfd(pid)
+
+    def alive(self) -> bool:
+        if self.fd is not None:
+            with selectors.DefaultSelector() as selector:  # a pidfd polls readable once its process exited
+                selector.register(self.fd, selectors.EVENT_READ)
+                return not selector.select(0)
+        stat = _stat(self.pid)
+        return stat is not None and stat[0] not in ("Z", "X")
+
+    def in_group(self, pgid: int) -> bool:
+        stat = _stat(self.pid)
+        return stat is not None and stat[1] == pgid and self.alive()
+
+    def signal(self, sig: int) -> None:
+        try:
+            if self.fd is not None:
+                signals.pidfd_send_signal(self.fd, sig)
+            else:  # no pidfd (Linux < 5.3): a pid recycled in the microseconds since it was examined could be hit
+                os.kill(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pids() -> Iterator[int]:
+    try:
+        names = os.listdir(_PROC)
+    except OSError:  # no /proc: nothing can be proven
+        return
+    me = os.getpid()
+    for name in names:
+        if name.isdigit() and int(name) != me:
+            yield int(name)
+
+
+def _find_orphans(pgid: int | None, leader_start: str | None, marker: bytes | None, *, proven: bool) -> list[_Pinned]:
+    """Pin every live process carrying ``marker``, and the live members of group ``pgid`` if it is proven.
+
+    The group is proven by ``proven`` (the caller still holds a live member it proved earlier), by its
+    leader having start identity ``leader_start``, or by a live member carrying ``marker``. The caller
+    closes the returned handles.
+    """
+    members: list[_Pinned] = []
+    marked: list[_Pinned] = []
+    for pid in _pids():
+        stat = _stat(pid) if pgid is not None else None  # a scan for the marker alone reads no stat file
+        in_group = stat is not None and stat[1] == pgid
+        if not in_group and (marker is None or not _environ_has(pid, marker)):
+            continue
+        stat = stat or _stat(pid)
+        if stat is None or stat[0] in ("Z", "X"):
+            continue
+        pinned = _Pinned(pid)  # pinned, then examined, then checked alive: what was examined is what is pinned
+        carries = marker is not None and _environ_has(pid, marker)
+        leader = in_group and pid == pgid and leader_start is not None and process_start(pid) == leader_start
+        if not pinned.alive() or not (in_group or carries):
+            pinned.close()
+            continue
+        proven = proven or (in_group and (carries or leader))
+        (members if in_group else marked).append(pinned)
+    if not proven:
+        for pinned in members:
+            pinned.close()
+        members = []
+    return members + marked
+
+
+def _signal_all(found: list[_Pinned], sig: int, wait: float) -> None:
+    for pinned in found:
+        pinned.signal(sig)
+    deadline = time.monotonic() + wait
+    while any(pinned.alive() for pinned in found) and time.monotonic() < deadline:
+        time.sleep(_ORPHAN_POLL_SECONDS)
+
+
+def kill_orphans(pgid: int | None, *, leader_start: str | None, marker: str | None, grace_seconds: float) -> list[int]:
+    """Kill what a dead executor left running: its process group, if proven, and whatever carries ``marker``.
+
+    Args:
+        pgid: the recorded process group id (= pid of its leader), or None to only look for ``marker``.
+        leader_start: the leader's :func:`process_start` as recorded when it was spawned, or None.
+        marker: a ``NAME=value`` environment entry every process of the work inherited, or None.
+        grace_seconds: time between SIGTERM and SIGKILL.
+
+    The group ``pgid`` is signalled only if its leader still has start identity ``leader_start`` or one of
+    its live members carries ``marker``; processes carrying ``marker`` are signalled wherever they are.
+    This process is never signalled. Nothing is signalled where ``/proc`` is missing.
+
+    Returns:
+        The pids signalled, sorted (empty when nothing was found or the group was not proven).
+    """
+    entry = marker.encode() if marker is not None else None
+    first: list[_Pinned] = []
+    second: list[_Pinned] = []
+    try:
+        first = _find_orphans(pgid, leader_start, entry, proven=False)
+        if not first:
+            return []
+        _signal_all(first, signals.SIGTERM, grace_seconds)
+        # Still proven while a member pinned above lives in the group (its id cannot be recycled), even if
+        # the leader the proof rested on is gone now. A second scan also catches forks made meanwhile.
+        still = pgid is not None and any(pinned.in_group(pgid) for pinned in first)
+        second = _find_orphans(pgid, leader_start, entry, proven=still)
+        _signal_all(second, signals.SIGKILL, 0.0)
+        return sorted({pinned.pid for pinned in first + second})
+    finally:
+        for pinned in first + second:
+            pinned.close()

@@ -1,6 +1,7 @@
 import hashlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conductor.errors import ExecutorError
-from conductor.proc import run_command
+from conductor.proc import kill_orphans, process_start, run_command
 
 
 def is_alive(pid: int) -> bool:
@@ -165,3 +166,157 @@ def test_an_exception_in_on_start_still_kills_the_child(tmp_path):
 def test_string_command_can_be_split_without_a_shell(tmp_path):
     outcome = run_command("echo '$HOME'", cwd=tmp_path, timeout_seconds=10, shell=False)
     assert outcome.output == b"$HOME\n"
+
+
+# --- stopping at once, setsid escapes, orphans ----------------------------------------------------
+
+ESCAPE = f"{sys.executable} -c 'import os, time; os.setsid(); time.sleep(100)'"  # out of reach of killpg
+ESCAPE_AND_EXIT = f"{ESCAPE} & echo $!; sleep 0.5"  # half a second to leave the group before the command exits
+
+
+def spawn_group(*script: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """Start ``sh -c`` in a new session; each line of ``script`` runs in the background and prints its pid."""
+    body = "".join(f"{line} & echo $!; " for line in script) + "exec sleep 100"
+    proc = subprocess.Popen(["/bin/sh", "-c", body], stdout=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+    with proc.stdout:  # type: ignore[union-attr]
+        pids = [int(proc.stdout.readline()) for _ in script]  # type: ignore[union-attr]
+    return proc, pids
+
+
+def cleanup(*pids: int) -> None:
+    for pid in pids:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def test_kill_now_cuts_the_grace_period_short(tmp_path):
+    started = time.monotonic()
+    outcome = run_command(
+        "trap '' TERM; sleep 100", cwd=tmp_path, timeout_seconds=60, kill_grace_seconds=60,
+        should_stop=lambda: time.monotonic() - started > 0.3,
+        kill_now=lambda: time.monotonic() - started > 0.8,
+    )
+    assert time.monotonic() - started < 10
+    assert outcome.signal == signal.SIGKILL
+    assert outcome.exit_code is None
+
+
+def test_a_setsid_grandchild_survives_killpg_but_not_the_environment_sweep(tmp_path):
+    survivor = escaped = 0
+    try:
+        outcome = run_command(ESCAPE_AND_EXIT, cwd=tmp_path, env={**os.environ, "CONDUCTOR_WORKSPACE": f"{tmp_path}/a"},
+                              timeout_seconds=30)
+        survivor = int(outcome.output.split()[0])
+        assert is_alive(survivor)  # the limit of a process group
+        outcome = run_command(ESCAPE_AND_EXIT, cwd=tmp_path, env={**os.environ, "CONDUCTOR_WORKSPACE": f"{tmp_path}/b"},
+                              timeout_seconds=30, sweep_environ=f"CONDUCTOR_WORKSPACE={tmp_path}/b")
+        escaped = int(outcome.output.split()[0])
+        assert outcome.exit_code == 0
+        assert wait_gone(escaped)
+        assert is_alive(survivor)  # another marker: not this command's
+    finally:
+        cleanup(survivor, escaped)
+
+
+def test_the_sweep_also_follows_a_timeout(tmp_path):
+    escaped = 0
+    try:
+        outcome = run_command(f"{ESCAPE_AND_EXIT}; sleep 100", cwd=tmp_path, timeout_seconds=1.5, kill_grace_seconds=0.5,
+                              env={**os.environ, "CONDUCTOR_WORKSPACE": str(tmp_path)},
+                              sweep_environ=f"CONDUCTOR_WORKSPACE={tmp_path}")
+        escaped = int(outcome.output.split()[0])
+        assert outcome.timed_out
+        assert wait_gone(escaped)
+    finally:
+        cleanup(escaped)
+
+
+def test_the_sweep_matches_the_exact_entry_only(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    proc, (escaped,) = spawn_group(ESCAPE, env={"CONDUCTOR_WORKSPACE": f"{other}0"})
+    try:
+        run_command("true", cwd=tmp_path, timeout_seconds=10, sweep_environ=f"CONDUCTOR_WORKSPACE={other}")
+        assert is_alive(escaped)
+    finally:
+        cleanup(proc.pid, escaped)
+        proc.wait()
+
+
+def test_process_start_identifies_one_process(tmp_path):
+    first = subprocess.Popen(["sleep", "100"])
+    try:
+        assert process_start(first.pid) == process_start(first.pid) is not None
+        assert process_start(first.pid).split(":")[0] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    finally:
+        first.kill()
+        first.wait()
+    assert process_start(first.pid) is None  # reaped
+
+
+def test_kill_orphans_kills_a_group_whose_leader_has_the_recorded_start():
+    proc, (child,) = spawn_group("sleep 100")
+    try:
+        killed = kill_orphans(proc.pid, leader_start=process_start(proc.pid), marker=None, grace_seconds=1)
+        assert killed == sorted([proc.pid, child])
+        assert proc.wait(timeout=5) == -signal.SIGTERM
+        assert wait_gone(child)
+    finally:
+        cleanup(proc.pid, child)
+        proc.wait()
+
+
+def test_kill_orphans_sends_sigkill_after_the_grace_period():
+    proc, (child,) = spawn_group("trap '' TERM; sleep 100")
+    try:
+        began = time.monotonic()
+        kill_orphans(proc.pid, leader_start=process_start(proc.pid), marker=None, grace_seconds=0.5)
+        assert 0.4 < time.monotonic() - began < 5
+        assert wait_gone(child)
+    finally:
+        cleanup(proc.pid, child)
+        proc.wait()
+
+
+def test_kill_orphans_leaves_a_group_with_another_start_alone():
+    proc, (child,) = spawn_group("sleep 100")
+    try:
+        boot, ticks = process_start(proc.pid).split(":")
+        recycled = f"{boot}:{int(ticks) - 1}"  # the recorded leader was another process with this pid
+        assert kill_orphans(proc.pid, leader_start=recycled, marker="CONDUCTOR_WORKSPACE=/nowhere",
+                            grace_seconds=0.2) == []
+        assert kill_orphans(proc.pid, leader_start=None, marker=None, grace_seconds=0.2) == []
+        assert is_alive(proc.pid) and is_alive(child)
+    finally:
+        cleanup(proc.pid, child)
+        proc.wait()
+
+
+def test_kill_orphans_proves_a_leaderless_group_by_a_member_carrying_the_marker(tmp_path):
+    marker = f"CONDUCTOR_WORKSPACE={tmp_path}"
+    proc, (child,) = spawn_group("sleep 100", env={"CONDUCTOR_WORKSPACE": str(tmp_path)})
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()  # the leader is gone; its group lives on in the background sleep
+        assert kill_orphans(proc.pid, leader_start=None, marker=f"{marker}/x", grace_seconds=0.2) == []
+        assert is_alive(child)
+        assert kill_orphans(proc.pid, leader_start=None, marker=marker, grace_seconds=1) == [child]
+        assert wait_gone(child)
+    finally:
+        cleanup(proc.pid, child)
+
+
+def test_kill_orphans_finds_a_marked_process_outside_the_group(tmp_path):
+    proc, (escaped,) = spawn_group(ESCAPE, env={"CONDUCTOR_WORKSPACE": str(tmp_path)})
+    try:
+        time.sleep(0.2)  # let it leave the group
+        killed = kill_orphans(None, leader_start=None, marker=f"CONDUCTOR_WORKSPACE={tmp_path}", grace_seconds=1)
+        assert escaped in killed
+        assert wait_gone(escaped)
+    finally:
+        cleanup(proc.pid, escaped)
+        proc.wait()

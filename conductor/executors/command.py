@@ -4,12 +4,17 @@ The command runs in the attempt's workspace, in its own process group, under the
 gets the task as JSON on stdin and in environment variables (see docs/protocol.md, "Command executor").
 Exit status 0 means completed; anything else, or a timeout, means failed. If the command writes the file
 named by ``CONDUCTOR_EXPLANATION_FILE``, that text becomes the step's explanation.
+
+The command's process group goes into the lease as soon as it started, so a reaper can kill it if this
+executor dies. When the command ends, is stopped or times out, whatever it left running is killed: its
+group and every process still carrying its ``CONDUCTOR_WORKSPACE`` (a child that left the group).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -42,24 +47,39 @@ def task_environment(task: Task, *, layout: ProjectLayout, workspace: Path, expl
 
 
 class CommandRunner:
-    """Runs a shell command for each task."""
+    """Runs a shell command for each task.
+
+    Attributes:
+        kill_grace_seconds: when a command is stopped or times out: SIGTERM to its group, SIGKILL this
+            many seconds later.
+        kill_now: set it (e.g. on a second Ctrl-C) to SIGKILL the running commands' groups at once,
+            without waiting out the grace period.
+    """
 
     def __init__(
         self, command: str, *, layout: ProjectLayout, environ: Mapping[str, str] | None = None,
-        identity: str | None = None,
+        identity: str | None = None, kill_grace_seconds: float = 2.0,
     ) -> None:
         self.command = command
         self.layout = layout
         self.environ = dict(os.environ if environ is None else environ)
         self.info = executor_info("command", identity or holder_name("conductor-worker"))
+        self.kill_grace_seconds = kill_grace_seconds
+        self.kill_now = threading.Event()
 
     def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
         with tempfile.TemporaryDirectory(prefix="conductor-explain-") as scratch:
             explanation_file = Path(scratch) / "explanation.md"
             env = {**self.environ, **task_environment(task, layout=self.layout, workspace=workspace,
                                                         explanation_file=explanation_file)}
-            outcome = run_command(self.command, cwd=workspace, env=env, stdin=pretty_bytes(task.to_document()),
-                                  timeout_seconds=task.timeout_seconds, shell=True, should_stop=should_stop)
+            outcome = run_command(
+                self.command, cwd=workspace, env=env, stdin=pretty_bytes(task.to_document()),
+                timeout_seconds=task.timeout_seconds, shell=True, kill_grace_seconds=self.kill_grace_seconds,
+                # execute_claim's StopCheck records the group in the lease; a plain callable has nowhere to.
+                on_start=getattr(should_stop, "process_started", None),
+                should_stop=should_stop, kill_now=self.kill_now.is_set,
+                sweep_environ=f"CONDUCTOR_WORKSPACE={env['CONDUCTOR_WORKSPACE']}",  # lease.workspace_marker
+            )
             written = explanation_file.read_text("utf-8", errors="replace") if explanation_file.exists() else ""
         output = outcome.output.decode("utf-8", errors="replace")[-OUTPUT_TAIL_CHARS:]
         explanation = _explanation(self.command, outcome, written, output)
