@@ -127,4 +127,67 @@ def resolve_inside(root: Path, relpath: str) -> Path:
         raise UnsafePath(f"unsafe path {relpath!r}: resolves to {real}, outside {real_root} (symlink)")
     if real == real_root:
         raise UnsafePath(f"unsafe path {relpath!r}: resolves to the workspace root itself (symlink)")
+    inside = real.relative_to(real_root).as_posix()
+    if any(is_dotgit(part) for part in inside.split("/")):
+        raise UnsafePath(f"unsafe path {relpath!r}: resolves to {inside!r}, inside .git (symlink)")
     return real
+
+
+def check_tree_path(path: str) -> str:
+    """Check that ``path`` is a name a workspace snapshot can hold, and return it unchanged.
+
+    Weaker than :func:`check_relpath` on purpose: a snapshot records what is on disk, so ``.git/config``, a
+    backslash, a control character or a decomposed name are valid here (policy must see them to reject
+    them). What no directory walk can produce is refused: an empty path, a leading ``/``, an empty, ``.``
+    or ``..`` component, a NUL.
+
+    Raises:
+        UnsafePath: naming the path and the reason.
+    """
+    if not isinstance(path, str) or not path:
+        raise UnsafePath(f"unsafe path {path!r}: empty or not a string")
+    if "\0" in path:
+        raise UnsafePath(f"unsafe path {path!r}: contains a NUL character")
+    if path.startswith("/"):
+        raise UnsafePath(f"unsafe path {path!r}: is absolute")
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise UnsafePath(f"unsafe path {path!r}: has an empty, '.' or '..' component (not a workspace entry)")
+    return path
+
+
+def check_link_target(link: str, target: str) -> str:
+    """Check that the symlink ``link`` (workspace-relative) with the target text ``target`` stays inside.
+
+    The target is resolved lexically from the link's folder, as the kernel would if no component on the
+    way were itself a symlink (those are snapshot entries of their own, checked in turn).
+
+    Args:
+        link: the link's workspace-relative path, e.g. ``docs/latest``.
+        target: what ``os.readlink`` returns, e.g. ``../build/html``.
+
+    Returns:
+        The workspace-relative path the link points to (``build/html``).
+
+    Raises:
+        UnsafePath: the target is empty or absolute, climbs out of the workspace, names the workspace root
+            itself, or reaches into ``.git``.
+    """
+    if not target or "\0" in target:
+        raise UnsafePath(f"unsafe symlink {link!r} -> {target!r}: empty target or a NUL character")
+    if target.startswith("/"):
+        raise UnsafePath(f"unsafe symlink {link!r} -> {target!r}: absolute target (outside the workspace)")
+    parts: list[str] = []
+    for part in [*link.split("/")[:-1], *target.split("/")]:
+        if part in ("", "."):
+            continue
+        if part != "..":
+            parts.append(part)
+        elif not parts:
+            raise UnsafePath(f"unsafe symlink {link!r} -> {target!r}: climbs out of the workspace")
+        else:
+            parts.pop()
+    if not parts:
+        raise UnsafePath(f"unsafe symlink {link!r} -> {target!r}: points to the workspace root itself")
+    if any(is_dotgit(part) for part in parts):
+        raise UnsafePath(f"unsafe symlink {link!r} -> {target!r}: points into .git")
+    return "/".join(parts)

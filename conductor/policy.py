@@ -8,7 +8,8 @@ Pattern semantics (gitignore syntax, via pathspec's ``GitIgnoreSpec``):
 
 * ``protected_patterns`` are unanchored like ``.gitignore`` lines (``*.lock`` matches at any depth).
   They are matched case-insensitively too, so ``A.LOCK`` cannot slip past ``*.lock`` on a
-  case-insensitive file system.
+  case-insensitive file system, and in Unicode NFC form, so a pattern typed decomposed (``e`` + U+0301)
+  protects the composed name (U+00E9). Paths themselves must be NFC (``check_relpath`` refuses others).
 * ``allowed_files`` entries are anchored at the workspace root: ``hello.py`` is that file only,
   ``docs/`` is everything below ``docs``, ``src/**/*.py`` is a glob.
 
@@ -18,6 +19,7 @@ Every path is checked with :func:`conductor.paths.check_relpath` before any patt
 from __future__ import annotations
 
 import functools
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,7 +313,8 @@ def protected_index(path: str, patterns: Sequence[str]) -> int | None:
 def _protected_specs(patterns: tuple[str, ...]) -> tuple[list[int], GitIgnoreSpec, GitIgnoreSpec]:
     # pathspec skips empty lines, so keep a map from its pattern index back to ours.
     indexed = [index for index, pattern in enumerate(patterns) if pattern]
-    kept = [patterns[index] for index in indexed]
+    # Paths reaching here are NFC (check_relpath); a pattern written decomposed must protect them too.
+    kept = [unicodedata.normalize("NFC", patterns[index]) for index in indexed]
     exact = _compile(kept, "protected_patterns")
     folded = _compile([pattern.casefold() for pattern in kept], "protected_patterns")
     return indexed, exact, folded

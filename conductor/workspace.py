@@ -22,7 +22,12 @@ from typing import Any, Literal
 import pathspec
 
 from conductor.blobs import BlobStore
-from conductor.errors import ChecksumMismatch, InvalidDocument, MergeConflict, UnsafePath
+from conductor.errors import (
+    ChecksumMismatch,
+    InvalidDocument,
+    MergeConflict,
+    UnsafePath,
+)
 from conductor.fsutil import TEMP_PREFIX, atomic_write, file_sha256, fsync_dir
 from conductor.models import FileChange
 from conductor.paths import check_relpath, resolve_inside
@@ -385,8 +390,9 @@ def apply_changes(
 
     Raises:
         UnsafePath: a path fails :func:`conductor.paths.check_relpath` (absolute, ``..``, ``.git`` in any
-            disguise, control characters...), is not in normal form, names ``.conductor/``, or its folder
-            leads through a symlink out of its root.
+            disguise, control characters...), is not in normal form, names ``.conductor/``, its folder
+            leads through a symlink out of its root or into ``.git``, or it lies below another path the
+            same change set writes.
         MergeConflict: targets changed since ``base``; the message lists every conflicting path.
         ChecksumMismatch: a source changed since the change set was computed.
     """
@@ -396,6 +402,7 @@ def apply_changes(
         _check_apply_path(dst_root, change.path)
         if change.change != "deleted":
             _check_apply_path(src_root, change.path)
+    _check_no_nested_writes(todo)
     _check_targets(todo, dst_root, base)
     for change in todo:
         if change.change != "deleted":
@@ -404,6 +411,23 @@ def apply_changes(
         _delete(dst_root, change.path)
     for change in sorted((c for c in todo if c.change != "deleted"), key=lambda c: c.path):
         _write(dst_root, change.path, *_read_source(src_root, change))
+
+
+def _check_no_nested_writes(changes: Sequence[FileChange]) -> None:
+    """Refuse a change set that writes both ``x`` and ``x/y``.
+
+    No snapshot diff yields one (a walk never descends below a file or symlink), but a forged one could
+    write the symlink ``x -> /elsewhere`` first and then a file through it, after every parent was checked.
+    """
+    written = {c.path for c in changes if c.change != "deleted"}
+    for path in sorted(written):
+        parts = path.split("/")
+        for end in range(1, len(parts)):
+            parent = "/".join(parts[:end])
+            if parent in written:
+                raise UnsafePath(
+                    f"unsafe path {path!r}: lies below {parent!r}, which the same change set writes as a file or symlink"
+                )
 
 
 def _check_targets(changes: Sequence[FileChange], dst_root: Path, base: Snapshot) -> None:

@@ -6,6 +6,9 @@ the model's fields, and the checksum. Errors name the file and the field.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,20 +33,21 @@ def read_document(path: Path, model: type[M], *, checksummed: bool = True) -> M:
 
     Raises:
         FileNotFoundError: the file is gone (e.g. claimed by another executor).
-        InvalidDocument: too large, not strict JSON, wrong schema version, or a field is invalid.
+        InvalidDocument: a symlink or not a regular file (a fifo would block the reader), too large, not strict
+            JSON (see :func:`conductor.canonical.strict_loads`), not an object, no or another schema version,
+            or a field is invalid or has the wrong JSON type (the models are strict: ``"1"`` is not 1).
         ChecksumMismatch: the content does not match its checksum.
     """
-    with path.open("rb") as handle:
-        data = handle.read(MAX_DOCUMENT_BYTES + 1)
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise InvalidDocument(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes")
+    data = _read_limited(path)
     document = strict_loads(data, source=str(path))
     if not isinstance(document, dict):
-        raise InvalidDocument(f"{path}: top level is not an object")
+        raise InvalidDocument(f"{path}: top level is {_json_type(document)}, not an object")
     expected = model.model_fields.get("schema_")
-    if expected is not None and document.get("schema") != expected.default:
+    if expected is not None and "schema" not in document:
+        raise InvalidDocument(f"{path}: no schema field (expected {expected.default!r})")
+    if expected is not None and document["schema"] != expected.default:
         raise InvalidDocument(
-            f"{path}: schema {document.get('schema')!r} is not supported (expected {expected.default!r})"
+            f"{path}: schema {document['schema']!r} is not supported (expected {expected.default!r})"
         )
     if checksummed:
         check_checksum(document, source=str(path))
@@ -51,6 +55,38 @@ def read_document(path: Path, model: type[M], *, checksummed: bool = True) -> M:
         return model.model_validate(document)
     except ValidationError as exc:
         raise InvalidDocument(f"{path}: {_summarise(exc)}") from exc
+
+
+def _read_limited(path: Path) -> bytes:
+    """At most MAX_DOCUMENT_BYTES of a regular file, never following a symlink or blocking on a fifo."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidDocument(f"{path}: is a symbolic link, not a regular file") from exc
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InvalidDocument(f"{path}: not a regular file ({_file_kind(mode)})")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise InvalidDocument(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "an unknown file type"
+
+
+def _json_type(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _summarise(exc: ValidationError) -> str:
