@@ -2,33 +2,115 @@
 
 The pattern follows Maildir delivery: a reader never sees a partial file, and after a crash a file is
 either wholly there or wholly absent. Temp files are named ``.tmp.<name>.<pid>.<random>`` in the target
-directory, so a recovery pass can find and delete them.
+directory, so a recovery pass can find and delete them (``conductor.recovery``).
+
+Every durable write of Conductor goes through this module, which is also where the fault-injection suite
+makes writes fail (``CONDUCTOR_FAULT``) and processes die (``CONDUCTOR_CRASH_AT``, see
+:mod:`conductor.faults`).
+
+Errors: a storage failure (``ENOSPC``, ``EIO``, ``EDQUOT``, ``EROFS``, ``EFBIG``) is raised as
+:class:`StorageError`, which is both an ``OSError`` and a ``ConductorError`` (exit code 74). An ``fsync``
+failure is never retried: after a failed ``fsync`` the kernel may already have dropped the dirty pages
+(PostgreSQL's "fsyncgate"), so a second ``fsync`` that succeeds proves nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from conductor.errors import ConductorError
+from conductor.faults import crash_point, io_fault
+
 TEMP_PREFIX = ".tmp."
+TEMP_NAME = re.compile(r"^\.tmp\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?P<random>[0-9a-f]{8})$")
+"""A temp name this module makes: ``.tmp.<name>.<pid>.<8 hex>`` (recovery parses the writer's pid)."""
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+class StorageError(ConductorError, OSError):
+    """The disk refused a durable write (full, read-only, I/O error); nothing partial was made visible.
+
+    Exit code 74 (``EX_IOERR`` of sysexits.h). ``errno`` and ``filename`` are those of the failed call.
+    """
+
+    exit_code = 74
+
+
+@contextmanager
+def _storage(what: str) -> Iterator[None]:
+    """Re-raise a storage failure of the block as :class:`StorageError`; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS or isinstance(exc, StorageError):
+            raise
+        raise StorageError(exc.errno, f"{what} failed: {exc.strerror}", exc.filename) from exc
+
+
+def temp_path(target: Path) -> Path:
+    """A fresh temp name for a write of ``target``, in the same folder (see :data:`TEMP_NAME`)."""
+    return target.parent / f"{TEMP_PREFIX}{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def fsync_fd(fd: int, path: object = None) -> None:
+    """``fsync(fd)``, once. A failure is raised, never retried (see the module docstring).
+
+    Raises:
+        StorageError: the kernel reported a write-back error.
+    """
+    with _storage(f"fsync of {path}" if path is not None else "fsync"):
+        error = io_fault("fsync", path)
+        if error is not None:
+            raise error
+        os.fsync(fd)
 
 
 def fsync_dir(directory: Path) -> None:
     """fsync ``directory`` so that a rename or link inside it survives a power loss."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync_fd(fd, directory)
     finally:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+def write_all(fd: int, data: bytes, path: object = None) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked).
+
+    Raises:
+        StorageError: the disk is full or failed; part of ``data`` may have been written.
+    """
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    with _storage(f"write of {path}" if path is not None else "write"):
+        error = io_fault("write", path)
+        if error is not None:
+            os.write(fd, view[: len(view) // 2])  # a failing write(2) may still have written a part
+            raise error
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def write_once(fd: int, data: bytes, path: object = None) -> int:
+    """One ``os.write`` of ``data`` (for ``O_APPEND`` lines, which must not be split); returns bytes written.
+
+    Raises:
+        StorageError: the disk is full or failed; part of ``data`` may have been written.
+    """
+    with _storage(f"write of {path}" if path is not None else "write"):
+        error = io_fault("write", path)
+        if error is not None:
+            os.write(fd, data[: len(data) // 2])
+            raise error
+        return os.write(fd, data)
 
 
 def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
@@ -41,12 +123,12 @@ def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
 
 
 def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
-    temp = target.parent / f"{TEMP_PREFIX}{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    temp = temp_path(target)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        write_all(fd, data)
+        write_all(fd, data, target)
         os.fchmod(fd, mode)  # before the rename, whatever the umask: no reader sees a wrong mode
-        os.fsync(fd)
+        fsync_fd(fd, target)
     except BaseException:
         os.close(fd)
         temp.unlink(missing_ok=True)
@@ -55,22 +137,35 @@ def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
     return temp
 
 
+def _rename(source: Path, target: Path, *, replace: bool) -> None:
+    with _storage(f"rename of {source} to {target}"):
+        error = io_fault("rename", target)
+        if error is not None:
+            raise error
+        (os.replace if replace else os.rename)(source, target)
+
+
 def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``target`` with ``data`` atomically and durably (temp + fsync + rename + dir fsync).
 
     ``mode`` (permission bits) is set on the file before it becomes visible.
 
     Raises:
-        OSError: on any write, fsync or rename failure (fsync errors are not retried: after a failed
-            fsync the page cache state is unknown).
+        StorageError: the disk is full or failed; ``target`` is unchanged (or, if only the final folder
+            fsync failed, replaced but possibly not durable) and no temp file is left.
+        OSError: any other write or rename failure, with the same guarantee.
     """
     temp = _write_temp(target, data, mode)
+    crash_point("write.after_temp")
     try:
-        os.replace(temp, target)
+        _rename(temp, target, replace=True)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    crash_point("write.after_rename")
     fsync_dir(target.parent)
+    if _scope.name == "apply":
+        crash_point("apply.after_file")
 
 
 def publish_exclusive(target: Path, data: bytes) -> None:
@@ -80,19 +175,62 @@ def publish_exclusive(target: Path, data: bytes) -> None:
 
     Raises:
         FileExistsError: ``target`` already exists; nothing was changed.
+        StorageError: the disk is full or failed; ``target`` was not created (or, if only the final
+            folder fsync failed, created but possibly not durable).
         OSError: on any other write, fsync or link failure.
     """
     temp = _write_temp(target, data)
+    crash_point("publish.after_temp")
     try:
-        os.link(temp, target)
+        with _storage(f"link of {target}"):
+            error = io_fault("link", target)
+            if error is not None:
+                raise error
+            os.link(temp, target)
+        crash_point("publish.after_link")
     finally:
         temp.unlink(missing_ok=True)
     fsync_dir(target.parent)
+    crash_point("publish.after_dir_fsync")
 
 
 def durable_rename(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target`` (atomic on one file system) and fsync both directories."""
-    os.rename(source, target)
+    """Rename ``source`` to ``target`` (atomic on one file system) and fsync both directories.
+
+    Raises:
+        FileNotFoundError: ``source`` is gone.
+        StorageError: the rename or an fsync failed.
+    """
+    _rename(source, target, replace=False)
+    crash_point("rename.after_rename")
     fsync_dir(target.parent)
     if source.parent != target.parent:
         fsync_dir(source.parent)
+
+
+def remove_durably(path: Path) -> bool:
+    """Unlink ``path`` and fsync its folder; returns False if it was already gone."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+class _Scope(threading.local):
+    name: str | None = None
+
+
+_scope = _Scope()
+
+
+@contextmanager
+def write_scope(name: str) -> Iterator[None]:
+    """Label the atomic writes this thread makes inside the block (``"apply"``: the winner's files), so
+    that crash points can name a step of a longer operation (``apply.after_file``)."""
+    previous, _scope.name = _scope.name, name
+    try:
+        yield
+    finally:
+        _scope.name = previous

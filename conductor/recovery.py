@@ -1,0 +1,669 @@
+"""Recovery on start: repair what a crash, a ``kill -9`` or a full disk can leave in a project's files.
+
+:func:`recover_project` runs at the start of every command that runs a plan (``explore``, ``build``,
+``resume``: ``conductor.runtime``) and of ``conductor worker``. It is safe while other Conductor processes
+work on the same project: a fork's repairs run under the fork lock, a log's torn-tail repair under the
+log's append lock, and neither a live lease nor a live writer's temp file is ever touched. Repairs that
+race with the engine's own unlocked steps (publishing attempt 1, verifying, applying) need
+``exclusive=True``, which only the plan's engine passes (``run_plan``).
+
+What a crash can leave, and what recovery does (the order of the passes):
+
+1. A torn last line in an ``audit.log`` (a write cut short): the bytes after the last newline are saved as
+   ``audit.log.torn-<time>`` and cut off; ``recovery.audit_truncated`` records their size and SHA-256.
+2. Temp files ``.tmp.<name>.<pid>.<random>`` (:mod:`conductor.fsutil`) whose writer is gone — its pid is
+   not alive on this host — are removed; a temp without a pid in its name, or with this process's own pid
+   (a previous process that had it), once it is ``grace_seconds`` old. A temp is never a commit point, so
+   even removing a live writer's temp on another host sharing the folder (whose pid means nothing here)
+   costs at most a retry of that write.
+3. A task file in two state folders: the copy whose completion is committed (in ``completed/`` or
+   ``failed/`` with a result naming its attempt) wins, else the highest attempt, then the most advanced
+   folder (``failed`` > ``completed`` > ``in_progress`` > ``pending``); the others are quarantined.
+4. (exclusive) A rejection the verifier did not finish (its verdict in ``failed/``, the task still in
+   ``completed/``): the decided rejection is finished (sidecars, then the task, moved to ``failed/``); the
+   engine then logs the verdict it finds.
+5. Sidecars (result, explanation, provenance, verdict, attestation) in ``completed/`` or ``failed/``
+   without their task file there: the completion was never committed (the task move is the commit
+   point), so they are quarantined and the task stays where it is (its lease runs out and it is retried).
+6. A lease without its task in ``in_progress/`` whose holder is dead or whose time is up: removed.
+7. A task file whose attempt has no ``task.published`` event (a crash between the publish and its event):
+   the event is restored (``reason: "recovered"``) — for attempts > 1 always (the reaper publishes them
+   under the fork lock), for attempt 1 only with ``exclusive``. (exclusive) A ``step.verified`` without
+   the ``step.merged`` or ``task.failed`` that follows it: restored from the verdict file.
+8. (exclusive) ``plan.json`` without ``plan.created``: the event is restored from the file.
+9. (exclusive) An interrupted apply of the winner (``apply.intent.json`` left by
+   :func:`conductor.ranking.apply_winner`): finished from the intent, idempotently.
+10. (exclusive) Temp files a crash left inside fork workspaces (an interrupted merge), which would
+    otherwise be applied to the project as new files.
+
+Then the log and the folders must agree — every task file at least at its last published attempt, every
+``task.completed`` / ``task.failed`` / ``step.merged`` event matched by its task file's folder — or
+:class:`~conductor.errors.StateConflict` names each disagreement (file and event seq) and nothing is
+guessed. Quarantined files go to ``fork_<id>/quarantine/<UTC time>.<reason>.<state>.<name>``; nothing is
+deleted but temp files and dead leases. Every repair is an audit event (``recovery.repaired``
+``{what, path, detail}`` in the fork's log, or the plan's log for plan- and project-level repairs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from conductor.audit import AuditLog, repair_torn_tail
+from conductor.canonical import check_checksum, strict_loads
+from conductor.config import DEFAULT_WORKSPACE_IGNORE
+from conductor.errors import ChecksumMismatch, IntegrityError, MergeConflict, StateConflict
+from conductor.fsutil import TEMP_NAME, TEMP_PREFIX, durable_rename, fsync_dir, remove_durably
+from conductor.handoff.documents import read_document
+from conductor.handoff.lease import HOST, fork_lock
+from conductor.layout import (
+    ATTESTATION_SUFFIX,
+    EXPLANATION_SUFFIX,
+    LEASE_SUFFIX,
+    PARKED_SUFFIX,
+    PROVENANCE_SUFFIX,
+    RESULT_SUFFIX,
+    STATES,
+    VERDICT_SUFFIX,
+    ForkLayout,
+    ProjectLayout,
+)
+from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict, parse_time, utc_now
+from conductor.plan_store import load_base, plan_log
+from conductor.ranking import APPLY_INTENT_SCHEMA, apply_intent_file
+from conductor.snapshots import record_workspace
+from conductor.verifier import merge_changes
+
+TEMP_GRACE_SECONDS = 60.0
+"""A temp file this old is abandoned whoever wrote it (a durable write takes milliseconds)."""
+QUARANTINE = "quarantine"
+SIDECARS = (RESULT_SUFFIX, EXPLANATION_SUFFIX, PROVENANCE_SUFFIX, VERDICT_SUFFIX, ATTESTATION_SUFFIX)
+_ADVANCE = {"pending": 0, "in_progress": 1, "completed": 2, "failed": 3}
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One thing recovery repaired.
+
+    Attributes:
+        what: the kind, e.g. ``temp_removed``, ``duplicate_quarantined``, ``uncommitted_quarantined``,
+            ``lease_removed``, ``rejection_finished``, ``event_restored``, ``apply_finished``,
+            ``audit_truncated``.
+        path: the file concerned, relative to the project root (POSIX).
+        detail: one line for people.
+    """
+
+    what: str
+    path: str
+    detail: str
+
+    def to_data(self) -> dict[str, str]:
+        return {"what": self.what, "path": self.path, "detail": self.detail}
+
+
+@dataclass
+class RecoveryReport:
+    """Every repair of one recovery pass, in the order made (empty when nothing needed repair)."""
+
+    repairs: list[Repair] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """One line per repair, for the CLI: ``<what>: <path>: <detail>``."""
+        return [f"{r.what}: {r.path}: {r.detail}" for r in self.repairs]
+
+
+def recover_project(
+    layout: ProjectLayout,
+    *,
+    plan_id: str | None = None,
+    exclusive: bool = False,
+    grace_seconds: float = TEMP_GRACE_SECONDS,
+    ignore: Sequence[str] = DEFAULT_WORKSPACE_IGNORE,
+) -> RecoveryReport:
+    """Repair what a crash left in the project (see the module docstring for the list).
+
+    Args:
+        layout: the project.
+        plan_id: only this plan (and the project-wide folders); None = every unfinished plan (and the
+            torn tails of every plan's logs, which any later append would trip over).
+        exclusive: the caller is the plan's only engine and nothing of it runs yet: also make the repairs
+            that race with a live engine (passes 4, 8, 9, 10 and attempt-1 events of pass 7).
+        grace_seconds: age after which a temp file without another live writer's pid is abandoned.
+        ignore: ``config.yaml``'s ``workspace.ignore`` (for the workspace snapshot of a restored
+            ``step.merged`` event).
+
+    Returns:
+        The repairs made, each also recorded as an audit event.
+
+    Raises:
+        StateConflict: the log and the folders disagree in a way no crash explains (each disagreement is
+            named with its file and event seq), or an interrupted apply cannot be finished.
+        AuditChainError: a log is damaged other than by a torn last line (that is left for people).
+        StorageError: a repair's write failed.
+    """
+    job = _Recovery(layout, exclusive=exclusive, grace_seconds=grace_seconds, ignore=ignore)
+    if not layout.handoff_dir.is_dir():
+        return job.report
+    known = layout.plan_ids()
+    plans = known if plan_id is None else [plan_id] if plan_id in known else []  # an unknown id: the caller says so
+    for each in plans:
+        job.repair_torn_logs(each)
+    for each in plans:
+        if plan_id is not None or not _finished(layout, each):
+            job.recover_plan(each)
+    job.sweep_project(log=plan_log(layout, plans[-1]) if plans else None)
+    return job.report
+
+
+def recover_fork(
+    fork: ForkLayout, *, exclusive: bool = False, grace_seconds: float = TEMP_GRACE_SECONDS,
+    ignore: Sequence[str] = DEFAULT_WORKSPACE_IGNORE,
+) -> list[Repair]:
+    """Passes 1–7 and the consistency check for one fork (see :func:`recover_project`).
+
+    Returns:
+        The repairs made in this fork.
+
+    Raises:
+        StateConflict: the fork's log and folders disagree (each disagreement named).
+    """
+    job = _Recovery(fork.project, exclusive=exclusive, grace_seconds=grace_seconds, ignore=ignore)
+    _repair_torn(job, AuditLog(fork.audit_log))
+    job.recover_fork(fork)
+    return job.report.repairs
+
+
+def _finished(layout: ProjectLayout, plan_id: str) -> bool:
+    return any(e.type == "plan.finished" for e in plan_log(layout, plan_id).events())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stamp() -> str:
+    return utc_now().replace("-", "").replace(":", "").replace(".", "")
+
+
+def _repair_torn(job: _Recovery, log: AuditLog) -> None:
+    torn = repair_torn_tail(log.path)
+    if torn is None:
+        return
+    saved = job.relative(torn.saved_as)
+    log.append("recovery.audit_truncated", {"bytes": torn.size, "sha256": torn.sha256, "saved_as": saved})
+    job.report.repairs.append(Repair("audit_truncated", job.relative(log.path),
+                                     f"cut {torn.size} torn byte(s) (sha256 {torn.sha256}), saved as {saved}"))
+
+
+class _Recovery:
+    """One recovery pass: the settings, the report, and the passes of the module docstring."""
+
+    def __init__(
+        self, layout: ProjectLayout, *, exclusive: bool, grace_seconds: float, ignore: Sequence[str]
+    ) -> None:
+        self.layout, self.exclusive, self.grace_seconds = layout, exclusive, grace_seconds
+        self.ignore = list(ignore)
+        self.now = time.time()
+        self.report = RecoveryReport()
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.layout.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def record(self, log: AuditLog | None, what: str, path: Path, detail: str) -> None:
+        repair = Repair(what, self.relative(path), detail)
+        self.report.repairs.append(repair)
+        if log is not None:
+            log.append("recovery.repaired", repair.to_data())
+
+    def quarantine(self, fork: ForkLayout, path: Path, reason: str, log: AuditLog, detail: str) -> None:
+        folder = fork.dir / QUARANTINE
+        if not folder.is_dir():
+            folder.mkdir()
+            fsync_dir(fork.dir)
+        target = folder / f"{_stamp()}.{reason}.{path.parent.name}.{path.name}"
+        try:
+            durable_rename(path, target)
+        except FileNotFoundError:
+            return  # moved on by a live process meanwhile: not ours to keep
+        self.record(log, f"{reason}_quarantined", path, f"{detail}; moved to {self.relative(target)}")
+
+    # --- pass 1 and the plan --------------------------------------------------------------------
+
+    def repair_torn_logs(self, plan_id: str) -> None:
+        _repair_torn(self, plan_log(self.layout, plan_id))
+        for folder in sorted(self.layout.plan_dir(plan_id).glob("fork_*")):
+            _repair_torn(self, AuditLog(folder / "audit.log"))
+
+    def recover_plan(self, plan_id: str) -> None:
+        plan_dir, log = self.layout.plan_dir(plan_id), plan_log(self.layout, plan_id)
+        self.sweep(plan_dir, log)
+        workspaces = self.layout.conductor_dir / "workspaces" / f"plan_{plan_id}"
+        scratch = self.layout.conductor_dir / "scratch" / f"plan_{plan_id}"
+        self.sweep(workspaces, log)
+        self.sweep(scratch, log)
+        for folder in sorted(plan_dir.glob("fork_*")):
+            fork = self.layout.fork(plan_id, folder.name[len("fork_"):])
+            self.recover_fork(fork)
+            self.sweep(scratch / folder.name, AuditLog(fork.audit_log))
+        if self.exclusive:
+            self._restore_plan_created(plan_id, log)
+            self._finish_apply(plan_id, log)
+            for folder in sorted(workspaces.glob("fork_*")) if workspaces.is_dir() else []:
+                self.sweep(folder, log, recursive=True, may_remove=self._not_owned(plan_id, folder))
+
+    def _not_owned(self, plan_id: str, workspace: Path) -> Callable[[Path], bool]:
+        """``may_remove`` for a fork workspace: only paths it does not hold legitimately (read when first asked)."""
+        owned: list[set[str]] = []
+
+        def may_remove(path: Path) -> bool:
+            if not owned:
+                owned.append(self._workspace_paths(plan_id, workspace.name[len("fork_"):]))
+            return path.relative_to(workspace).as_posix() not in owned[0]
+
+        return may_remove
+
+    def _workspace_paths(self, plan_id: str, fork_id: str) -> set[str]:
+        """Paths a fork workspace may hold legitimately: the project's at the plan's start and every path an
+        accepted step changed. A temp-like name among them is content, never swept."""
+        owned = set(load_base(self.layout, plan_id))
+        fork = self.layout.fork(plan_id, fork_id)
+        for path, task_id in _sidecars(fork.state_dir("completed")):
+            if path.name == f"{task_id}{VERDICT_SUFFIX}":
+                try:
+                    owned.update(c.path for c in read_document(path, Verdict).files_changed)
+                except IntegrityError:
+                    continue
+        return owned
+
+    def sweep_project(self, *, log: AuditLog | None) -> None:
+        """Pass 2 over ``.conductor/`` (every plan folder, checkpoints, recordings, keys...) and the blob
+        store's staging folder; workspaces and scratch copies have their own sweeps, blob shards hold none."""
+        conductor = self.layout.conductor_dir
+        skip = {conductor / "objects", conductor / "workspaces", conductor / "scratch"}
+        self.sweep(conductor, log, recursive=True, may_descend=lambda path: path not in skip)
+        self.sweep(self.layout.objects_dir / "sha256", log)
+
+    # --- pass 2: temp files ---------------------------------------------------------------------
+
+    def stale_temp(self, entry: os.DirEntry[str]) -> str | None:
+        """Why the temp file ``entry`` is abandoned, or None if its writer may still be writing."""
+        if not entry.name.startswith(TEMP_PREFIX):
+            return None
+        match = TEMP_NAME.match(entry.name)
+        pid = int(match.group("pid")) if match else None
+        if pid is not None and pid != os.getpid():
+            # A live pid may be a writer still at work (a big copy can take minutes): never swept.
+            return None if _pid_alive(pid) else f"its writer (pid {pid} on {HOST}) is gone"
+        try:
+            age = self.now - entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return None
+        # No pid to ask, or our own (a previous process that had it): only age tells.
+        return f"{age:.0f} s old" if age >= self.grace_seconds else None
+
+    def sweep(
+        self, folder: Path, log: AuditLog | None, *, recursive: bool = False,
+        may_remove: Callable[[Path], bool] = lambda path: True,
+        may_descend: Callable[[Path], bool] = lambda path: True,
+    ) -> None:
+        """Remove the abandoned temp files of ``folder`` (and, with ``recursive``, of its subfolders)."""
+        for entry in _scan(folder):
+            why = self.stale_temp(entry)
+            if why is not None and may_remove(Path(entry.path)):
+                path = Path(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(path, ignore_errors=True)
+                    fsync_dir(folder)
+                elif not remove_durably(path):
+                    continue
+                self.record(log, "temp_removed", path, f"abandoned temp file: {why}")
+            elif recursive and entry.is_dir(follow_symlinks=False) and may_descend(Path(entry.path)):
+                self.sweep(Path(entry.path), log, recursive=True, may_remove=may_remove, may_descend=may_descend)
+
+    # --- one fork -------------------------------------------------------------------------------
+
+    def recover_fork(self, fork: ForkLayout) -> None:
+        if not fork.dir.is_dir():
+            return
+        log = AuditLog(fork.audit_log)
+        self.sweep(fork.dir, log)
+        for state in STATES:
+            self.sweep(fork.state_dir(state), log)
+        with fork_lock(fork):
+            self._resolve_duplicates(fork, log)
+            if self.exclusive:
+                self._finish_rejections(fork, log)
+            self._quarantine_uncommitted(fork, log)
+            self._remove_dead_leases(fork, log)
+            events = log.events()
+            self._restore_published(fork, log, events)
+            if self.exclusive:
+                self._restore_verdict_events(fork, log, events)
+            _check_agreement(fork, log.events())
+
+    # --- pass 3: a task in two folders ----------------------------------------------------------
+
+    def _resolve_duplicates(self, fork: ForkLayout, log: AuditLog) -> None:
+        places: dict[str, list[str]] = {}
+        for state in STATES:
+            for task_id in fork.task_ids(state):
+                places.setdefault(task_id, []).append(state)
+        for task_id, states in places.items():
+            if len(states) < 2 or not _present_together([fork.task_file(state, task_id) for state in states]):
+                continue  # a claim or a verdict moved it while the folders were listed: one file, two sightings
+            copies = {state: _read_task(fork.task_file(state, task_id)) for state in states}
+            keep = _choose_copy(fork, task_id, copies)
+            for state in states:
+                if state != keep:
+                    attempt = copies[state].attempt if copies[state] is not None else "unreadable"
+                    self.quarantine(fork, fork.task_file(state, task_id), "duplicate", log,
+                                    f"{task_id} is also in {keep}/ (kept); this copy: attempt {attempt}")
+
+    # --- pass 4: an unfinished rejection --------------------------------------------------------
+
+    def _finish_rejections(self, fork: ForkLayout, log: AuditLog) -> None:
+        for task_id in fork.task_ids("completed"):
+            rejected = fork.sidecar("failed", task_id, VERDICT_SUFFIX)
+            if not rejected.exists():
+                continue
+            verdict, task = _rejection(fork, task_id, rejected)
+            for suffix in (RESULT_SUFFIX, EXPLANATION_SUFFIX, PROVENANCE_SUFFIX):
+                source = fork.sidecar("completed", task_id, suffix)
+                if source.exists():
+                    durable_rename(source, fork.sidecar("failed", task_id, suffix))
+            durable_rename(fork.task_file("completed", task_id), fork.task_file("failed", task_id))
+            self.record(log, "rejection_finished", fork.task_file("failed", task_id),
+                        f"{task_id} attempt {task.attempt}: moved to failed/ as its verdict decided "
+                        f"({'; '.join(verdict.reasons) or 'rejected'})")
+
+    # --- pass 5: sidecars of a completion never committed ---------------------------------------
+
+    def _quarantine_uncommitted(self, fork: ForkLayout, log: AuditLog) -> None:
+        for state in ("completed", "failed"):
+            for path, task_id in _sidecars(fork.state_dir(state)):
+                if fork.task_file(state, task_id).exists():
+                    continue
+                if state == "failed" and fork.task_file("completed", task_id).exists() \
+                        and fork.sidecar("failed", task_id, VERDICT_SUFFIX).exists():
+                    continue  # a rejection in progress: the engine's own recovery finishes it (pass 4)
+                if fork.task_file(state, task_id).exists():
+                    continue  # the verifier committed its rejection between the two looks above
+                self.quarantine(fork, path, "uncommitted", log,
+                                f"no {task_id} task file in {state}/: its completion was never committed")
+
+    # --- pass 6: leases of tasks no longer in progress -------------------------------------------
+
+    def _remove_dead_leases(self, fork: ForkLayout, log: AuditLog) -> None:
+        folder = fork.state_dir("in_progress")
+        for path in sorted(folder.glob(f"*{LEASE_SUFFIX}")) if folder.is_dir() else []:
+            task_id = path.name[: -len(LEASE_SUFFIX)]
+            task = fork.task_file("in_progress", task_id)
+            if task.exists() or task.with_name(task.name + PARKED_SUFFIX).exists():
+                continue
+            why = self._lease_over(path)
+            if why is not None and remove_durably(path):
+                self.record(log, "lease_removed", path, f"{task_id} is no longer in progress and {why}")
+
+    def _lease_over(self, path: Path) -> str | None:
+        try:
+            lease = read_document(path, Lease)
+        except FileNotFoundError:
+            return None
+        except IntegrityError:
+            age = self.now - path.stat().st_mtime
+            return f"the lease is unreadable and {age:.0f} s old" if age >= self.grace_seconds else None
+        if lease.host == HOST and lease.pid != os.getpid() and not _pid_alive(lease.pid):
+            return f"its holder (pid {lease.pid}) is gone"
+        if parse_time(lease.expires_at).timestamp() <= self.now:
+            return "the lease expired"
+        return None
+
+    # --- pass 7: a publish whose event was lost -------------------------------------------------
+
+    def _restore_published(self, fork: ForkLayout, log: AuditLog, events: list[Event]) -> None:
+        published = {(e.data.get("step_id"), e.data.get("attempt")) for e in events if e.type == "task.published"}
+        for state in STATES:
+            for task_id in fork.task_ids(state):
+                task = _read_task(fork.task_file(state, task_id))
+                if task is None or (task_id, task.attempt) in published:
+                    continue
+                if task.attempt == 1 and not self.exclusive:
+                    continue  # the engine publishes attempt 1 without the fork lock: it may log it any moment
+                log.append("task.published", {"step_id": task_id, "attempt": task.attempt,
+                                              "checksum": task.checksum, "reason": "recovered"})
+                self.record(log, "event_restored", fork.task_file(state, task_id),
+                            f"task.published of {task_id} attempt {task.attempt} (published, never logged)")
+
+    def _restore_verdict_events(self, fork: ForkLayout, log: AuditLog, events: list[Event]) -> None:
+        """``step.merged`` / ``task.failed`` of a ``step.verified`` whose process died right after logging it."""
+        done = {(e.type, e.data.get("step_id"), e.data.get("attempt")) for e in events}
+        for event in events:
+            if event.type != "step.verified":
+                continue
+            task_id, attempt, accepted = event.data.get("step_id"), event.data.get("attempt"), event.data.get("accepted")
+            follow = "step.merged" if accepted else "task.failed"
+            if (follow, task_id, attempt) in done or not isinstance(task_id, str):
+                continue
+            path = fork.sidecar("completed" if accepted else "failed", task_id, VERDICT_SUFFIX)
+            verdict = _read_verdict(path)
+            if verdict is None or verdict.attempt != attempt or verdict.accepted != accepted:
+                continue  # the folders disagree with the log: the agreement check names it
+            files = [c.path for c in verdict.files_changed]
+            if accepted:
+                workspace = record_workspace(self.layout, fork.workspace, ignore=self.ignore)
+                log.append("step.merged", {"step_id": task_id, "attempt": attempt, "files": files,
+                                           "workspace": workspace})
+            else:
+                log.append("task.failed", {"step_id": task_id, "attempt": attempt, "reason": "verification_rejected",
+                                           "message": "; ".join(verdict.reasons)})
+            done.add((follow, task_id, attempt))
+            self.record(log, "event_restored", path, f"{follow} of {task_id} attempt {attempt} (after step.verified "
+                        f"seq {event.seq}, never logged)")
+
+    # --- passes 8 and 9: the plan's own events and its apply ------------------------------------
+
+    def _restore_plan_created(self, plan_id: str, log: AuditLog) -> None:
+        if any(e.type == "plan.created" for e in log.events()):
+            return
+        path = self.layout.plan_dir(plan_id) / "plan.json"
+        plan = read_document(path, Plan)
+        log.append("plan.created", {"plan_id": plan.plan_id, "goal": plan.goal,
+                                    "planner": plan.planner.model_dump(mode="json"),
+                                    "forks": [f.fork_id for f in plan.forks], "plan_checksum": plan.checksum})
+        self.record(log, "event_restored", path, "plan.created (plan.json written, never logged)")
+
+    def _finish_apply(self, plan_id: str, log: AuditLog) -> None:
+        path = apply_intent_file(self.layout, plan_id)
+        if not path.exists():
+            return
+        fork_id, changes = _read_intent(path, plan_id)
+        # Only temps named after a file being applied: anything else in the project is the user's.
+        targets = {(self.layout.root / c.path).parent / f"{TEMP_PREFIX}{Path(c.path).name}" for c in changes}
+        for folder in sorted({target.parent for target in targets}):
+            self.sweep(folder, log, may_remove=lambda path: _temp_target(path) in targets)
+        try:
+            merge_changes(changes, src_root=self.layout.workspace_dir(plan_id, fork_id), dst_root=self.layout.root,
+                          base=load_base(self.layout, plan_id), ignore=[])
+        except (MergeConflict, ChecksumMismatch) as exc:
+            raise StateConflict(f"{path}: the interrupted apply of fork {fork_id} cannot be finished ({exc}); "
+                                "the project may be half applied, and the intent is kept") from exc
+        remove_durably(path)
+        self.record(log, "apply_finished", path,
+                    f"the interrupted apply of fork {fork_id} was finished: {len(changes)} change(s) in place")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _temp_target(path: Path) -> Path | None:
+    """``<folder>/.tmp.<name>`` for a temp ``<folder>/.tmp.<name>.<pid>.<random>``, else None."""
+    match = TEMP_NAME.match(path.name)
+    return path.parent / f"{TEMP_PREFIX}{match.group('name')}" if match else None
+
+
+def _scan(folder: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            yield from sorted(entries, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+
+def _sidecars(folder: Path) -> Iterator[tuple[Path, str]]:
+    """``(path, task_id)`` of every sidecar file in a state folder."""
+    for entry in _scan(folder):
+        suffix = next((s for s in SIDECARS if entry.name.endswith(s)), None)
+        if suffix is not None and not entry.name.startswith(TEMP_PREFIX) and len(entry.name) > len(suffix):
+            yield Path(entry.path), entry.name[: -len(suffix)]
+
+
+def _present_together(paths: list[Path]) -> bool:
+    """Did every path exist at one same instant? Each is looked at twice with the same inode in between, so
+    a file renamed from one of these names to another (a claim, a verdict's move) is not two files."""
+    try:
+        first = [os.stat(p, follow_symlinks=False).st_ino for p in paths]
+        return [os.stat(p, follow_symlinks=False).st_ino for p in paths] == first
+    except FileNotFoundError:
+        return False
+
+
+def _read_verdict(path: Path) -> Verdict | None:
+    try:
+        return read_document(path, Verdict)
+    except (FileNotFoundError, IntegrityError):
+        return None
+
+
+def _read_task(path: Path) -> Task | None:
+    try:
+        return read_document(path, Task)
+    except (FileNotFoundError, IntegrityError):
+        return None
+
+
+def _committed(fork: ForkLayout, state: str, task: Task | None) -> bool:
+    """Is this copy a committed completion: in completed/ or failed/ beside a result naming its attempt?"""
+    if task is None or state not in ("completed", "failed"):
+        return False
+    try:
+        return read_document(fork.sidecar(state, task.task_id, RESULT_SUFFIX), Result).attempt == task.attempt
+    except (FileNotFoundError, IntegrityError):
+        return False
+
+
+def _choose_copy(fork: ForkLayout, task_id: str, copies: dict[str, Task | None]) -> str:
+    """The state folder whose copy of a duplicated task file to keep (rule 3 of the module docstring).
+
+    Raises:
+        StateConflict: no copy is readable, or two committed completions disagree.
+    """
+    readable = {state: task for state, task in copies.items() if task is not None}
+    if not readable:
+        raise StateConflict(f"{fork.dir}: {task_id} is in {', '.join(copies)}/ and no copy is a valid task file")
+    committed = [state for state, task in readable.items() if _committed(fork, state, task)]
+    if len(committed) > 1:
+        raise StateConflict(f"{fork.dir}: {task_id} has committed completions in both {' and '.join(committed)}/")
+    if committed:
+        return committed[0]
+    return max(readable, key=lambda state: (readable[state].attempt, _ADVANCE[state]))
+
+
+def _rejection(fork: ForkLayout, task_id: str, rejected: Path) -> tuple[Verdict, Task]:
+    """The verdict and task of a rejection in progress, checked to belong together.
+
+    Raises:
+        StateConflict: the verdict is unreadable, accepts the step, names another attempt, or an accepted
+            verdict exists too.
+    """
+    task_path = fork.task_file("completed", task_id)
+    try:
+        verdict = read_document(rejected, Verdict)
+        task = read_document(task_path, Task)
+    except IntegrityError as exc:
+        raise StateConflict(f"{rejected}: a rejection in progress cannot be finished: {exc}") from exc
+    if verdict.accepted or verdict.attempt != task.attempt or fork.sidecar("completed", task_id, VERDICT_SUFFIX).exists():
+        raise StateConflict(
+            f"{rejected} (attempt {verdict.attempt}, accepted={verdict.accepted}) does not belong to {task_path} "
+            f"(attempt {task.attempt}); refusing to guess which decision stands"
+        )
+    return verdict, task
+
+
+def _read_intent(path: Path, plan_id: str) -> tuple[str, list[FileChange]]:
+    """``(fork_id, changes)`` of an apply intent, read strictly.
+
+    Raises:
+        StateConflict: the intent is unreadable (the project may be half applied; people must look).
+    """
+    try:
+        document: Any = strict_loads(path.read_bytes(), source=str(path))
+        if not isinstance(document, dict) or document.get("schema") != APPLY_INTENT_SCHEMA:
+            raise IntegrityError(f"{path}: not a {APPLY_INTENT_SCHEMA} document")
+        check_checksum(document, source=str(path))
+        if document.get("plan_id") != plan_id or not isinstance(document.get("fork_id"), str):
+            raise IntegrityError(f"{path}: names plan {document.get('plan_id')!r}, not {plan_id!r}")
+        changes = [FileChange.model_validate(c) for c in document.get("changes", [])]
+    except (IntegrityError, ValidationError, TypeError) as exc:
+        raise StateConflict(f"{path}: an interrupted apply's intent is unreadable ({exc}); "
+                            "the project may be half applied") from exc
+    return document["fork_id"], changes
+
+
+def _check_agreement(fork: ForkLayout, events: list[Event]) -> None:
+    """Raise StateConflict naming every event the folders contradict (no crash can cause these)."""
+    where: dict[str, tuple[str, Task | None]] = {}
+    for task_id in {e.data.get("step_id") for e in events if isinstance(e.data.get("step_id"), str)}:
+        found = fork.find_task(task_id)
+        if found is not None:
+            where[task_id] = (found[0], _read_task(found[1]))
+    problems: list[str] = []
+    last_published: dict[str, Event] = {}
+    for event in events:
+        task_id, attempt = event.data.get("step_id"), event.data.get("attempt")
+        if not isinstance(task_id, str):
+            continue
+        state, task = where.get(task_id, (None, None))
+        seen = f"{fork.task_file(state, task_id) if state else 'no task file'}" + (
+            f" (attempt {task.attempt})" if task is not None else "")
+        if event.type == "task.published":
+            last_published[task_id] = event
+        elif event.type == "task.completed" and (state not in ("completed", "failed")
+                                                 or (task is not None and task.attempt != attempt)):
+            problems.append(f"seq {event.seq} task.completed {task_id} attempt {attempt}, but {seen}")
+        elif event.type == "task.failed" and state != "failed":
+            problems.append(f"seq {event.seq} task.failed {task_id} attempt {attempt}, but {seen}")
+        elif event.type == "step.merged" and (
+            state != "completed" or (task is not None and task.attempt != attempt)
+            or not fork.sidecar("completed", task_id, VERDICT_SUFFIX).exists()
+        ):
+            problems.append(f"seq {event.seq} step.merged {task_id} attempt {attempt}, but {seen} "
+                            "with no accepted verdict beside it")
+    for task_id, event in last_published.items():
+        state, task = where.get(task_id, (None, None))
+        if state is None:
+            problems.append(f"seq {event.seq} task.published {task_id} attempt {event.data.get('attempt')}, "
+                            "but its task file is in no state folder")
+        elif task is not None and task.attempt < int(event.data.get("attempt", 0)):
+            problems.append(f"seq {event.seq} task.published {task_id} attempt {event.data.get('attempt')}, "
+                            f"but {fork.task_file(state, task_id)} holds attempt {task.attempt}")
+    if problems:
+        raise StateConflict(f"{fork.audit_log} and the folders of fork {fork.fork_id} disagree; refusing to guess: "
+                            + "; ".join(problems))

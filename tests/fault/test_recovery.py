@@ -1,0 +1,424 @@
+"""conductor.recovery on hand-made crash leftovers: each repair, its audit event, and what it must not touch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from conductor import ranking
+from conductor.audit import AuditLog, verify_chain
+from conductor.errors import StateConflict
+from conductor.fsutil import atomic_write
+from conductor.handoff.documents import write_document
+from conductor.handoff.lease import HOST, claim_task
+from conductor.layout import ProjectLayout
+from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, Verdict, utc_now
+from conductor.ranking import apply_intent_file, apply_winner, fork_changes
+from conductor.recovery import QUARANTINE, recover_project
+from conductor.worker import Worker, WorkerSettings
+from tests.fault.invariants import state_problems
+from tests.handoff.support import Handoff, dead_pid, make_handoff
+
+EXECUTOR = ExecutorInfo(id="test@here:1", kind="test")
+
+
+@pytest.fixture
+def handoff(tmp_path: Path) -> Handoff:
+    return make_handoff(tmp_path / "project", steps=3)
+
+
+def log_of(handoff: Handoff) -> AuditLog:
+    return AuditLog(handoff.fork.audit_log)
+
+
+def publish(handoff: Handoff, task_id: str) -> Task:
+    """Publish attempt 1 and log it, as the engine does."""
+    task = handoff.publish(task_id)
+    log_of(handoff).append("task.published", {"step_id": task_id, "attempt": 1, "checksum": task.checksum})
+    return task
+
+
+def repairs(handoff: Handoff, what: str | None = None) -> list[dict]:
+    logs = [log_of(handoff), AuditLog(handoff.layout.plan_dir(handoff.plan.plan_id) / "audit.log")]
+    found = [e.data for log in logs for e in log.events() if e.type == "recovery.repaired"]
+    return [r for r in found if what is None or r["what"] == what]
+
+
+def quarantined(handoff: Handoff) -> list[str]:
+    folder = handoff.fork.dir / QUARANTINE
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def result_for(task: Task, status: str = "completed") -> Result:
+    now = utc_now()
+    return Result(task_id=task.task_id, plan_id=task.plan_id, fork_id=task.fork_id, attempt=task.attempt,
+                  fencing_token=task.attempt, task_checksum=task.checksum or "", status=status, executor=EXECUTOR,
+                  summary="done", error=None if status == "completed" else ErrorInfo(kind="x", message="y"),
+                  started_at=now, finished_at=now)
+
+
+def temp_name(target: str, pid: int) -> str:
+    return f".tmp.{target}.{pid}.deadbeef"
+
+
+# --- temp files ---------------------------------------------------------------------------------
+
+
+def test_abandoned_temp_files_are_removed_and_live_writers_keep_theirs(handoff: Handoff) -> None:
+    pending = handoff.fork.state_dir("pending")
+    dead, alive = dead_pid(), os.getppid()
+    (pending / temp_name("step_001.task.json", dead)).write_text("{half")
+    (pending / temp_name("step_002.task.json", alive)).write_text("{half")
+    (pending / temp_name("step_003.task.json", os.getpid())).write_text("{half")
+    copy = handoff.layout.conductor_dir / "workspaces" / f"plan_{handoff.plan.plan_id}" / temp_name("fork_x", dead)
+    (copy / "sub").mkdir(parents=True)
+    blob = handoff.layout.objects_dir / "sha256" / temp_name("blob", dead)
+    blob.write_bytes(b"partial blob")
+
+    report = recover_project(handoff.layout)
+
+    left = sorted(p.name for p in pending.iterdir())
+    assert left == sorted([temp_name("step_002.task.json", alive), temp_name("step_003.task.json", os.getpid())])
+    assert not copy.exists() and not blob.exists()
+    removed = {r.path.rsplit("/", 1)[-1] for r in report.repairs if r.what == "temp_removed"}
+    assert removed == {temp_name("step_001.task.json", dead), temp_name("fork_x", dead), temp_name("blob", dead)}
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in repairs(handoff, "temp_removed")) == sorted(removed)
+
+    recover_project(handoff.layout, grace_seconds=0)  # our own pid's temp is judged by age; a live writer's never
+    assert [p.name for p in pending.iterdir()] == [temp_name("step_002.task.json", alive)]
+    (pending / ".tmp.no-pid-in-this-name").write_text("x")
+    recover_project(handoff.layout, grace_seconds=0)
+    assert [p.name for p in pending.iterdir()] == [temp_name("step_002.task.json", alive)]
+
+
+def test_a_temp_named_file_that_belongs_to_the_project_is_never_swept(tmp_path: Path) -> None:
+    name = temp_name("mine", dead_pid())
+    handoff = make_handoff(tmp_path / "project", files={"README.md": "hi\n", name: "user data\n"})
+    merge_leftover = handoff.fork.workspace / temp_name("README.md", dead_pid())
+    merge_leftover.write_text("half a merge")
+
+    recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
+
+    assert (handoff.fork.workspace / name).read_text() == "user data\n"
+    assert (handoff.root / name).read_text() == "user data\n"
+    assert not merge_leftover.exists()  # would otherwise be applied to the project as a new file
+
+
+# --- a task in two folders ----------------------------------------------------------------------
+
+
+def test_a_task_in_two_folders_keeps_the_most_advanced_copy_and_quarantines_the_other(handoff: Handoff) -> None:
+    publish(handoff, "step_001")
+    shutil.copy2(handoff.task_path("pending", "step_001"), handoff.task_path("in_progress", "step_001"))
+
+    report = recover_project(handoff.layout)
+
+    assert handoff.where()["in_progress"] == ["step_001"] and handoff.where()["pending"] == []
+    [moved] = quarantined(handoff)
+    assert moved.endswith(".duplicate.pending.step_001.task.json")
+    assert [r.what for r in report.repairs] == ["duplicate_quarantined"]
+    assert repairs(handoff, "duplicate_quarantined")[0]["path"].endswith("pending/step_001.task.json")
+
+
+def test_a_committed_completion_wins_over_a_newer_looking_copy(handoff: Handoff) -> None:
+    task = publish(handoff, "step_001")
+    claim = claim_task(handoff.fork, "step_001", holder="w", lease_seconds=60)
+    assert claim is not None
+    write_document(handoff.fork.sidecar("completed", "step_001", ".result.json"), result_for(task))
+    shutil.copy2(handoff.task_path("in_progress", "step_001"), handoff.task_path("completed", "step_001"))
+
+    recover_project(handoff.layout)
+
+    assert handoff.where()["completed"] == ["step_001"] and handoff.where()["in_progress"] == []
+    assert [n.split(".", 1)[1] for n in quarantined(handoff)] == ["duplicate.in_progress.step_001.task.json"]
+
+
+def test_a_higher_attempt_wins_when_nothing_is_committed(handoff: Handoff) -> None:
+    task = publish(handoff, "step_001")
+    write_document(handoff.task_path("in_progress", "step_001"), task.model_copy(update={"attempt": 2}))
+    log_of(handoff).append("task.published", {"step_id": "step_001", "attempt": 2, "checksum": "sha256:" + "0" * 64})
+
+    recover_project(handoff.layout)
+
+    assert handoff.where()["in_progress"] == ["step_001"]
+    assert handoff.read_task("in_progress", "step_001").attempt == 2
+
+
+def test_two_unreadable_copies_are_a_state_conflict(handoff: Handoff) -> None:
+    handoff.task_path("pending", "step_001").write_text("{broken")
+    handoff.task_path("failed", "step_001").write_text("{broken too")
+    with pytest.raises(StateConflict, match="no copy is a valid task file"):
+        recover_project(handoff.layout)
+
+
+# --- completions that were never committed ------------------------------------------------------
+
+
+def test_sidecars_of_an_uncommitted_completion_are_quarantined_and_the_task_stays(handoff: Handoff) -> None:
+    task = publish(handoff, "step_001")
+    claim = claim_task(handoff.fork, "step_001", holder="w", lease_seconds=60)
+    assert claim is not None
+    write_document(handoff.fork.sidecar("completed", "step_001", ".result.json"), result_for(task))
+    atomic_write(handoff.fork.sidecar("completed", "step_001", ".explanation.md"), b"did it")
+    lease_before = handoff.fork.lease_file("step_001").read_bytes()
+
+    report = recover_project(handoff.layout)
+
+    assert handoff.files_in("completed") == []
+    assert handoff.where()["in_progress"] == ["step_001"]
+    assert handoff.fork.lease_file("step_001").read_bytes() == lease_before  # a live lease is never touched
+    assert sorted(n.split(".", 1)[1] for n in quarantined(handoff)) == [
+        "uncommitted.completed.step_001.explanation.md", "uncommitted.completed.step_001.result.json"]
+    assert [r.what for r in report.repairs] == ["uncommitted_quarantined"] * 2
+
+
+def rejection_in_progress(handoff: Handoff) -> Task:
+    """The verifier's rejection interrupted: verdict in failed/, result moved, task still in completed/."""
+    task = publish(handoff, "step_001")
+    durable = handoff.task_path("completed", "step_001")
+    shutil.move(handoff.task_path("pending", "step_001"), durable)
+    write_document(handoff.fork.sidecar("failed", "step_001", ".result.json"), result_for(task))
+    atomic_write(handoff.fork.sidecar("completed", "step_001", ".explanation.md"), b"did it")
+    verdict = Verdict(task_id="step_001", plan_id=task.plan_id, fork_id=task.fork_id, attempt=1, accepted=False,
+                      reasons=["outside allowed_files: c.txt"], diff_lines=1, policy_digest=task.policy_digest,
+                      decided_at=utc_now())
+    write_document(handoff.fork.sidecar("failed", "step_001", ".verdict.json"), verdict)
+    return task
+
+
+def test_only_the_engine_finishes_an_interrupted_rejection(handoff: Handoff) -> None:
+    rejection_in_progress(handoff)
+    before = {state: handoff.files_in(state) for state in ("completed", "failed")}
+
+    recover_project(handoff.layout)  # a worker starting: the engine may be in the middle of this very move
+    assert {state: handoff.files_in(state) for state in ("completed", "failed")} == before
+
+    report = recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
+    assert handoff.files_in("completed") == []
+    assert handoff.files_in("failed") == ["step_001.explanation.md", "step_001.result.json", "step_001.task.json",
+                                          "step_001.verdict.json"]
+    assert "rejection_finished" in [r.what for r in report.repairs]
+
+
+# --- leases -------------------------------------------------------------------------------------
+
+
+def lease(task_id: str, *, pid: int, seconds: str = "2099-01-01T00:00:00.000000Z") -> Lease:
+    now = utc_now()
+    return Lease(task_id=task_id, attempt=1, fencing_token=1, holder=f"w@{HOST}:{pid}", pid=pid, host=HOST,
+                 acquired_at=now, renewed_at=now, expires_at=seconds)
+
+
+def test_a_dead_lease_without_its_task_is_removed_and_a_live_one_kept(handoff: Handoff) -> None:
+    publish(handoff, "step_001")
+    publish(handoff, "step_002")
+    write_document(handoff.fork.lease_file("step_001"), lease("step_001", pid=dead_pid()))
+    write_document(handoff.fork.lease_file("step_002"), lease("step_002", pid=os.getppid()))
+
+    report = recover_project(handoff.layout)
+
+    assert handoff.files_in("in_progress") == ["step_002.lease.json"]
+    assert [r.what for r in report.repairs] == ["lease_removed"]
+
+
+# --- the audit log ------------------------------------------------------------------------------
+
+
+def test_a_torn_last_line_is_cut_saved_and_recorded(handoff: Handoff) -> None:
+    publish(handoff, "step_001")
+    log = log_of(handoff)
+    torn = b'{"data":{"attempt":1,"step_id":"step_0'
+    with log.path.open("ab") as handle:
+        handle.write(torn)
+    assert not verify_chain(log.path).ok
+
+    report = recover_project(handoff.layout)
+
+    assert verify_chain(log.path).ok
+    event = next(e for e in log.events() if e.type == "recovery.audit_truncated")
+    assert event.data["bytes"] == len(torn)
+    assert event.data["sha256"] == hashlib.sha256(torn).hexdigest()
+    assert (handoff.root / event.data["saved_as"]).read_bytes() == torn
+    assert [r.what for r in report.repairs] == ["audit_truncated"]
+
+
+# --- events lost between an action and its record -----------------------------------------------
+
+
+def test_a_lost_publish_event_is_restored_for_a_retry_always_and_for_attempt_1_by_the_engine(handoff: Handoff) -> None:
+    first = handoff.publish("step_001")  # attempt 1, never logged
+    retry = handoff.build_task("step_002", attempt=2)
+    second = write_document(handoff.task_path("pending", "step_002"), retry, exclusive=True)
+
+    recover_project(handoff.layout)
+    restored = [(e.data["step_id"], e.data["attempt"], e.data["checksum"], e.data["reason"])
+                for e in log_of(handoff).events() if e.type == "task.published"]
+    assert restored == [("step_002", 2, second.checksum, "recovered")]
+
+    recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
+    restored = [(e.data["step_id"], e.data["attempt"]) for e in log_of(handoff).events() if e.type == "task.published"]
+    assert restored == [("step_002", 2), ("step_001", 1)]
+    assert first.checksum in {e.data["checksum"] for e in log_of(handoff).events() if e.type == "task.published"}
+
+
+def test_a_lost_plan_created_event_is_restored_by_the_engine(handoff: Handoff) -> None:
+    plan_log = handoff.layout.plan_dir(handoff.plan.plan_id) / "audit.log"
+    plan_log.unlink()  # as if the crash came right after plan.json
+
+    recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
+
+    [created] = [e for e in AuditLog(plan_log).events() if e.type == "plan.created"]
+    assert created.data["plan_checksum"] == handoff.plan.checksum
+
+
+def test_a_verified_step_whose_merge_event_was_lost_gets_it_back_from_its_verdict(handoff: Handoff) -> None:
+    task = publish(handoff, "step_001")
+    shutil.move(handoff.task_path("pending", "step_001"), handoff.task_path("completed", "step_001"))
+    write_document(handoff.fork.sidecar("completed", "step_001", ".result.json"), result_for(task))
+    atomic_write(handoff.fork.sidecar("completed", "step_001", ".provenance.json"), b"{}")
+    change = {"path": "README.md", "change": "modified", "sha256": "0" * 64, "lines_added": 1, "lines_removed": 1}
+    verdict = write_document(handoff.fork.sidecar("completed", "step_001", ".verdict.json"), Verdict(
+        task_id="step_001", plan_id=task.plan_id, fork_id=task.fork_id, attempt=1, accepted=True,
+        files_changed=[change], diff_lines=2, policy_digest=task.policy_digest, decided_at=utc_now()))
+    log_of(handoff).append("step.verified", {"step_id": "step_001", "attempt": 1, "accepted": True, "reasons": [],
+                                             "diff_lines": 2, "files": ["README.md"], "checks": [],
+                                             "verification": [], "verdict_checksum": verdict.checksum})
+
+    recover_project(handoff.layout)  # a worker: the engine may be about to log it itself
+    assert not [e for e in log_of(handoff).events() if e.type == "step.merged"]
+    recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
+
+    [merged] = [e for e in log_of(handoff).events() if e.type == "step.merged"]
+    assert merged.data["files"] == ["README.md"] and merged.data["workspace"].startswith("sha256:")
+    assert repairs(handoff, "event_restored")[-1]["detail"].startswith("step.merged of step_001 attempt 1")
+
+
+# --- disagreements no crash explains ------------------------------------------------------------
+
+
+def test_a_completion_the_folders_contradict_is_a_state_conflict_naming_event_and_file(handoff: Handoff) -> None:
+    publish(handoff, "step_001")
+    event = log_of(handoff).append("task.completed", {"step_id": "step_001", "attempt": 1, "executor": "x",
+                                                      "duration_seconds": 1.0})
+    with pytest.raises(StateConflict) as caught:
+        recover_project(handoff.layout)
+    message = str(caught.value)
+    assert f"seq {event.seq} task.completed step_001 attempt 1" in message
+    assert "pending/step_001.task.json" in message and "refusing to guess" in message
+
+
+def test_a_task_file_behind_its_published_attempt_is_a_state_conflict(handoff: Handoff) -> None:
+    publish(handoff, "step_001")
+    log_of(handoff).append("task.published", {"step_id": "step_001", "attempt": 2, "checksum": "sha256:" + "1" * 64})
+    with pytest.raises(StateConflict, match="holds attempt 1"):
+        recover_project(handoff.layout)
+
+
+def test_a_published_task_that_vanished_is_a_state_conflict(handoff: Handoff) -> None:
+    publish(handoff, "step_001")
+    handoff.task_path("pending", "step_001").unlink()
+    with pytest.raises(StateConflict, match="in no state folder"):
+        recover_project(handoff.layout)
+
+
+# --- the winner's apply -------------------------------------------------------------------------
+
+
+def half_applied(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Change two files in the fork workspace and crash (in-process: an exception) after applying one."""
+    (handoff.fork.workspace / "README.md").write_text("changed\n")
+    (handoff.fork.workspace / "new.txt").write_text("new\n")
+    changes = fork_changes(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, ignore=[])
+    real = ranking.merge_changes
+
+    def crash_after_first(changes, **kwargs):  # type: ignore[no-untyped-def]
+        real(changes[:1], **kwargs)
+        raise KeyboardInterrupt("crash")
+
+    monkeypatch.setattr(ranking, "merge_changes", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        apply_winner(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, changes, ignore=[])
+    monkeypatch.setattr(ranking, "merge_changes", real)
+    return changes
+
+
+def test_a_half_applied_winner_is_finished_from_its_intent(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> None:
+    changes = half_applied(handoff, monkeypatch)
+    assert [c.path for c in changes] == ["README.md", "new.txt"]
+    assert (handoff.root / "README.md").read_text() == "changed\n" and not (handoff.root / "new.txt").exists()
+    assert apply_intent_file(handoff.layout, handoff.plan.plan_id).exists()
+
+    report = recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
+
+    assert (handoff.root / "new.txt").read_text() == "new\n" and (handoff.root / "README.md").read_text() == "changed\n"
+    assert not apply_intent_file(handoff.layout, handoff.plan.plan_id).exists()
+    assert [r.what for r in report.repairs] == ["apply_finished"]
+    assert recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True).repairs == []  # idempotent
+
+
+def test_an_apply_that_cannot_be_finished_is_a_state_conflict_and_keeps_its_intent(
+    handoff: Handoff, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    half_applied(handoff, monkeypatch)
+    (handoff.root / "new.txt").write_text("a person wrote this meanwhile\n")
+
+    with pytest.raises(StateConflict, match="cannot be finished"):
+        recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
+
+    assert apply_intent_file(handoff.layout, handoff.plan.plan_id).exists()
+    assert (handoff.root / "new.txt").read_text() == "a person wrote this meanwhile\n"
+
+
+def test_an_apply_refused_for_a_conflict_leaves_no_intent(handoff: Handoff) -> None:
+    (handoff.fork.workspace / "README.md").write_text("changed\n")
+    changes = fork_changes(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, ignore=[])
+    (handoff.root / "README.md").write_text("edited by a person\n")
+    with pytest.raises(StateConflict):
+        apply_winner(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, changes, ignore=[])
+    assert not apply_intent_file(handoff.layout, handoff.plan.plan_id).exists()
+
+
+# --- live workers -------------------------------------------------------------------------------
+
+
+class SlowRunner:
+    """Writes README.md after a short pause, so recovery passes run while tasks are in flight."""
+
+    info = EXECUTOR
+
+    def run(self, task, workspace, should_stop):  # type: ignore[no-untyped-def]
+        from conductor.executors.base import Outcome
+
+        threading.Event().wait(0.02)
+        (workspace / "README.md").write_text(f"{task.task_id}\n")
+        return Outcome("completed", "wrote", "wrote README.md")
+
+
+def test_recovery_running_beside_a_live_worker_touches_nothing_of_it(tmp_path: Path) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=12)
+    for task_id in handoff.step_ids:
+        publish(handoff, task_id)
+    worker = Worker(handoff.layout, SlowRunner(), WorkerSettings(poll_seconds=0.05), ignore=[])
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True})
+    thread.start()
+    passes = 0
+    while thread.is_alive():
+        report = recover_project(handoff.layout)
+        assert report.repairs == []
+        passes += 1
+    thread.join()
+    assert passes > 1
+    assert handoff.where()["completed"] == handoff.step_ids
+    assert quarantined(handoff) == []
+    assert state_problems(handoff.root, finished=True) == []
+
+
+def test_recovery_of_a_clean_project_does_nothing(handoff: Handoff) -> None:
+    publish(handoff, "step_001")
+    assert recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True).repairs == []
+    assert recover_project(ProjectLayout(handoff.root / "nowhere")).repairs == []
