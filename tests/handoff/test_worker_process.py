@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import re
 import signal
 import time
@@ -28,6 +29,19 @@ from tests.handoff.support import (
 RUN_LINE = re.compile(r"worker (\S+): (\d+) task\(s\) run")
 
 
+def _race_tasks() -> int:
+    """Tasks of the race: ``CONDUCTOR_RACE_TASKS`` (default 1000). Read at import, because the autouse
+    fixture of tests/conftest.py removes every ``CONDUCTOR_*`` variable before a test runs."""
+    raw = os.environ.get("CONDUCTOR_RACE_TASKS", "1000")
+    if not raw.strip().isdigit() or int(raw) < 4:
+        raise ValueError(f"CONDUCTOR_RACE_TASKS={raw!r}: expected a whole number of at least 4 (one per worker)")
+    return int(raw)
+
+
+RACE_TASKS = _race_tasks()
+RACE_TIMEOUT = max(600, int(RACE_TASKS * 0.3))  # 1,000 tasks take ~40 s on 2 CPUs; listing grows with the queue
+
+
 def _tasks_run(output: str) -> int:
     match = RUN_LINE.search(output)
     assert match, f"no summary line in the worker's output:\n{output}"
@@ -38,15 +52,15 @@ def _events(handoff: Handoff, type_: str) -> list[dict]:
     return [e.data for e in AuditLog(handoff.fork.audit_log).events() if e.type == type_]
 
 
-# --- four workers, one thousand tasks -----------------------------------------------------------
+# --- four workers, one thousand tasks (CONDUCTOR_RACE_TASKS) -------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(RACE_TIMEOUT)
 def test_four_worker_processes_run_a_thousand_tasks_exactly_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    count, workers = 1000, 4
+    count, workers = RACE_TASKS, 4
     began = time.monotonic()
     handoff = make_handoff(tmp_path / "project", steps=count)
     published = handoff.publish_all()
@@ -59,7 +73,7 @@ def test_four_worker_processes_run_a_thousand_tasks_exactly_once(
     procs = [start_worker(handoff.root, command, "--burst", env=env, log=tmp_path / f"worker{i}.out")
              for i in range(workers)]
     try:
-        codes = [proc.wait(timeout=420) for proc in procs]
+        codes = [proc.wait(timeout=RACE_TIMEOUT - 180) for proc in procs]
     finally:
         for proc in procs:
             stop_process(proc)

@@ -1,0 +1,132 @@
+"""benchmarks/handoff_bench.py runs end to end at tiny sizes and reports every figure.
+
+A smoke test: it checks that each figure is there and consistent with the work done (tasks completed,
+files read, exactly-once), never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "handoff_bench.py"
+TINY = ["--tasks", "12", "--workers", "1,2", "--latency-samples", "3", "--recovery-tasks", "100",
+        "--race-tasks", "20", "--help-runs", "1"]
+
+
+def _bench() -> ModuleType:
+    """The benchmark script as a module (it is a script, not part of the package)."""
+    if "handoff_bench" in sys.modules:
+        return sys.modules["handoff_bench"]
+    spec = importlib.util.spec_from_file_location("handoff_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["handoff_bench"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.timeout(120)
+def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}  # HOME is already the test's own (tests/conftest.py)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--json"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    assert list(temp.iterdir()) == []  # its temp dir is removed
+
+    machine = doc["machine"]
+    assert machine["cpus"] >= 1 and machine["python"] == platform.python_version()
+    assert machine["file_system"] and machine["temp_dir"] == str(temp)
+
+    throughput = doc["throughput"]
+    io = throughput["durable_io"]
+    assert io["calls_per_task"]["fsync"] >= 2 and io["raw_writes_per_task"] >= 1 and io["task_file_bytes"] > 0
+    assert all(_positive(throughput["publish"][k]) for k in ("tasks_per_second", "raw_ops_per_second", "ratio"))
+    assert [run["workers"] for run in throughput["runs"]] == [1, 2]
+    for run in throughput["runs"]:
+        assert run["ok"] and run["completed"] == 12 and run["exit_codes"] == [0] * run["workers"]
+        assert run["failures"] == []
+        assert sum(run["per_worker"]) == 12
+        for key in ("tasks_per_second", "steady_tasks_per_second", "raw_ops_per_second", "raw_tasks_per_second",
+                    "ratio"):
+            assert _positive(run[key]), key
+
+    latency = doc["latency"]
+    assert latency["samples"] == 3
+    assert latency["p50_seconds"] <= latency["p95_seconds"] <= latency["max_seconds"]
+    assert latency["from_link_p50_seconds"] >= latency["p50_seconds"]  # the link comes before the return
+    assert latency["raw_p50_seconds"] <= latency["raw_p95_seconds"] and latency["raw_observer"]
+    assert _positive(latency["publish_task_median_seconds"])
+
+    help_ = doc["help"]
+    assert _positive(help_["python_pass_seconds"]) and _positive(help_["module_help_seconds"])
+    assert (help_["console_help_seconds"] is None) == (help_["console_script"] is None)
+
+    recovery = doc["recovery"]
+    built = recovery["built"]
+    assert sum(built.values()) == 100 and all(n > 0 for n in built.values())
+    assert recovery["recovery_error"] is None, recovery["recovery_error"]
+    assert recovery["timed"][-2:] == ["reap_expired", "full scan (read_document of every task file)"]
+    assert recovery["requeued"] == built["in_progress"]
+    assert recovery["after"]["in_progress"] == 0 and sum(recovery["after"].values()) == 100
+    assert recovery["task_files_read"] == recovery["raw_files_read"] == 100
+    assert recovery["audit_chain_ok"] and _positive(recovery["seconds"]) and _positive(recovery["raw_seconds"])
+
+    race = doc["race"]
+    assert race["ok"] and race["double_executions"] == 0 and race["lost_tasks"] == 0 and race["unexpected"] == 0
+    assert race["failures"] == [] and race["exit_codes"] == [0] * 4
+    assert race["executions"] == 20 and sum(race["per_worker"]) == 20 and len(race["per_worker"]) == 4
+    assert race["final_states"] == {"pending": 0, "in_progress": 0, "completed": 20, "failed": 0}
+    assert race["audit_chain_ok"] and race["claim_or_completion_events_not_exactly_once"] == 0
+
+    table = _bench().render(doc)
+    for label in ("publish_task", "throughput, 1 worker(s)", "throughput, 2 worker(s)", "durable I/O per task",
+                  "pick-up latency", "p50", "p95", "python -m conductor --help", "conductor --help (console script)",
+                  "recovery, 100 tasks", "reap_expired", "full scan", "race, 4 workers, 20 tasks: ok",
+                  "double executions 0, lost tasks 0", machine["file_system"]):
+        assert label in table, label
+
+
+def test_only_runs_the_chosen_sections(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--only", "help", "--help-runs", "1", "--json"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert sorted(doc) == ["help", "machine"] and doc["help"]["runs"] == 1
+    assert "python -m conductor --help" in _bench().render(doc)
+
+
+def test_race_verdict_names_double_executions_lost_and_unexpected_lines() -> None:
+    verdict = _bench().race_verdict(["step_001 1", "step_002 1", "step_002 1", "step_009 1"],
+                                    ["step_001 1", "step_002 1", "step_003 1"])
+    assert verdict == {"double_executions": {"step_002 1": 2}, "lost": ["step_003 1"], "unexpected": ["step_009 1"]}
+    assert _bench().race_verdict(["step_001 1"], ["step_001 1"]) == {"double_executions": {}, "lost": [],
+                                                                     "unexpected": []}
+
+
+@pytest.mark.parametrize("argv", [["--workers", "1,x"], ["--workers", "0"], ["--tasks", "0"], ["--race-tasks", "-1"],
+                                  ["--only", "race,speed"], ["--only", "race"]])
+def test_bad_arguments_exit_2_naming_the_option(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        _bench().parse_args(argv)
+    assert exited.value.code == 2
+    assert argv[0] in capsys.readouterr().err
