@@ -16,6 +16,7 @@ one fork goes to ``handoff/plan_<id>/fork_<id>/audit.log``. :func:`read_events` 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -27,8 +28,14 @@ import filelock
 from pydantic import ValidationError
 
 from conductor.canonical import canonical_bytes, digest, strict_loads
-from conductor.errors import AuditChainError, ConductorError, InvalidDocument, StateConflict
-from conductor.fsutil import fsync_dir
+from conductor.errors import (
+    AuditChainError,
+    ConductorError,
+    InvalidDocument,
+    StateConflict,
+)
+from conductor.faults import crash_point
+from conductor.fsutil import fsync_dir, fsync_fd, publish_exclusive, write_once
 from conductor.models import Event, parse_time, utc_now
 
 GENESIS = "sha256:" + "0" * 64
@@ -37,10 +44,13 @@ _TAIL_CHUNK = 8192
 
 EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "plan.created": ("plan_id", "goal", "planner", "forks", "plan_checksum"),
-    "fork.created": ("plan_id", "fork_id", "plan_checksum", "strategy", "steps", "workspace"),
+    "fork.created": (
+        "plan_id", "fork_id", "plan_checksum", "strategy", "steps", "workspace", "parent?", "reused_steps?",
+        "fork_checksum?",
+    ),
     "llm.call": (
-        "purpose", "step_id?", "provider", "model", "input_tokens", "output_tokens", "cost_usd?",
-        "duration_seconds",
+        "purpose", "step_id?", "attempt?", "provider", "model", "input_tokens", "output_tokens", "cost_usd?",
+        "duration_seconds", "recording?", "cached?",
     ),
     "confidence.scored": ("step_id", "score", "level", "reasons"),
     "policy.merged": ("step_id", "effective", "sources", "notes", "digest"),
@@ -48,7 +58,7 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "approval.requested": ("step_id", "score"),
     "approval.granted": ("step_id", "by"),
     "task.claimed": ("step_id", "attempt", "holder", "pid", "host"),
-    "task.lease_expired": ("step_id", "attempt", "holder"),
+    "task.lease_expired": ("step_id", "attempt", "holder", "killed?"),
     "task.completed": ("step_id", "attempt", "executor", "duration_seconds"),
     "task.failed": ("step_id", "attempt", "reason", "message"),
     "task.abandoned": ("step_id", "attempt", "reason"),
@@ -56,14 +66,17 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
         "step_id", "attempt", "accepted", "reasons", "diff_lines", "files", "checks", "verification",
         "verdict_checksum",
     ),
-    "step.merged": ("step_id", "attempt", "files"),
+    "step.merged": ("step_id", "attempt", "files", "workspace"),
     "fork.finished": ("fork_id", "status", "failed_steps?"),
     "fork.verified": ("fork_id", "passed", "verification"),
     "plan.ranked": ("ranking",),
     "plan.applied": ("fork_id", "files"),
     "plan.apply_failed": ("fork_id", "reason"),
     "plan.resumed": ("pid",),
+    "plan.forked": ("fork_id", "parent", "instruction", "pid"),
     "plan.finished": ("status", "winner", "applied"),
+    "recovery.repaired": ("what", "path", "detail"),
+    "recovery.audit_truncated": ("bytes", "sha256", "saved_as"),
 }
 """Event type → the ``data`` keys the runtime writes (``?`` = optional). Documentation, not a gate:
 :meth:`AuditLog.append` accepts any type matching the ``Event`` pattern."""
@@ -159,7 +172,7 @@ class AuditLog:
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
 
-    def append(self, type: str, data: Mapping[str, Any] | None = None) -> Event:  # noqa: A002 (the field's name)
+    def append(self, type: str, data: Mapping[str, Any] | None = None) -> Event:
         """Append one event, chained to the current last line, and fsync it.
 
         The line is written with a single ``os.write`` on an ``O_APPEND`` descriptor, so concurrent
@@ -240,11 +253,12 @@ class AuditLog:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            written = os.write(fd, line)
+            written = write_once(fd, line, self.path)
             if written != len(line):
                 # A short write leaves a torn line; say so instead of writing the rest separately.
                 raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
-            os.fsync(fd)
+            crash_point("audit.after_write")
+            fsync_fd(fd, self.path)
         finally:
             os.close(fd)
         if created:
@@ -289,6 +303,85 @@ def _read_last_line(fd: int, path: Path) -> bytes | None:
         if cut != -1:
             return buffer[cut + 1 :]
     return buffer
+
+
+# --- repairing a torn tail ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """What :func:`repair_torn_tail` cut off a log.
+
+    Attributes:
+        path: the log.
+        saved_as: the file that now holds the cut bytes, beside the log.
+        size: how many bytes were cut.
+        sha256: lowercase hex SHA-256 of the cut bytes.
+    """
+
+    path: Path
+    saved_as: Path
+    size: int
+    sha256: str
+
+
+def repair_torn_tail(path: Path, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> TornTail | None:
+    """Cut an unterminated last line (a torn write) off the audit log ``path``, keeping the bytes.
+
+    Under the log's append lock: the bytes after the last ``\\n`` are saved durably as
+    ``<log>.torn-<UTC time>`` beside the log, then the log is truncated to its last complete line and
+    fsynced. Complete lines are never touched, valid or not: an edited line stays for
+    :func:`verify_chain` to name. The caller records the cut (``recovery.audit_truncated``).
+
+    Returns:
+        What was cut, or None when the log is missing, empty or ends with ``\\n``.
+
+    Raises:
+        StateConflict: the lock stayed held by another process beyond ``lock_timeout`` seconds.
+        StorageError: the copy, the truncation or its fsync failed (the log is then unchanged, or cut
+            with the bytes already saved).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    with _TimeoutAsConflict(filelock.FileLock(f"{path}.lock", timeout=lock_timeout), path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+                return None
+            cut = _after_last_newline(fd, size)
+            torn = os.pread(fd, size - cut, cut)
+            saved_as = _save_torn(path, torn)
+            os.ftruncate(fd, cut)
+            fsync_fd(fd, path)
+        finally:
+            os.close(fd)
+    return TornTail(path=path, saved_as=saved_as, size=len(torn), sha256=hashlib.sha256(torn).hexdigest())
+
+
+def _after_last_newline(fd: int, size: int) -> int:
+    """Offset just after the last ``\\n`` of the file (0 if it has none), reading backwards."""
+    position = size
+    while position > 0:
+        step = min(_TAIL_CHUNK, position)
+        position -= step
+        found = os.pread(fd, step, position).rfind(b"\n")
+        if found != -1:
+            return position + found + 1
+    return 0
+
+
+def _save_torn(path: Path, torn: bytes) -> Path:
+    stamp = utc_now().replace("-", "").replace(":", "").replace(".", "")
+    for attempt in range(100):
+        target = path.with_name(f"{path.name}.torn-{stamp}" + (f".{attempt}" if attempt else ""))
+        try:
+            publish_exclusive(target, torn)
+        except FileExistsError:
+            continue
+        return target
+    raise StateConflict(f"{path}: 100 torn-tail copies named {path.name}.torn-{stamp}* exist already")
 
 
 # --- verification -------------------------------------------------------------------------------

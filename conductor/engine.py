@@ -24,6 +24,7 @@ from conductor.confidence import read_history, record_outcome, score_step
 from conductor.config import Config
 from conductor.errors import MergeConflict
 from conductor.executors.base import StepRunner, execute_claim
+from conductor.faults import crash_point
 from conductor.handoff.documents import read_document
 from conductor.handoff.lease import claim_task, holder_name
 from conductor.handoff.publish import publish_task
@@ -51,6 +52,9 @@ from conductor.ranking import (
     fork_tokens,
     rank,
 )
+from conductor.attestation import write_attestation
+from conductor.checkpoint import audit_origin, write_checkpoint
+from conductor.keys import SigningKey, TrustStore
 from conductor.snapshots import record_workspace
 from conductor.verifier import VerifySettings, verify_step
 from conductor.workspace import diff_lines
@@ -120,7 +124,14 @@ class Engine:
         runner_factory: RunnerFactory | None,
         options: EngineOptions,
         on_progress: Callable[[], None] = lambda: None,
+        signer: SigningKey | None = None,
     ) -> None:
+        """Prepare to run ``plan``.
+
+        Args:
+            signer: the project key; it signs the executors' provenance (in-process executors), every
+                accepted step's attestation and the audit checkpoints. None signs nothing.
+        """
         self.layout, self.config, self.project_policy, self.plan = layout, config, project_policy, plan
         self.runner_factory = runner_factory
         self.options = options
@@ -132,10 +143,13 @@ class Engine:
         self._runners: dict[str, StepRunner] = {}
         self._pool = ThreadPoolExecutor(max_workers=config.executor.parallel, thread_name_prefix="conductor-exec")
         self._wake: Callable[[], None] = lambda: None
+        self.signer = signer
         self._verify_settings = VerifySettings(
             commands=list(config.verification.commands),
             timeout_seconds=config.verification.timeout_seconds,
             ignore=self.ignore,
+            trust=TrustStore.for_project(layout.keys_dir, config.trust, layout.conductor_dir),
+            require_signatures=config.trust.require_signatures,
         )
 
     # --- policy and confidence ------------------------------------------------------------------
@@ -227,6 +241,7 @@ class Engine:
             policy_digest=policy.digest, confidence=confidence, created_at=utc_now(),
         )
         sealed = publish_task(view.fork, task)
+        crash_point("publish.before_event")
         view.append("task.published", {"step_id": step.step_id, "attempt": 1, "checksum": sealed.checksum})
         return PENDING
 
@@ -252,7 +267,8 @@ class Engine:
             if claim is not None:
                 execute_claim(self.layout, claim, runner, ignore=self.ignore,
                               lease_seconds=self.config.executor.lease_seconds,
-                              heartbeat_seconds=self.config.executor.heartbeat_seconds, on_event=log.append)
+                              heartbeat_seconds=self.config.executor.heartbeat_seconds, on_event=log.append,
+                              signer=self.signer)
         finally:
             self._wake()
 
@@ -268,6 +284,7 @@ class Engine:
             confidence_level=scored.data.get("level", "high") if scored else "high",
             settings=self._verify_settings,
         )
+        crash_point("verify.after_verdict")
         return self._log_verdict(view, step, verdict)
 
     def _log_unlogged_verdict(self, view: _ForkView, step: StepSpec, state: str) -> None:
@@ -292,11 +309,14 @@ class Engine:
                              for e in verdict.verification],
             "verdict_checksum": verdict.checksum,
         })
+        crash_point("verify.after_logged")
         executor = self._executor_kind()
         record_outcome(self.layout.history_file, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id,
                        step_id=step.step_id, executor=executor, accepted=verdict.accepted)
         if verdict.accepted:
             snapshot_id = record_workspace(self.layout, view.fork.workspace, ignore=self.ignore)
+            if self.signer is not None:
+                write_attestation(self.layout, view.fork, verdict, snapshot_id, self.signer)
             view.append("step.merged", {"step_id": step.step_id, "attempt": verdict.attempt,
                                         "files": [c.path for c in verdict.files_changed], "workspace": snapshot_id})
             return ACCEPTED
@@ -340,6 +360,7 @@ class Engine:
                 self._wake = watcher.notify
                 while True:
                     states = self.process_once()
+                    self.checkpoint()
                     self.on_progress()
                     report = self._halt_report(states)
                     if report is not None or stop.is_set():
@@ -366,11 +387,23 @@ class Engine:
                              message="low-confidence steps wait for approval")
         return self.conclude()
 
+    def checkpoint(self) -> None:
+        """Sign a checkpoint of every log of the plan that grew (see ``conductor.checkpoint``)."""
+        if self.signer is None:
+            return
+        labels = [("plan", self.plan_log.path)]
+        labels += [(f"fork_{spec.fork_id}", self.layout.fork(self.plan.plan_id, spec.fork_id).audit_log)
+                   for spec in self.plan.forks]
+        for label, path in labels:
+            write_checkpoint(path, self.layout.checkpoint_dir(self.plan.plan_id, label),
+                             origin=audit_origin(self.plan.plan_id, label), key=self.signer)
+
     def conclude(self) -> RunReport:
         """Rank the finished forks, apply the winner (unless told not to) and record the plan's end."""
         evidence = [self._evidence(spec) for spec in self.plan.forks]
         ranking = rank(evidence)
         self.plan_log.append("plan.ranked", {"ranking": [e.to_dict() for e in ranking]})
+        crash_point("rank.after_ranked")
         report = RunReport(self.plan.plan_id, "failed", ranking=ranking)
         winner = ranking[0]
         applied = next((e for e in reversed(self.plan_log.events()) if e.type == "plan.applied"), None)
@@ -382,9 +415,11 @@ class Engine:
                 self._apply(winner.fork_id, report)
         else:
             report.message = "no fork was fully verified"
+        crash_point("plan.before_finished")
         self.plan_log.append("plan.finished", {"status": report.status, "winner": winner.fork_id
                                                if report.status == "succeeded" else None,
                                                "applied": report.applied_fork is not None})
+        self.checkpoint()
         return report
 
     def _apply(self, fork_id: str, report: RunReport) -> None:
@@ -396,6 +431,7 @@ class Engine:
             report.status = "failed"
             report.message = f"the winner's changes were not applied: {exc}"
             return
+        crash_point("apply.before_event")
         report.applied_fork = fork_id
         report.applied_files = [c.path for c in changes]
         self.plan_log.append("plan.applied", {"fork_id": fork_id, "files": report.applied_files})

@@ -118,8 +118,37 @@ def _read_json(path: Any) -> Any:
         return None
 
 
-def explain_step(layout: ProjectLayout, plan_id: str, step_id: str, fork_id: str | None = None) -> list[dict[str, Any]]:
-    """The story of one step in each fork (or one fork): task, events, result, verdict, explanation.
+def _signatures(fork: Any, folder: str, step_id: str, result: Any, trust: Any) -> dict[str, Any]:
+    """Which trusted keys signed the step's provenance and attestation, or why they do not verify."""
+    from conductor.layout import ATTESTATION_SUFFIX, PROVENANCE_SUFFIX
+    from conductor.provenance import read_provenance
+
+    executor = result.get("executor", {}).get("id") if isinstance(result, dict) else None
+    checked: dict[str, Any] = {}
+    for name, suffix, who in (("provenance", PROVENANCE_SUFFIX, executor), ("attestation", ATTESTATION_SUFFIX, None)):
+        path = fork.sidecar(folder, step_id, suffix)
+        if not path.exists():
+            checked[name] = {"present": False}
+            continue
+        try:
+            read = read_provenance(path, trust, executor_id=who, require_signature=False)
+            checked[name] = {"present": True, "signed_by": read.signed_by, "subjects": read.subjects}
+        except (ConductorError, OSError) as exc:
+            checked[name] = {"present": True, "error": str(exc)}
+    return checked
+
+
+def explain_step(
+    layout: ProjectLayout, plan_id: str, step_id: str, fork_id: str | None = None, *, trust: Any = None,
+) -> list[dict[str, Any]]:
+    """The whole decision trail of one step in each fork (or one fork).
+
+    Each story holds: the task as published (with its checksum, and the checksum the log recorded at
+    publication), the effective policy and where each value came from, the confidence and its reasons,
+    the claims and leases (events, and the live lease if the task is in progress), the result, the
+    verdict with its checks and verification evidence, the executor's explanation, and the signatures
+    checked on ``provenance.json`` and ``attestation.json`` against ``trust`` (a ``TrustStore``; None
+    skips that check).
 
     Raises:
         NotFound: no fork of the plan has that step.
@@ -138,15 +167,24 @@ def explain_step(layout: ProjectLayout, plan_id: str, step_id: str, fork_id: str
         state = found[0] if found else None
         folder = state or "pending"
         explanation = fork.sidecar(folder, step_id, EXPLANATION_SUFFIX)
+        mine = [e for e in events if e.data.get("step_id") == step_id]
+        last = {e.type: e.data for e in mine}
+        result = _read_json(fork.sidecar(folder, step_id, RESULT_SUFFIX))
         stories.append({
             "fork_id": spec.fork_id, "strategy": spec.strategy.name, "step": step.model_dump(mode="json"),
             "state": step_state(layout, plan_id, spec.fork_id, step_id, events),
             "task": _read_json(found[1]) if found else None,
-            "result": _read_json(fork.sidecar(folder, step_id, RESULT_SUFFIX)),
+            "published_checksum": last.get("task.published", {}).get("checksum"),
+            "policy": last.get("policy.merged"),
+            "confidence": last.get("confidence.scored"),
+            "claims": [{"type": e.type, "ts": e.ts, **e.data} for e in mine
+                       if e.type in ("task.claimed", "task.lease_expired", "task.abandoned", "task.published")],
+            "lease": _read_json(fork.lease_file(step_id)) if state == "in_progress" else None,
+            "result": result,
             "verdict": _read_json(fork.sidecar(folder, step_id, VERDICT_SUFFIX)),
             "explanation": explanation.read_text("utf-8", errors="replace") if explanation.exists() else None,
-            "events": [{"seq": e.seq, "ts": e.ts, "type": e.type, "data": e.data}
-                       for e in events if e.data.get("step_id") == step_id],
+            "events": [{"seq": e.seq, "ts": e.ts, "type": e.type, "data": e.data} for e in mine],
+            "signatures": _signatures(fork, folder, step_id, result, trust) if trust is not None else None,
         })
     if not stories:
         raise NotFound(f"no step {step_id!r} in plan {plan_id}" + (f" fork {fork_id}" if fork_id else ""))

@@ -33,6 +33,7 @@ RESULT_SUFFIX = ".result.json"
 EXPLANATION_SUFFIX = ".explanation.md"
 PROVENANCE_SUFFIX = ".provenance.json"
 VERDICT_SUFFIX = ".verdict.json"
+ATTESTATION_SUFFIX = ".attestation.json"  # Conductor's signed statement about an accepted step
 PARKED_SUFFIX = ".requeue"  # in_progress/<step>.task.json.requeue: an attempt being re-queued
 
 

@@ -11,10 +11,13 @@ Checksums are ``"sha256:<64 hex>"`` over the RFC 8785 canonical form of the docu
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from conductor.errors import UnsafePath
+from conductor.paths import check_tree_path
 
 TASK_SCHEMA = "conductor.task/v1"
 LEASE_SCHEMA = "conductor.lease/v1"
@@ -30,9 +33,17 @@ FileStem = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]
 ConfidenceLevel = Literal["high", "medium", "low"]
 
 
+def _tree_change(change: FileChange) -> FileChange:
+    try:
+        check_tree_path(change.path)
+    except UnsafePath as exc:  # pydantic reports ValueError as a validation error naming the field
+        raise ValueError(str(exc)) from None
+    return change
+
+
 def utc_now() -> str:
     """The current time as an RFC 3339 UTC string with microseconds and a ``Z`` suffix."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(value: str) -> datetime:
@@ -41,9 +52,14 @@ def parse_time(value: str) -> datetime:
 
 
 class Contract(BaseModel):
-    """Base of every contract model: unknown keys are errors; values are validated on assignment."""
+    """Base of every contract model: unknown keys are errors; values are validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Validation is strict (pydantic strict mode), as the JSON Schemas are: ``"1"``, ``1.0`` and ``true`` are
+    not the integer 1, ``"0.9"`` is not a number, ``1`` is not a boolean. Subclasses that set their own
+    ``model_config`` inherit this (pydantic merges configs).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
     def to_document(self) -> dict[str, Any]:
         """The JSON-ready dict of this model (``None`` fields kept, as the schema lists them)."""
@@ -116,6 +132,37 @@ class ForkSpec(Contract):
     fork_id: Identifier
     strategy: Strategy
     steps: list[StepSpec] = Field(min_length=1)
+
+
+class ForkOrigin(Contract):
+    """The past state a fork made by ``conductor fork --from`` starts from: a step of another fork."""
+
+    fork_id: Identifier
+    step_id: StepId
+    event_seq: int = Field(ge=0, description="seq of the parent fork's step.merged event for step_id")
+    event_hash: Checksum = Field(description="hash of that event: the new fork's log links to it")
+    workspace: Checksum = Field(description="snapshot id of the parent's workspace after step_id")
+
+
+class ForkRecord(Contract):
+    """``fork_<id>/fork.json``: a fork added to an existing plan by ``conductor fork --from``.
+
+    ``plan.json`` is never rewritten; a plan's forks are its own plus every recorded fork.
+    """
+
+    schema_: Literal["conductor.fork/v1"] = Field(default="conductor.fork/v1", alias="schema")
+    plan_id: Identifier
+    fork: ForkSpec
+    parent: ForkOrigin
+    reused_steps: list[StepId] = Field(description="steps taken over from the parent, not run again")
+    instruction: str | None = Field(default=None, description="extra instruction added to every later step")
+    created_at: str
+    checksum: Checksum | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    def to_document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
 
 
 class PlannerInfo(Contract):
@@ -212,6 +259,13 @@ class Lease(Contract):
     acquired_at: str
     renewed_at: str
     expires_at: str
+    pgid: int | None = Field(
+        default=None, ge=1, description="process group of the command doing the work, once it started; optional"
+    )
+    pgid_start: str | None = Field(
+        default=None, min_length=1,
+        description="'<boot_id>:<starttime>' of that group's leader (Linux /proc), proof against pid reuse; optional",
+    )
     checksum: Checksum | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -280,7 +334,10 @@ class Result(Contract):
     task_checksum: Checksum
     status: Literal["completed", "failed"]
     executor: ExecutorInfo
-    files_changed: list[FileChange] = Field(default_factory=list)
+    files_changed: list[Annotated[FileChange, AfterValidator(_tree_change)]] = Field(
+        default_factory=list,
+        description="workspace entries as a directory walk finds them: relative, no empty, '.' or '..' part, no NUL",
+    )
     summary: str = ""
     error: ErrorInfo | None = None
     started_at: str
@@ -354,6 +411,7 @@ class Event(Contract):
 
 CONTRACT_MODELS: dict[str, type[BaseModel]] = {
     "plan": Plan,
+    "fork": ForkRecord,
     "task": Task,
     "lease": Lease,
     "result": Result,

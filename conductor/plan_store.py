@@ -13,6 +13,7 @@ from conductor.audit import AuditLog
 from conductor.blobs import BlobStore
 from conductor.canonical import pretty_bytes, strict_loads
 from conductor.errors import NotFound, StateConflict
+from conductor.faults import crash_point
 from conductor.fsutil import atomic_write
 from conductor.handoff.documents import read_document, write_document
 from conductor.handoff.publish import ensure_fork_dirs
@@ -51,6 +52,7 @@ def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Plan
     base = snapshot(layout.root, ignore=ignore, store=BlobStore(layout.objects_dir))
     atomic_write(plan_dir / BASE_SNAPSHOT, pretty_bytes(snapshot_to_document(base)))
     sealed = write_document(plan_dir / "plan.json", plan, exclusive=True)
+    crash_point("plan.after_plan_file")
     plan_log(layout, plan.plan_id).append("plan.created", {
         "plan_id": plan.plan_id,
         "goal": plan.goal,
@@ -141,6 +143,7 @@ def ensure_forks(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Non
             restore_workspace(layout, record.parent.workspace, workspace)
             extra = {"parent": record.parent.model_dump(mode="json"), "reused_steps": record.reused_steps,
                      "fork_checksum": record.checksum}
+        crash_point("fork.after_workspace")
         log.append("fork.created", {
             "plan_id": plan.plan_id,
             "fork_id": spec.fork_id,

@@ -11,6 +11,7 @@ from pathlib import Path
 from conductor.config import Config, load_config
 from conductor.errors import StateConflict, UnsafePath
 from conductor.fsutil import publish_exclusive
+from conductor.keys import SIGNING_KEY_FILE, PUBLIC_KEY_FILE, generate_signing_key
 from conductor.layout import CONDUCTOR_DIR, ProjectLayout
 from conductor.models import PolicyLayer
 from conductor.paths import check_relpath
@@ -21,6 +22,8 @@ GITIGNORE = """\
 workspaces/
 scratch/
 objects/
+recordings/
+checkouts/
 keys/*.key
 """
 
@@ -45,7 +48,8 @@ def template_text(name: str) -> str:
 def init_project(root: Path, name: str | None = None) -> InitializedProject:
     """Prepare a Conductor project; never overwrites an existing file.
 
-    Creates ``.conductor/`` with ``config.yaml`` and ``policy.yaml`` (from the packaged templates),
+    Creates ``.conductor/`` with ``config.yaml`` and ``policy.yaml`` (from the packaged templates), an
+    Ed25519 signing key in ``keys/`` (``signing.key`` mode 0600, ``signing.pub``),
     ``handoff/`` and a ``.gitignore`` that keeps workspaces, scratch copies, objects and private keys out
     of version control. Running it again only adds what is missing.
 
@@ -77,6 +81,9 @@ def init_project(root: Path, name: str | None = None) -> InitializedProject:
     for path, text in files.items():
         if _create(path, text):
             created.append(_relative(path, project))
+    if not (layout.keys_dir / SIGNING_KEY_FILE).exists():
+        generate_signing_key(layout.keys_dir)
+        created += [_relative(layout.keys_dir / name, project) for name in (SIGNING_KEY_FILE, PUBLIC_KEY_FILE)]
     return InitializedProject(root=project, created=tuple(c for c in created if c != "."))
 
 

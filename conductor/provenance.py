@@ -18,20 +18,29 @@ How Conductor fills them:
     * ``byproducts``: one ResourceDescriptor per verification command (digest = SHA-256 of its output)
       and one for the LLM usage.
 
-The statement is unsigned here. :func:`statement_bytes` gives the exact payload a DSSE envelope
-(payloadType :data:`PAYLOAD_TYPE`) signs, so signing wraps these bytes and changes nothing above.
+Files: ``<step>.provenance.json`` is the executor's statement (built here by Conductor's own executors)
+in a DSSE v1 envelope (payloadType :data:`PAYLOAD_TYPE`, https://github.com/secure-systems-lab/dsse),
+signed with the executor's Ed25519 key when it has one. ``<step>.attestation.json`` is Conductor's own
+statement about an accepted step (:func:`build_attestation`), always signed with the project key: it adds
+the verification evidence, the policy verdict and the workspace snapshot after the merge. See
+docs/provenance.md for verifying both without Conductor.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from conductor import __version__
-from conductor.canonical import canonical_bytes, compute_checksum, sha256_hex
+from conductor.canonical import canonical_bytes, compute_checksum, sha256_hex, strict_loads
 from conductor.errors import ChecksumMismatch, InvalidDocument
-from conductor.models import CommandEvidence, ExecutorInfo, FileChange, Task, Usage
+from conductor.models import CommandEvidence, ExecutorInfo, FileChange, Result, Task, Usage, Verdict
+
+if TYPE_CHECKING:
+    from conductor.keys import SigningKey, TrustStore
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -173,3 +182,129 @@ def _evidence_descriptor(index: int, evidence: CommandEvidence) -> dict[str, Any
     annotations = evidence.to_document()
     descriptor = _descriptor(f"verification/{index}", annotations.pop("output_sha256"))
     return {**descriptor, "mediaType": "text/plain", "annotations": annotations}
+
+
+# --- DSSE: signing and reading ------------------------------------------------------------------
+
+ATTESTATION_BUILD_TYPE = "https://conductor.dev/verification/v1"
+VERIFIER_ID = "conductor-verifier"
+
+
+def envelope_for(statement: dict[str, Any], signer: SigningKey | None) -> bytes:
+    """The DSSE envelope (RFC 8785 bytes) of ``statement``; signed by ``signer``, unsigned when None.
+
+    An unsigned envelope has ``"signatures": []``: the statement's digests still bind the files, but
+    nothing vouches for who wrote it (``trust.require_signatures`` rejects it).
+    """
+    from conductor.dsse import envelope_bytes, sign_envelope
+
+    return envelope_bytes(sign_envelope(statement_bytes(statement), PAYLOAD_TYPE, [signer] if signer else []))
+
+
+@dataclass(frozen=True)
+class ReadProvenance:
+    """A provenance or attestation file after its envelope was checked.
+
+    Attributes:
+        statement: the in-toto Statement (parsed strictly).
+        signed_by: key ids of trusted signatures that verified ([] = unsigned or only unknown keys).
+        subjects: subject name → sha256 hex.
+    """
+
+    statement: dict[str, Any]
+    signed_by: list[str]
+    subjects: dict[str, str]
+
+
+def read_provenance(
+    path: Path, trust: TrustStore, *, executor_id: str | None, require_signature: bool
+) -> ReadProvenance:
+    """Read a DSSE envelope over an in-toto Statement v1 and check its signatures.
+
+    Args:
+        path: the ``provenance.json`` / ``attestation.json`` file.
+        trust: the trusted keys.
+        executor_id: who the file claims to come from (signatures must be trusted for it).
+        require_signature: an unsigned envelope is an error when True.
+
+    Raises:
+        InvalidDocument: not a DSSE envelope, wrong payloadType, or a payload that is not a statement.
+        SignatureError: a bad signature, an untrusted signer, or unsigned while required.
+        OSError: the file cannot be read.
+    """
+    from conductor.dsse import parse_envelope, verify_envelope
+
+    envelope = parse_envelope(path.read_bytes(), source=str(path))
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise InvalidDocument(f"{path}: payloadType {envelope.payload_type!r} is not {PAYLOAD_TYPE!r}")
+    verified = verify_envelope(envelope, trust, executor_id=executor_id, require_signature=require_signature)
+    statement = strict_loads(verified.payload, source=f"{path} payload")
+    if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
+        raise InvalidDocument(f"{path}: the payload is not an in-toto Statement v1")
+    subjects = {}
+    for subject in statement.get("subject") or []:
+        name, digests = (subject.get("name"), subject.get("digest")) if isinstance(subject, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(digests, dict) or not isinstance(digests.get("sha256"), str):
+            raise InvalidDocument(f"{path}: a subject without a name and a sha256 digest: {subject!r}")
+        subjects[name] = digests["sha256"]
+    return ReadProvenance(statement=statement, signed_by=verified.signed_by, subjects=subjects)
+
+
+def build_attestation(
+    *,
+    task: Task,
+    verdict: Verdict,
+    result: Result,
+    files: Sequence[tuple[str, str]],
+    workspace_snapshot: str,
+    verifier_id: str,
+) -> dict[str, Any]:
+    """Conductor's own statement about one accepted step (``<step>.attestation.json``, DSSE-signed).
+
+    Subjects: every changed file (sha256 of its new content), each evidence file of the step (``files``:
+    result, explanation, executor provenance, verdict — name and sha256 hex) and ``workspace``, the
+    fork's workspace after the merge (digest = the snapshot id, restorable with ``conductor checkout``).
+    The SLSA predicate records the task checksum, the effective policy digest, plan/fork/step ids and
+    attempt, the executor's identity, model and token usage, the verification commands with exit codes
+    and output digests, the policy verdict and its checks, and start/finish times.
+
+    Raises:
+        ChecksumMismatch: the task's recorded checksum does not match its content.
+        InvalidDocument: a digest is not 64 lowercase hex characters.
+    """
+    task_document = task.to_document()
+    subjects = [_descriptor(c.path, c.sha256) for c in verdict.files_changed
+                if c.change != "deleted" and c.sha256 is not None]
+    subjects += [_descriptor(name, hex_digest) for name, hex_digest in files]
+    subjects.append(_descriptor("workspace", workspace_snapshot.removeprefix("sha256:")))
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": sorted(subjects, key=lambda subject: subject["name"]),
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": ATTESTATION_BUILD_TYPE,
+                "externalParameters": {"task": task_document},
+                "internalParameters": {
+                    "task_checksum": _task_checksum(task_document),
+                    "policy_digest": verdict.policy_digest,
+                    "plan_id": task.plan_id, "fork_id": task.fork_id, "step_id": task.task_id,
+                    "attempt": task.attempt,
+                    "executor": result.executor.to_document(),
+                    "verdict": {"accepted": verdict.accepted, "reasons": verdict.reasons,
+                                "diff_lines": verdict.diff_lines,
+                                "checks": [c.model_dump(mode="json") for c in verdict.checks]},
+                },
+                "resolvedDependencies": [],
+            },
+            "runDetails": {
+                "builder": {"id": verifier_id, "version": {"conductor": __version__}},
+                "metadata": {
+                    "invocationId": invocation_id(task),
+                    "startedOn": result.started_at,
+                    "finishedOn": verdict.decided_at,
+                },
+                "byproducts": _byproducts(verdict.verification, result.usage),
+            },
+        },
+    }

@@ -18,8 +18,16 @@ from conductor.engine import Engine, EngineOptions, RunnerFactory, RunReport
 from conductor.errors import ConfigError, NotFound
 from conductor.layout import ProjectLayout
 from conductor.llm.base import LLMClient, LLMSettings
-from conductor.models import Plan, PolicyLayer
-from conductor.plan_store import create_plan, fork_log, latest_plan_id, load_plan, plan_log
+from conductor.keys import SigningKey
+from conductor.models import ForkRecord, Plan, PolicyLayer
+from conductor.plan_store import (
+    create_plan,
+    fork_log,
+    latest_plan_id,
+    load_plan,
+    plan_log,
+)
+from conductor.recovery import recover_project
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,20 @@ def llm_settings(config: Config, *, provider: str, model: str) -> LLMSettings:
     )
 
 
-def _client(project: Project, *, provider: str, model: str) -> LLMClient:
+def _client(project: Project, *, provider: str, model: str, no_cache: bool = False) -> LLMClient:
+    """The provider's client, behind the project's recordings of earlier calls.
+
+    Args:
+        no_cache: call the provider even when a recording of the same request exists (and record anew).
+    """
     from conductor.llm import make_client
+    from conductor.llm.recording import RecordingClient, RecordingStore
 
-    return make_client(llm_settings(project.config, provider=provider, model=model), project.environ)
+    client = make_client(llm_settings(project.config, provider=provider, model=model), project.environ)
+    return RecordingClient(client, RecordingStore(project.layout.recordings_dir), refresh=no_cache)
 
 
-def runner_factory(project: Project) -> RunnerFactory | None:
+def runner_factory(project: Project, *, no_cache: bool = False) -> RunnerFactory | None:
     """The in-process executor for the configured kind (None for ``handoff``).
 
     Builds the LLM client at once, so a missing API key fails before anything is written.
@@ -89,12 +104,12 @@ def runner_factory(project: Project) -> RunnerFactory | None:
         return lambda log: CommandRunner(command, layout=project.layout, environ=project.environ, identity=identity)
     from conductor.executors.llm import LLMRunner
 
-    client = _client(project, provider=config.executor_provider, model=config.executor_model)
+    client = _client(project, provider=config.executor_provider, model=config.executor_model, no_cache=no_cache)
     return lambda log: LLMRunner(client, on_event=log.append)
 
 
 def new_plan(
-    project: Project, *, goal: str | None, plan_file: Path | None, forks: int
+    project: Project, *, goal: str | None, plan_file: Path | None, forks: int, no_cache: bool = False
 ) -> Plan:
     """Plan ``goal`` (with the LLM planner, or from ``plan_file``) and write the plan to disk.
 
@@ -111,7 +126,7 @@ def new_plan(
     if not goal:
         raise ConfigError("no goal given (pass a goal, or --plan FILE)")
     planner = project.config.planner
-    client = _client(project, provider=planner.provider, model=planner.model)
+    client = _client(project, provider=planner.provider, model=planner.model, no_cache=no_cache)
     calls: list[dict[str, Any]] = []
     plan = plan_with_llm(client, goal=goal, forks=forks, root=project.layout.root,
                          constraints=list(project.policy.global_constraints), on_call=calls.append)
@@ -128,10 +143,24 @@ def run_plan(
     factory: RunnerFactory | None = None,
 ) -> RunReport:
     """Run (or continue) ``plan`` until it finishes or halts."""
+    recover_project(project.layout, plan_id=plan.plan_id, exclusive=True, ignore=project.config.workspace.ignore)
     factory = factory if factory is not None else runner_factory(project)
     engine = Engine(project.layout, project.config, project.policy, plan, runner_factory=factory,
-                    options=options, on_progress=on_progress)
+                    options=options, on_progress=on_progress, signer=project_signer(project))
     return engine.run(stop)
+
+
+def project_signer(project: Project) -> SigningKey:
+    """The key Conductor signs with: ``CONDUCTOR_SIGNING_KEY_FILE``, else ``.conductor/keys/signing.key``
+    (created now for a project initialised before Conductor had keys).
+
+    Raises:
+        KeyFileError: the key file is unreadable, malformed or readable by others.
+    """
+    from conductor.keys import generate_signing_key, resolve_signing_key
+
+    key = resolve_signing_key(project.layout.keys_dir, project.environ)
+    return key if key is not None else generate_signing_key(project.layout.keys_dir)
 
 
 def resume_plan(project: Project, plan_id: str | None) -> Plan:
@@ -141,10 +170,33 @@ def resume_plan(project: Project, plan_id: str | None) -> Plan:
         NotFound: no such plan, or no unfinished plan.
         IntegrityError: plan.json was altered.
     """
+    recover_project(project.layout, plan_id=plan_id)  # a torn log tail would stop the lookup and the append
     plan_id = plan_id or latest_plan_id(project.layout, unfinished=True)
     plan = load_plan(project.layout, plan_id)
     plan_log(project.layout, plan_id).append("plan.resumed", {"pid": os.getpid()})
     return plan
+
+
+def fork_plan(
+    project: Project, plan_id: str | None, step_id: str, *, fork_id: str | None, instruction: str | None
+) -> tuple[ForkRecord, Plan]:
+    """Add a fork that starts after ``step_id`` (see ``conductor.timetravel.fork_from``) and record it.
+
+    Returns:
+        The fork's record and the plan with the fork in it, ready for :func:`run_plan`.
+
+    Raises:
+        NotFound: no such plan or merged step. ConfigError: the step is ambiguous or the last one.
+    """
+    from conductor.timetravel import fork_from
+
+    plan_id = resolve_plan_id(project.layout, plan_id)
+    record = fork_from(project.layout, plan_id, step_id, fork_id=fork_id, instruction=instruction)
+    plan_log(project.layout, plan_id).append("plan.forked", {
+        "fork_id": record.fork.fork_id, "parent": record.parent.model_dump(mode="json"),
+        "instruction": record.instruction, "pid": os.getpid(),
+    })
+    return record, load_plan(project.layout, plan_id)
 
 
 def approve_step(project: Project, step_id: str, *, plan_id: str | None, fork_id: str | None, by: str) -> list[str]:

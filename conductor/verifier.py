@@ -19,6 +19,7 @@ from conductor.attempts import read_base
 from conductor.blobs import BlobStore
 from conductor.errors import IntegrityError, MergeConflict, UnsafePath
 from conductor.executors.base import task_workspace
+from conductor.faults import crash_point
 from conductor.fsutil import durable_rename, file_sha256
 from conductor.handoff.documents import read_document, write_document
 from conductor.layout import (
@@ -30,7 +31,10 @@ from conductor.layout import (
     ProjectLayout,
 )
 from conductor.models import Check, FileChange, Result, Task, Verdict, utc_now
+from conductor.keys import TrustStore
+from conductor.paths import check_link_target
 from conductor.policy import MergedPolicy, evaluate_changes
+from conductor.provenance import read_provenance
 from conductor.verification import all_passed, run_verification
 from conductor.workspace import apply_changes, diff, diff_lines, snapshot
 
@@ -40,6 +44,8 @@ class VerifySettings:
     commands: list[str]
     timeout_seconds: float
     ignore: list[str]
+    trust: TrustStore | None = None  # None: provenance signatures are not checked (only its digests)
+    require_signatures: bool = False
 
 
 def _reject_early(fork: ForkLayout, task_id: str, attempt: int, reason: str, policy: MergedPolicy) -> Verdict:
@@ -101,9 +107,15 @@ def verify_step(
 
     decision = evaluate_changes(policy, task.allowed_files, changes)
     reasons, checks = list(decision.reasons), list(decision.checks)
-    checks.append(_reported_check(result, changes))
-    if confidence_level == "medium" and not checks[-1].passed:
-        reasons.append(f"medium confidence: {checks[-1].detail}")
+    reasons += _unsafe_links(workspace, changes)
+    reported = _reported_check(result, changes)
+    checks.append(reported)
+    provenance_check = _provenance_check(fork, task_id, result, changes, settings)
+    checks.append(provenance_check)
+    if not provenance_check.passed and (settings.require_signatures or not provenance_check.detail.startswith("unsigned:")):
+        reasons.append(f"provenance: {provenance_check.detail}")
+    if confidence_level == "medium" and not reported.passed:
+        reasons.append(f"medium confidence: {reported.detail}")
     evidence = []
     if not reasons and settings.commands:
         evidence = run_verification(settings.commands, workspace, timeout_seconds=settings.timeout_seconds)
@@ -115,6 +127,7 @@ def verify_step(
     if not reasons:
         try:
             merge_changes(changes, src_root=workspace, dst_root=fork.workspace, base=base, ignore=settings.ignore)
+            crash_point("verify.after_merge")
         except MergeConflict as exc:
             reasons.append(f"merge_conflict: {exc}")
     verdict = Verdict(
@@ -123,6 +136,20 @@ def verify_step(
         diff_lines=diff_lines(changes), verification=evidence, policy_digest=policy.digest, decided_at=utc_now(),
     )
     return _finish(fork, verdict)
+
+
+def _unsafe_links(workspace: Path, changes: list[FileChange]) -> list[str]:
+    """A new or changed symlink must point inside the workspace and never into ``.git``: the path rules
+    judge the link's own name only, and a merged link would let a later step write through it."""
+    reasons = []
+    for change in changes:
+        path = workspace / change.path
+        if change.change != "deleted" and path.is_symlink():
+            try:
+                check_link_target(change.path, os.readlink(path))
+            except UnsafePath as exc:
+                reasons.append(f"unsafe_symlink: {exc}")
+    return reasons
 
 
 def _reported_check(result: Result, changes: list[FileChange]) -> Check:
@@ -134,15 +161,44 @@ def _reported_check(result: Result, changes: list[FileChange]) -> Check:
     return Check(name="reported_changes_match", passed=False, detail=detail)
 
 
+def _provenance_check(
+    fork: ForkLayout, task_id: str, result: Result, changes: list[FileChange], settings: VerifySettings
+) -> Check:
+    """The executor's provenance: a DSSE envelope whose statement names the result and the changed files
+    with their true digests, signed by a key trusted for the executor (or unsigned, unless required)."""
+    path = fork.sidecar("completed", task_id, PROVENANCE_SUFFIX)
+    if not path.exists():
+        return Check(name="provenance", passed=False, detail="unsigned: no provenance file")
+    trust = settings.trust if settings.trust is not None else TrustStore()
+    try:
+        read = read_provenance(path, trust, executor_id=result.executor.id, require_signature=False)
+    except (IntegrityError, OSError) as exc:
+        return Check(name="provenance", passed=False, detail=str(exc))
+    result_name = f"{task_id}{RESULT_SUFFIX}"
+    wrong = [] if read.subjects.get(result_name) == file_sha256(fork.sidecar("completed", task_id, RESULT_SUFFIX)) \
+        else [result_name]
+    truth = {c.path: c.sha256 for c in changes}
+    wrong += [name for name, hex_digest in read.subjects.items()
+              if name != result_name and truth.get(name) != hex_digest]
+    if wrong:
+        return Check(name="provenance", passed=False,
+                     detail=f"subject digests do not match the files: {', '.join(sorted(wrong))}")
+    if not read.signed_by:
+        return Check(name="provenance", passed=False, detail="unsigned: no signature by a trusted key")
+    return Check(name="provenance", passed=True, detail=f"signed by {', '.join(k[:16] for k in read.signed_by)}")
+
+
 def _finish(fork: ForkLayout, verdict: Verdict) -> Verdict:
     task_id = verdict.task_id
     if verdict.accepted:
         return write_document(fork.sidecar("completed", task_id, VERDICT_SUFFIX), verdict)
     sealed = write_document(fork.sidecar("failed", task_id, VERDICT_SUFFIX), verdict)
+    crash_point("verify.after_reject_verdict")
     for suffix in (RESULT_SUFFIX, EXPLANATION_SUFFIX, PROVENANCE_SUFFIX):
         source = fork.sidecar("completed", task_id, suffix)
         if source.exists():
             durable_rename(source, fork.sidecar("failed", task_id, suffix))
+    crash_point("verify.before_reject_move")
     durable_rename(fork.task_file("completed", task_id), fork.task_file("failed", task_id))  # commit point
     return sealed
 

@@ -15,10 +15,12 @@ from pathlib import Path
 from conductor.attempts import prepare_retry
 from conductor.audit import AuditLog
 from conductor.executors.base import StepRunner, execute_claim
+from conductor.keys import SigningKey
 from conductor.handoff.lease import claim_task, holder_name
 from conductor.handoff.reaper import reap_expired
 from conductor.handoff.watcher import FolderWatcher
 from conductor.layout import ForkLayout, ProjectLayout
+from conductor.recovery import recover_project
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,12 @@ class WorkerSettings:
 class Worker:
     """Claims and runs tasks from every fork of a project's handoff folder."""
 
-    def __init__(self, layout: ProjectLayout, runner: StepRunner, settings: WorkerSettings, *, ignore: list[str]) -> None:
+    def __init__(self, layout: ProjectLayout, runner: StepRunner, settings: WorkerSettings, *, ignore: list[str],
+                 signer: SigningKey | None = None) -> None:
         self.layout = layout
         self.runner = runner
         self.settings = settings
+        self.signer = signer  # signs each task's provenance envelope; None leaves it unsigned
         self.ignore = ignore
         self.holder = holder_name("conductor-worker")
         self.processed = 0
@@ -86,11 +90,17 @@ class Worker:
             result = execute_claim(self.layout, claim, self.runner, ignore=self.ignore,
                           lease_seconds=self.settings.lease_seconds,
                           heartbeat_seconds=self.settings.heartbeat_seconds, on_event=log.append,
-                          stop=self._stop, prepare_retry=lambda task: prepare_retry(self.layout, task))
+                          stop=self._stop, prepare_retry=lambda task: prepare_retry(self.layout, task),
+                          signer=self.signer)
             if result is not None:  # released or abandoned tasks were not run to the end
                 self.processed += 1
             return 1
         return 0
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once :meth:`request_stop` was called (or the ``stop`` event given to :meth:`run` is set)."""
+        return self._stop.is_set()
 
     def request_stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler): a running command's process group is
@@ -106,6 +116,7 @@ class Worker:
             The number of tasks this worker ran.
         """
         stop = self._stop = stop or self._stop
+        recover_project(self.layout, plan_id=self.settings.plan_id)
         self.reap()
         with FolderWatcher([self.layout.handoff_dir]) as watcher:
             self._watcher = watcher

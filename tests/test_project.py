@@ -13,7 +13,8 @@ from conductor.models import Behavior, PolicyLayer
 from conductor.policy import DEFAULT_MAX_DIFF_LINES, DEFAULT_TIMEOUT_SECONDS, load_policy, merge_policies
 from conductor.project import init_project, load_project, template_text
 
-EXPECTED = (".conductor", ".conductor/handoff", ".conductor/config.yaml", ".conductor/policy.yaml", ".conductor/.gitignore")
+EXPECTED = (".conductor", ".conductor/handoff", ".conductor/config.yaml", ".conductor/policy.yaml", ".conductor/.gitignore",
+            ".conductor/keys/signing.key", ".conductor/keys/signing.pub")
 
 
 def test_init_in_place_creates_everything(tmp_path: Path) -> None:
@@ -25,6 +26,7 @@ def test_init_in_place_creates_everything(tmp_path: Path) -> None:
     assert project.config_file.read_text(encoding="utf-8") == template_text("config.yaml")
     assert project.policy_file.read_text(encoding="utf-8") == template_text("policy.yaml")
     assert project.handoff_dir.is_dir()
+    assert (project.keys_dir / "signing.key").stat().st_mode & 0o777 == 0o600
     assert ProjectLayout.find(tmp_path / ".conductor" / "handoff").root == tmp_path.resolve()
 
 

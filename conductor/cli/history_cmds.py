@@ -76,3 +76,64 @@ def checkout(step_id, plan_id, fork_id, into, project_dir, as_json) -> int:  # t
     else:
         click.echo(f"{step_id} of fork {point.fork_id} (snapshot {point.workspace[:19]}…) → {target}")
     return 0
+
+
+@click.command()
+@click.option("--plan-id", "plan_id", default=None, help="Only this plan (default: every plan).")
+@click.option("--witness", "witness", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to remember the newest checkpoint of each log (default: "
+                   "$XDG_STATE_HOME/conductor/witness.json).")
+@click.option("--no-witness", is_flag=True, help="Do not read or update a witness file.")
+@project_option
+@json_option
+def verify(plan_id, witness, no_witness, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Check every checksum, result, provenance signature and audit log; name what is wrong.
+
+    Exits 0 when everything holds, 5 when anything does not.
+    """
+    from conductor.errors import IntegrityError
+    from conductor.runtime import resolve_plan_id
+    from conductor.verify import default_witness, verify_project
+
+    project = open_project(project_dir)
+    plan_ids = [resolve_plan_id(project.layout, plan_id)] if plan_id else None
+    witness_path = None if no_witness else (witness or default_witness(project.environ))
+    report = verify_project(project.layout, project.config, plan_ids=plan_ids, witness=witness_path)
+    if as_json:
+        echo_json({"ok": report.ok, "checked": report.checked, "uncovered_entries": report.uncovered,
+                   "findings": [{"where": f.where, "problem": f.problem} for f in report.findings]})
+    else:
+        checked = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in report.checked.items()) or "nothing"
+        for finding in report.findings:
+            click.echo(f"FAIL {finding}")
+        click.echo(("ok" if report.ok else f"{len(report.findings)} problem(s)") + f" — checked {checked}"
+                   + (f"; {report.uncovered} audit entries are newer than their log's last checkpoint"
+                      if report.uncovered else ""))
+    return 0 if report.ok else IntegrityError.exit_code
+
+
+@click.command()
+@project_option
+@json_option
+def keys(project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Show the signing key's id and every trusted public key."""
+    from conductor.keys import SIGNING_KEY_ENV, TrustStore, resolve_signing_key
+
+    project = open_project(project_dir)
+    layout = project.layout
+    signer = resolve_signing_key(layout.keys_dir, project.environ)
+    source = project.environ.get(SIGNING_KEY_ENV) or str(layout.keys_dir / "signing.key")
+    trust = TrustStore.for_project(layout.keys_dir, project.config.trust, layout.conductor_dir)
+    data = {
+        "signing_key": {"key_id": signer.key_id, "file": source} if signer else None,
+        "trusted": [{"key_id": e.key_id, "executors": list(e.executors), "file": e.source} for e in trust.entries()],
+        "require_signatures": project.config.trust.require_signatures,
+    }
+    if as_json:
+        echo_json(data)
+        return 0
+    click.echo(f"signing key: {signer.key_id} ({source})" if signer else
+               "signing key: none (run `conductor init` to create one)")
+    for entry in data["trusted"]:
+        click.echo(f"trusted: {entry['key_id']} for {', '.join(entry['executors'])} ({entry['file']})")
+    return 0

@@ -71,8 +71,11 @@ def explain(step_id, plan_id, fork_id, project_dir, as_json) -> int:  # type: ig
     from conductor.inspect import explain_step
     from conductor.runtime import resolve_plan_id
 
+    from conductor.keys import TrustStore
+
     project = open_project(project_dir)
-    stories = explain_step(project.layout, resolve_plan_id(project.layout, plan_id), step_id, fork_id)
+    trust = TrustStore.for_project(project.layout.keys_dir, project.config.trust, project.layout.conductor_dir)
+    stories = explain_step(project.layout, resolve_plan_id(project.layout, plan_id), step_id, fork_id, trust=trust)
     if as_json:
         echo_json(stories)
         return 0
@@ -93,8 +96,29 @@ def _print_story(story) -> None:  # type: ignore[no-untyped-def]
     out.print(f"[bold]allowed files[/]: {', '.join(step['allowed_files']) or '(none)'}")
     if story["task"]:
         task = story["task"]
-        out.print(f"[bold]task[/]: attempt {task.get('attempt')}, checksum {task.get('checksum')}")
+        same = "matches" if task.get("checksum") == story["published_checksum"] else "DIFFERS FROM"
+        out.print(f"[bold]task[/]: attempt {task.get('attempt')}, checksum {task.get('checksum')} "
+                  f"({same} the published {story['published_checksum']})")
+    if story["policy"]:
+        policy = story["policy"]
+        out.print(f"[bold]policy[/] {policy.get('digest')}:")
+        for key, source in sorted(policy.get("sources", {}).items()):
+            out.print(f"  {key} = {json.dumps(_lookup(policy.get('effective', {}), key))}  [dim]from {source}[/]")
+    if story["confidence"]:
+        confidence = story["confidence"]
+        out.print(f"[bold]confidence[/]: {confidence.get('level')} {confidence.get('score')} — "
+                  f"{'; '.join(confidence.get('reasons', []))}")
+    for claim in story["claims"]:
+        who = claim.get("holder") or claim.get("reason") or claim.get("checksum", "")
+        out.print(f"  {claim['ts'][11:23]}  [cyan]{claim['type']}[/] attempt {claim.get('attempt')} {who}")
+    if story["lease"]:
+        lease = story["lease"]
+        out.print(f"[bold]lease[/]: {lease.get('holder')} (pid {lease.get('pid')} on {lease.get('host')}), "
+                  f"token {lease.get('fencing_token')}, expires {lease.get('expires_at')}")
     for event in story["events"]:
+        if event["type"] in ("task.claimed", "task.lease_expired", "task.abandoned", "task.published",
+                             "policy.merged", "confidence.scored"):
+            continue
         data = {k: v for k, v in event["data"].items() if k != "step_id"}
         out.print(f"  {event['ts'][11:23]}  [cyan]{event['type']}[/]  {json.dumps(data, ensure_ascii=False)[:400]}")
     if story["result"]:
@@ -104,8 +128,30 @@ def _print_story(story) -> None:  # type: ignore[no-untyped-def]
         verdict = story["verdict"]
         verdict_text = "accepted" if verdict.get("accepted") else "rejected: " + "; ".join(verdict.get("reasons", []))
         out.print(f"[bold]verdict[/]: {verdict_text} ({verdict.get('diff_lines')} changed lines)")
+    if story["verdict"]:
+        for check in story["verdict"].get("checks", []):
+            mark = "[green]✓[/]" if check.get("passed") else "[red]✗[/]"
+            out.print(f"  {mark} {check.get('name')} {check.get('detail') or ''}")
+        for evidence in story["verdict"].get("verification", []):
+            out.print(f"  $ {evidence.get('command')} → exit {evidence.get('exit_code')} "
+                      f"(output sha256 {str(evidence.get('output_sha256'))[:12]}…)")
+    for name, checked in (story["signatures"] or {}).items():
+        if not checked.get("present"):
+            out.print(f"[bold]{name}[/]: none")
+        elif checked.get("error"):
+            out.print(f"[bold]{name}[/]: [red]{checked['error']}[/]")
+        else:
+            signers = ", ".join(checked["signed_by"]) or "unsigned"
+            out.print(f"[bold]{name}[/]: signed by {signers}; {len(checked['subjects'])} subjects")
     if story["explanation"]:
         out.print(Markdown(story["explanation"]))
+
+
+def _lookup(document: dict, dotted: str) -> object:
+    value: object = document
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 @click.command()

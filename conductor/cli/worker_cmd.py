@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import click
 
@@ -16,13 +17,18 @@ from conductor.cli.common import open_project, project_option
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after this many tasks.")
 @click.option("--lease-seconds", type=click.FloatRange(min=0.1), default=None, help="Lease length (default: config).")
 @click.option("--heartbeat-seconds", type=click.FloatRange(min=0.05), default=None, help="Heartbeat (default: config).")
+@click.option("--signing-key", "signing_key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Ed25519 key (PKCS#8 PEM, mode 0600) signing each provenance (default: CONDUCTOR_SIGNING_KEY_FILE, "
+                   "else the project key if readable, else unsigned).")
 @project_option
-def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds, project_dir) -> int:  # type: ignore[no-untyped-def]
+def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds, signing_key,  # type: ignore[no-untyped-def]
+           project_dir) -> int:
     """Watch the handoff folder, claim tasks and run COMMAND for each.
 
     The task arrives as JSON on stdin and in CONDUCTOR_* environment variables; the command runs in the
     task's workspace, in its own process group, under the task's timeout. Exit 0 = completed.
-    SIGTERM/SIGINT stop the worker after killing the running command's process group.
+    SIGTERM/SIGINT stop the worker after killing the running command's process group (SIGTERM, then
+    SIGKILL 2 s later; a second SIGTERM/SIGINT kills it at once); its task goes back to pending.
     """
     from conductor.executors.command import CommandRunner
     from conductor.worker import Worker, WorkerSettings
@@ -40,9 +46,18 @@ def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds,
             param_hint="--heartbeat-seconds/--lease-seconds",
         )
     runner = CommandRunner(command, layout=project.layout)
-    work = Worker(project.layout, runner, settings, ignore=list(project.config.workspace.ignore))
+    from conductor.keys import load_signing_key, resolve_signing_key
+
+    signer = load_signing_key(signing_key) if signing_key else resolve_signing_key(project.layout.keys_dir, project.environ)
+    work = Worker(project.layout, runner, settings, ignore=list(project.config.workspace.ignore), signer=signer)
+
+    def on_signal(signum: int, frame: object) -> None:
+        if work.stop_requested:  # the second signal: no more grace for the command
+            runner.kill_now.set()
+        work.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: work.request_stop())
+        signal.signal(sig, on_signal)
     done = work.run(burst=burst, max_tasks=max_tasks)
     click.echo(f"worker {work.holder}: {done} task(s) run", err=True)
     return 0

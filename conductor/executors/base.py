@@ -17,6 +17,7 @@ from conductor import __version__
 from conductor.blobs import BlobStore
 from conductor.canonical import sha256_hex
 from conductor.errors import ConductorError, IntegrityError, LeaseLost, UnsafePath
+from conductor.faults import crash_point
 from conductor.handoff.complete import complete_task
 from conductor.handoff.documents import sealed_bytes
 from conductor.handoff.lease import (
@@ -31,7 +32,8 @@ from conductor.handoff.lease import (
 from conductor.handoff.reaper import requeue_task
 from conductor.layout import ProjectLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Result, Task, Usage, utc_now
-from conductor.provenance import build_statement, statement_bytes
+from conductor.keys import SigningKey
+from conductor.provenance import build_statement, envelope_for
 from conductor.workspace import diff, snapshot
 
 
@@ -52,8 +54,34 @@ class StepRunner(Protocol):
     info: ExecutorInfo
 
     def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
-        """Work on ``task`` in ``workspace``; poll ``should_stop`` and give up when it turns true."""
+        """Work on ``task`` in ``workspace``; poll ``should_stop`` and give up when it turns true.
+
+        ``execute_claim`` passes a :class:`StopCheck`: a runner that starts a child process group reports
+        it with ``should_stop.process_started(pgid)``.
+        """
         ...
+
+
+class StopCheck:
+    """The ``should_stop`` that ``execute_claim`` hands a runner.
+
+    Calling it polls for a stop request or a lost lease. :meth:`process_started` records a child's process
+    group in the lease, so the reaper can kill that group if this executor dies (docs/protocol.md, 2.2).
+    """
+
+    def __init__(self, poll: Callable[[], bool], claim: Claim, lease_seconds: float) -> None:
+        self._poll, self._claim, self._lease_seconds = poll, claim, lease_seconds
+
+    def __call__(self) -> bool:
+        return self._poll()
+
+    def process_started(self, pgid: int) -> None:
+        """Record ``pgid`` (the child's pid; call before reaping it) in the lease.
+
+        Raises:
+            LeaseLost: the task was reclaimed meanwhile; the caller must kill the group.
+        """
+        renew_lease(self._claim, lease_seconds=self._lease_seconds, pgid=pgid)
 
 
 def task_workspace(layout: ProjectLayout, task: Task) -> Path:
@@ -102,6 +130,7 @@ def execute_claim(
     on_event: EventSink = _no_events,
     stop: threading.Event | None = None,
     prepare_retry: Callable[[Task], Task] | None = None,
+    signer: SigningKey | None = None,
 ) -> Result | None:
     """Run ``runner`` on a claimed task and commit its result files.
 
@@ -109,6 +138,7 @@ def execute_claim(
         stop: when set (the worker was told to stop), the runner is asked to give up and the task is
             released back to ``pending/`` as a new attempt instead of being failed.
         prepare_retry: gives a released task a fresh workspace (see ``conductor.attempts``).
+        signer: the executor's Ed25519 key; the provenance envelope is unsigned without one.
 
     Returns:
         The committed result, or None when the lease was lost meanwhile (nothing is committed: the task
@@ -122,7 +152,8 @@ def execute_claim(
         before = snapshot(workspace, ignore=ignore, store=store)
     except (ConductorError, OSError) as exc:
         return _commit(claim, runner, Outcome("failed", "could not prepare the workspace", str(exc),
-                                              ErrorInfo(kind="workspace_error", message=str(exc))), [], started, on_event)
+                                              ErrorInfo(kind="workspace_error", message=str(exc))), [], started, on_event,
+                       signer)
     heartbeat = _Heartbeat(claim, interval=heartbeat_seconds, lease_seconds=lease_seconds)
     heartbeat.start()
     stop_seen = threading.Event()
@@ -134,7 +165,7 @@ def execute_claim(
         return heartbeat.lost is not None
 
     try:
-        outcome = runner.run(task, workspace, should_stop)
+        outcome = runner.run(task, workspace, StopCheck(should_stop, claim, lease_seconds))
     except ConductorError as exc:
         kind = type(exc).__name__
         outcome = Outcome("failed", f"{kind}: {exc}", f"The executor failed: {exc}", ErrorInfo(kind=kind, message=str(exc)))
@@ -147,9 +178,15 @@ def execute_claim(
     if stop_seen.is_set():
         _release(claim, prepare_retry, on_event)
         return None
-    changes = diff(before, snapshot(workspace, ignore=ignore), before_store=store, after_root=workspace)
+    crash_point("execute.after_run")
     try:
-        return _commit(claim, runner, outcome, changes, started, on_event)
+        changes = diff(before, snapshot(workspace, ignore=ignore), before_store=store, after_root=workspace)
+    except (ConductorError, OSError) as exc:  # e.g. the command left a fifo: fail the task, never the executor
+        changes = []
+        outcome = Outcome("failed", "the workspace cannot be hashed after the run", str(exc),
+                          ErrorInfo(kind="workspace_error", message=str(exc)), outcome.usage)
+    try:
+        return _commit(claim, runner, outcome, changes, started, on_event, signer)
     except LeaseLost as exc:
         on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(exc)})
         return None
@@ -175,7 +212,8 @@ def _release(claim: Claim, prepare_retry: Callable[[Task], Task] | None, on_even
         requeue_task(claim.fork, claim.task, prepare_retry=prepare_retry, on_event=on_event, reason="released")
 
 
-def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, started: str, on_event: EventSink) -> Result:
+def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, started: str, on_event: EventSink,
+            signer: SigningKey | None = None) -> Result:
     task = claim.task
     finished = utc_now()
     result = Result(
@@ -210,7 +248,7 @@ def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, s
         claim,
         result,
         explanation=outcome.explanation,
-        provenance=statement_bytes(statement),
+        provenance=envelope_for(statement, signer),
         on_event=on_event,
     )
 

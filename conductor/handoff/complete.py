@@ -7,9 +7,16 @@ whose task was re-queued cannot overwrite the new attempt's work.
 
 from __future__ import annotations
 
+from conductor.faults import crash_point
 from conductor.fsutil import atomic_write, durable_rename
 from conductor.handoff.documents import write_document
-from conductor.handoff.lease import Claim, EventSink, _no_events, assert_holder, fork_lock
+from conductor.handoff.lease import (
+    Claim,
+    EventSink,
+    _no_events,
+    assert_holder,
+    fork_lock,
+)
 from conductor.layout import EXPLANATION_SUFFIX, PROVENANCE_SUFFIX, RESULT_SUFFIX
 from conductor.models import Result, parse_time
 
@@ -41,11 +48,16 @@ def complete_task(
     with fork_lock(fork):
         assert_holder(claim)
         sealed = write_document(fork.sidecar(state, task_id, RESULT_SUFFIX), result)
+        crash_point("complete.after_result")
         atomic_write(fork.sidecar(state, task_id, EXPLANATION_SUFFIX), explanation.encode("utf-8"))
+        crash_point("complete.after_explanation")
         if provenance is not None:
             atomic_write(fork.sidecar(state, task_id, PROVENANCE_SUFFIX), provenance)
+        crash_point("complete.before_task_move")
         durable_rename(claim.task_path, fork.task_file(state, task_id))
+        crash_point("complete.after_task_move")
         fork.lease_file(task_id).unlink(missing_ok=True)
+    crash_point("complete.before_event")
     duration = (parse_time(result.finished_at) - parse_time(result.started_at)).total_seconds()
     data = {"step_id": task_id, "attempt": claim.task.attempt, "executor": result.executor.id, "duration_seconds": duration}
     if result.status == "completed":

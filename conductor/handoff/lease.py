@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from filelock import FileLock
 from pydantic import ValidationError
 
 from conductor.canonical import compute_checksum, sha256_hex, strict_loads
-from conductor.errors import ChecksumMismatch, ConductorError, IntegrityError, InvalidDocument, LeaseLost
+from conductor.errors import (
+    ChecksumMismatch,
+    ConductorError,
+    IntegrityError,
+    InvalidDocument,
+    LeaseLost,
+)
+from conductor.faults import crash_point
 from conductor.fsutil import durable_rename
-from conductor.handoff.documents import read_document, write_document
+from conductor.handoff.documents import MAX_DOCUMENT_BYTES, read_document, write_document
 from conductor.layout import ForkLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, utc_now
+from conductor.proc import process_start
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -52,7 +61,7 @@ def holder_name(kind: str) -> str:
 
 
 def _time_after(seconds: float) -> str:
-    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -89,6 +98,7 @@ def claim_task(
         os.rename(source, target)
     except FileNotFoundError:
         return None
+    crash_point("claim.after_rename")
     try:
         task = read_document(target, Task)
         _check_identity(fork, task_id, task)
@@ -108,6 +118,7 @@ def claim_task(
         expires_at=_time_after(lease_seconds),
     )
     lease = write_document(fork.lease_file(task_id), lease)
+    crash_point("claim.after_lease")
     on_event("task.claimed", {"step_id": task_id, "attempt": task.attempt, "holder": holder, "pid": lease.pid, "host": HOST})
     return Claim(fork=fork, task=task, lease=lease)
 
@@ -155,8 +166,12 @@ def reject_task_file(
 
 
 def _salvage(path: Path) -> tuple[int, str]:
-    """Best-effort attempt number and content checksum of a task file that failed validation."""
-    data = path.read_bytes()
+    """Best-effort attempt number and content checksum of a task file that failed validation.
+
+    The file may be anything a hostile hand put there: it is opened without following symlinks and
+    without blocking (a fifo), only a regular file is read, and at most the document size limit.
+    """
+    data = _read_regular(path)
     try:
         document = strict_loads(data)
     except InvalidDocument:
@@ -168,8 +183,24 @@ def _salvage(path: Path) -> tuple[int, str]:
     except InvalidDocument:  # parses, but holds values JCS cannot express
         checksum = "sha256:" + sha256_hex(data)
     attempt = document.get("attempt")
-    valid = isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1
+    valid = isinstance(attempt, int) and not isinstance(attempt, bool) and 1 <= attempt <= MAX_SALVAGED_ATTEMPT
     return (attempt if valid else 1), checksum
+
+
+MAX_SALVAGED_ATTEMPT = 2**31 - 1  # beyond it a failure result could not even be canonicalised
+
+
+def _read_regular(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return b""  # a symlink, a directory or something gone: its name is all we keep
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return os.read(fd, MAX_DOCUMENT_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 def read_lease(fork: ForkLayout, task_id: str) -> Lease | None:
@@ -199,14 +230,32 @@ def assert_holder(claim: Claim) -> None:
         raise LeaseLost(f"{claim.task.task_id}: lease now held by {lease.holder} (token {lease.fencing_token})")
 
 
-def renew_lease(claim: Claim, *, lease_seconds: float) -> Lease:
+def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None) -> Lease:
     """Extend the lease of ``claim`` by ``lease_seconds`` from now (the heartbeat).
+
+    Args:
+        pgid: the process group the work now runs in (its leader must not have been reaped yet, so its
+            id is not recycled): recorded with the leader's start identity (``pgid``, ``pgid_start``), so a
+            reaper can kill the group if this process dies. Later renewals keep it.
 
     Raises:
         LeaseLost: the task was reclaimed; the caller must stop working on it.
     """
+    update: dict[str, Any] = {"renewed_at": utc_now(), "expires_at": _time_after(lease_seconds)}
+    if pgid is not None:
+        update.update(pgid=pgid, pgid_start=process_start(pgid))
     with fork_lock(claim.fork):
         assert_holder(claim)
-        renewed = claim.lease.model_copy(update={"renewed_at": utc_now(), "expires_at": _time_after(lease_seconds)})
+        renewed = claim.lease.model_copy(update=update)
         claim.lease = write_document(claim.fork.lease_file(claim.task.task_id), renewed)
+        crash_point("heartbeat.after_renew")
     return claim.lease
+
+
+def workspace_marker(workspace: Path) -> str:
+    """The environment entry ``CONDUCTOR_WORKSPACE=<absolute path>`` that marks every process of an attempt.
+
+    A command executor starts its command with it and every descendant inherits it, so the reaper can
+    still find the command's processes after they left its process group (docs/protocol.md, section 8).
+    """
+    return f"CONDUCTOR_WORKSPACE={workspace.resolve()}"

@@ -3,7 +3,8 @@
 Run by the engine and by every worker before it looks for work. A task whose lease has expired goes
 back to ``pending/`` with ``attempt + 1`` (a new checksum); after ``max_attempts`` it goes to ``failed/``
 with reason ``lease_expired``. A holder on this host whose process is gone is treated as expired at once,
-so ``conductor resume`` after a kill -9 does not wait out the lease.
+so ``conductor resume`` after a kill -9 does not wait out the lease; the command such a holder left
+running (the process group its lease records) is killed first.
 """
 
 from __future__ import annotations
@@ -11,14 +12,35 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from conductor.errors import IntegrityError, StateConflict
+from conductor.faults import crash_point
 from conductor.fsutil import durable_rename
 from conductor.handoff.documents import read_document, write_document
-from conductor.handoff.lease import HOST, EventSink, _no_events, fork_lock, read_lease, reject_task_file
+from conductor.handoff.lease import (
+    HOST,
+    EventSink,
+    _no_events,
+    fork_lock,
+    read_lease,
+    reject_task_file,
+    workspace_marker,
+)
 from conductor.layout import PARKED_SUFFIX, STATES, ForkLayout
-from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, parse_time, utc_now
+from conductor.models import (
+    ErrorInfo,
+    ExecutorInfo,
+    Lease,
+    Result,
+    Task,
+    parse_time,
+    utc_now,
+)
+from conductor.proc import kill_orphans
+
+
+ORPHAN_GRACE_SECONDS = 1.0  # SIGTERM → SIGKILL for a dead holder's command (the fork lock is held meanwhile)
 
 
 @dataclass(frozen=True)
@@ -27,6 +49,7 @@ class Reaped:
     attempt: int
     outcome: str  # "requeued" | "failed"
     holder: str | None
+    killed: tuple[int, ...] = ()  # pids of the dead holder's command that were killed
 
 
 def _pid_alive(pid: int) -> bool:
@@ -67,7 +90,7 @@ def reap_expired(
     Returns:
         What was done, one entry per reaped task.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     finish_parked(fork, prepare_retry=prepare_retry, on_event=on_event)
     reaped = []
     for task_id in fork.task_ids("in_progress"):
@@ -102,15 +125,42 @@ def _reap_one(
     try:
         task = read_document(path, Task)
     except IntegrityError as exc:
+        killed = tuple(kill_orphaned_command(fork, lease, workspace=None))
         reject_task_file(fork, task_id, path, exc, holder="conductor-reaper", on_event=on_event)
-        return Reaped(task_id, 0, "failed", lease.holder if lease else None)
+        return Reaped(task_id, 0, "failed", lease.holder if lease else None, killed)
     holder = lease.holder if lease else None
-    on_event("task.lease_expired", {"step_id": task_id, "attempt": task.attempt, "holder": holder})
+    killed = tuple(kill_orphaned_command(fork, lease, workspace=task.workspace))
+    data: dict[str, object] = {"step_id": task_id, "attempt": task.attempt, "holder": holder}
+    if killed:
+        data["killed"] = list(killed)
+    on_event("task.lease_expired", data)
+    crash_point("reaper.after_expired_event")
     if task.attempt >= max_attempts:
         _fail_exhausted(fork, task, holder, on_event)
-        return Reaped(task_id, task.attempt, "failed", holder)
+        return Reaped(task_id, task.attempt, "failed", holder, killed)
     requeue_task(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason="lease_expired")
-    return Reaped(task_id, task.attempt, "requeued", holder)
+    return Reaped(task_id, task.attempt, "requeued", holder, killed)
+
+
+def kill_orphaned_command(fork: ForkLayout, lease: Lease | None, *, workspace: str | None) -> list[int]:
+    """Kill the command a dead holder on this host left running; returns the pids signalled.
+
+    Acts only when ``lease`` names this host and a holder pid that is not ours and no longer exists: a
+    live holder stops its own command when it finds its lease lost, and another host's processes are out
+    of reach (their pids mean nothing here). Then it kills the lease's process group if it is proven to
+    be the recorded one (``pgid_start``, or a member carrying the attempt's ``CONDUCTOR_WORKSPACE``), and
+    every process carrying that marker (children that left the group); see ``conductor.proc.kill_orphans``.
+
+    Args:
+        workspace: the task's ``workspace`` (relative to the project root), or None if the task file is
+            unreadable (then only a group proven by ``pgid_start`` is killed).
+    """
+    if lease is None or lease.host != HOST or lease.pid == os.getpid() or _pid_alive(lease.pid):
+        return []
+    marker = workspace_marker(fork.project.root / workspace) if workspace is not None else None
+    if lease.pgid is None and marker is None:
+        return []
+    return kill_orphans(lease.pgid, leader_start=lease.pgid_start, marker=marker, grace_seconds=ORPHAN_GRACE_SECONDS)
 
 
 def requeue_task(
@@ -136,8 +186,10 @@ def requeue_task(
     in_progress = fork.task_file("in_progress", task.task_id)
     parked = in_progress.with_name(in_progress.name + PARKED_SUFFIX)
     durable_rename(in_progress, parked)
+    crash_point("reaper.after_park")
     fork.lease_file(task.task_id).unlink(missing_ok=True)
     retry = _publish_retry(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason=reason)
+    crash_point("reaper.before_unpark")
     parked.unlink()
     return retry
 
@@ -163,6 +215,7 @@ def _publish_retry(
         retry = write_document(fork.task_file("pending", task.task_id), retry, exclusive=True)
     except FileExistsError as exc:
         raise StateConflict(f"{task.task_id}: another task file appeared in pending/ during its re-queue") from exc
+    crash_point("reaper.after_republish")
     on_event("task.published", {"step_id": task.task_id, "attempt": retry.attempt, "checksum": retry.checksum,
                                 "reason": reason})
     return retry

@@ -6,6 +6,7 @@ the forks' steps run through the file handoff; verification runs the sample proj
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def test_explore_plans_forks_verifies_ranks_and_applies(tmp_path: Path, provider
             assert verdict["accepted"] is True
             assert [e["exit_code"] for e in verdict["verification"]] == [0]
             assert "pytest" in verdict["verification"][0]["command"]
-            provenance = json.loads(fork.sidecar("completed", step, ".provenance.json").read_text())
+            envelope = json.loads(fork.sidecar("completed", step, ".provenance.json").read_text())
+            assert envelope["payloadType"] == "application/vnd.in-toto+json" and len(envelope["signatures"]) == 1
+            provenance = json.loads(base64.b64decode(envelope["payload"]))
             assert provenance["_type"] == "https://in-toto.io/Statement/v1"
     # Fork 2 really ran its step 2 on top of step 1, in its own workspace.
     assert (layout.workspace_dir(plan_id, "2") / "test_calc.py").read_text() == MORE_TESTS

@@ -3,6 +3,7 @@ recorded LLM answers (the in-test server sees zero new requests) and reproduces 
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -30,6 +31,11 @@ IGNORE = [".venv/", "__pycache__/", ".pytest_cache/", "*.pyc", "node_modules/"]
 def _edit(path: str, content: str) -> dict:
     return {"summary": f"write {path}", "explanation": f"Wrote {path}.",
             "edits": [{"path": path, "action": "write", "content": content}]}
+
+
+def statement_files(statement: dict) -> set[str]:
+    """The files the step itself changed (its attestation's file subjects)."""
+    return {s["name"] for s in statement["subject"] if s["name"] != "workspace" and not s["name"].startswith("step_")}
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -103,6 +109,15 @@ def test_checkout_of_every_step_reproduces_the_recorded_workspace(explored, tmp_
             assert (target / name).read_text() == text
         assert not (step_id == "step_001" and (target / "NOTES.md").exists())
         assert manifest_digest(snapshot(target)) == out["workspace"]
+        # ...and equal to what the step's signed attestation recorded.
+        attestation = ProjectLayout(root).fork(plan_id, "1").sidecar("completed", step_id, ".attestation.json")
+        statement = json.loads(base64.b64decode(json.loads(attestation.read_text())["payload"]))
+        recorded = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+        assert "sha256:" + recorded["workspace"] == manifest_digest(snapshot(target))
+        changed = statement_files(statement)
+        assert changed == {"step_001": {"calc.py"}, "step_002": {"test_calc.py"}, "step_003": {"NOTES.md"}}[step_id]
+        for name in changed:
+            assert recorded[name] == snapshot(target)[name].sha256
     again = conductor(root, "checkout", "step_001", "--into", str(tmp_path / "step_001"), env=env)
     assert again.returncode == 2 and "not empty" in again.stderr
 

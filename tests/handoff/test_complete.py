@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -257,9 +258,12 @@ def test_provenance_is_an_in_toto_statement_whose_subjects_match_the_files(proje
 
     assert result is not None
     path = project.fork.sidecar("completed", "step_001", ".provenance.json")
-    raw = path.read_bytes()
+    envelope = strict_loads(path.read_bytes())
+    assert envelope["payloadType"] == "application/vnd.in-toto+json"
+    assert envelope["signatures"] == []  # _run gives the executor no key: an unsigned envelope
+    raw = base64.b64decode(envelope["payload"])
     statement = strict_loads(raw)
-    assert rfc8785.dumps(statement) == raw  # canonical bytes: what a DSSE envelope signs
+    assert rfc8785.dumps(statement) == raw  # canonical bytes: what the DSSE envelope signs
     assert statement["_type"] == STATEMENT_TYPE == "https://in-toto.io/Statement/v1"
     assert statement["predicateType"] == PREDICATE_TYPE
 

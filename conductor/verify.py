@@ -1,0 +1,309 @@
+"""``conductor verify``: check that every record of a project still holds, and name what does not.
+
+For each plan: ``plan.json`` and every ``fork.json`` (checksums); every audit log (the hash chain,
+:func:`conductor.audit.verify_chain`) and its signed checkpoints (truncation, a rewritten log, rollback,
+bad or untrusted signatures: :func:`conductor.checkpoint.verify_checkpoints`, with a witness file that
+remembers the newest checkpoint seen); every task, lease, result and verdict file (strict JSON, schema,
+checksum; a task in two state folders); every result's changed files against the attempt workspace they
+came from; every ``provenance.json`` (a DSSE envelope: signature by a key trusted for its executor,
+subject digests against the files) and every ``attestation.json`` (signed by the project key; subjects
+against the files; its workspace snapshot present and intact in the blob store).
+
+Nothing is repaired here: recovery is ``conductor resume`` / ``conductor.recovery``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conductor.audit import verify_chain
+from conductor.checkpoint import audit_origin, note_files, verify_checkpoints
+from conductor.config import Config
+from conductor.errors import ConductorError
+from conductor.fsutil import file_sha256
+from conductor.handoff.documents import read_document
+from conductor.keys import TrustStore
+from conductor.layout import (
+    ATTESTATION_SUFFIX,
+    PROVENANCE_SUFFIX,
+    RESULT_SUFFIX,
+    STATES,
+    TASK_SUFFIX,
+    VERDICT_SUFFIX,
+    ForkLayout,
+    ProjectLayout,
+)
+from conductor.models import FileChange, Lease, Plan, Result, Task, Verdict
+from conductor.paths import check_relpath
+from conductor.plan_store import FORK_RECORD, fork_records
+from conductor.provenance import read_provenance
+from conductor.snapshots import load_workspace
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: ``where`` is a path relative to the project root (or a log label)."""
+
+    where: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}"
+
+
+@dataclass
+class VerifyReport:
+    """Everything ``verify_project`` checked and found.
+
+    Attributes:
+        findings: the problems, in the order found.
+        checked: how many items of each kind were checked (``tasks``, ``results``, ``provenance``,
+            ``attestations``, ``logs``, ``log_entries``, ``checkpoints``, ``plans``).
+        uncovered: audit entries written after the newest checkpoint of their log (not a problem).
+    """
+
+    findings: list[Finding] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+    uncovered: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def count(self, kind: str, n: int = 1) -> None:
+        self.checked[kind] = self.checked.get(kind, 0) + n
+
+
+def default_witness(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where ``conductor verify`` remembers the newest checkpoint of each log: outside every project,
+    ``$XDG_STATE_HOME/conductor/witness.json`` (default ``~/.local/state/conductor/witness.json``)."""
+    state = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME", "~")).expanduser() / ".local" / "state")
+    return Path(state) / "conductor" / "witness.json"
+
+
+def verify_project(
+    layout: ProjectLayout, config: Config, *, plan_ids: list[str] | None = None, witness: Path | None = None,
+) -> VerifyReport:
+    """Check every plan of the project (or ``plan_ids``) and report every problem found.
+
+    Args:
+        witness: the witness file for checkpoint rollback detection (None: no witness).
+
+    Returns:
+        The report; ``report.ok`` is True when nothing is wrong.
+
+    Raises:
+        KeyFileError: a configured trusted key cannot be loaded.
+    """
+    trust = TrustStore.for_project(layout.keys_dir, config.trust, layout.conductor_dir)
+    checker = _Checker(layout, trust, config.trust.require_signatures, witness)
+    for plan_id in plan_ids if plan_ids is not None else layout.plan_ids():
+        checker.plan(plan_id)
+    return checker.report
+
+
+class _Checker:
+    def __init__(self, layout: ProjectLayout, trust: TrustStore, require_signatures: bool, witness: Path | None):
+        self.layout, self.trust, self.require, self.witness = layout, trust, require_signatures, witness
+        self.report = VerifyReport()
+
+    def add(self, path: Path | str, problem: str) -> None:
+        where = self._relative(path) if isinstance(path, Path) else path
+        self.report.findings.append(Finding(where, problem))
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.layout.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _error(self, path: Path, exc: BaseException) -> None:
+        # Messages usually start with the absolute path: keep only what follows it.
+        text = str(exc)
+        for prefix in (f"{path}: ", f"{path} "):
+            text = text.removeprefix(prefix)
+        self.add(path, text)
+
+    # --- plans and logs ---------------------------------------------------------------------------
+
+    def plan(self, plan_id: str) -> None:
+        plan_dir = self.layout.plan_dir(plan_id)
+        self.report.count("plans")
+        try:
+            plan = read_document(plan_dir / "plan.json", Plan)
+        except (ConductorError, OSError) as exc:
+            self._error(plan_dir / "plan.json", exc)
+            return
+        try:
+            records = fork_records(self.layout, plan_id)
+        except ConductorError as exc:
+            self.add(plan_dir, f"a {FORK_RECORD} is damaged: {exc}")
+            records = {}
+        fork_ids = [spec.fork_id for spec in plan.forks]
+        fork_ids += [fork_id for fork_id in records if fork_id not in fork_ids]
+        self.log(plan_id, "plan", plan_dir / "audit.log")
+        for fork_id in fork_ids:
+            fork = self.layout.fork(plan_id, fork_id)
+            self.log(plan_id, f"fork_{fork_id}", fork.audit_log)
+            self.fork(fork)
+
+    def log(self, plan_id: str, label: str, path: Path) -> None:
+        if not path.exists():
+            return
+        self.report.count("logs")
+        chain = verify_chain(path)
+        self.report.count("log_entries", chain.entries)
+        for problem in chain.problems:
+            self.add(path, problem)
+        checkpoint_dir = self.layout.checkpoint_dir(plan_id, label)
+        if not checkpoint_dir.is_dir() or not note_files(checkpoint_dir):
+            if chain.entries:
+                self.add(path, f"no signed checkpoint covers this log ({chain.entries} entries); if the plan "
+                               "was interrupted, `conductor resume` signs one")
+            return
+        result = verify_checkpoints(path, checkpoint_dir, origin=audit_origin(plan_id, label), trust=self.trust,
+                                    witness=self.witness)
+        self.report.count("checkpoints", result.checkpoints)
+        self.report.uncovered += result.uncovered
+        for finding in result.findings:
+            if not chain.ok and finding.startswith("audit log:"):
+                continue  # the chain's own problems are reported above, line by line
+            self.add(path, finding)
+
+    # --- one fork's folders -----------------------------------------------------------------------
+
+    def fork(self, fork: ForkLayout) -> None:
+        seen: dict[str, str] = {}
+        for state in STATES:
+            folder = fork.state_dir(state)
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.glob(f"*{TASK_SUFFIX}")):
+                task_id = path.name[: -len(TASK_SUFFIX)]
+                if task_id in seen:
+                    self.add(path, f"the task is also in {seen[task_id]}/")
+                seen[task_id] = state
+                self.task(fork, state, task_id, path)
+
+    def task(self, fork: ForkLayout, state: str, task_id: str, path: Path) -> None:
+        self.report.count("tasks")
+        try:
+            task = read_document(path, Task)
+        except (ConductorError, OSError) as exc:
+            self._error(path, exc)
+            task = None
+        if state == "in_progress":
+            self.document(fork.lease_file(task_id), Lease)
+        if state not in ("completed", "failed"):
+            return
+        verdict = self.document(fork.sidecar(state, task_id, VERDICT_SUFFIX), Verdict)
+        result_path = fork.sidecar(state, task_id, RESULT_SUFFIX)
+        result = self.document(result_path, Result)
+        if result is None or task is None:
+            return
+        self.report.count("results")
+        workspace = self.workspace_of(task, result_path)
+        if workspace is not None:
+            self.changes(result_path, workspace, result.files_changed)
+        self.provenance(fork, state, task_id, result, workspace)
+        attested = fork.sidecar(state, task_id, ATTESTATION_SUFFIX).exists()
+        if state == "completed" and (attested or (verdict is not None and verdict.accepted)):
+            self.attestation(fork, task_id, workspace)
+
+    def document(self, path: Path, model: type) -> object | None:
+        if not path.exists():
+            return None
+        try:
+            return read_document(path, model)
+        except (ConductorError, OSError) as exc:
+            self._error(path, exc)
+            return None
+
+    def workspace_of(self, task: Task, result_path: Path) -> Path | None:
+        workspace = (self.layout.root / task.workspace).resolve()
+        scratch = (self.layout.conductor_dir / "scratch").resolve()
+        if not workspace.is_relative_to(scratch) or not workspace.is_dir():
+            self.add(result_path, f"the attempt workspace {task.workspace} is missing; its files cannot be checked")
+            return None
+        return workspace
+
+    def changes(self, where: Path, workspace: Path, changes: list[FileChange]) -> None:
+        for change in changes:
+            actual = _digest_of(workspace, change.path)
+            expected = None if change.change == "deleted" else change.sha256
+            if actual != expected:
+                now = "absent" if actual is None else f"sha256 {actual[:12]}…"
+                self.add(where, f"{change.path}: recorded {change.change} with sha256 "
+                                f"{(expected or 'none')[:12]}…, the attempt workspace has {now}")
+
+    def provenance(self, fork: ForkLayout, state: str, task_id: str, result: Result, workspace: Path | None) -> None:
+        path = fork.sidecar(state, task_id, PROVENANCE_SUFFIX)
+        if not path.exists():
+            if self.require:
+                self.add(path, "missing (trust.require_signatures is on)")
+            return
+        self.report.count("provenance")
+        try:
+            read = read_provenance(path, self.trust, executor_id=result.executor.id, require_signature=self.require)
+        except (ConductorError, OSError) as exc:
+            self._error(path, exc)
+            return
+        self.subjects(path, read.subjects, fork.state_dir(state), workspace, beside={f"{task_id}{RESULT_SUFFIX}"})
+
+    def attestation(self, fork: ForkLayout, task_id: str, workspace: Path | None) -> None:
+        path = fork.sidecar("completed", task_id, ATTESTATION_SUFFIX)
+        if not path.exists():
+            self.add(path, "missing: an accepted step has no signed attestation")
+            return
+        self.report.count("attestations")
+        try:
+            read = read_provenance(path, self.trust, executor_id=None, require_signature=True)
+        except (ConductorError, OSError) as exc:
+            self._error(path, exc)
+            return
+        beside = {name for name in read.subjects if name.startswith(f"{task_id}.")}
+        snapshot_hex = read.subjects.pop("workspace", None)
+        self.subjects(path, read.subjects, fork.state_dir("completed"), workspace, beside=beside)
+        if snapshot_hex is None:
+            self.add(path, "no workspace subject")
+            return
+        try:
+            load_workspace(self.layout, f"sha256:{snapshot_hex}")
+        except ConductorError as exc:
+            self.add(path, f"workspace snapshot: {exc}")
+
+    def subjects(self, path: Path, subjects: dict[str, str], folder: Path, workspace: Path | None, *,
+                 beside: set[str]) -> None:
+        for name, expected in sorted(subjects.items()):
+            if name in beside:
+                target = folder / name
+                actual = file_sha256(target) if target.is_file() else None
+            elif workspace is None:
+                continue
+            else:
+                actual = _digest_of(workspace, name)
+            if actual != expected:
+                self.add(path, f"subject {name}: signed sha256 {expected[:12]}…, the file has "
+                               f"{'nothing' if actual is None else actual[:12] + '…'}")
+
+
+def _digest_of(root: Path, relpath: str) -> str | None:
+    """SHA-256 hex of a file's bytes (a symlink: of its target text), or None when absent or unsafe."""
+    try:
+        path = root / check_relpath(relpath)
+    except ConductorError:
+        return None
+    if any(parent.is_symlink() for parent in path.parents if parent.is_relative_to(root) and parent != root):
+        return None  # never read through a symlinked folder
+    if path.is_symlink():
+        return hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
+    return file_sha256(path) if path.is_file() else None
+
+
+def iter_findings(report: VerifyReport) -> Iterator[str]:
+    """The findings as lines, for printing."""
+    return (str(finding) for finding in report.findings)
