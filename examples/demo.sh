@@ -34,7 +34,7 @@ status=0
 conductor explore --plan plan.yaml || status=$?
 echo
 echo "== why fork 3 lost"
-conductor explain step_001 --fork 3 | head -40
+conductor explain step_001 --fork 3
 echo
 echo "== audit events of fork 1"
 conductor events --fork 1

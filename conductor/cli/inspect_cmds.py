@@ -148,9 +148,14 @@ def _print_story(story) -> None:  # type: ignore[no-untyped-def]
 
 
 def _lookup(document: dict, dotted: str) -> object:
+    """The value at a policy source key such as ``max_diff_lines`` or ``protected_patterns[0]``."""
     value: object = document
     for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
+        name, _, index = part.partition("[")
+        value = value.get(name) if isinstance(value, dict) else None
+        if index and isinstance(value, list):
+            position = int(index.rstrip("]"))
+            value = value[position] if position < len(value) else None
     return value
 
 
