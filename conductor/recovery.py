@@ -63,6 +63,7 @@ from conductor.errors import ChecksumMismatch, IntegrityError, MergeConflict, St
 from conductor.fsutil import TEMP_NAME, TEMP_PREFIX, durable_rename, fsync_dir, remove_durably
 from conductor.handoff.documents import read_document
 from conductor.handoff.lease import HOST, fork_lock
+from conductor.handoff.reaper import _pid_alive
 from conductor.layout import (
     ATTESTATION_SUFFIX,
     EXPLANATION_SUFFIX,
@@ -184,14 +185,6 @@ def _finished(layout: ProjectLayout, plan_id: str) -> bool:
     return any(e.type == "plan.finished" for e in plan_log(layout, plan_id).events())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _stamp() -> str:
