@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from conductor.attempts import create_attempt_workspace, prepare_retry
 from conductor.audit import AuditLog
@@ -144,6 +145,7 @@ class Engine:
         self._pool = ThreadPoolExecutor(max_workers=config.executor.parallel, thread_name_prefix="conductor-exec")
         self._wake: Callable[[], None] = lambda: None
         self.signer = signer
+        self._checkpointed: dict[Path, int] = {}  # log -> its size in bytes when last checkpointed
         self._verify_settings = VerifySettings(
             commands=list(config.verification.commands),
             timeout_seconds=config.verification.timeout_seconds,
@@ -395,8 +397,12 @@ class Engine:
         labels += [(f"fork_{spec.fork_id}", self.layout.fork(self.plan.plan_id, spec.fork_id).audit_log)
                    for spec in self.plan.forks]
         for label, path in labels:
+            size = path.stat().st_size if path.exists() else 0
+            if self._checkpointed.get(path) == size:
+                continue  # unchanged since this engine's last checkpoint: skip re-reading the whole log
             write_checkpoint(path, self.layout.checkpoint_dir(self.plan.plan_id, label),
                              origin=audit_origin(self.plan.plan_id, label), key=self.signer)
+            self._checkpointed[path] = size
 
     def conclude(self) -> RunReport:
         """Rank the finished forks, apply the winner (unless told not to) and record the plan's end."""

@@ -10,7 +10,6 @@ merge skips changes that already reached the fork.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from conductor.blobs import BlobStore
 from conductor.errors import IntegrityError, MergeConflict, UnsafePath
 from conductor.executors.base import task_workspace
 from conductor.faults import crash_point
-from conductor.fsutil import durable_rename, file_sha256
+from conductor.fsutil import durable_rename, entry_sha256, file_sha256
 from conductor.handoff.documents import read_document, write_document
 from conductor.layout import (
     EXPLANATION_SUFFIX,
@@ -203,13 +202,6 @@ def _finish(fork: ForkLayout, verdict: Verdict) -> Verdict:
     return sealed
 
 
-def _current_digest(path: Path) -> str | None:
-    if path.is_symlink():
-        return hashlib.sha256(os.readlink(path).encode("utf-8", errors="surrogateescape")).hexdigest()
-    if path.is_file():
-        return file_sha256(path)
-    return None
-
 
 def merge_changes(
     changes: list[FileChange], *, src_root: Path, dst_root: Path, base: dict, ignore: list[str]
@@ -219,6 +211,6 @@ def merge_changes(
     Raises:
         MergeConflict: a target changed since ``base`` (by someone else); nothing was written.
     """
-    pending = [c for c in changes if _current_digest(dst_root / c.path) != c.sha256]
+    pending = [c for c in changes if entry_sha256(dst_root / c.path) != c.sha256]
     if pending:
         apply_changes(pending, src_root=src_root, dst_root=dst_root, base=base, dst_ignore=ignore)

@@ -14,7 +14,6 @@ Nothing is repaired here: recovery is ``conductor resume`` / ``conductor.recover
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from conductor.audit import verify_chain
 from conductor.checkpoint import audit_origin, note_files, verify_checkpoints
 from conductor.config import Config
 from conductor.errors import ConductorError
-from conductor.fsutil import file_sha256
+from conductor.fsutil import entry_sha256, file_sha256
 from conductor.handoff.documents import read_document
 from conductor.keys import TrustStore
 from conductor.layout import (
@@ -299,9 +298,7 @@ def _digest_of(root: Path, relpath: str) -> str | None:
         return None
     if any(parent.is_symlink() for parent in path.parents if parent.is_relative_to(root) and parent != root):
         return None  # never read through a symlinked folder
-    if path.is_symlink():
-        return hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
-    return file_sha256(path) if path.is_file() else None
+    return entry_sha256(path)
 
 
 def iter_findings(report: VerifyReport) -> Iterator[str]:
