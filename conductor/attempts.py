@@ -1,80 +1,150 @@
-"""Private working copies for each attempt of a step.
+"""Attempt workspaces: the folder each attempt of a step runs in, and what it changed.
 
-Every attempt runs in its own copy (``.conductor/scratch/plan_P/fork_F/<step>.a<n>/``) made from the
-fork's integrated workspace, with the copy's snapshot (the *base*) stored beside it as
-``<step>.a<n>.base.json`` and its file contents in the blob store. So Conductor can compute what an
-executor really changed, a retry starts from exactly the same base (restored from the blobs), and a zombie
-executor still writing into an old attempt's copy touches nothing anyone reads.
+Every attempt gets its own folder, ``.conductor/scratch/plan_P/fork_F/<step>.a<n>/``, checked out from
+Conductor's private repository at the attempt's base commit (the fork's state when the step was
+published), with a ``.git`` of its own (see :mod:`conductor.workspace.checkout`). What the attempt
+changed is its working tree against that commit, found with a stat cache, never the executor's word.
+
+Cost: the first attempt of a fork costs a checkout (what ``git worktree add`` costs). After that a
+finished attempt's folder is *recycled*: renamed to the new attempt's name and reset to the new base,
+which rewrites only the files that differ and removes everything else — for a chain of steps, about
+the cost of a ``git status``. A folder is recycled only when its attempt ended with the executor's own
+word (its task reached ``completed/`` and was verified, or ``failed/``); a folder whose lease expired or
+was released is never reused, since its executor may still be writing there (a zombie's writes land in
+a folder nobody reads). ``gc`` removes them.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
-from conductor.blobs import BlobStore
-from conductor.canonical import pretty_bytes, strict_loads
-from conductor.fsutil import atomic_write
-from conductor.layout import ProjectLayout
-from conductor.models import Task
-from conductor.workspace import (
-    Snapshot,
-    copy_tree,
-    restore_snapshot,
-    snapshot,
-    snapshot_from_document,
-    snapshot_to_document,
-)
+from conductor.errors import ConductorError, UnsafePath
+from conductor.handoff.documents import read_document
+from conductor.layout import VERDICT_SUFFIX, ProjectLayout
+from conductor.models import FileChange, Task
+from conductor.workspace.checkout import capture, index_file, materialize, remove_folder, reset
+from conductor.workspace.store import StateStore
 
 
-def base_file(scratch: Path) -> Path:
-    """Where the base snapshot of the attempt copy ``scratch`` is stored."""
-    return scratch.parent / f"{scratch.name}.base.json"
+@lru_cache(maxsize=16)
+def _store(root: Path, conductor_dir: Path) -> StateStore:
+    return StateStore(root, conductor_dir).ensure()
 
 
-def write_base(scratch: Path, base: Snapshot) -> None:
-    atomic_write(base_file(scratch), pretty_bytes(snapshot_to_document(base)))
-
-
-def read_base(scratch: Path) -> Snapshot:
-    """Load the base snapshot of an attempt copy.
+def state_store(layout: ProjectLayout) -> StateStore:
+    """The project's private repository, created on first use.
 
     Raises:
-        FileNotFoundError: the attempt has no stored base.
-        InvalidDocument: the stored base is not strict JSON.
+        GitError: git is missing or too old.
     """
-    path = base_file(scratch)
-    return snapshot_from_document(strict_loads(path.read_bytes(), source=str(path)))
+    return _store(layout.root, layout.conductor_dir)
 
 
-def create_attempt_workspace(
-    layout: ProjectLayout, source: Path, scratch: Path, *, ignore: list[str]
-) -> Snapshot:
-    """Copy ``source`` (a fork workspace) to a fresh ``scratch`` and record its base snapshot.
+def task_workspace(layout: ProjectLayout, task: Task) -> Path:
+    """The absolute workspace of ``task``; it must be an attempt folder under ``.conductor/scratch``.
 
-    A leftover copy from a crashed earlier run is removed first: until a task is published nothing has
-    run in it.
+    Raises:
+        UnsafePath: the task points its executor anywhere else, or the folder is missing.
     """
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    scratch.parent.mkdir(parents=True, exist_ok=True)
-    copy_tree(source, scratch, ignore=ignore)
-    base = snapshot(scratch, ignore=ignore, store=BlobStore(layout.objects_dir))
-    write_base(scratch, base)
-    return base
+    scratch_root = (layout.conductor_dir / "scratch").resolve()
+    workspace = (layout.root / task.workspace).resolve()
+    if not workspace.is_relative_to(scratch_root) or not workspace.is_dir():
+        raise UnsafePath(f"{task.task_id}: workspace {task.workspace!r} is not an attempt folder under .conductor/scratch")
+    return workspace
+
+
+def prepare_workspace(layout: ProjectLayout, plan_id: str, fork_id: str, step_id: str, attempt: int,
+                      base_commit: str) -> Path:
+    """Make the folder of one attempt hold exactly ``base_commit`` and return it.
+
+    A folder left at that name by a crash before the task was published is reset; otherwise an idle
+    folder of the same fork is recycled, or a new one checked out.
+
+    Raises:
+        GitError: the checkout or reset failed.
+    """
+    store = state_store(layout)
+    target = layout.scratch_dir(plan_id, fork_id, step_id, attempt)
+    if target.is_dir() and index_file(target).is_file():
+        reset(store, target, base_commit)
+        return target
+    remove_folder(target)
+    for idle in _idle_folders(layout, plan_id, fork_id):
+        try:
+            os.rename(idle, target)
+        except FileNotFoundError:  # another process recycled it first
+            continue
+        os.replace(index_file(idle), index_file(target))
+        reset(store, target, base_commit)
+        return target
+    materialize(store, base_commit, target)
+    return target
 
 
 def prepare_retry(layout: ProjectLayout, task: Task) -> Task:
-    """Give a re-queued task (``attempt`` already incremented) a fresh copy of its step's base.
+    """Give a re-queued task (``attempt`` already incremented) a folder of its own at the same base.
 
     Returns:
-        The task with ``workspace`` pointing at the new attempt's copy.
+        The task with ``workspace`` pointing at the new attempt's folder.
     """
-    old = layout.root / task.workspace
-    base = read_base(old)
-    scratch = layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    restore_snapshot(base, BlobStore(layout.objects_dir), scratch)
-    write_base(scratch, base)
-    return task.model_copy(update={"workspace": layout.relative(scratch)})
+    folder = prepare_workspace(layout, task.plan_id, task.fork_id, task.task_id, task.attempt, task.base_commit)
+    return task.model_copy(update={"workspace": layout.relative(folder)})
+
+
+def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ignore: list[str]) -> tuple[str, list[FileChange]]:
+    """What an attempt changed: its working tree now against ``base_commit``.
+
+    Returns:
+        ``(tree, changes)``: the captured tree's id (stored) and the change set, sorted by path.
+
+    Raises:
+        UnsafePath: the folder holds a name Conductor refuses to capture (see ``checkout.capture``).
+        GitError: git failed.
+    """
+    store = state_store(layout)
+    tree = capture(store, workspace, excludes=store.exclude_file(ignore))
+    return tree, store.changes(store.tree_of(base_commit), tree)
+
+
+def _idle_folders(layout: ProjectLayout, plan_id: str, fork_id: str) -> list[Path]:
+    """Folders of this fork whose attempt ended with the executor's own word (see the module docstring)."""
+    folder = layout.conductor_dir / "scratch" / f"plan_{plan_id}" / f"fork_{fork_id}"
+    if not folder.is_dir():
+        return []
+    fork = layout.fork(plan_id, fork_id)
+    idle = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+        step, dot, attempt = entry.name.rpartition(".a")
+        if not dot or not attempt.isdigit() or not entry.is_dir() or not index_file(entry).is_file():
+            continue
+        if _finished(layout, fork, step, int(attempt), entry):
+            idle.append(entry)
+    return idle
+
+
+def _finished(layout: ProjectLayout, fork, step: str, attempt: int, folder: Path) -> bool:
+    for state in ("completed", "failed"):
+        path = fork.task_file(state, step)
+        if not path.is_file():
+            continue
+        try:
+            task = read_document(path, Task)
+        except (ConductorError, OSError):
+            return False
+        if task.attempt != attempt or layout.root / task.workspace != folder:
+            return False
+        return state == "failed" or fork.sidecar("completed", step, VERDICT_SUFFIX).exists()
+    return False
+
+
+def remove_plan_workspaces(layout: ProjectLayout, plan_id: str) -> int:
+    """Remove every attempt folder of a plan (and their stat caches). Returns how many folders."""
+    folder = layout.conductor_dir / "scratch" / f"plan_{plan_id}"
+    if not folder.is_dir():
+        return 0
+    count = sum(1 for p in folder.glob("fork_*/*") if p.is_dir())
+    shutil.rmtree(folder)
+    return count

@@ -3,7 +3,7 @@
 The executor's ``provenance.json`` says what the executor did, signed with the executor's key if it has
 one. The attestation is Conductor's independent statement, signed with the project key after the step
 was verified and merged: the true changed files, the evidence files of the step, the verification
-commands and their output digests, the policy verdict, and the workspace snapshot after the merge (see
+commands and their output digests, the policy verdict, and the fork's commit after the merge (see
 :func:`conductor.provenance.build_attestation`). It is written after the verdict and before the
 ``step.merged`` event; being deterministic for a given verdict, rewriting it after a crash is harmless.
 """
@@ -29,7 +29,7 @@ from conductor.provenance import VERIFIER_ID, build_attestation, envelope_for
 EVIDENCE_SUFFIXES = (RESULT_SUFFIX, EXPLANATION_SUFFIX, PROVENANCE_SUFFIX, VERDICT_SUFFIX)
 
 
-def write_attestation(layout: ProjectLayout, fork: ForkLayout, verdict: Verdict, snapshot_id: str,
+def write_attestation(layout: ProjectLayout, fork: ForkLayout, verdict: Verdict, commit: str,
                       signer: SigningKey) -> None:
     """Build, sign and write the attestation of the accepted step ``verdict.task_id``.
 
@@ -43,5 +43,5 @@ def write_attestation(layout: ProjectLayout, fork: ForkLayout, verdict: Verdict,
     files = [(f"{task_id}{suffix}", file_sha256(fork.sidecar("completed", task_id, suffix)))
              for suffix in EVIDENCE_SUFFIXES if fork.sidecar("completed", task_id, suffix).exists()]
     statement = build_attestation(task=task, verdict=verdict, result=result, files=files,
-                                  workspace_snapshot=snapshot_id, verifier_id=f"{VERIFIER_ID}@{HOST}")
+                                  workspace_commit=commit, verifier_id=f"{VERIFIER_ID}@{HOST}")
     atomic_write(fork.sidecar("completed", task_id, ATTESTATION_SUFFIX), envelope_for(statement, signer))

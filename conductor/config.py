@@ -106,9 +106,11 @@ class LlmConfig(_Section):
 
 
 class WorkspaceConfig(_Section):
-    """Files left out of workspace snapshots (gitignore-style patterns)."""
+    """Files left out of what an attempt changed (gitignore-style patterns), and whether attempt folders
+    stay after a plan finishes."""
 
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_WORKSPACE_IGNORE))
+    keep: bool = False
 
 
 class ApprovalConfig(_Section):

@@ -19,11 +19,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conductor.attempts import create_attempt_workspace, prepare_retry
+from conductor.attempts import prepare_retry, prepare_workspace, remove_plan_workspaces, state_store
 from conductor.audit import AuditLog
 from conductor.confidence import read_history, record_outcome, score_step
 from conductor.config import Config
-from conductor.errors import MergeConflict
+from conductor.errors import MergeConflict, StateConflict
 from conductor.executors.base import StepRunner, execute_claim
 from conductor.faults import crash_point
 from conductor.handoff.documents import read_document
@@ -43,7 +43,7 @@ from conductor.models import (
     Verdict,
     utc_now,
 )
-from conductor.plan_store import ensure_forks, fork_log, plan_log
+from conductor.plan_store import base_commit, ensure_forks, fork_log, plan_log
 from conductor.policy import MergedPolicy, merge_policies
 from conductor.ranking import (
     ForkEvidence,
@@ -56,7 +56,6 @@ from conductor.ranking import (
 from conductor.attestation import write_attestation
 from conductor.checkpoint import audit_origin, write_checkpoint
 from conductor.keys import SigningKey, TrustStore
-from conductor.snapshots import record_workspace
 from conductor.verifier import VerifySettings, verify_step
 from conductor.workspace import diff_lines
 
@@ -72,6 +71,7 @@ class EngineOptions:
     auto_approve: bool = False
     apply: bool = True
     wait: bool = True  # False: return as soon as nothing can progress without an external executor
+    keep_workspaces: bool = False  # True: leave attempt folders in place when the plan finishes
 
 
 @dataclass
@@ -107,6 +107,17 @@ class _ForkView:
 
     def has(self, type_: str, **match: object) -> bool:
         return self.last(type_, **match) is not None
+
+    @property
+    def head(self) -> str:
+        """The fork's state: the commit of its newest ``step.merged``, else the one it was created at.
+
+        Read from the audit log, never from a ref or a folder an executor could write.
+        """
+        for event in reversed(self.events):
+            if event.type in ("step.merged", "fork.created") and isinstance(event.data.get("commit"), str):
+                return event.data["commit"]
+        raise StateConflict(f"fork {self.spec.fork_id}: its audit log records no commit (fork.created is missing)")
 
     def append(self, type_: str, data: dict) -> None:
         self.events.append(self.log.append(type_, data))
@@ -179,13 +190,17 @@ class Engine:
                      prepare_retry=lambda task: prepare_retry(self.layout, task))
 
     def _advance(self, view: _ForkView) -> dict[str, str]:
+        # Log verdicts a crash left unlogged first: the fork's head must include them before any other
+        # step is merged on top of it.
+        for step in view.spec.steps:
+            found = view.fork.find_task(step.step_id)
+            if found is not None and found[0] in ("completed", "failed"):
+                self._log_unlogged_verdict(view, step, FAILED if found[0] == "failed" else ACCEPTED)
         states: dict[str, str] = {}
         for step in view.spec.steps:
             state = self._state_of(view, step, states)
             if state == COMPLETED:
                 state = self._verify(view, step)
-            elif state in (ACCEPTED, FAILED):
-                self._log_unlogged_verdict(view, step, state)
             if state == WAITING and all(states.get(d) == ACCEPTED for d in step.depends_on):
                 state = self._publish(view, step)
             if state == PENDING:
@@ -231,20 +246,21 @@ class Engine:
             return AWAITING_APPROVAL
         if confidence.level == "low" and self.options.auto_approve and not view.has("approval.granted", step_id=step.step_id):
             view.append("approval.granted", {"step_id": step.step_id, "by": "--auto-approve"})
-        scratch = self.layout.scratch_dir(self.plan.plan_id, view.spec.fork_id, step.step_id, 1)
-        create_attempt_workspace(self.layout, view.fork.workspace, scratch, ignore=self.ignore)
+        base = view.head
+        folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, 1, base)
         effective = policy.effective
         task = Task(
             task_id=step.step_id, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id, attempt=1,
             title=step.title, instruction=step.instruction, allowed_files=step.allowed_files,
             protected_patterns=effective.protected_patterns, constraints=effective.global_constraints,
-            depends_on=step.depends_on, workspace=self.layout.relative(scratch),
+            depends_on=step.depends_on, workspace=self.layout.relative(folder), base_commit=base,
             timeout_seconds=effective.timeout_seconds, max_diff_lines=effective.max_diff_lines,
             policy_digest=policy.digest, confidence=confidence, created_at=utc_now(),
         )
         sealed = publish_task(view.fork, task)
         crash_point("publish.before_event")
-        view.append("task.published", {"step_id": step.step_id, "attempt": 1, "checksum": sealed.checksum})
+        view.append("task.published", {"step_id": step.step_id, "attempt": 1, "checksum": sealed.checksum,
+                                       "base_commit": base})
         return PENDING
 
     def _dispatch(self, view: _ForkView, step: StepSpec) -> None:
@@ -285,6 +301,7 @@ class Engine:
             policy=self.merged_policy(step),
             confidence_level=scored.data.get("level", "high") if scored else "high",
             settings=self._verify_settings,
+            head_commit=view.head,
         )
         crash_point("verify.after_verdict")
         return self._log_verdict(view, step, verdict)
@@ -315,12 +332,12 @@ class Engine:
         executor = self._executor_kind()
         record_outcome(self.layout.history_file, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id,
                        step_id=step.step_id, executor=executor, accepted=verdict.accepted)
-        if verdict.accepted:
-            snapshot_id = record_workspace(self.layout, view.fork.workspace, ignore=self.ignore)
+        if verdict.accepted and verdict.commit is not None:
+            state_store(self.layout).set_ref(f"plans/{self.plan.plan_id}/forks/{view.spec.fork_id}", verdict.commit)
             if self.signer is not None:
-                write_attestation(self.layout, view.fork, verdict, snapshot_id, self.signer)
+                write_attestation(self.layout, view.fork, verdict, verdict.commit, self.signer)
             view.append("step.merged", {"step_id": step.step_id, "attempt": verdict.attempt,
-                                        "files": [c.path for c in verdict.files_changed], "workspace": snapshot_id})
+                                        "files": [c.path for c in verdict.files_changed], "commit": verdict.commit})
             return ACCEPTED
         view.append("task.failed", {"step_id": step.step_id, "attempt": verdict.attempt,
                                     "reason": "verification_rejected", "message": "; ".join(verdict.reasons)})
@@ -356,7 +373,7 @@ class Engine:
             finished.
         """
         stop = stop or threading.Event()
-        ensure_forks(self.layout, self.plan, ignore=self.ignore)
+        ensure_forks(self.layout, self.plan)
         try:
             with FolderWatcher([self.layout.plan_dir(self.plan.plan_id)]) as watcher:
                 self._wake = watcher.notify
@@ -426,12 +443,15 @@ class Engine:
                                                if report.status == "succeeded" else None,
                                                "applied": report.applied_fork is not None})
         self.checkpoint()
+        if not self.options.keep_workspaces:
+            remove_plan_workspaces(self.layout, self.plan.plan_id)
         return report
 
     def _apply(self, fork_id: str, report: RunReport) -> None:
-        changes = fork_changes(self.layout, self.plan.plan_id, fork_id, ignore=self.ignore)
+        head = _ForkView(self.layout, self.plan, self.plan.fork(fork_id)).head
         try:
-            apply_winner(self.layout, self.plan.plan_id, fork_id, changes, ignore=self.ignore)
+            changes = apply_winner(self.layout, self.plan.plan_id, fork_id, base_commit=base_commit(self.plan),
+                                   winner_commit=head, ignore=self.ignore)
         except MergeConflict as exc:
             self.plan_log.append("plan.apply_failed", {"fork_id": fork_id, "reason": str(exc)})
             report.status = "failed"
@@ -440,16 +460,16 @@ class Engine:
         crash_point("apply.before_event")
         report.applied_fork = fork_id
         report.applied_files = [c.path for c in changes]
-        self.plan_log.append("plan.applied", {"fork_id": fork_id, "files": report.applied_files})
+        self.plan_log.append("plan.applied", {"fork_id": fork_id, "files": report.applied_files, "commit": head})
 
     def _evidence(self, spec: ForkSpec) -> ForkEvidence:
         view = _ForkView(self.layout, self.plan, spec)
         finished = view.last("fork.finished")
         status = finished.data.get("status", "failed") if finished else "failed"
         verified = sum(1 for s in spec.steps if s.step_id in view.reused or view.has("step.merged", step_id=s.step_id))
-        changes = fork_changes(self.layout, self.plan.plan_id, spec.fork_id, ignore=self.ignore)
+        changes = fork_changes(self.layout, base_commit(self.plan), view.head)
         checks = status == "succeeded" and fork_checks(
-            self.layout, self.plan.plan_id, spec.fork_id, view.log,
+            self.layout, self.plan.plan_id, spec.fork_id, view.head, view.log,
             commands=list(self.config.verification.commands),
             timeout_seconds=self.config.verification.timeout_seconds,
         )

@@ -17,6 +17,7 @@ code  meaning
 9     NotFound: no project, plan, fork or step by that name
 10    StateConflict: the files on disk disagree with what Conductor expects
 11    Halted: the plan waits for approval or for an external executor
+12    GitError: git is missing, too old, or failed on Conductor's own repository
 70    internal error (a bug; the traceback is written to a log file)
 130   interrupted (Ctrl-C)
 ====  =====================================================================
@@ -122,6 +123,15 @@ class Halted(ConductorError):
     """The plan cannot go on now: it waits for an approval or an external executor."""
 
     exit_code = 11
+
+
+class GitError(ConductorError):
+    """git is missing or older than Conductor needs, or a git command on Conductor's state failed.
+
+    The message has the git command and git's own words.
+    """
+
+    exit_code = 12
 
 
 EXIT_INTERNAL = 70

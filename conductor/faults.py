@@ -73,7 +73,7 @@ CRASH_POINTS: dict[str, str] = {
     "reaper.after_republish": "retry published to pending/, task.published not yet logged",
     "reaper.before_unpark": "retry published and logged, parked file not yet removed",
     # verify
-    "verify.after_merge": "accepted change set merged into the fork workspace, verdict not yet written",
+    "verify.after_merge": "accepted change set merged into a new fork commit, verdict not yet written",
     "verify.after_verdict": "verdict written, step.verified not yet logged",
     "verify.after_reject_verdict": "rejection verdict written in failed/, sidecars and task not yet moved",
     "verify.before_reject_move": "rejection: sidecars moved to failed/, the task file not yet (not committed)",

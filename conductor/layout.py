@@ -4,7 +4,8 @@
 
     .conductor/
       config.yaml  policy.yaml  keys/signing.key  keys/signing.pub
-      objects/sha256/ab/cdef…        content-addressed blobs (workspace snapshots)
+      git/                           Conductor's private git repository: project snapshots, attempt trees,
+                                     each fork's history (objects borrowed from the project's own .git)
       recordings/ab/cdef….json       recorded LLM requests and responses, by request hash
       checkpoints/plan_<plan>/<log>/000001.note   signed audit checkpoints (where executors do not write)
       handoff/
@@ -14,8 +15,8 @@
           fork_<fork>/
             pending/ in_progress/ completed/ failed/
             audit.log                               every event of this fork
-      workspaces/plan_<plan>/fork_<fork>/           the fork's integrated working copy
-      scratch/plan_<plan>/fork_<fork>/<step>.a<n>/  one attempt's private working copy
+      scratch/plan_<plan>/fork_<fork>/<step>.a<n>/  one attempt's working folder (with a .git of its own)
+      scratch/plan_<plan>/fork_<fork>/<step>.a<n>.index   Conductor's stat cache of that folder
 """
 
 from __future__ import annotations
@@ -82,10 +83,6 @@ class ProjectLayout:
         return self.conductor_dir / "checkpoints" / f"plan_{plan_id}" / log_label
 
     @property
-    def objects_dir(self) -> Path:
-        return self.conductor_dir / "objects"
-
-    @property
     def handoff_dir(self) -> Path:
         return self.conductor_dir / "handoff"
 
@@ -114,9 +111,6 @@ class ProjectLayout:
             fork_id=fork_id,
             dir=self.plan_dir(plan_id) / f"fork_{fork_id}",
         )
-
-    def workspace_dir(self, plan_id: str, fork_id: str) -> Path:
-        return self.conductor_dir / "workspaces" / f"plan_{plan_id}" / f"fork_{fork_id}"
 
     def scratch_dir(self, plan_id: str, fork_id: str, task_id: str, attempt: int) -> Path:
         return self.conductor_dir / "scratch" / f"plan_{plan_id}" / f"fork_{fork_id}" / f"{task_id}.a{attempt}"
@@ -150,10 +144,6 @@ class ForkLayout:
     @property
     def audit_log(self) -> Path:
         return self.dir / "audit.log"
-
-    @property
-    def workspace(self) -> Path:
-        return self.project.workspace_dir(self.plan_id, self.fork_id)
 
     def task_ids(self, state: str) -> list[str]:
         """Task ids whose task file is in ``state``, sorted."""

@@ -27,6 +27,9 @@ PLAN_SCHEMA = "conductor.plan/v1"
 
 Checksum = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
 StepId = Annotated[str, StringConstraints(pattern=r"^step_[0-9]{3,}$")]
+GitMode = Literal["100644", "100755", "120000", "160000"]
+ObjectId = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{40}|[0-9a-f]{64})$")]
+"""A git object id: SHA-1 (40 hex) or SHA-256 (64 hex), as the project's repository uses."""
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 # A result may answer a task file that is not a valid task (rejected unread): it names the file's stem.
 FileStem = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
@@ -141,7 +144,7 @@ class ForkOrigin(Contract):
     step_id: StepId
     event_seq: int = Field(ge=0, description="seq of the parent fork's step.merged event for step_id")
     event_hash: Checksum = Field(description="hash of that event: the new fork's log links to it")
-    workspace: Checksum = Field(description="snapshot id of the parent's workspace after step_id")
+    commit: ObjectId = Field(description="the parent fork's state after step_id: a commit in .conductor/git")
 
 
 class ForkRecord(Contract):
@@ -184,6 +187,9 @@ class Plan(Contract):
     planner: PlannerInfo
     policy: PolicyLayer = Field(default_factory=PolicyLayer)
     forks: list[ForkSpec] = Field(min_length=1)
+    base_commit: ObjectId | None = Field(
+        default=None, description="the project as the plan began (uncommitted and untracked files included): "
+        "a commit in .conductor/git; set when the plan is written")
     checksum: Checksum | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -229,6 +235,8 @@ class Task(Contract):
     constraints: list[str] = Field(default_factory=list)
     depends_on: list[StepId] = Field(default_factory=list)
     workspace: str = Field(description="the directory to work in, relative to the project root")
+    base_commit: ObjectId = Field(description="the commit the workspace was checked out at (its .git HEAD); "
+                                  "what changed is the working tree against it")
     timeout_seconds: int = Field(gt=0)
     max_diff_lines: int = Field(ge=0)
     policy_digest: Checksum
@@ -286,6 +294,10 @@ class FileChange(Contract):
     lines_added: int = Field(default=0, ge=0)
     lines_removed: int = Field(default=0, ge=0)
     binary: bool = False
+    mode: GitMode | None = Field(
+        default=None, description="git mode of the new entry (100644 file, 100755 executable, 120000 symlink); "
+        "None if deleted or not reported")
+    old_mode: GitMode | None = Field(default=None, description="git mode before the change; None if added or not reported")
 
 
 class ErrorInfo(Contract):
@@ -385,6 +397,8 @@ class Verdict(Contract):
     diff_lines: int = Field(ge=0)
     verification: list[CommandEvidence] = Field(default_factory=list)
     policy_digest: Checksum
+    tree: ObjectId | None = Field(default=None, description="the attempt's working tree as captured (.conductor/git)")
+    commit: ObjectId | None = Field(default=None, description="the fork's state after merging an accepted attempt")
     decided_at: str
     checksum: Checksum | None = None
 

@@ -1,34 +1,22 @@
-"""Plans on disk: creating a plan's folders and workspaces, loading it back, its base snapshot.
+"""Plans on disk: creating a plan's folders, its base commit, loading it back.
 
 ``plan.json`` is written once (checksummed, never overwritten) and is the commit point of a plan's
-existence. Each fork's workspace copy is made afterwards; the ``fork.created`` event in the fork's audit
-log says it is complete, so a crash in the middle of a copy is redone on resume.
+existence. It pins ``base_commit``: the project as the plan began, committed to Conductor's private
+repository (``conductor.workspace.store``). Each fork starts at that commit (or, for ``fork --from``, at
+its parent's state after the chosen step); its ``fork.created`` event records the commit.
 """
 
 from __future__ import annotations
 
-import shutil
-
+from conductor.attempts import state_store
 from conductor.audit import AuditLog
-from conductor.blobs import BlobStore
-from conductor.canonical import pretty_bytes, strict_loads
 from conductor.errors import NotFound, StateConflict
 from conductor.faults import crash_point
-from conductor.fsutil import atomic_write
 from conductor.handoff.documents import read_document, write_document
 from conductor.handoff.publish import ensure_fork_dirs
 from conductor.layout import ProjectLayout
 from conductor.models import ForkRecord, Plan
-from conductor.snapshots import restore_workspace
-from conductor.workspace import (
-    Snapshot,
-    copy_tree,
-    snapshot,
-    snapshot_from_document,
-    snapshot_to_document,
-)
 
-BASE_SNAPSHOT = "base.snapshot.json"
 FORK_RECORD = "fork.json"
 
 
@@ -42,15 +30,20 @@ def fork_log(layout: ProjectLayout, plan_id: str, fork_id: str) -> AuditLog:
 
 
 def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Plan:
-    """Write a new plan: its base snapshot of the project, ``plan.json``, and the plan's first events.
+    """Write a new plan: the project's base commit, ``plan.json`` (pinning it), and the plan's first event.
 
     Returns:
         The sealed plan.
+
+    Raises:
+        GitError: git is missing, too old, or cannot read the project.
     """
     plan_dir = layout.plan_dir(plan.plan_id)
+    store = state_store(layout)
+    base = store.snapshot_project(ignore=ignore, message=f"conductor: the project as plan {plan.plan_id} began\n")
+    store.set_ref(f"plans/{plan.plan_id}/base", base)
     plan_dir.mkdir(parents=True, exist_ok=False)
-    base = snapshot(layout.root, ignore=ignore, store=BlobStore(layout.objects_dir))
-    atomic_write(plan_dir / BASE_SNAPSHOT, pretty_bytes(snapshot_to_document(base)))
+    plan = plan.model_copy(update={"base_commit": base})
     sealed = write_document(plan_dir / "plan.json", plan, exclusive=True)
     crash_point("plan.after_plan_file")
     plan_log(layout, plan.plan_id).append("plan.created", {
@@ -58,6 +51,7 @@ def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Plan
         "goal": plan.goal,
         "planner": plan.planner.model_dump(mode="json"),
         "forks": [f.fork_id for f in plan.forks],
+        "base_commit": base,
         "plan_checksum": sealed.checksum,
     })
     return sealed
@@ -111,18 +105,24 @@ def add_fork(layout: ProjectLayout, record: ForkRecord) -> ForkRecord:
     return write_document(fork.dir / FORK_RECORD, record, exclusive=True)
 
 
-def load_base(layout: ProjectLayout, plan_id: str) -> Snapshot:
-    """The snapshot of the project taken when the plan was created."""
-    path = layout.plan_dir(plan_id) / BASE_SNAPSHOT
-    return snapshot_from_document(strict_loads(path.read_bytes(), source=str(path)))
+def base_commit(plan: Plan) -> str:
+    """The commit the plan began from.
+
+    Raises:
+        StateConflict: the plan was written by a Conductor without git-backed workspaces (0.1).
+    """
+    if plan.base_commit is None:
+        raise StateConflict(f"plan {plan.plan_id} has no base commit: it was made by Conductor 0.1 and cannot "
+                            "be continued by this version (start a new plan)")
+    return plan.base_commit
 
 
-def ensure_forks(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> None:
-    """Create each fork's folders and workspace copy, unless its ``fork.created`` event says it is done.
+def ensure_forks(layout: ProjectLayout, plan: Plan) -> None:
+    """Create each fork's folders and its ``fork.created`` event (with the fork's starting commit) once.
 
-    A planned fork starts from a copy of the project; a fork added by ``fork --from`` starts from the
-    workspace snapshot recorded after its parent's step, and its ``fork.created`` event links to the
-    parent's ``step.merged`` event.
+    A planned fork starts at the plan's base commit; a fork added by ``fork --from`` starts at its
+    parent's state after the chosen step, and its ``fork.created`` event links to the parent's
+    ``step.merged`` event.
     """
     records = fork_records(layout, plan.plan_id)
     for spec in plan.forks:
@@ -131,18 +131,13 @@ def ensure_forks(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Non
         log = AuditLog(fork.audit_log)
         if any(e.type == "fork.created" for e in log.events()):
             continue
-        workspace = fork.workspace
-        if workspace.exists():
-            shutil.rmtree(workspace)  # a copy a crash interrupted
-        workspace.parent.mkdir(parents=True, exist_ok=True)
         record = records.get(spec.fork_id)
-        extra = {}
-        if record is None:
-            copy_tree(layout.root, workspace, ignore=ignore)
-        else:
-            restore_workspace(layout, record.parent.workspace, workspace)
+        commit, extra = base_commit(plan), {}
+        if record is not None:
+            commit = record.parent.commit
             extra = {"parent": record.parent.model_dump(mode="json"), "reused_steps": record.reused_steps,
                      "fork_checksum": record.checksum}
+        state_store(layout).set_ref(f"plans/{plan.plan_id}/forks/{spec.fork_id}", commit)
         crash_point("fork.after_workspace")
         log.append("fork.created", {
             "plan_id": plan.plan_id,
@@ -150,7 +145,7 @@ def ensure_forks(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Non
             "plan_checksum": plan.checksum,
             "strategy": spec.strategy.model_dump(mode="json"),
             "steps": [s.step_id for s in spec.steps],
-            "workspace": layout.relative(workspace),
+            "commit": commit,
             **extra,
         })
 

@@ -19,9 +19,8 @@ from conductor.policy import load_policy
 
 GITIGNORE = """\
 # Conductor's working state: rebuildable or secret, never committed.
-workspaces/
+git/
 scratch/
-objects/
 recordings/
 checkouts/
 keys/*.key

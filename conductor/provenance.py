@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +101,7 @@ def build_statement(
                     "policy_digest": policy_digest or task.policy_digest,
                     "executor": executor.to_document(),
                 },
-                "resolvedDependencies": [],
+                "resolvedDependencies": [{"name": "base", "digest": {"gitCommit": task.base_commit}}],
             },
             "runDetails": {
                 "builder": {"id": executor.id, "version": _builder_version(executor)},
@@ -209,11 +209,13 @@ class ReadProvenance:
         statement: the in-toto Statement (parsed strictly).
         signed_by: key ids of trusted signatures that verified ([] = unsigned or only unknown keys).
         subjects: subject name → sha256 hex.
+        commits: subject name → git commit id (subjects with a ``gitCommit`` digest).
     """
 
     statement: dict[str, Any]
     signed_by: list[str]
     subjects: dict[str, str]
+    commits: dict[str, str] = field(default_factory=dict)
 
 
 def read_provenance(
@@ -241,13 +243,16 @@ def read_provenance(
     statement = strict_loads(verified.payload, source=f"{path} payload")
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         raise InvalidDocument(f"{path}: the payload is not an in-toto Statement v1")
-    subjects = {}
+    subjects, commits = {}, {}
     for subject in statement.get("subject") or []:
         name, digests = (subject.get("name"), subject.get("digest")) if isinstance(subject, dict) else (None, None)
+        if isinstance(name, str) and isinstance(digests, dict) and isinstance(digests.get("gitCommit"), str):
+            commits[name] = digests["gitCommit"]
+            continue
         if not isinstance(name, str) or not isinstance(digests, dict) or not isinstance(digests.get("sha256"), str):
-            raise InvalidDocument(f"{path}: a subject without a name and a sha256 digest: {subject!r}")
+            raise InvalidDocument(f"{path}: a subject without a name and a sha256 or gitCommit digest: {subject!r}")
         subjects[name] = digests["sha256"]
-    return ReadProvenance(statement=statement, signed_by=verified.signed_by, subjects=subjects)
+    return ReadProvenance(statement=statement, signed_by=verified.signed_by, subjects=subjects, commits=commits)
 
 
 def build_attestation(
@@ -256,14 +261,15 @@ def build_attestation(
     verdict: Verdict,
     result: Result,
     files: Sequence[tuple[str, str]],
-    workspace_snapshot: str,
+    workspace_commit: str,
     verifier_id: str,
 ) -> dict[str, Any]:
     """Conductor's own statement about one accepted step (``<step>.attestation.json``, DSSE-signed).
 
     Subjects: every changed file (sha256 of its new content), each evidence file of the step (``files``:
     result, explanation, executor provenance, verdict — name and sha256 hex) and ``workspace``, the
-    fork's workspace after the merge (digest = the snapshot id, restorable with ``conductor checkout``).
+    fork's state after the merge (digest ``gitCommit``: a commit in ``.conductor/git``, restorable with
+    ``conductor checkout``). The attempt's base commit is its one resolved dependency.
     The SLSA predicate records the task checksum, the effective policy digest, plan/fork/step ids and
     attempt, the executor's identity, model and token usage, the verification commands with exit codes
     and output digests, the policy verdict and its checks, and start/finish times.
@@ -276,7 +282,7 @@ def build_attestation(
     subjects = [_descriptor(c.path, c.sha256) for c in verdict.files_changed
                 if c.change != "deleted" and c.sha256 is not None]
     subjects += [_descriptor(name, hex_digest) for name, hex_digest in files]
-    subjects.append(_descriptor("workspace", workspace_snapshot.removeprefix("sha256:")))
+    subjects.append({"name": "workspace", "digest": {"gitCommit": workspace_commit}})
     return {
         "_type": STATEMENT_TYPE,
         "subject": sorted(subjects, key=lambda subject: subject["name"]),
@@ -295,7 +301,7 @@ def build_attestation(
                                 "diff_lines": verdict.diff_lines,
                                 "checks": [c.model_dump(mode="json") for c in verdict.checks]},
                 },
-                "resolvedDependencies": [],
+                "resolvedDependencies": [{"name": "base", "digest": {"gitCommit": task.base_commit}}],
             },
             "runDetails": {
                 "builder": {"id": verifier_id, "version": {"conductor": __version__}},

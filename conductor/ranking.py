@@ -1,6 +1,6 @@
-"""Ranking the forks of a plan by evidence, and applying the winner's changes to the project.
+"""Ranking the forks of a plan by evidence, and applying the winner to the project.
 
-Order (best first): every step verified; the verification commands pass on the fork's final workspace;
+Order (best first): every step verified; the verification commands pass on the fork's final state;
 fewer changed lines; fewer LLM tokens; then the fork id. A fork that is not fully verified never wins.
 """
 
@@ -9,18 +9,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from conductor.attempts import state_store
 from conductor.audit import AuditLog
-from conductor.blobs import BlobStore
 from conductor.canonical import pretty_bytes, seal
 from conductor.errors import MergeConflict
 from conductor.faults import crash_point
 from conductor.fsutil import atomic_write, remove_durably, write_scope
 from conductor.layout import ProjectLayout
 from conductor.models import FileChange, utc_now
-from conductor.plan_store import load_base
 from conductor.verification import all_passed, run_verification
-from conductor.verifier import merge_changes
-from conductor.workspace import diff, snapshot
+from conductor.workspace.apply import ApplyPlan, plan_apply, write_changes
+from conductor.workspace.checkout import index_file, materialize, reset
 
 
 @dataclass(frozen=True)
@@ -46,24 +45,31 @@ class ForkEvidence:
         return asdict(self)
 
 
-def fork_changes(layout: ProjectLayout, plan_id: str, fork_id: str, *, ignore: list[str]) -> list[FileChange]:
-    """The changes of a fork's workspace against the project as it was when the plan began."""
-    workspace = layout.workspace_dir(plan_id, fork_id)
-    return diff(load_base(layout, plan_id), snapshot(workspace, ignore=ignore),
-                before_store=BlobStore(layout.objects_dir), after_root=workspace)
+def fork_changes(layout: ProjectLayout, base_commit: str, head_commit: str) -> list[FileChange]:
+    """The changes of a fork's state (``head_commit``) against the project as the plan began."""
+    store = state_store(layout)
+    return store.changes(store.tree_of(base_commit), store.tree_of(head_commit))
 
 
 def fork_checks(
-    layout: ProjectLayout, plan_id: str, fork_id: str, log: AuditLog, *, commands: list[str], timeout_seconds: float
+    layout: ProjectLayout, plan_id: str, fork_id: str, head_commit: str, log: AuditLog, *, commands: list[str],
+    timeout_seconds: float,
 ) -> bool:
-    """Run the verification commands once on the fork's final workspace (reusing a recorded run)."""
+    """Run the verification commands once on a clean checkout of the fork's final state (reusing a
+    recorded run). The checkout holds exactly ``head_commit``: nothing an executor left behind."""
     for event in log.events():
         if event.type == "fork.verified":
             return bool(event.data.get("passed"))
-    evidence = run_verification(commands, layout.workspace_dir(plan_id, fork_id), timeout_seconds=timeout_seconds)
+    folder = layout.conductor_dir / "scratch" / f"plan_{plan_id}" / f"fork_{fork_id}" / "final"
+    store = state_store(layout)
+    if folder.is_dir() and index_file(folder).is_file():
+        reset(store, folder, head_commit)
+    else:
+        materialize(store, head_commit, folder)
+    evidence = run_verification(commands, folder, timeout_seconds=timeout_seconds)
     passed = all_passed(evidence)
     log.append("fork.verified", {
-        "fork_id": fork_id, "passed": passed,
+        "fork_id": fork_id, "passed": passed, "commit": head_commit,
         "verification": [{"command": e.command, "exit_code": e.exit_code, "output_sha256": e.output_sha256}
                          for e in evidence],
     })
@@ -83,7 +89,7 @@ def rank(evidence: list[ForkEvidence]) -> list[ForkEvidence]:
 
 
 APPLY_INTENT = "apply.intent.json"
-APPLY_INTENT_SCHEMA = "conductor.apply_intent/v1"
+APPLY_INTENT_SCHEMA = "conductor.apply_intent/v2"
 
 
 def apply_intent_file(layout: ProjectLayout, plan_id: str) -> Path:
@@ -92,33 +98,50 @@ def apply_intent_file(layout: ProjectLayout, plan_id: str) -> Path:
 
 
 def apply_winner(
-    layout: ProjectLayout, plan_id: str, fork_id: str, changes: list[FileChange], *, ignore: list[str]
-) -> None:
-    """Apply a fork's changes to the project itself (skipping any already applied).
+    layout: ProjectLayout, plan_id: str, fork_id: str, *, base_commit: str, winner_commit: str, ignore: list[str]
+) -> list[FileChange]:
+    """Merge the winner's final state into the project's working tree and write the result.
 
     Crash safety: before the first project file changes, an intent record (``apply.intent.json``:
-    ``{schema: "conductor.apply_intent/v1", plan_id, fork_id, changes, created_at, checksum}``, the
-    checksum as in docs/protocol.md section 3) is written durably; it is removed once every file is in
-    place. A crash in between leaves a half-applied project *and* the intent, from which
-    ``conductor.recovery`` finishes the apply on the next start. Finishing is idempotent: changes already
-    in place are skipped.
+    ``{schema: "conductor.apply_intent/v2", plan_id, fork_id, user_tree, result_tree, changes, created_at,
+    checksum}``, the checksum as in docs/protocol.md section 3) is written durably; it is removed once
+    every file is in place. A crash in between leaves a half-applied project *and* the intent, from which
+    ``conductor.recovery`` finishes the apply (:func:`finish_apply`) on the next start.
+
+    Returns:
+        The changes applied (project now → merged result).
 
     Raises:
-        MergeConflict: a project file changed since the plan began; nothing was written (the intent is
-            removed again).
+        MergeConflict: the project and the winner changed the same paths incompatibly, or a file changed
+            while being applied; nothing was written (the intent is removed again).
         StorageError: a write failed; the intent stays, so recovery finishes the apply later.
     """
+    store = state_store(layout)
+    plan = plan_apply(store, base_commit=base_commit, winner_commit=winner_commit, ignore=ignore)
     intent = apply_intent_file(layout, plan_id)
     document = seal({"schema": APPLY_INTENT_SCHEMA, "plan_id": plan_id, "fork_id": fork_id,
-                     "changes": [c.to_document() for c in changes], "created_at": utc_now()})
+                     "user_tree": plan.user_tree, "result_tree": plan.result_tree,
+                     "changes": [c.to_document() for c in plan.changes], "created_at": utc_now()})
     atomic_write(intent, pretty_bytes(document))
     crash_point("apply.after_intent")
     try:
         with write_scope("apply"):
-            merge_changes(changes, src_root=layout.workspace_dir(plan_id, fork_id), dst_root=layout.root,
-                          base=load_base(layout, plan_id), ignore=ignore)
+            write_changes(store, layout.root, plan)
     except MergeConflict:
         remove_durably(intent)  # the conflict check runs before any write: nothing to finish
         raise
     crash_point("apply.after_files")
     remove_durably(intent)
+    return plan.changes
+
+
+def finish_apply(layout: ProjectLayout, document: dict) -> None:
+    """Finish an apply a crash interrupted, from its (checksum-verified) intent document.
+
+    Raises:
+        MergeConflict: a project file is neither as before the apply nor as merged.
+    """
+    plan = ApplyPlan(document["user_tree"], document["result_tree"],
+                     [FileChange.model_validate(c) for c in document["changes"]])
+    with write_scope("apply"):
+        write_changes(state_store(layout), layout.root, plan)

@@ -33,8 +33,10 @@ What a crash can leave, and what recovery does (the order of the passes):
 8. (exclusive) ``plan.json`` without ``plan.created``: the event is restored from the file.
 9. (exclusive) An interrupted apply of the winner (``apply.intent.json`` left by
    :func:`conductor.ranking.apply_winner`): finished from the intent, idempotently.
-10. (exclusive) Temp files a crash left inside fork workspaces (an interrupted merge), which would
-    otherwise be applied to the project as new files.
+10. Temp folders a crash left while checking out an attempt workspace (``.tmp.<step>.a<n>.<pid>.<random>``
+    beside the attempt folders). Attempt folders themselves hold the agent's files and are never swept:
+    what an attempt changed is captured into ``.conductor/git`` by the verifier, so a stray file there is
+    never applied unless it passed verification.
 
 Then the log and the folders must agree — every task file at least at its last published attempt, every
 ``task.completed`` / ``task.failed`` / ``step.merged`` event matched by its task file's folder — or
@@ -59,7 +61,7 @@ from pydantic import ValidationError
 from conductor.audit import AuditLog, repair_torn_tail
 from conductor.canonical import check_checksum, strict_loads
 from conductor.config import DEFAULT_WORKSPACE_IGNORE
-from conductor.errors import ChecksumMismatch, IntegrityError, MergeConflict, StateConflict
+from conductor.errors import ChecksumMismatch, GitError, IntegrityError, MergeConflict, StateConflict
 from conductor.fsutil import TEMP_NAME, TEMP_PREFIX, durable_rename, fsync_dir, remove_durably
 from conductor.handoff.documents import read_document
 from conductor.handoff.lease import HOST, fork_lock
@@ -77,10 +79,8 @@ from conductor.layout import (
     ProjectLayout,
 )
 from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict, parse_time, utc_now
-from conductor.plan_store import load_base, plan_log
-from conductor.ranking import APPLY_INTENT_SCHEMA, apply_intent_file
-from conductor.snapshots import record_workspace
-from conductor.verifier import merge_changes
+from conductor.plan_store import plan_log
+from conductor.ranking import APPLY_INTENT_SCHEMA, apply_intent_file, finish_apply
 
 TEMP_GRACE_SECONDS = 60.0
 """A temp file this old is abandoned whoever wrote it (a durable write takes milliseconds)."""
@@ -248,9 +248,7 @@ class _Recovery:
     def recover_plan(self, plan_id: str) -> None:
         plan_dir, log = self.layout.plan_dir(plan_id), plan_log(self.layout, plan_id)
         self.sweep(plan_dir, log)
-        workspaces = self.layout.conductor_dir / "workspaces" / f"plan_{plan_id}"
         scratch = self.layout.conductor_dir / "scratch" / f"plan_{plan_id}"
-        self.sweep(workspaces, log)
         self.sweep(scratch, log)
         for folder in sorted(plan_dir.glob("fork_*")):
             fork = self.layout.fork(plan_id, folder.name[len("fork_"):])
@@ -259,40 +257,13 @@ class _Recovery:
         if self.exclusive:
             self._restore_plan_created(plan_id, log)
             self._finish_apply(plan_id, log)
-            for folder in sorted(workspaces.glob("fork_*")) if workspaces.is_dir() else []:
-                self.sweep(folder, log, recursive=True, may_remove=self._not_owned(plan_id, folder))
-
-    def _not_owned(self, plan_id: str, workspace: Path) -> Callable[[Path], bool]:
-        """``may_remove`` for a fork workspace: only paths it does not hold legitimately (read when first asked)."""
-        owned: list[set[str]] = []
-
-        def may_remove(path: Path) -> bool:
-            if not owned:
-                owned.append(self._workspace_paths(plan_id, workspace.name[len("fork_"):]))
-            return path.relative_to(workspace).as_posix() not in owned[0]
-
-        return may_remove
-
-    def _workspace_paths(self, plan_id: str, fork_id: str) -> set[str]:
-        """Paths a fork workspace may hold legitimately: the project's at the plan's start and every path an
-        accepted step changed. A temp-like name among them is content, never swept."""
-        owned = set(load_base(self.layout, plan_id))
-        fork = self.layout.fork(plan_id, fork_id)
-        for path, task_id in _sidecars(fork.state_dir("completed")):
-            if path.name == f"{task_id}{VERDICT_SUFFIX}":
-                try:
-                    owned.update(c.path for c in read_document(path, Verdict).files_changed)
-                except IntegrityError:
-                    continue
-        return owned
 
     def sweep_project(self, *, log: AuditLog | None) -> None:
-        """Pass 2 over ``.conductor/`` (every plan folder, checkpoints, recordings, keys...) and the blob
-        store's staging folder; workspaces and scratch copies have their own sweeps, blob shards hold none."""
+        """Pass 2 over ``.conductor/`` (every plan folder, checkpoints, recordings, keys...); attempt
+        folders have their own sweep, and ``.conductor/git`` is git's (it cleans its own temp objects)."""
         conductor = self.layout.conductor_dir
-        skip = {conductor / "objects", conductor / "workspaces", conductor / "scratch"}
+        skip = {conductor / "git", conductor / "scratch", conductor / "checkouts"}
         self.sweep(conductor, log, recursive=True, may_descend=lambda path: path not in skip)
-        self.sweep(self.layout.objects_dir / "sha256", log)
 
     # --- pass 2: temp files ---------------------------------------------------------------------
 
@@ -461,9 +432,8 @@ class _Recovery:
                 continue  # the folders disagree with the log: the agreement check names it
             files = [c.path for c in verdict.files_changed]
             if accepted:
-                workspace = record_workspace(self.layout, fork.workspace, ignore=self.ignore)
                 log.append("step.merged", {"step_id": task_id, "attempt": attempt, "files": files,
-                                           "workspace": workspace})
+                                           "commit": verdict.commit})
             else:
                 log.append("task.failed", {"step_id": task_id, "attempt": attempt, "reason": "verification_rejected",
                                            "message": "; ".join(verdict.reasons)})
@@ -487,15 +457,15 @@ class _Recovery:
         path = apply_intent_file(self.layout, plan_id)
         if not path.exists():
             return
-        fork_id, changes = _read_intent(path, plan_id)
+        fork_id, document = _read_intent(path, plan_id)
+        changes = [FileChange.model_validate(c) for c in document["changes"]]
         # Only temps named after a file being applied: anything else in the project is the user's.
         targets = {(self.layout.root / c.path).parent / f"{TEMP_PREFIX}{Path(c.path).name}" for c in changes}
         for folder in sorted({target.parent for target in targets}):
             self.sweep(folder, log, may_remove=lambda path: _temp_target(path) in targets)
         try:
-            merge_changes(changes, src_root=self.layout.workspace_dir(plan_id, fork_id), dst_root=self.layout.root,
-                          base=load_base(self.layout, plan_id), ignore=[])
-        except (MergeConflict, ChecksumMismatch) as exc:
+            finish_apply(self.layout, document)
+        except (MergeConflict, ChecksumMismatch, GitError) as exc:
             raise StateConflict(f"{path}: the interrupted apply of fork {fork_id} cannot be finished ({exc}); "
                                 "the project may be half applied, and the intent is kept") from exc
         remove_durably(path)
@@ -600,8 +570,8 @@ def _rejection(fork: ForkLayout, task_id: str, rejected: Path) -> tuple[Verdict,
     return verdict, task
 
 
-def _read_intent(path: Path, plan_id: str) -> tuple[str, list[FileChange]]:
-    """``(fork_id, changes)`` of an apply intent, read strictly.
+def _read_intent(path: Path, plan_id: str) -> tuple[str, dict]:
+    """``(fork_id, document)`` of an apply intent, read strictly.
 
     Raises:
         StateConflict: the intent is unreadable (the project may be half applied; people must look).
@@ -613,11 +583,14 @@ def _read_intent(path: Path, plan_id: str) -> tuple[str, list[FileChange]]:
         check_checksum(document, source=str(path))
         if document.get("plan_id") != plan_id or not isinstance(document.get("fork_id"), str):
             raise IntegrityError(f"{path}: names plan {document.get('plan_id')!r}, not {plan_id!r}")
-        changes = [FileChange.model_validate(c) for c in document.get("changes", [])]
+        for c in document.get("changes", []):
+            FileChange.model_validate(c)
+        if not all(isinstance(document.get(k), str) for k in ("user_tree", "result_tree")):
+            raise IntegrityError(f"{path}: no user_tree/result_tree")
     except (IntegrityError, ValidationError, TypeError) as exc:
         raise StateConflict(f"{path}: an interrupted apply's intent is unreadable ({exc}); "
                             "the project may be half applied") from exc
-    return document["fork_id"], changes
+    return document["fork_id"], document
 
 
 def _check_agreement(fork: ForkLayout, events: list[Event]) -> None:

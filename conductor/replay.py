@@ -4,7 +4,7 @@ The plan log and every fork log are merged into one timeline (ordered by ``ts``,
 fork logs in fork-id order, then ``seq``); each entry gets its position ``index`` in that timeline, which
 ``conductor events`` shows and ``conductor replay --to`` accepts. Folding the first ``n`` entries gives the
 plan as it was after entry ``n - 1``: each step's state, attempt, holder, confidence, verdict and the
-workspace snapshot after it; each fork's status; the plan's ranking, winner and LLM spending.
+commit after it; each fork's status; the plan's ranking, winner and LLM spending.
 
 When the point is the present, :func:`check_against_folders` compares the folded state with the task
 files on disk: the log and the folders must tell the same story, except that an external executor (which
@@ -64,7 +64,7 @@ class StepState:
     checksum: str | None = None
     reasons: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
-    workspace: str | None = None  # snapshot id after the step was merged
+    commit: str | None = None  # the fork's commit after the step was merged
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _apply_step(step: StepState, type_: str, data: dict[str, Any]) -> None:
         if data.get("accepted"):
             step.state = "accepted"
     elif type_ == "step.merged":
-        step.state, step.files, step.workspace = "accepted", list(data.get("files", [])), data.get("workspace")
+        step.state, step.files, step.commit = "accepted", list(data.get("files", [])), data.get("commit")
 
 
 # --- picking a point ----------------------------------------------------------------------------

@@ -11,15 +11,13 @@ adjustments that the models alone cannot express but Conductor's reader
 * ``checksum`` is required and non-null in every checksummed document (plan, task, lease, result,
   verdict): ``"sha256:" + hex(SHA-256(RFC 8785 JCS of the document without "checksum"))``.
 
-Besides the models of :data:`conductor.models.CONTRACT_MODELS` there is ``snapshot``: the
-``conductor.snapshot/v1`` document of ``base.snapshot.json`` and ``<step>.a<n>.base.json``
-(written by :func:`conductor.workspace.snapshot_to_document`).
+Workspace state is not a JSON document: it lives in git objects in ``.conductor/git`` (see
+docs/architecture.md), named by commit and tree ids in the task, verdict and audit events.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -27,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from conductor.models import CONTRACT_MODELS
-from conductor.workspace import SNAPSHOT_SCHEMA
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -82,47 +79,7 @@ _TEXT: dict[str, tuple[str, str]] = {
         "One policy layer: .conductor/policy.yaml (parsed YAML), the plan's policy or a step's policy. "
         "Layers merge project -> plan -> step, tighten-only; unknown keys are errors.",
     ),
-    "snapshot": (
-        "Conductor workspace snapshot (conductor.snapshot/v1)",
-        "handoff/plan_<id>/base.snapshot.json (the project when the plan began) and "
-        "scratch/plan_<id>/fork_<id>/<step>.a<n>.base.json (an attempt's base): every file and symlink "
-        "with its kind, permission bits, SHA-256 and size; contents live in .conductor/objects/sha256/.",
-    ),
 }
-
-SNAPSHOT_SCHEMA_BODY: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["schema", "entries"],
-    "properties": {
-        "schema": {"const": SNAPSHOT_SCHEMA, "type": "string"},
-        "entries": {
-            "type": "object",
-            "description": "POSIX path relative to the workspace root -> entry; directories are not entries",
-            "additionalProperties": {"$ref": "#/$defs/Entry"},
-        },
-    },
-    "$defs": {
-        "Entry": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["kind", "mode", "sha256", "size"],
-            "properties": {
-                "kind": {"enum": ["file", "symlink"], "type": "string"},
-                "mode": {
-                    "type": "integer", "minimum": 0, "maximum": 4095,
-                    "description": "permission bits (st_mode & 0o7777); 511 (0o777) for symlinks",
-                },
-                "sha256": {
-                    "type": "string", "pattern": "^[0-9a-f]{64}$",
-                    "description": "hex SHA-256 of the content, or of the link target text for a symlink",
-                },
-                "size": {"type": "integer", "minimum": 0, "description": "bytes of content or link target"},
-            },
-        },
-    },
-}
-
 
 def _reader_rules(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     required = list(schema.get("required", []))
@@ -159,13 +116,12 @@ def generate() -> dict[str, dict[str, Any]]:
 
     Returns:
         ``{name: schema}`` for ``plan``, ``task``, ``lease``, ``result``, ``verdict``, ``event``,
-        ``policy`` (from :data:`conductor.models.CONTRACT_MODELS`) and ``snapshot``.
+        ``policy`` (from :data:`conductor.models.CONTRACT_MODELS`).
     """
     schemas: dict[str, dict[str, Any]] = {}
     for name, model in CONTRACT_MODELS.items():
         body = model.model_json_schema(by_alias=True, mode="validation")
         schemas[name] = _finish(name, _reader_rules(name, body))
-    schemas["snapshot"] = _finish("snapshot", copy.deepcopy(SNAPSHOT_SCHEMA_BODY))
     return schemas
 
 

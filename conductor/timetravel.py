@@ -1,8 +1,9 @@
 """Time travel over a plan: the workspace as it was after any step, and new forks from that past.
 
-``checkout`` restores the snapshot a ``step.merged`` event recorded. ``fork_from`` adds a fork to the
-plan that starts from that snapshot: it takes over every step up to and including the chosen one (they are
-not run again) and runs the rest, optionally with an extra instruction. With recorded LLM outputs
+``checkout`` checks out the commit a ``step.merged`` event recorded (the fork's state after that step, in
+``.conductor/git``). ``fork_from`` adds a fork to the plan that starts from that commit: it takes over
+every step up to and including the chosen one (they are not run again) and runs the rest, optionally
+with an extra instruction. With recorded LLM outputs
 (``conductor.llm.recording``) re-running unchanged steps costs no provider call.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from conductor.attempts import state_store
 from conductor.audit import AuditLog
 from conductor.errors import ConfigError, NotFound
 from conductor.layout import ProjectLayout
@@ -24,14 +26,14 @@ from conductor.models import (
     utc_now,
 )
 from conductor.plan_store import add_fork, load_plan
-from conductor.snapshots import restore_workspace
+from conductor.workspace.checkout import materialize
 
 INSTRUCTION_HEADING = "Additional instruction:"
 
 
 @dataclass(frozen=True)
 class StepPoint:
-    """Where a step was merged: the fork, its ``step.merged`` event and the snapshot after it."""
+    """Where a step was merged: the fork, its ``step.merged`` event and the commit after it."""
 
     plan_id: str
     fork_id: str
@@ -39,8 +41,8 @@ class StepPoint:
     event: Event
 
     @property
-    def workspace(self) -> str:
-        return str(self.event.data["workspace"])
+    def commit(self) -> str:
+        return str(self.event.data["commit"])
 
 
 def find_step(layout: ProjectLayout, plan: Plan, step_id: str, fork_id: str | None = None) -> StepPoint:
@@ -55,12 +57,12 @@ def find_step(layout: ProjectLayout, plan: Plan, step_id: str, fork_id: str | No
     for candidate in candidates:
         events = AuditLog(layout.fork(plan.plan_id, candidate).audit_log).events()
         merged = [e for e in events if e.type == "step.merged" and e.data.get("step_id") == step_id
-                  and isinstance(e.data.get("workspace"), str)]
+                  and isinstance(e.data.get("commit"), str)]
         if merged:
             found[candidate] = merged[-1]
     if not found:
         where = f"fork {fork_id}" if fork_id else "any fork"
-        raise NotFound(f"{step_id} was never merged in {where} of plan {plan.plan_id} (no workspace snapshot)")
+        raise NotFound(f"{step_id} was never merged in {where} of plan {plan.plan_id} (no commit recorded)")
     if len(found) > 1:
         winner = _winner(layout, plan.plan_id)
         if winner not in found:
@@ -88,14 +90,14 @@ def checkout(layout: ProjectLayout, plan_id: str, step_id: str, *, fork_id: str 
 
     Raises:
         NotFound / ConfigError: see :func:`find_step`. FileExistsError: ``into`` is not empty.
-        ChecksumMismatch / NotFound: a stored blob is altered or missing.
+        GitError: the commit or one of its objects is missing from ``.conductor/git``.
     """
     plan = load_plan(layout, plan_id)
     point = find_step(layout, plan, step_id, fork_id)
     target = into or layout.conductor_dir / "checkouts" / f"plan_{plan_id}" / f"fork_{point.fork_id}" / step_id
     if target.exists() and target.is_dir() and not any(target.iterdir()):
-        target.rmdir()  # restore renames a built tree into place
-    restore_workspace(layout, point.workspace, target)
+        target.rmdir()  # the checkout renames a built tree into place
+    materialize(state_store(layout), point.commit, target, keep_index=False)
     return point, target
 
 
@@ -131,7 +133,7 @@ def fork_from(layout: ProjectLayout, plan_id: str, step_id: str, *, fork_id: str
     record = ForkRecord(
         plan_id=plan_id, fork=spec, reused_steps=order[:cut], instruction=instruction, created_at=utc_now(),
         parent=ForkOrigin(fork_id=parent.fork_id, step_id=step_id, event_seq=point.event.seq,
-                          event_hash=point.event.hash, workspace=point.workspace),
+                          event_hash=point.event.hash, commit=point.commit),
     )
     return add_fork(layout, record)
 

@@ -1,25 +1,25 @@
 """Conductor's own check of every task that arrives in ``completed/``, and the merge of accepted work.
 
 Nothing the executor says is trusted. The verifier re-reads the task (its checksum must equal the one
-published), reads the result (strictly; it must name this attempt and this task checksum), hashes the
-attempt's workspace against its base to find what really changed, evaluates the changes against the
-merged policy, runs the verification commands, and only then applies the change set to the fork's
-workspace. The verdict file is written after the merge, so a crash anywhere is redone on resume: the
-merge skips changes that already reached the fork.
+published), reads the result (strictly; it must name this attempt and this task checksum), captures the
+attempt's working tree into Conductor's private repository and diffs it against the attempt's base
+commit to find what really changed, evaluates the changes against the merged policy, runs the
+verification commands, and only then merges the captured tree into the fork's state: a new commit whose
+parent is the fork's head. What is merged is the tree captured *before* any verification command ran,
+so a command (or a test the executor wrote) that writes files afterwards changes nothing that is merged.
+The verdict file, written last, records the attempt's tree and the new commit; a crash before it is
+redone on resume (commits are content-addressed: redoing one changes nothing).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from conductor.attempts import read_base
-from conductor.blobs import BlobStore
-from conductor.errors import IntegrityError, MergeConflict, UnsafePath
-from conductor.executors.base import task_workspace
+from conductor.attempts import attempt_changes, state_store, task_workspace
+from conductor.errors import GitError, IntegrityError, MergeConflict, UnsafePath
 from conductor.faults import crash_point
-from conductor.fsutil import durable_rename, entry_sha256, file_sha256
+from conductor.fsutil import durable_rename, file_sha256
 from conductor.handoff.documents import read_document, write_document
 from conductor.layout import (
     EXPLANATION_SUFFIX,
@@ -35,7 +35,8 @@ from conductor.paths import check_link_target
 from conductor.policy import MergedPolicy, evaluate_changes
 from conductor.provenance import read_provenance
 from conductor.verification import all_passed, run_verification
-from conductor.workspace import apply_changes, diff, diff_lines, snapshot
+from conductor.workspace import diff_lines
+from conductor.workspace.store import MODE_LINK
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,12 @@ def verify_step(
     policy: MergedPolicy,
     confidence_level: str,
     settings: VerifySettings,
+    head_commit: str,
 ) -> Verdict:
     """Verify the completed task ``task_id`` of ``fork`` and merge it when accepted.
 
     Args:
+        head_commit: the fork's state now (from its audit log); an accepted attempt becomes its child.
         published_checksum: the checksum the engine published for this attempt (from the audit log).
         published_attempt: that attempt's number (used when the task file itself cannot be read).
         policy: the step's merged policy now.
@@ -96,17 +99,19 @@ def verify_step(
     if mismatched:
         return _reject_early(fork, task_id, task.attempt,
                              f"result_mismatch: the result's {', '.join(mismatched)} do not match the task", policy)
+    store = state_store(layout)
     try:
         workspace = task_workspace(layout, task)
-        base = read_base(workspace)
-        store = BlobStore(layout.objects_dir)
-        changes = diff(base, snapshot(workspace, ignore=settings.ignore), before_store=store, after_root=workspace)
-    except (UnsafePath, FileNotFoundError, IntegrityError) as exc:
+        tree, changes = attempt_changes(layout, workspace, task.base_commit, settings.ignore)
+        # Keep the attempt (accepted or not) reachable: its diff is evidence.
+        store.set_ref(f"plans/{fork.plan_id}/attempts/{fork.fork_id}/{task_id}/{task.attempt}",
+                      store.commit(tree, [task.base_commit], f"{task_id} attempt {task.attempt}\n"))
+    except (UnsafePath, FileNotFoundError, IntegrityError, GitError) as exc:
         return _reject_early(fork, task_id, task.attempt, f"workspace_error: {exc}", policy)
 
     decision = evaluate_changes(policy, task.allowed_files, changes)
     reasons, checks = list(decision.reasons), list(decision.checks)
-    reasons += _unsafe_links(workspace, changes)
+    reasons += _unsafe_links(store, tree, changes)
     reported = _reported_check(result, changes)
     checks.append(reported)
     provenance_check = _provenance_check(fork, task_id, result, changes, settings)
@@ -123,31 +128,37 @@ def verify_step(
                             detail=", ".join(f"{e.command} → {e.exit_code}" for e in evidence)))
         reasons += [f"verification failed: {e.command} exited {e.exit_code}" + (" (timeout)" if e.timed_out else "")
                     for e in evidence if e.exit_code != 0]
+    commit = None
     if not reasons:
         try:
-            merge_changes(changes, src_root=workspace, dst_root=fork.workspace, base=base, ignore=settings.ignore)
+            merged = tree if head_commit == task.base_commit else \
+                store.merge(store.tree_of(task.base_commit), store.tree_of(head_commit), tree)
+            commit = store.commit(merged, [head_commit], f"{task_id} (attempt {task.attempt}): {task.title or task_id}\n")
             crash_point("verify.after_merge")
         except MergeConflict as exc:
             reasons.append(f"merge_conflict: {exc}")
     verdict = Verdict(
         task_id=task_id, plan_id=fork.plan_id, fork_id=fork.fork_id, attempt=task.attempt,
         accepted=not reasons, reasons=reasons, checks=checks, files_changed=changes,
-        diff_lines=diff_lines(changes), verification=evidence, policy_digest=policy.digest, decided_at=utc_now(),
+        diff_lines=diff_lines(changes), verification=evidence, policy_digest=policy.digest,
+        tree=tree, commit=commit if not reasons else None, decided_at=utc_now(),
     )
     return _finish(fork, verdict)
 
 
-def _unsafe_links(workspace: Path, changes: list[FileChange]) -> list[str]:
+def _unsafe_links(store, tree: str, changes: list[FileChange]) -> list[str]:
     """A new or changed symlink must point inside the workspace and never into ``.git``: the path rules
-    judge the link's own name only, and a merged link would let a later step write through it."""
+    judge the link's own name only, and a merged link would let a later step write through it. The
+    target is read from the captured tree, not from the folder (which the executor may still change)."""
+    links = [c.path for c in changes if c.mode == MODE_LINK]
+    entries = store.entries(tree, links)
+    targets = store.read_blobs(e.oid for e in entries.values())
     reasons = []
-    for change in changes:
-        path = workspace / change.path
-        if change.change != "deleted" and path.is_symlink():
-            try:
-                check_link_target(change.path, os.readlink(path))
-            except UnsafePath as exc:
-                reasons.append(f"unsafe_symlink: {exc}")
+    for path in links:
+        try:
+            check_link_target(path, os.fsdecode(targets[entries[path].oid]))
+        except UnsafePath as exc:
+            reasons.append(f"unsafe_symlink: {exc}")
     return reasons
 
 
@@ -202,15 +213,3 @@ def _finish(fork: ForkLayout, verdict: Verdict) -> Verdict:
     return sealed
 
 
-
-def merge_changes(
-    changes: list[FileChange], *, src_root: Path, dst_root: Path, base: dict, ignore: list[str]
-) -> None:
-    """Apply ``changes`` to ``dst_root``, skipping those already there (idempotent after a crash).
-
-    Raises:
-        MergeConflict: a target changed since ``base`` (by someone else); nothing was written.
-    """
-    pending = [c for c in changes if entry_sha256(dst_root / c.path) != c.sha256]
-    if pending:
-        apply_changes(pending, src_root=src_root, dst_root=dst_root, base=base, dst_ignore=ignore)

@@ -4,16 +4,18 @@ For each plan: ``plan.json`` and every ``fork.json`` (checksums); every audit lo
 :func:`conductor.audit.verify_chain`) and its signed checkpoints (truncation, a rewritten log, rollback,
 bad or untrusted signatures: :func:`conductor.checkpoint.verify_checkpoints`, with a witness file that
 remembers the newest checkpoint seen); every task, lease, result and verdict file (strict JSON, schema,
-checksum; a task in two state folders); every result's changed files against the attempt workspace they
-came from; every ``provenance.json`` (a DSSE envelope: signature by a key trusted for its executor,
-subject digests against the files) and every ``attestation.json`` (signed by the project key; subjects
-against the files; its workspace snapshot present and intact in the blob store).
+checksum; a task in two state folders); every result's changed files against the attempt's tree as
+Conductor captured it (in ``.conductor/git``, content re-hashed, so an altered object is caught); every
+``provenance.json`` (a DSSE envelope: signature by a key trusted for its executor, subject digests
+against that tree) and every ``attestation.json`` (signed by the project key; subjects against the
+files and the fork's commit; that commit present and holding the attested content).
 
 Nothing is repaired here: recovery is ``conductor resume`` / ``conductor.recovery``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,8 +24,9 @@ from pathlib import Path
 from conductor.audit import verify_chain
 from conductor.checkpoint import audit_origin, note_files, verify_checkpoints
 from conductor.config import Config
+from conductor.attempts import state_store
 from conductor.errors import ConductorError
-from conductor.fsutil import entry_sha256, file_sha256
+from conductor.fsutil import file_sha256
 from conductor.handoff.documents import read_document
 from conductor.keys import TrustStore
 from conductor.layout import (
@@ -37,10 +40,8 @@ from conductor.layout import (
     ProjectLayout,
 )
 from conductor.models import FileChange, Lease, Plan, Result, Task, Verdict
-from conductor.paths import check_relpath
 from conductor.plan_store import FORK_RECORD, fork_records
 from conductor.provenance import read_provenance
-from conductor.snapshots import load_workspace
 
 
 @dataclass(frozen=True)
@@ -205,13 +206,13 @@ class _Checker:
         if result is None or task is None:
             return
         self.report.count("results")
-        workspace = self.workspace_of(task, result_path)
-        if workspace is not None:
-            self.changes(result_path, workspace, result.files_changed)
-        self.provenance(fork, state, task_id, result, workspace)
+        tree = verdict.tree if verdict is not None else None
+        if tree is not None:
+            self.changes(result_path, tree, result.files_changed)
+        self.provenance(fork, state, task_id, result, tree)
         attested = fork.sidecar(state, task_id, ATTESTATION_SUFFIX).exists()
         if state == "completed" and (attested or (verdict is not None and verdict.accepted)):
-            self.attestation(fork, task_id, workspace)
+            self.attestation(fork, task_id, verdict)
 
     def document(self, path: Path, model: type) -> object | None:
         if not path.exists():
@@ -222,24 +223,31 @@ class _Checker:
             self._error(path, exc)
             return None
 
-    def workspace_of(self, task: Task, result_path: Path) -> Path | None:
-        workspace = (self.layout.root / task.workspace).resolve()
-        scratch = (self.layout.conductor_dir / "scratch").resolve()
-        if not workspace.is_relative_to(scratch) or not workspace.is_dir():
-            self.add(result_path, f"the attempt workspace {task.workspace} is missing; its files cannot be checked")
-            return None
-        return workspace
+    def digests(self, tree: str, names: list[str]) -> dict[str, str | None]:
+        """SHA-256 of the content at each of ``names`` in ``tree`` (re-hashed from the objects), None if absent."""
+        try:
+            store = state_store(self.layout)
+            entries = store.entries(tree, names)
+            blobs = store.read_blobs(e.oid for e in entries.values() if e.mode != "160000")
+        except ConductorError as exc:
+            raise _TreeMissing(f"tree {tree[:12]}… cannot be read from .conductor/git: {exc}") from exc
+        return {name: hashlib.sha256(blobs[entries[name].oid]).hexdigest() if name in entries else None
+                for name in names}
 
-    def changes(self, where: Path, workspace: Path, changes: list[FileChange]) -> None:
+    def changes(self, where: Path, tree: str, changes: list[FileChange]) -> None:
+        try:
+            actual = self.digests(tree, [c.path for c in changes])
+        except _TreeMissing as exc:
+            self.add(where, str(exc))
+            return
         for change in changes:
-            actual = _digest_of(workspace, change.path)
             expected = None if change.change == "deleted" else change.sha256
-            if actual != expected:
-                now = "absent" if actual is None else f"sha256 {actual[:12]}…"
+            if actual[change.path] != expected:
+                now = "absent" if actual[change.path] is None else f"sha256 {actual[change.path][:12]}…"
                 self.add(where, f"{change.path}: recorded {change.change} with sha256 "
-                                f"{(expected or 'none')[:12]}…, the attempt workspace has {now}")
+                                f"{(expected or 'none')[:12]}…, the attempt's captured tree has {now}")
 
-    def provenance(self, fork: ForkLayout, state: str, task_id: str, result: Result, workspace: Path | None) -> None:
+    def provenance(self, fork: ForkLayout, state: str, task_id: str, result: Result, tree: str | None) -> None:
         path = fork.sidecar(state, task_id, PROVENANCE_SUFFIX)
         if not path.exists():
             if self.require:
@@ -251,9 +259,9 @@ class _Checker:
         except (ConductorError, OSError) as exc:
             self._error(path, exc)
             return
-        self.subjects(path, read.subjects, fork.state_dir(state), workspace, beside={f"{task_id}{RESULT_SUFFIX}"})
+        self.subjects(path, read.subjects, fork.state_dir(state), tree, beside={f"{task_id}{RESULT_SUFFIX}"})
 
-    def attestation(self, fork: ForkLayout, task_id: str, workspace: Path | None) -> None:
+    def attestation(self, fork: ForkLayout, task_id: str, verdict: Verdict | None) -> None:
         path = fork.sidecar("completed", task_id, ATTESTATION_SUFFIX)
         if not path.exists():
             self.add(path, "missing: an accepted step has no signed attestation")
@@ -265,40 +273,43 @@ class _Checker:
             self._error(path, exc)
             return
         beside = {name for name in read.subjects if name.startswith(f"{task_id}.")}
-        snapshot_hex = read.subjects.pop("workspace", None)
-        self.subjects(path, read.subjects, fork.state_dir("completed"), workspace, beside=beside)
-        if snapshot_hex is None:
+        commit = read.commits.get("workspace")
+        if commit is None:
             self.add(path, "no workspace subject")
             return
+        if verdict is not None and verdict.commit != commit:
+            self.add(path, f"workspace subject {commit[:12]}… is not the verdict's commit {str(verdict.commit)[:12]}…")
         try:
-            load_workspace(self.layout, f"sha256:{snapshot_hex}")
+            tree = state_store(self.layout).tree_of(commit)
         except ConductorError as exc:
-            self.add(path, f"workspace snapshot: {exc}")
+            self.add(path, f"workspace commit {commit[:12]}… is missing from .conductor/git: {exc}")
+            return
+        # The changed files' content must be what the merged commit holds, byte for byte.
+        self.subjects(path, read.subjects, fork.state_dir("completed"), tree, beside=beside)
 
-    def subjects(self, path: Path, subjects: dict[str, str], folder: Path, workspace: Path | None, *,
+    def subjects(self, path: Path, subjects: dict[str, str], folder: Path, tree: str | None, *,
                  beside: set[str]) -> None:
+        inside = [name for name in subjects if name not in beside]
+        try:
+            in_tree = self.digests(tree, inside) if tree is not None and inside else {}
+        except _TreeMissing as exc:
+            self.add(path, str(exc))
+            in_tree = {}
         for name, expected in sorted(subjects.items()):
             if name in beside:
                 target = folder / name
                 actual = file_sha256(target) if target.is_file() else None
-            elif workspace is None:
+            elif name not in in_tree:
                 continue
             else:
-                actual = _digest_of(workspace, name)
+                actual = in_tree[name]
             if actual != expected:
                 self.add(path, f"subject {name}: signed sha256 {expected[:12]}…, the file has "
                                f"{'nothing' if actual is None else actual[:12] + '…'}")
 
 
-def _digest_of(root: Path, relpath: str) -> str | None:
-    """SHA-256 hex of a file's bytes (a symlink: of its target text), or None when absent or unsafe."""
-    try:
-        path = root / check_relpath(relpath)
-    except ConductorError:
-        return None
-    if any(parent.is_symlink() for parent in path.parents if parent.is_relative_to(root) and parent != root):
-        return None  # never read through a symlinked folder
-    return entry_sha256(path)
+class _TreeMissing(Exception):
+    """A recorded tree or one of its objects cannot be read."""
 
 
 def iter_findings(report: VerifyReport) -> Iterator[str]:

@@ -33,7 +33,8 @@ def _task(**overrides: object) -> Task:
         "attempt": 2,
         "instruction": "Create hello.py printing Hello, World!",
         "allowed_files": ["hello.py", "old.py", "README.md"],
-        "workspace": ".conductor/workspaces/plan_20260101-hello/fork_minimal",
+        "workspace": ".conductor/scratch/plan_20260101-hello/fork_minimal/step_002.a2",
+        "base_commit": "4b825dc642cb6eb9a060e54bf8d69288fbee4904",
         "timeout_seconds": 300,
         "max_diff_lines": 500,
         "policy_digest": POLICY,
@@ -92,7 +93,7 @@ def test_statement_shape(tmp_path: Path) -> None:
     assert build["internalParameters"]["task_checksum"] == _task().checksum
     assert build["internalParameters"]["policy_digest"] == POLICY
     assert build["internalParameters"]["executor"]["kind"] == "llm"
-    assert build["resolvedDependencies"] == []
+    assert build["resolvedDependencies"] == [{"name": "base", "digest": {"gitCommit": _task().base_commit}}]
     run = statement["predicate"]["runDetails"]
     assert run["builder"] == {"id": "llm:openai/gpt-4.1-mini", "version": {"conductor": __version__, "model": "gpt-4.1-mini"}}
     assert run["metadata"] == {

@@ -39,7 +39,6 @@ from conductor.models import (
     Usage,
     Verdict,
 )
-from conductor.workspace import snapshot, snapshot_to_document
 
 NOW = "2026-11-22T10:00:00.000000Z"
 DIGEST = "sha256:" + "ab" * 32
@@ -174,9 +173,9 @@ def test_schema_files_match_the_models() -> None:
     assert schemas.drift(schemas.SCHEMA_DIR) == [], "run `python -m conductor.schemas` to regenerate docs/schemas"
 
 
-def test_one_schema_per_contract_model_plus_the_snapshot() -> None:
+def test_one_schema_per_contract_model() -> None:
     generated = schemas.generate()
-    assert set(generated) == set(CONTRACT_MODELS) | {"snapshot"}
+    assert set(generated) == set(CONTRACT_MODELS)
     for name, schema in generated.items():
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
         assert schema["$id"] == f"https://conductor.dev/schemas/{name}.v1.json"
@@ -223,7 +222,7 @@ def _task() -> Task:
         task_id="step_001", plan_id="20261122T100000-3fa2", fork_id="1", attempt=1, title="greet",
         instruction="Fix the greeting", allowed_files=["greet.py", "docs/"], protected_patterns=["*.lock"],
         constraints=["Always include tests"], workspace=".conductor/scratch/plan_20261122T100000-3fa2/fork_1/step_001.a1",
-        timeout_seconds=300, max_diff_lines=500, policy_digest=DIGEST,
+        base_commit="4b825dc642cb6eb9a060e54bf8d69288fbee4904", timeout_seconds=300, max_diff_lines=500, policy_digest=DIGEST,
         confidence=Confidence(score=0.89, level="high", reasons=["planner estimate 0.89"]), created_at=NOW,
     )
 
@@ -297,15 +296,6 @@ def test_policy_layers_validate() -> None:
     assert_valid({"global_constraints": ["x"], "file_rules": {"protected_patterns": ["*.lock"]},
                   "behavior": {"max_diff_lines": 10, "timeout_seconds": 60}}, "policy")
     assert_valid({}, "policy")  # every key of a policy file is optional
-
-
-def test_a_snapshot_validates(tmp_path: Path) -> None:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "a.py").write_text("print(1)\n")
-    (tmp_path / "link").symlink_to("src/a.py")
-    document = json.loads(json.dumps(snapshot_to_document(snapshot(tmp_path))))
-    assert set(document["entries"]) == {"src/a.py", "link"}
-    assert_valid(document, "snapshot")
 
 
 # --- the schemas reject what the reader rejects -------------------------------------------------

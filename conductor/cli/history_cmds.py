@@ -69,12 +69,12 @@ def checkout(step_id, plan_id, fork_id, into, project_dir, as_json) -> int:  # t
         point, target = run_checkout(project.layout, plan_id, step_id, fork_id=fork_id, into=into)
     except FileExistsError as exc:
         raise click.UsageError(str(exc)) from None
-    data = {"plan_id": plan_id, "fork_id": point.fork_id, "step_id": step_id, "workspace": point.workspace,
+    data = {"plan_id": plan_id, "fork_id": point.fork_id, "step_id": step_id, "commit": point.commit,
             "event": {"seq": point.event.seq, "hash": point.event.hash}, "path": str(target)}
     if as_json:
         echo_json(data)
     else:
-        click.echo(f"{step_id} of fork {point.fork_id} (snapshot {point.workspace[:19]}…) → {target}")
+        click.echo(f"{step_id} of fork {point.fork_id} (commit {point.commit[:12]}) → {target}")
     return 0
 
 

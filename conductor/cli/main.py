@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("conductor.cli.history_cmds:replay", "Rebuild a plan's state at any point from its audit logs."),
     "checkout": ("conductor.cli.history_cmds:checkout", "Restore the workspace as it was after a step."),
     "verify": ("conductor.cli.history_cmds:verify", "Check checksums, results, provenance signatures and audit logs."),
+    "gc": ("conductor.cli.project_cmds:gc", "Remove finished plans' attempt folders and unreachable objects."),
     "keys": ("conductor.cli.history_cmds:keys", "Show the signing key id and the trusted keys."),
     "policy": ("conductor.cli.inspect_cmds:policy", "Show the effective policy and where each value came from."),
     "handoff-metrics": ("conductor.cli.inspect_cmds:handoff_metrics", "Write and show handoff metrics.json."),

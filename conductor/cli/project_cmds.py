@@ -49,3 +49,23 @@ def approve(step_id, fork_id, plan_id, project_dir, as_json) -> int:  # type: ig
     else:
         click.echo(f"approved {step_id} in fork(s) {', '.join(forks)}; run `conductor resume` to continue")
     return 0
+
+
+@click.command("gc")
+@project_option
+@json_option
+def gc(project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
+    """Remove finished plans' attempt folders and unreachable objects; keep all that records name."""
+    from dataclasses import asdict
+
+    from conductor.gc import collect_garbage
+
+    project = open_project(project_dir)
+    report = collect_garbage(project.layout)
+    if as_json:
+        echo_json(asdict(report))
+        return 0
+    freed = (report.store_bytes_before + report.scratch_bytes_before) - (report.store_bytes_after + report.scratch_bytes_after)
+    click.echo(f"removed {report.folders_removed} attempt folder(s) of {len(report.plans_cleaned)} finished plan(s); "
+               f"freed {freed / 1e6:.1f} MB; .conductor/git is {report.store_bytes_after / 1e6:.1f} MB")
+    return 0

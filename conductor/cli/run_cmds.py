@@ -21,6 +21,8 @@ def _run_options(func):  # type: ignore[no-untyped-def]
         click.option("--auto-approve", is_flag=True, help="Run low-confidence steps without approval."),
         click.option("--no-apply", is_flag=True, help="Do not apply the winner's changes to the project."),
         click.option("--no-wait", is_flag=True, help="Return when only external executors have work left."),
+        click.option("--keep-workspaces", is_flag=True,
+                     help="Keep the attempt folders when the plan finishes (for inspection; `conductor gc` removes them)."),
         click.option("--no-cache", is_flag=True,
                      help="Call the LLM even where a recording of the same request exists (and record anew)."),
         json_option,
@@ -61,7 +63,7 @@ def build(goal, plan_file, **options) -> int:  # type: ignore[no-untyped-def]
 
 
 def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, model, executor_kind,  # type: ignore[no-untyped-def]
-                  executor_command, auto_approve, no_apply, no_wait, no_cache, as_json) -> int:
+                  executor_command, auto_approve, no_apply, no_wait, no_cache, keep_workspaces, as_json) -> int:
     from conductor.runtime import new_plan, runner_factory
 
     project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command, forks))
@@ -74,7 +76,7 @@ def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, mode
     plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count, no_cache=no_cache)
     if not as_json:
         click.echo(f"plan {plan.plan_id}: {len(plan.forks)} fork(s) for: {plan.goal}", err=True)
-    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait,
+    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait, keep=keep_workspaces,
                     as_json=as_json)
 
 
@@ -82,7 +84,7 @@ def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, mode
 @click.argument("plan_id", required=False)
 @_run_options
 def resume(plan_id, project_dir, provider, model, executor_kind, executor_command, auto_approve,  # type: ignore[no-untyped-def]
-           no_apply, no_wait, no_cache, as_json) -> int:
+           no_apply, no_wait, no_cache, keep_workspaces, as_json) -> int:
     """Continue PLAN_ID (default: the newest unfinished plan) after a crash, timeout or approval."""
     from conductor.runtime import resume_plan, runner_factory
 
@@ -91,7 +93,7 @@ def resume(plan_id, project_dir, provider, model, executor_kind, executor_comman
     plan = resume_plan(project, plan_id)
     if not as_json:
         click.echo(f"resuming plan {plan.plan_id}: {plan.goal}", err=True)
-    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait,
+    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait, keep=keep_workspaces,
                     as_json=as_json)
 
 
@@ -103,7 +105,7 @@ def resume(plan_id, project_dir, provider, model, executor_kind, executor_comman
 @click.option("--plan-id", "plan_id", default=None, help="Plan id (default: the newest plan).")
 @_run_options
 def fork(from_step, parent_fork, instruction, plan_id, project_dir, provider, model, executor_kind,  # type: ignore[no-untyped-def]
-         executor_command, auto_approve, no_apply, no_wait, no_cache, as_json) -> int:
+         executor_command, auto_approve, no_apply, no_wait, no_cache, keep_workspaces, as_json) -> int:
     """Start a new fork of a plan from the workspace as it was after a step, and run the rest."""
     from conductor.runtime import fork_plan, runner_factory
 
@@ -113,16 +115,17 @@ def fork(from_step, parent_fork, instruction, plan_id, project_dir, provider, mo
     if not as_json:
         click.echo(f"fork {record.fork.fork_id} of plan {plan.plan_id}: from fork {record.parent.fork_id} after "
                    f"{from_step} (reusing {', '.join(record.reused_steps)})", err=True)
-    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait,
+    return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait, keep=keep_workspaces,
                     as_json=as_json)
 
 
-def _execute(project, plan, factory, *, auto_approve, no_apply, no_wait, as_json) -> int:  # type: ignore[no-untyped-def]
+def _execute(project, plan, factory, *, auto_approve, no_apply, no_wait, keep, as_json) -> int:  # type: ignore[no-untyped-def]
     from conductor.engine import EngineOptions
     from conductor.runtime import run_plan
 
     options = EngineOptions(auto_approve=auto_approve or project.config.approval.auto_approve,
-                            apply=not no_apply, wait=not no_wait)
+                            apply=not no_apply, wait=not no_wait,
+                            keep_workspaces=keep or project.config.workspace.keep)
     live = None
     progress = lambda: None  # noqa: E731
     if not as_json and sys.stderr.isatty():

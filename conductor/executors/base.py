@@ -1,8 +1,8 @@
 """What every Conductor-run executor does around its own work on a claimed task.
 
-``execute_claim`` hashes the attempt's workspace before and after the work, renews the lease by heartbeat
-while the runner works, builds the result (with the files that really changed, not what the runner says),
-the explanation and the provenance statement, and commits them with ``complete_task``.
+``execute_claim`` renews the lease by heartbeat while the runner works, then finds what really changed
+(the workspace's tree against the task's base commit, not what the runner says), builds the result, the
+explanation and the provenance statement, and commits them with ``complete_task``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from conductor import __version__
-from conductor.blobs import BlobStore
+from conductor.attempts import attempt_changes, task_workspace
 from conductor.canonical import sha256_hex
-from conductor.errors import ConductorError, IntegrityError, LeaseLost, UnsafePath
+from conductor.errors import ConductorError, IntegrityError, LeaseLost
 from conductor.faults import crash_point
 from conductor.handoff.complete import complete_task
 from conductor.handoff.documents import sealed_bytes
@@ -34,7 +34,6 @@ from conductor.layout import ProjectLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Result, Task, Usage, utc_now
 from conductor.keys import SigningKey
 from conductor.provenance import build_statement, envelope_for
-from conductor.workspace import diff, snapshot
 
 
 @dataclass
@@ -82,19 +81,6 @@ class StopCheck:
             LeaseLost: the task was reclaimed meanwhile; the caller must kill the group.
         """
         renew_lease(self._claim, lease_seconds=self._lease_seconds, pgid=pgid)
-
-
-def task_workspace(layout: ProjectLayout, task: Task) -> Path:
-    """The absolute workspace of ``task``; it must lie inside the project's ``.conductor/scratch``.
-
-    Raises:
-        UnsafePath: the task points its executor anywhere else.
-    """
-    scratch_root = (layout.conductor_dir / "scratch").resolve()
-    workspace = (layout.root / task.workspace).resolve()
-    if not workspace.is_relative_to(scratch_root) or not workspace.is_dir():
-        raise UnsafePath(f"{task.task_id}: workspace {task.workspace!r} is not an attempt copy under .conductor/scratch")
-    return workspace
 
 
 class _Heartbeat(threading.Thread):
@@ -148,8 +134,6 @@ def execute_claim(
     started = utc_now()
     try:
         workspace = task_workspace(layout, task)
-        store = BlobStore(layout.objects_dir)
-        before = snapshot(workspace, ignore=ignore, store=store)
     except (ConductorError, OSError) as exc:
         return _commit(claim, runner, Outcome("failed", "could not prepare the workspace", str(exc),
                                               ErrorInfo(kind="workspace_error", message=str(exc))), [], started, on_event,
@@ -180,7 +164,7 @@ def execute_claim(
         return None
     crash_point("execute.after_run")
     try:
-        changes = diff(before, snapshot(workspace, ignore=ignore), before_store=store, after_root=workspace)
+        _tree, changes = attempt_changes(layout, workspace, task.base_commit, ignore)
     except (ConductorError, OSError) as exc:  # e.g. the command left a fifo: fail the task, never the executor
         changes = []
         outcome = Outcome("failed", "the workspace cannot be hashed after the run", str(exc),

@@ -6,6 +6,8 @@ Everything here drives the real code paths (``publish_task``, ``claim_task``, ``
 
 from __future__ import annotations
 
+from conductor.audit import AuditLog
+
 import json
 import subprocess
 import sys
@@ -146,13 +148,20 @@ def verify(
     level: str = "high",
     ignore: list[str] | None = None,
 ) -> Verdict:
-    """Conductor's check of the completed task, as the engine runs it."""
-    return verify_step(
+    """Conductor's check of the completed task, as the engine runs it (an accepted step moves the fork's
+    state: its ``step.merged`` event is logged, as the engine logs it)."""
+    verdict = verify_step(
         handoff.layout, handoff.fork, claimed.task.task_id,
         published_checksum=claimed.task.checksum, published_attempt=claimed.task.attempt,
         policy=merged or policy(), confidence_level=level,
         settings=VerifySettings(commands=[], timeout_seconds=30, ignore=ignore or []),
+        head_commit=handoff.head,
     )
+    if verdict.accepted:
+        AuditLog(handoff.fork.audit_log).append("step.merged", {
+            "step_id": verdict.task_id, "attempt": verdict.attempt, "commit": verdict.commit,
+            "files": [c.path for c in verdict.files_changed]})
+    return verdict
 
 
 def do_and_complete(
@@ -209,7 +218,7 @@ def bare_task(allowed: list[str], protected: list[str] | None = None) -> Task:
 
     return Task(task_id="step_001", plan_id="p1", fork_id="1", attempt=1, instruction="do it",
                 allowed_files=allowed, protected_patterns=protected or [], workspace="ws", timeout_seconds=5,
-                max_diff_lines=100, policy_digest="sha256:" + "0" * 64,
+                max_diff_lines=100, policy_digest="sha256:" + "0" * 64, base_commit="0" * 40,
                 confidence=Confidence(score=0.9, level="high"), created_at="2026-11-22T00:00:00Z")
 
 

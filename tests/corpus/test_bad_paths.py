@@ -83,7 +83,7 @@ def test_task_allowed_files_entry_fails_verification(tmp_path: Path, case: str) 
     assert not verdict.accepted
     assert f"allowed_files: unsafe path {path!r}: " in verdict.reasons[0] and reason in verdict.reasons[0]
     assert handoff.where()["failed"] == ["step_001"]
-    assert (handoff.fork.workspace / "README.md").read_text() == "hello\n"  # nothing merged
+    assert handoff.fork_text("README.md") == "hello\n"  # nothing merged
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -126,7 +126,7 @@ def test_result_files_changed_outside_the_workspace_is_an_invalid_result(tmp_pat
     [message] = verdict.reasons
     assert message.startswith("invalid_result: ") and str(result_path) in message
     assert "files_changed.1: " in message and f"unsafe path {path!r}" in message and reason in message
-    assert (handoff.fork.workspace / "README.md").read_text() == "hello\n"
+    assert handoff.fork_text("README.md") == "hello\n"
 
 
 @pytest.mark.parametrize("case", ["backslash", "drive_letter", "dotgit", "dotgit_upper", "nfd_decomposed"])

@@ -45,7 +45,7 @@ def project(tmp_path: Path) -> Handoff:
 
 def _assert_rejected_and_nothing_lost(project: Handoff) -> None:
     assert project.where() == {"pending": ["step_002"], "in_progress": [], "completed": [], "failed": ["step_001"]}
-    assert (project.fork.workspace / "README.md").read_text() == "hello\n"  # nothing merged
+    assert project.fork_text("README.md") == "hello\n"  # nothing merged
     assert claim(project, "step_002") is not None
 
 
@@ -153,7 +153,7 @@ def test_result_hiding_a_file_it_did_change(project: Handoff) -> None:
     assert verdict.reasons == ["setup.py: outside allowed_files"]
     assert [c.path for c in verdict.files_changed] == ["README.md", "setup.py"]
     _assert_rejected_and_nothing_lost(project)
-    assert not (project.fork.workspace / "setup.py").exists()
+    assert project.fork_text("setup.py") is None
 
 
 # --- stale and second completions -----------------------------------------------------------------

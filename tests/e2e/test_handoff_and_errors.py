@@ -10,6 +10,7 @@ import pytest
 
 from conductor.errors import ConfigError, CredentialsMissing, Halted, NotFound
 from conductor.layout import ProjectLayout
+from tests.helpers.fork_state import fork_text
 from tests.e2e.project import FIXED_CALC, cli_env, conductor, make_project, spawn
 
 FIX = f"{sys.executable} -c \"import pathlib; p = pathlib.Path('calc.py'); p.write_text(p.read_text().replace('a - b', 'a + b'))\""
@@ -66,7 +67,7 @@ def test_executor_writing_outside_allowed_or_protected_fails_and_project_is_unto
     assert not (root / "extra.py").exists()
     assert (root / "calc.py").read_text() != FIXED_CALC  # the rejected change never reached the project
     # ...nor the fork's integrated workspace
-    assert not (ProjectLayout(root).workspace_dir(plan_id, "1") / "extra.py").exists()
+    assert fork_text(ProjectLayout(root), plan_id, "1", "extra.py") is None
 
 
 def test_failing_verification_rejects_the_step(tmp_path: Path) -> None:

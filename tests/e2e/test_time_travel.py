@@ -4,14 +4,14 @@ recorded LLM answers (the in-test server sees zero new requests) and reproduces 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from conductor.layout import ProjectLayout
-from conductor.snapshots import manifest_digest
-from conductor.workspace import snapshot
+from tests.helpers.fork_state import fork_files, fork_text
 from tests.e2e.project import FIXED_CALC, TEST_CALC, all_chains_verify, cli_env, conductor, make_project
 from tests.helpers.llm_server import scripted_llm_server
 
@@ -39,7 +39,8 @@ def statement_files(statement: dict) -> set[str]:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {path: entry.sha256 for path, entry in snapshot(root, ignore=IGNORE).items()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts}
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +109,16 @@ def test_checkout_of_every_step_reproduces_the_recorded_workspace(explored, tmp_
         for name, text in files.items():
             assert (target / name).read_text() == text
         assert not (step_id == "step_001" and (target / "NOTES.md").exists())
-        assert manifest_digest(snapshot(target)) == out["workspace"]
+        assert set(_hashes(target)) == set(files) | {"poetry.lock"}
         # ...and equal to what the step's signed attestation recorded.
         attestation = ProjectLayout(root).fork(plan_id, "1").sidecar("completed", step_id, ".attestation.json")
         statement = json.loads(base64.b64decode(json.loads(attestation.read_text())["payload"]))
-        recorded = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
-        assert "sha256:" + recorded["workspace"] == manifest_digest(snapshot(target))
+        recorded = {s["name"]: s["digest"] for s in statement["subject"]}
+        assert recorded["workspace"] == {"gitCommit": out["commit"]}
         changed = statement_files(statement)
         assert changed == {"step_001": {"calc.py"}, "step_002": {"test_calc.py"}, "step_003": {"NOTES.md"}}[step_id]
         for name in changed:
-            assert recorded[name] == snapshot(target)[name].sha256
+            assert recorded[name]["sha256"] == _hashes(target)[name]
     again = conductor(root, "checkout", "step_001", "--into", str(tmp_path / "step_001"), env=env)
     assert again.returncode == 2 and "not empty" in again.stderr
 
@@ -130,7 +131,7 @@ def test_fork_from_an_early_step_reuses_recordings_and_reproduces_the_workspace(
     assert run.returncode == 0, run.stderr
     assert len(llm.requests) == before  # every later step's answer came from a recording
 
-    assert _hashes(layout.workspace_dir(plan_id, "2")) == _hashes(layout.workspace_dir(plan_id, "1"))
+    assert fork_files(layout, plan_id, "2") == fork_files(layout, plan_id, "1")
     events = [json.loads(line) for line in layout.fork(plan_id, "2").audit_log.read_text().splitlines()]
     created = events[0]
     assert created["type"] == "fork.created" and created["data"]["reused_steps"] == ["step_001"]
@@ -153,6 +154,5 @@ def test_fork_from_with_an_instruction_calls_the_model_again(explored) -> None: 
     assert llm.count("ANOTHER WAY") == before + 1
     report = json.loads(run.stdout)
     fork_id = max((r["fork_id"] for r in report["ranking"]), key=int)
-    notes = ProjectLayout(root).workspace_dir(plan_id, fork_id) / "NOTES.md"
-    assert notes.read_text() == "rewritten notes\n"
+    assert fork_text(ProjectLayout(root), plan_id, fork_id, "NOTES.md") == "rewritten notes\n"
     assert (root / "NOTES.md").read_text() == NOTES  # the plan was applied once, earlier

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -144,14 +145,33 @@ def test_bad_signature_on_provenance(project, tmp_path: Path) -> None:  # type: 
     _one(findings, "step_001.provenance.json", "bad signature by key")
 
 
-def test_provenance_subject_no_longer_matches_the_file(project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _notes_object(root: Path, layout: ProjectLayout, plan_id: str) -> Path:
+    """The loose object file in .conductor/git holding step_002's NOTES.md."""
+    from conductor.attempts import state_store
+
+    verdict = json.loads(layout.fork(plan_id, "1").sidecar("completed", "step_002", ".verdict.json").read_text())
+    oid = state_store(layout).entries(verdict["tree"], ["NOTES.md"])["NOTES.md"].oid
+    return root / ".conductor" / "git" / "objects" / oid[:2] / oid[2:]
+
+
+def test_an_overwritten_object_of_an_attested_step_is_caught(project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root, plan_id, layout = project
-    task = json.loads(layout.fork(plan_id, "1").task_file("completed", "step_002").read_text())
-    (root / task["workspace"] / "NOTES.md").write_text("edited afterwards\n")
+    path = _notes_object(root, layout, plan_id)
+    path.chmod(0o644)
+    path.write_bytes(zlib.compress(b"blob 18\0edited afterwards\n"))  # well-formed, wrong content for its name
     code, findings = verify(root, tmp_path)
     assert code == 5
     _one(findings, "step_002.provenance.json", "subject NOTES.md: signed sha256")
+    _one(findings, "step_002.attestation.json", "subject NOTES.md: signed sha256")
     _one(findings, "step_002.result.json", "NOTES.md: recorded added")
+
+
+def test_a_deleted_object_of_an_attested_step_is_caught(project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, plan_id, layout = project
+    _notes_object(root, layout, plan_id).unlink()
+    code, findings = verify(root, tmp_path)
+    assert code == 5
+    _one(findings, "step_002.result.json", "cannot be read from .conductor/git")
 
 
 def test_result_signed_by_an_untrusted_key(project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -192,8 +212,8 @@ def test_docs_snippet_verifies_a_real_provenance(project, tmp_path: Path) -> Non
     script = tmp_path / "verify_provenance.py"
     script.write_text(block("verify-provenance") + "\n")
     fork = layout.fork(plan_id, "1")
-    task = json.loads(fork.task_file("completed", "step_002").read_text())
-    workspace = root / task["workspace"]
+    workspace = tmp_path / "after_step_002"
+    assert conductor(root, "checkout", "step_002", "--into", str(workspace)).returncode == 0
     key = layout.keys_dir / "signing.pub"
     for name in ("step_002.provenance.json", "step_002.attestation.json"):
         ok = subprocess.run([sys.executable, str(script), str(fork.state_dir("completed") / name), str(key),

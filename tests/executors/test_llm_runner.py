@@ -27,7 +27,7 @@ class FixedAnswer:
 def task(allowed: list[str], protected: list[str] = ()) -> Task:  # type: ignore[assignment]
     return Task(task_id="step_001", plan_id="p1", fork_id="1", attempt=1, instruction="do it",
                 allowed_files=allowed, protected_patterns=list(protected), workspace="ws", timeout_seconds=5,
-                max_diff_lines=100, policy_digest="sha256:" + "0" * 64,
+                max_diff_lines=100, policy_digest="sha256:" + "0" * 64, base_commit="0" * 40,
                 confidence=Confidence(score=0.9, level="high"), created_at="2026-11-22T00:00:00Z")
 
 

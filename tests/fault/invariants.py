@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from tests.helpers.fork_state import fork_files
 from conductor.audit import AuditLog, verify_chain
 from conductor.canonical import strict_loads
 from conductor.errors import ConductorError
@@ -138,11 +139,14 @@ def outcome_problems(trial: Trial) -> list[str]:
     applied = [e.data.get("fork_id") for e in plan_events if e.type == "plan.applied"]
     if applied != ["1"]:
         problems.append(f"plan.applied events name forks {applied}, expected exactly ['1']")
+    fork_state = fork_files(layout, plan_id, "1")
     for name, text in EXPECTED.items():
-        for where in (trial.root, layout.workspace_dir(plan_id, "1")):
-            actual = (where / name).read_text() if (where / name).exists() else None
-            if actual != text:
-                problems.append(f"{where / name}: {actual!r}, expected {text!r} (an effect applied twice or lost)")
+        actual = (trial.root / name).read_text() if (trial.root / name).exists() else None
+        if actual != text:
+            problems.append(f"{trial.root / name}: {actual!r}, expected {text!r} (an effect applied twice or lost)")
+        in_fork = fork_state.get(name, b"").decode() if name in fork_state else None
+        if in_fork != text:
+            problems.append(f"fork 1's state {name}: {in_fork!r}, expected {text!r} (an effect applied twice or lost)")
     problems += [f"{trial.root / name} exists: a rejected fork's change reached the project"
                  for name in ABSENT if (trial.root / name).exists()]
     problems += _fork_outcome(layout, plan_id, trial)

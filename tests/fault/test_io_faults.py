@@ -41,7 +41,7 @@ TARGETED = [
     ("rename:EIO:1@failed/step_001.task.json", "rejection_finished"),  # the rejection's commit rename
     ("write:ENOSPC:1@apply.intent.json", None),           # the apply's intent
     ("write:ENOSPC:1@/project/b.txt", "apply_finished"),  # the apply's second file: a half-applied winner
-    ("fsync:EIO:1@base.snapshot.json", None),             # the plan's base snapshot
+    ("fsync:EIO:1@plan.json", None),                      # the plan file itself
 ]
 
 

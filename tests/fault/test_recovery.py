@@ -18,7 +18,10 @@ from conductor.handoff.documents import write_document
 from conductor.handoff.lease import HOST, claim_task
 from conductor.layout import ProjectLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, Verdict, utc_now
-from conductor.ranking import apply_intent_file, apply_winner, fork_changes
+from conductor.attempts import state_store
+from conductor.ranking import apply_intent_file, apply_winner
+from conductor.workspace.apply import ApplyPlan
+from conductor.workspace.store import TreeEntry
 from conductor.recovery import QUARANTINE, recover_project
 from conductor.worker import Worker, WorkerSettings
 from tests.fault.invariants import state_problems
@@ -75,18 +78,20 @@ def test_abandoned_temp_files_are_removed_and_live_writers_keep_theirs(handoff: 
     (pending / temp_name("step_001.task.json", dead)).write_text("{half")
     (pending / temp_name("step_002.task.json", alive)).write_text("{half")
     (pending / temp_name("step_003.task.json", os.getpid())).write_text("{half")
-    copy = handoff.layout.conductor_dir / "workspaces" / f"plan_{handoff.plan.plan_id}" / temp_name("fork_x", dead)
+    scratch = handoff.layout.conductor_dir / "scratch" / f"plan_{handoff.plan.plan_id}" / f"fork_{handoff.fork.fork_id}"
+    copy = scratch / temp_name("step_001.a1", dead)  # a checkout a crash interrupted
     (copy / "sub").mkdir(parents=True)
-    blob = handoff.layout.objects_dir / "sha256" / temp_name("blob", dead)
-    blob.write_bytes(b"partial blob")
+    index = scratch / temp_name("step_001.a1.index", dead)
+    index.write_bytes(b"DIRC partial")
 
     report = recover_project(handoff.layout)
 
     left = sorted(p.name for p in pending.iterdir())
     assert left == sorted([temp_name("step_002.task.json", alive), temp_name("step_003.task.json", os.getpid())])
-    assert not copy.exists() and not blob.exists()
+    assert not copy.exists() and not index.exists()
     removed = {r.path.rsplit("/", 1)[-1] for r in report.repairs if r.what == "temp_removed"}
-    assert removed == {temp_name("step_001.task.json", dead), temp_name("fork_x", dead), temp_name("blob", dead)}
+    assert removed == {temp_name("step_001.task.json", dead), temp_name("step_001.a1", dead),
+                       temp_name("step_001.a1.index", dead)}
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in repairs(handoff, "temp_removed")) == sorted(removed)
 
     recover_project(handoff.layout, grace_seconds=0)  # our own pid's temp is judged by age; a live writer's never
@@ -99,14 +104,14 @@ def test_abandoned_temp_files_are_removed_and_live_writers_keep_theirs(handoff: 
 def test_a_temp_named_file_that_belongs_to_the_project_is_never_swept(tmp_path: Path) -> None:
     name = temp_name("mine", dead_pid())
     handoff = make_handoff(tmp_path / "project", files={"README.md": "hi\n", name: "user data\n"})
-    merge_leftover = handoff.fork.workspace / temp_name("README.md", dead_pid())
-    merge_leftover.write_text("half a merge")
+    handoff.publish("step_001")
+    in_attempt = handoff.scratch("step_001") / name
 
     recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
 
-    assert (handoff.fork.workspace / name).read_text() == "user data\n"
+    assert handoff.fork_text(name) == "user data\n"  # the fork's state holds it
     assert (handoff.root / name).read_text() == "user data\n"
-    assert not merge_leftover.exists()  # would otherwise be applied to the project as a new file
+    assert in_attempt.read_text() == "user data\n"  # attempt folders are the agent's: never swept
 
 
 # --- a task in two folders ----------------------------------------------------------------------
@@ -284,7 +289,8 @@ def test_a_verified_step_whose_merge_event_was_lost_gets_it_back_from_its_verdic
     change = {"path": "README.md", "change": "modified", "sha256": "0" * 64, "lines_added": 1, "lines_removed": 1}
     verdict = write_document(handoff.fork.sidecar("completed", "step_001", ".verdict.json"), Verdict(
         task_id="step_001", plan_id=task.plan_id, fork_id=task.fork_id, attempt=1, accepted=True,
-        files_changed=[change], diff_lines=2, policy_digest=task.policy_digest, decided_at=utc_now()))
+        files_changed=[change], diff_lines=2, policy_digest=task.policy_digest, decided_at=utc_now(),
+        tree=state_store(handoff.layout).tree_of(handoff.head), commit=handoff.head))
     log_of(handoff).append("step.verified", {"step_id": "step_001", "attempt": 1, "accepted": True, "reasons": [],
                                              "diff_lines": 2, "files": ["README.md"], "checks": [],
                                              "verification": [], "verdict_checksum": verdict.checksum})
@@ -294,7 +300,7 @@ def test_a_verified_step_whose_merge_event_was_lost_gets_it_back_from_its_verdic
     recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
 
     [merged] = [e for e in log_of(handoff).events() if e.type == "step.merged"]
-    assert merged.data["files"] == ["README.md"] and merged.data["workspace"].startswith("sha256:")
+    assert merged.data["files"] == ["README.md"] and merged.data["commit"] == verdict.commit
     assert repairs(handoff, "event_restored")[-1]["detail"].startswith("step.merged of step_001 attempt 1")
 
 
@@ -329,22 +335,33 @@ def test_a_published_task_that_vanished_is_a_state_conflict(handoff: Handoff) ->
 # --- the winner's apply -------------------------------------------------------------------------
 
 
-def half_applied(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> list:
-    """Change two files in the fork workspace and crash (in-process: an exception) after applying one."""
-    (handoff.fork.workspace / "README.md").write_text("changed\n")
-    (handoff.fork.workspace / "new.txt").write_text("new\n")
-    changes = fork_changes(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, ignore=[])
-    real = ranking.merge_changes
+def winner_with(handoff: Handoff, files: dict[str, str]) -> str:
+    """A commit on top of the fork's state with ``files`` written (as a verified step would make it)."""
+    store = state_store(handoff.layout)
+    updates = {path: TreeEntry("100644", store.write_blob(text.encode())) for path, text in files.items()}
+    return store.commit(store._tree_with(store.tree_of(handoff.head), updates), [handoff.head], "winner\n")
 
-    def crash_after_first(changes, **kwargs):  # type: ignore[no-untyped-def]
-        real(changes[:1], **kwargs)
+
+def apply(handoff: Handoff, winner: str) -> list:
+    return apply_winner(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id,
+                        base_commit=handoff.plan.base_commit, winner_commit=winner, ignore=[])
+
+
+def half_applied(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> list:
+    """A winner changing two files, and a crash (in-process: an exception) after the first one was written."""
+    winner = winner_with(handoff, {"README.md": "changed\n", "new.txt": "new\n"})
+    real = ranking.write_changes
+
+    def crash_after_first(store, root, plan):  # type: ignore[no-untyped-def]
+        real(store, root, ApplyPlan(plan.user_tree, plan.result_tree, plan.changes[:1]))
         raise KeyboardInterrupt("crash")
 
-    monkeypatch.setattr(ranking, "merge_changes", crash_after_first)
+    monkeypatch.setattr(ranking, "write_changes", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
-        apply_winner(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, changes, ignore=[])
-    monkeypatch.setattr(ranking, "merge_changes", real)
-    return changes
+        apply(handoff, winner)
+    monkeypatch.setattr(ranking, "write_changes", real)
+    store = state_store(handoff.layout)
+    return store.changes(store.tree_of(handoff.plan.base_commit), store.tree_of(winner))
 
 
 def test_a_half_applied_winner_is_finished_from_its_intent(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -375,12 +392,28 @@ def test_an_apply_that_cannot_be_finished_is_a_state_conflict_and_keeps_its_inte
 
 
 def test_an_apply_refused_for_a_conflict_leaves_no_intent(handoff: Handoff) -> None:
-    (handoff.fork.workspace / "README.md").write_text("changed\n")
-    changes = fork_changes(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, ignore=[])
+    winner = winner_with(handoff, {"README.md": "changed\n"})
     (handoff.root / "README.md").write_text("edited by a person\n")
-    with pytest.raises(StateConflict):
-        apply_winner(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, changes, ignore=[])
+    with pytest.raises(StateConflict, match="README.md"):
+        apply(handoff, winner)
     assert not apply_intent_file(handoff.layout, handoff.plan.plan_id).exists()
+    assert (handoff.root / "README.md").read_text() == "edited by a person\n"
+
+
+def test_an_apply_keeps_the_users_edits_to_other_lines_of_the_same_file(handoff: Handoff) -> None:
+    lines = "".join(f"line {i}\n" for i in range(30))
+    (handoff.root / "README.md").write_text(lines)
+    # The plan began with README.md = "hello\n"; a new plan would see the edit, so make one on top of it.
+    store = state_store(handoff.layout)
+    base = store.snapshot_project(ignore=[], message="base\n")
+    winner = store.commit(store._tree_with(store.tree_of(base), {
+        "README.md": TreeEntry("100644", store.write_blob(lines.replace("line 25\n", "line 25 (agent)\n").encode()))}),
+        [base], "winner\n")
+    (handoff.root / "README.md").write_text(lines.replace("line 2\n", "line 2 (user)\n"))
+    apply_winner(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id, base_commit=base, winner_commit=winner,
+                 ignore=[])
+    text = (handoff.root / "README.md").read_text()
+    assert "line 2 (user)" in text and "line 25 (agent)" in text
 
 
 # --- live workers -------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 :func:`make_handoff` prepares a real project on disk without the engine or any LLM: ``init_project``, a
 hand-built :class:`~conductor.models.Plan` with N independent steps in one fork (``create_plan`` +
-``ensure_forks``), and, per step, an attempt workspace (``create_attempt_workspace``) and a task published
+``ensure_forks``), and, per step, an attempt workspace (``prepare_workspace``) and a task published
 with ``publish_task`` exactly as ``Engine._publish`` builds it.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conductor.attempts import create_attempt_workspace
+from conductor.attempts import prepare_workspace
 from conductor.canonical import digest
 from conductor.handoff.documents import read_document
 from conductor.handoff.publish import publish_task
@@ -39,6 +39,7 @@ from conductor.models import (
 )
 from conductor.plan_store import create_plan, ensure_forks
 from conductor.project import init_project
+from tests.helpers.fork_state import fork_head, fork_text
 
 PLAN_ID = "20260101T000000Z-handoff"
 FORK_ID = "alpha"
@@ -69,14 +70,23 @@ class Handoff:
     def step_ids(self) -> list[str]:
         return [step.step_id for step in self.plan.forks[0].steps]
 
+    @property
+    def head(self) -> str:
+        """The fork's state: the commit its audit log names last."""
+        return fork_head(self.layout, self.plan.plan_id, self.fork.fork_id)
+
+    def fork_text(self, path: str) -> str | None:
+        """A file of the fork's state (None if absent)."""
+        return fork_text(self.layout, self.plan.plan_id, self.fork.fork_id, path)
+
     def scratch(self, task_id: str, attempt: int = 1) -> Path:
         return self.layout.scratch_dir(self.plan.plan_id, self.fork.fork_id, task_id, attempt)
 
     def build_task(self, task_id: str, **overrides: Any) -> Task:
         """Create attempt 1's workspace of ``task_id`` and return its (unsealed) task, as the engine would."""
         spec = next(s for s in self.plan.forks[0].steps if s.step_id == task_id)
-        scratch = self.scratch(task_id, 1)
-        create_attempt_workspace(self.layout, self.fork.workspace, scratch, ignore=self.ignore)
+        base = self.head
+        scratch = prepare_workspace(self.layout, self.plan.plan_id, self.fork.fork_id, task_id, 1, base)
         fields: dict[str, Any] = {
             "task_id": task_id,
             "plan_id": self.plan.plan_id,
@@ -89,6 +99,7 @@ class Handoff:
             "constraints": POLICY.global_constraints,
             "depends_on": spec.depends_on,
             "workspace": self.layout.relative(scratch),
+            "base_commit": base,
             "timeout_seconds": POLICY.timeout_seconds,
             "max_diff_lines": POLICY.max_diff_lines,
             "policy_digest": POLICY_DIGEST,
@@ -157,7 +168,7 @@ def make_handoff(
         ],
     )
     plan = create_plan(layout, plan, ignore=ignore)
-    ensure_forks(layout, plan, ignore=ignore)
+    ensure_forks(layout, plan)
     return Handoff(layout=layout, plan=plan, fork=layout.fork(plan.plan_id, FORK_ID), ignore=ignore)
 
 

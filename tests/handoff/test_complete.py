@@ -182,17 +182,17 @@ def test_files_changed_are_what_the_command_really_did(project: Handoff) -> None
     assert result.summary == "I changed nothing at all"
     assert result.files_changed == [
         FileChange(path="README.md", change="modified", sha256=sha256_file(workspace / "README.md"),
-                   lines_added=1, lines_removed=0),
-        FileChange(path="gone.txt", change="deleted", sha256=None, lines_added=0, lines_removed=1),
+                   lines_added=1, lines_removed=0, mode="100644", old_mode="100644"),
+        FileChange(path="gone.txt", change="deleted", sha256=None, lines_added=0, lines_removed=1, old_mode="100644"),
         FileChange(path="sub/deep.txt", change="added", sha256=sha256_file(workspace / "sub/deep.txt"),
-                   lines_added=2, lines_removed=0),
+                   lines_added=2, lines_removed=0, mode="100644"),
         FileChange(path="surprise.txt", change="added", sha256=sha256_file(workspace / "surprise.txt"),
-                   lines_added=1, lines_removed=0),
+                   lines_added=1, lines_removed=0, mode="100644"),
     ]
     assert (workspace / "README.md").read_text() == "hello\nworld\n"
-    # The fork's integrated workspace is untouched: the attempt worked in its own copy.
-    assert (project.fork.workspace / "README.md").read_text() == "hello\n"
-    assert (project.fork.workspace / "gone.txt").exists()
+    # The fork's state is untouched: the attempt worked in its own folder.
+    assert project.fork_text("README.md") == "hello\n"
+    assert project.fork_text("gone.txt") is not None
 
 
 def test_a_command_that_changes_nothing_reports_no_files(project: Handoff) -> None:

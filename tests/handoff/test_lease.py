@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conductor.attempts import prepare_retry, read_base
+from conductor.attempts import attempt_changes, prepare_retry
 from conductor.canonical import check_checksum, strict_loads
 from conductor.errors import LeaseLost, StateConflict
 from conductor.executors.base import execute_claim
@@ -25,7 +25,6 @@ from conductor.handoff.publish import publish_task
 from conductor.handoff.reaper import reap_expired
 from conductor.models import ExecutorInfo, Result, parse_time, utc_now
 from conductor.worker import Worker, WorkerSettings
-from conductor.workspace import snapshot
 from tests.handoff.support import Handoff, dead_pid, make_handoff, wait_for
 
 LEASE = 30.0
@@ -135,8 +134,9 @@ def test_reaper_requeues_an_expired_task_as_a_new_attempt_with_a_fresh_workspace
         exclude={"attempt", "checksum", "created_at", "workspace"})
     new_workspace = handoff.root / retry.workspace
     assert new_workspace == handoff.scratch("step_001", 2).resolve() != old_workspace.resolve()
-    assert snapshot(new_workspace) == read_base(handoff.scratch("step_001", 1))
-    assert sorted(p.name for p in new_workspace.iterdir()) == ["README.md"]
+    assert attempt_changes(handoff.layout, new_workspace, retry.base_commit, [])[1] == []
+    assert sorted(p.name for p in new_workspace.iterdir()) == [".git", "README.md"]
+    assert (old_workspace / "junk.txt").exists()  # the zombie's folder is never reused
     assert (new_workspace / "README.md").read_text() == "hello\n"
 
 

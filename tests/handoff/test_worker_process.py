@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conductor.attempts import prepare_retry, read_base
+from conductor.attempts import attempt_changes, prepare_retry
 from conductor.audit import AuditLog, verify_chain
 from conductor.handoff.reaper import reap_expired
-from conductor.workspace import snapshot
 from tests.handoff.support import (
     Handoff,
     clean_environ,
@@ -146,7 +145,7 @@ def test_kill_9_mid_task_then_the_task_is_retried_at_once_and_completes_once(
             assert (reaped.outcome, reaped.attempt) == ("requeued", 1)
             retry = handoff.read_task("pending", "step_001")
             assert retry.attempt == 2
-            assert snapshot(handoff.root / retry.workspace) == read_base(handoff.scratch("step_001", 1))
+            assert attempt_changes(handoff.layout, handoff.root / retry.workspace, retry.base_commit, [])[1] == []
         second = start_worker(handoff.root, command, "--burst", env=env, log=tmp_path / "second.out")
         try:
             assert second.wait(timeout=60) == 0

