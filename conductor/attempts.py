@@ -23,8 +23,8 @@ from pathlib import Path
 
 from conductor.errors import ConductorError, UnsafePath
 from conductor.handoff.documents import read_document
-from conductor.layout import VERDICT_SUFFIX, ProjectLayout
-from conductor.models import FileChange, Task
+from conductor.layout import RESULT_SUFFIX, VERDICT_SUFFIX, ForkLayout, ProjectLayout
+from conductor.models import FileChange, Result, Task
 from conductor.workspace.checkout import capture, index_file, materialize, remove_folder, reset
 from conductor.workspace.store import StateStore
 
@@ -125,7 +125,7 @@ def _idle_folders(layout: ProjectLayout, plan_id: str, fork_id: str) -> list[Pat
     return idle
 
 
-def _finished(layout: ProjectLayout, fork, step: str, attempt: int, folder: Path) -> bool:
+def _finished(layout: ProjectLayout, fork: ForkLayout, step: str, attempt: int, folder: Path) -> bool:
     for state in ("completed", "failed"):
         path = fork.task_file(state, step)
         if not path.is_file():
@@ -136,7 +136,16 @@ def _finished(layout: ProjectLayout, fork, step: str, attempt: int, folder: Path
             return False
         if task.attempt != attempt or layout.root / task.workspace != folder:
             return False
-        return state == "failed" or fork.sidecar("completed", step, VERDICT_SUFFIX).exists()
+        if fork.sidecar(state, step, VERDICT_SUFFIX).exists():
+            return True  # verified (accepted or rejected): the executor had committed its result
+        if state == "completed":
+            return False  # not verified yet: the verifier still needs the folder
+        try:
+            result = read_document(fork.sidecar("failed", step, RESULT_SUFFIX), Result)
+        except (ConductorError, OSError):
+            return False
+        # Failed by its executor's own word; a lease that ran out means the executor may still be there.
+        return result.error is None or result.error.kind != "lease_expired"
     return False
 
 

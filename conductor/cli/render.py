@@ -103,7 +103,7 @@ def replay_view(report: dict[str, Any]) -> list[Any]:
                         f"status {state['status']}" + (f", winner fork {state['winner']}" if state["winner"] else "")
                         + (f", applied fork {state['applied']}" if state["applied"] else "")]
     table = Table(title_justify="left")
-    for name in ("fork", "step", "state", "attempt", "confidence", "holder", "workspace"):
+    for name in ("fork", "step", "state", "attempt", "confidence", "holder", "commit"):
         table.add_column(name, overflow="fold")
     for fork_id, fork in state["forks"].items():
         for index, (step_id, step) in enumerate(fork["steps"].items()):
@@ -111,7 +111,7 @@ def replay_view(report: dict[str, Any]) -> list[Any]:
             table.add_row(f"{fork_id} ({fork['status']})" if index == 0 else "", step_id,
                           f"[{style}]{step['state']}[/]" if style else step["state"], str(step["attempt"] or ""),
                           step["confidence"] or "", step["holder"] or "",
-                          (step["workspace"] or "")[:19])
+                          (step["commit"] or "")[:12])
     lines.append(table)
     llm = state["llm"]
     lines.append(f"LLM calls {llm['calls']} ({llm['cached']} from recordings), tokens "

@@ -111,3 +111,32 @@ def test_a_zombie_write_into_a_finished_attempt_never_reaches_the_fork(tmp_path:
     assert (root / "requirements.lock").read_text() == "pinned\n" and not (root / "backdoor.sh").exists()
     files = fork_files(ProjectLayout(root), report["plan_id"], "1")
     assert files["requirements.lock"] == b"pinned\n" and "backdoor.sh" not in files
+
+
+def test_what_an_agent_plants_in_its_git_never_runs_for_conductor(tmp_path: Path) -> None:
+    """fsmonitor, hooks, hooksPath, filter and diff drivers, .gitattributes: planted by a step's command in its
+    workspace's .git; the plan runs to the end through captures, resets and merges, and none of it runs."""
+    root = make_git_project(tmp_path / "repo")
+    marker = tmp_path / "pwned"
+    evil = f"touch {marker}"
+    plant = (
+        f"printf '[core]\\n\\tfsmonitor = {evil}\\n\\thooksPath = hooks2\\n[filter \"x\"]\\n\\tclean = {evil}\\n"
+        f"\\tsmudge = {evil}\\n\\trequired = true\\n[diff \"x\"]\\n\\tcommand = {evil}\\n' >> .git/config && "
+        f"mkdir -p .git/hooks .git/hooks2 && for h in pre-commit post-checkout post-index-change; do "
+        f"printf '#!/bin/sh\\n{evil}\\n' > .git/hooks/$h; cp .git/hooks/$h .git/hooks2/$h; done && "
+        f"chmod +x .git/hooks/* .git/hooks2/* && echo '* filter=x diff=x' > .gitattributes")
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "one", "steps": [
+        {"id": "plant", "instruction": f"{plant} && {FIX}", "allowed_files": ["calc.py", ".gitattributes"],
+         "confidence": 0.9},
+        {"id": "more", "instruction": "echo '# more' >> calc.py", "allowed_files": ["calc.py"],
+         "depends_on": ["plant"], "confidence": 0.9}]}]}))
+    before = repo_fingerprint(root)
+
+    run = conductor(root, "explore", "--plan", str(plan), "--json")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert not marker.exists()
+    assert (root / "calc.py").read_text() == FIXED_CALC + "# more\n"
+    assert (root / ".gitattributes").read_text() == "* filter=x diff=x\n"  # content, applied as bytes
+    assert repo_fingerprint(root) == before
