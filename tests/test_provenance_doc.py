@@ -86,7 +86,8 @@ def _task() -> Task:
     document = {
         "task_id": "step_001", "plan_id": "20260101-hello", "fork_id": "minimal", "attempt": 1,
         "instruction": "Create hello.py", "allowed_files": ["hello.py", "src/util.py", "link"],
-        "workspace": ".conductor/workspaces/plan_20260101-hello/fork_minimal", "timeout_seconds": 300,
+        "workspace": ".conductor/scratch/plan_20260101-hello/fork_minimal/step_001.a1", "base_commit": "ab" * 20,
+        "timeout_seconds": 300,
         "max_diff_lines": 500, "policy_digest": "sha256:" + "ab" * 32,
         "confidence": Confidence(score=0.9, level="high").to_document(), "created_at": "2026-01-01T00:00:00.000000Z",
     }
@@ -136,6 +137,10 @@ def test_provenance_snippet_accepts_what_conductor_signs(tmp_path: Path) -> None
     run = _verify_provenance(step, tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout == f"OK 20260101-hello/minimal/step_001#1 by {EXECUTOR}: 4 subjects match\n"
+    # The one resolved dependency the doc shows: the task's base commit.
+    assert step.statement["predicate"]["buildDefinition"]["resolvedDependencies"] == [
+        {"name": "base", "digest": {"gitCommit": "ab" * 20}}]
+    assert '"resolvedDependencies": [{"name": "base", "digest": {"gitCommit":' in DOC.read_text("utf-8")
 
 
 def test_provenance_snippet_accepts_urlsafe_unpadded_base64_and_other_signers(tmp_path: Path) -> None:
@@ -239,7 +244,8 @@ def test_provenance_snippet_checks_an_attestation(tmp_path: Path) -> None:
                     finished_at="2026-01-01T00:00:09.000000Z")
     files = [(path.name, sha256_hex(path.read_bytes())) for path in sorted(completed.iterdir())]
     statement = build_attestation(task=_task(), verdict=verdict, result=result, files=files,
-                                  workspace_snapshot="sha256:" + "cd" * 32, verifier_id="conductor-verifier@host")
+                                  workspace_commit="cd" * 20, verifier_id="conductor-verifier@host")
+    assert {"name": "workspace", "digest": {"gitCommit": "cd" * 20}} in statement["subject"]  # skipped by the snippet
     attestation = completed / "step_001.attestation.json"
     attestation.write_bytes(envelope_bytes(sign_envelope(statement_bytes(statement), PAYLOAD_TYPE_IN_TOTO,
                                                          [step.key])))
