@@ -43,9 +43,9 @@ LOCK_TIMEOUT_SECONDS = 60.0
 _TAIL_CHUNK = 8192
 
 EVENT_TYPES: dict[str, tuple[str, ...]] = {
-    "plan.created": ("plan_id", "goal", "planner", "forks", "plan_checksum"),
+    "plan.created": ("plan_id", "goal", "planner", "forks", "base_commit?", "plan_checksum"),
     "fork.created": (
-        "plan_id", "fork_id", "plan_checksum", "strategy", "steps", "workspace", "parent?", "reused_steps?",
+        "plan_id", "fork_id", "plan_checksum", "strategy", "steps", "commit", "parent?", "reused_steps?",
         "fork_checksum?",
     ),
     "llm.call": (
@@ -54,7 +54,7 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     ),
     "confidence.scored": ("step_id", "score", "level", "reasons"),
     "policy.merged": ("step_id", "effective", "sources", "notes", "digest"),
-    "task.published": ("step_id", "attempt", "checksum", "reason?"),
+    "task.published": ("step_id", "attempt", "checksum", "base_commit?", "reason?"),
     "approval.requested": ("step_id", "score"),
     "approval.granted": ("step_id", "by"),
     "task.claimed": ("step_id", "attempt", "holder", "pid", "host"),
@@ -66,11 +66,11 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
         "step_id", "attempt", "accepted", "reasons", "diff_lines", "files", "checks", "verification",
         "verdict_checksum",
     ),
-    "step.merged": ("step_id", "attempt", "files", "workspace"),
+    "step.merged": ("step_id", "attempt", "files", "commit"),
     "fork.finished": ("fork_id", "status", "failed_steps?"),
-    "fork.verified": ("fork_id", "passed", "verification"),
+    "fork.verified": ("fork_id", "passed", "commit?", "verification"),
     "plan.ranked": ("ranking",),
-    "plan.applied": ("fork_id", "files"),
+    "plan.applied": ("fork_id", "files", "commit?"),
     "plan.apply_failed": ("fork_id", "reason"),
     "plan.resumed": ("pid",),
     "plan.forked": ("fork_id", "parent", "instruction", "pid"),

@@ -47,6 +47,7 @@ def collect_garbage(layout: ProjectLayout) -> GcReport:
     store = state_store(layout)
     report = GcReport(store_bytes_before=disk_usage(store.dir), scratch_bytes_before=disk_usage(scratch))
     for plan_id in layout.plan_ids():
+        _pin_recorded_commits(layout, store, plan_id)
         if not (scratch / f"plan_{plan_id}").exists():
             continue
         if any(e.type == "plan.finished" for e in AuditLog(layout.plan_dir(plan_id) / "audit.log").events()):
@@ -57,6 +58,28 @@ def collect_garbage(layout: ProjectLayout) -> GcReport:
     store.git.run(["pack-refs", "--all"])
     report.store_bytes_after, report.scratch_bytes_after = disk_usage(store.dir), disk_usage(scratch)
     return report
+
+
+def _pin_recorded_commits(layout: ProjectLayout, store, plan_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Point a ref at every commit and tree the plan's records name, before anything is pruned.
+
+    The engine keeps these refs as it goes, but a crash between a record and its ref (recovery restores
+    the record, not the ref) must not let ``gc`` prune what ``verify`` and ``checkout`` need.
+    """
+    refs: dict[str, str] = {}
+    plan_log = AuditLog(layout.plan_dir(plan_id) / "audit.log")
+    for event in plan_log.events():
+        if event.type == "plan.created" and isinstance(event.data.get("base_commit"), str):
+            refs[f"plans/{plan_id}/base"] = event.data["base_commit"]
+    for folder in sorted(layout.plan_dir(plan_id).glob("fork_*")):
+        fork_id = folder.name[len("fork_"):]
+        for event in AuditLog(folder / "audit.log").events():
+            commit = event.data.get("commit")
+            if event.type in ("fork.created", "step.merged") and isinstance(commit, str):
+                refs[f"plans/{plan_id}/forks/{fork_id}"] = commit  # each later one descends from the earlier
+    for name, commit in refs.items():
+        if store.has_object(commit):
+            store.set_ref(name, commit)
 
 
 def disk_usage(folder: Path) -> int:

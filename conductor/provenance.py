@@ -22,7 +22,7 @@ Files: ``<step>.provenance.json`` is the executor's statement (built here by Con
 in a DSSE v1 envelope (payloadType :data:`PAYLOAD_TYPE`, https://github.com/secure-systems-lab/dsse),
 signed with the executor's Ed25519 key when it has one. ``<step>.attestation.json`` is Conductor's own
 statement about an accepted step (:func:`build_attestation`), always signed with the project key: it adds
-the verification evidence, the policy verdict and the workspace snapshot after the merge. See
+the verification evidence, the policy verdict and the fork's commit after the merge. See
 docs/provenance.md for verifying both without Conductor.
 """
 

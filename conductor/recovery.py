@@ -58,6 +58,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from conductor.attempts import state_store
 from conductor.audit import AuditLog, repair_torn_tail
 from conductor.canonical import check_checksum, strict_loads
 from conductor.config import DEFAULT_WORKSPACE_IGNORE
@@ -432,6 +433,8 @@ class _Recovery:
                 continue  # the folders disagree with the log: the agreement check names it
             files = [c.path for c in verdict.files_changed]
             if accepted:
+                if verdict.commit is not None:
+                    state_store(self.layout).set_ref(f"plans/{fork.plan_id}/forks/{fork.fork_id}", verdict.commit)
                 log.append("step.merged", {"step_id": task_id, "attempt": attempt, "files": files,
                                            "commit": verdict.commit})
             else:

@@ -43,7 +43,7 @@ _TEXT: dict[str, tuple[str, str]] = {
         "Conductor added fork (conductor.fork/v1)",
         "handoff/plan_<id>/fork_<id>/fork.json: a fork added to an existing plan by `conductor fork --from`: "
         "its steps, the past step it starts from (parent fork, step, the parent's step.merged event and "
-        "the workspace snapshot after it) and the steps it takes over unchanged. Written once by Conductor. "
+        "the commit after it) and the steps it takes over unchanged. Written once by Conductor. "
         "Checksummed.",
     ),
     "task": (

@@ -49,7 +49,7 @@ def find_step(layout: ProjectLayout, plan: Plan, step_id: str, fork_id: str | No
     """The merge of ``step_id`` in ``fork_id`` (default: the plan's winner, else the only fork that merged it).
 
     Raises:
-        NotFound: the step was never merged there (or no snapshot was recorded for it).
+        NotFound: the step was never merged there (or no commit was recorded for it).
         ConfigError: several forks merged the step and none was chosen.
     """
     candidates = [spec.fork_id for spec in plan.forks if fork_id in (None, spec.fork_id)]

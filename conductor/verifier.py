@@ -8,7 +8,7 @@ verification commands, and only then merges the captured tree into the fork's st
 parent is the fork's head. What is merged is the tree captured *before* any verification command ran,
 so a command (or a test the executor wrote) that writes files afterwards changes nothing that is merged.
 The verdict file, written last, records the attempt's tree and the new commit; a crash before it is
-redone on resume (commits are content-addressed: redoing one changes nothing).
+redone on resume (a redone commit gets a new id, harmless: nothing recorded the first one).
 """
 
 from __future__ import annotations

@@ -284,8 +284,10 @@ class _Checker:
         except ConductorError as exc:
             self.add(path, f"workspace commit {commit[:12]}… is missing from .conductor/git: {exc}")
             return
-        # The changed files' content must be what the merged commit holds, byte for byte.
-        self.subjects(path, read.subjects, fork.state_dir("completed"), tree, beside=beside)
+        # The changed files are attested as the attempt made them (its captured tree, named by the verdict);
+        # the merged commit may differ where a parallel step's lines were merged into the same file.
+        self.subjects(path, read.subjects, fork.state_dir("completed"),
+                      verdict.tree if verdict is not None and verdict.tree else tree, beside=beside)
 
     def subjects(self, path: Path, subjects: dict[str, str], folder: Path, tree: str | None, *,
                  beside: set[str]) -> None:

@@ -93,7 +93,7 @@ def test_the_audit_example_is_a_valid_chain(tmp_path: Path) -> None:
 
 def test_the_command_environment_table_is_complete(tmp_path: Path) -> None:
     task = Task(task_id="step_001", plan_id="p", fork_id="1", attempt=1, instruction="x", allowed_files=[],
-                workspace="w", timeout_seconds=1, max_diff_lines=1, policy_digest="sha256:" + "0" * 64,
+                workspace="w", timeout_seconds=1, max_diff_lines=1, policy_digest="sha256:" + "0" * 64, base_commit="0" * 40,
                 confidence=Confidence(score=1.0, level="high"), created_at="2026-01-01T00:00:00.000000Z")
     names = task_environment(task, layout=ProjectLayout(tmp_path), workspace=tmp_path, explanation_file=tmp_path / "e")
     assert table_after("command-environment") == list(names)

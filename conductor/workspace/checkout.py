@@ -92,7 +92,8 @@ def reset(store: StateStore, folder: Path, commit: str) -> None:
         raise FileNotFoundError(f"{folder} has no stat cache {index.name}")
     git = store.git
     _remove_entry(folder / ".git")
-    git.run(["update-index", "-q", "--refresh"], work_tree=folder, index=index, ok_codes=(0, 1))
+    # diff-files lists every entry whose stat data changed (content-checking racily clean ones), which is
+    # all a reset needs: a separate --refresh would be a second stat pass over the whole tree.
     dirty = split_z(git.run(["diff-files", "--name-only", "-z"], work_tree=folder, index=index))
     for path in split_z(git.run(["ls-files", "-z", "-o", "--directory"], work_tree=folder, index=index)):
         _remove_entry(folder / path.rstrip("/"))
@@ -126,7 +127,8 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
     temp = _temp_beside(index)
     shutil.copyfile(index, temp)
     try:
-        git.run(["update-index", "-q", "--refresh"], work_tree=folder, index=temp, ok_codes=(0, 1))
+        # One stat pass: entries whose stat data changed are re-hashed by update-index below, which also
+        # refreshes their stat data in the cache (so an untouched file is never hashed twice).
         changed = split_z(git.run(["diff-files", "--name-only", "-z"], work_tree=folder, index=temp))
         changed += split_z(git.run(["ls-files", "-z", "-o", f"--exclude-from={excludes}"], work_tree=folder, index=temp))
         for path in changed:
@@ -160,8 +162,8 @@ def _check_capturable(folder: Path, path: str) -> None:
 
 
 def init_agent_git(store: StateStore, folder: Path, commit: str, index: Path, *, name: str | None = None) -> None:
-    """Give ``folder`` a fresh ``.git`` of its own: HEAD detached at ``commit``, objects borrowed from the
-    store, the stat cache as its index, no hooks (see the module docstring)."""
+    """Give ``folder`` a fresh ``.git`` of its own: a branch ``conductor/<name>`` at ``commit`` (``name``
+    defaults to the folder's), objects borrowed from the store, the stat cache as its index, no hooks."""
     dotgit = folder / ".git"
     _remove_entry(dotgit)
     for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags", "info"):

@@ -140,3 +140,30 @@ def test_what_an_agent_plants_in_its_git_never_runs_for_conductor(tmp_path: Path
     assert (root / "calc.py").read_text() == FIXED_CALC + "# more\n"
     assert (root / ".gitattributes").read_text() == "* filter=x diff=x\n"  # content, applied as bytes
     assert repo_fingerprint(root) == before
+
+
+def test_parallel_steps_editing_one_file_are_merged_line_by_line_and_verify(tmp_path: Path) -> None:
+    root = make_git_project(tmp_path / "repo")
+    lines = "".join(f"line {i}\n" for i in range(40))
+    (root / "lines.txt").write_text(lines)
+    git(root, "add", "lines.txt")
+    git(root, "commit", "-q", "-m", "lines")
+    edit = "sed -i 's/^line {n}$/line {n} (step {s})/' lines.txt"
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"goal": "Edit lines", "strategies": [{"name": "one", "steps": [
+        {"id": "top", "instruction": edit.format(n=3, s="top"), "allowed_files": ["lines.txt"], "confidence": 0.9},
+        {"id": "bottom", "instruction": edit.format(n=35, s="bottom"), "allowed_files": ["lines.txt"],
+         "confidence": 0.9}]}]}))
+    (root / ".conductor" / "config.yaml").write_text(yaml.safe_dump({
+        "executor": {"kind": "command", "command": 'sh -c "$CONDUCTOR_INSTRUCTION"', "poll_seconds": 0.5}}))
+
+    run = conductor(root, "explore", "--plan", str(plan), "--json")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    text = (root / "lines.txt").read_text()
+    assert "line 3 (step top)\n" in text and "line 35 (step bottom)\n" in text
+    fork = ProjectLayout(root).fork(json.loads(run.stdout)["plan_id"], "1")
+    bases = {json.loads(fork.task_file("completed", s).read_text())["base_commit"] for s in ("step_001", "step_002")}
+    assert len(bases) == 1  # both ran from the same base: the second was merged three-way onto the first
+    check = conductor(root, "verify")
+    assert check.returncode == 0, check.stdout + check.stderr
