@@ -43,7 +43,7 @@ from conductor.models import (
     Verdict,
     utc_now,
 )
-from conductor.plan_store import base_commit, ensure_forks, fork_log, plan_log
+from conductor.plan_store import base_commit, ensure_forks, fork_log, plan_log, policy_layers
 from conductor.policy import MergedPolicy, merge_policies
 from conductor.ranking import (
     ForkEvidence,
@@ -168,7 +168,7 @@ class Engine:
     # --- policy and confidence ------------------------------------------------------------------
 
     def merged_policy(self, step: StepSpec) -> MergedPolicy:
-        return merge_policies([("project", self.project_policy), ("plan", self.plan.policy), ("step", step.policy)])
+        return merge_policies(policy_layers(self.plan, self.project_policy, step))
 
     def _executor_kind(self) -> str:
         return self.config.executor.kind

@@ -190,6 +190,9 @@ class Plan(Contract):
     base_commit: ObjectId | None = Field(
         default=None, description="the project as the plan began (uncommitted and untracked files included): "
         "a commit in .conductor/git; set when the plan is written")
+    project_policy: PolicyLayer | None = Field(
+        default=None, description="the project's policy.yaml as the plan began, pinned: a later edit of "
+        "policy.yaml can only tighten this plan, never loosen it; set when the plan is written")
     checksum: Checksum | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)

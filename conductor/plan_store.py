@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from conductor.attempts import state_store
 from conductor.audit import AuditLog
-from conductor.errors import NotFound, StateConflict
+from conductor.errors import IntegrityError, NotFound, StateConflict
 from conductor.faults import crash_point
 from conductor.handoff.documents import read_document, write_document
 from conductor.handoff.publish import ensure_fork_dirs
 from conductor.layout import ProjectLayout
-from conductor.models import ForkRecord, Plan
+from conductor.models import ForkRecord, Plan, PolicyLayer, StepSpec
 
 FORK_RECORD = "fork.json"
 
@@ -29,8 +29,9 @@ def fork_log(layout: ProjectLayout, plan_id: str, fork_id: str) -> AuditLog:
     return AuditLog(layout.fork(plan_id, fork_id).audit_log)
 
 
-def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Plan:
-    """Write a new plan: the project's base commit, ``plan.json`` (pinning it), and the plan's first event.
+def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str], project_policy: PolicyLayer | None = None) -> Plan:
+    """Write a new plan: the project's base commit, ``plan.json`` (pinning it and ``project_policy``), and
+    the plan's first event (pinning ``plan.json``'s checksum).
 
     Returns:
         The sealed plan.
@@ -43,7 +44,7 @@ def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str]) -> Plan
     base = store.snapshot_project(ignore=ignore, message=f"conductor: the project as plan {plan.plan_id} began\n")
     store.set_ref(f"plans/{plan.plan_id}/base", base)
     plan_dir.mkdir(parents=True, exist_ok=False)
-    plan = plan.model_copy(update={"base_commit": base})
+    plan = plan.model_copy(update={"base_commit": base, "project_policy": project_policy})
     sealed = write_document(plan_dir / "plan.json", plan, exclusive=True)
     crash_point("plan.after_plan_file")
     plan_log(layout, plan.plan_id).append("plan.created", {
@@ -72,10 +73,43 @@ def load_plan(layout: ProjectLayout, plan_id: str) -> Plan:
     if not path.is_file():
         raise NotFound(f"no plan {plan_id!r} (known: {', '.join(layout.plan_ids()) or 'none'})")
     plan = read_document(path, Plan)
+    check_plan_pinned(layout, path, plan)
     added = [record.fork for record in fork_records(layout, plan_id).values()]
     if not added:
         return plan
     return plan.model_copy(update={"forks": [*plan.forks, *added]})
+
+
+def check_plan_pinned(layout: ProjectLayout, path, plan: Plan) -> None:  # type: ignore[no-untyped-def]
+    """``plan.json``'s checksum must be the one its ``plan.created`` event recorded: a checksum is unkeyed,
+    so a plan file edited and re-sealed by hand passes its own check but not this one.
+
+    Raises:
+        IntegrityError: the event records another checksum.
+    """
+    for event in plan_log(layout, plan.plan_id).events():
+        if event.type == "plan.created":
+            pinned = event.data.get("plan_checksum")
+            if pinned != plan.checksum:
+                raise IntegrityError(f"{path}: checksum {plan.checksum} is not the one plan.created (audit log seq "
+                                     f"{event.seq}) recorded, {pinned}: the plan file was replaced; refusing it")
+            return
+
+
+def policy_layers(plan: Plan, project_now: PolicyLayer, step: StepSpec | None = None) -> list[tuple[str, PolicyLayer]]:
+    """The policy layers a step of ``plan`` is judged by, in merge order (``policy.merge_policies``).
+
+    The project's policy as the plan began (pinned in ``plan.json``), the plan's, the step's, and then the
+    project's ``policy.yaml`` *now*, which as a later layer can only tighten: editing the policy file
+    while a plan runs never loosens that plan.
+    """
+    pinned = plan.project_policy if plan.project_policy is not None else project_now
+    layers = [("project", pinned), ("plan", plan.policy)]
+    if step is not None:
+        layers.append(("step", step.policy))
+    if plan.project_policy is not None and project_now != plan.project_policy:
+        layers.append(("policy.yaml now", project_now))
+    return layers
 
 
 def fork_records(layout: ProjectLayout, plan_id: str) -> dict[str, ForkRecord]:

@@ -265,6 +265,7 @@ class _Recovery:
         conductor = self.layout.conductor_dir
         skip = {conductor / "git", conductor / "scratch", conductor / "checkouts"}
         self.sweep(conductor, log, recursive=True, may_descend=lambda path: path not in skip)
+        self.sweep(conductor / "git" / "info", log)  # the exclude file Conductor writes there (fsutil)
 
     # --- pass 2: temp files ---------------------------------------------------------------------
 

@@ -122,7 +122,7 @@ def new_plan(
     ignore = list(project.config.workspace.ignore)
     if plan_file is not None:
         plan = plan_from_file(plan_file, goal=goal, forks=forks)
-        return create_plan(project.layout, plan, ignore=ignore)
+        return create_plan(project.layout, plan, ignore=ignore, project_policy=project.policy)
     if not goal:
         raise ConfigError("no goal given (pass a goal, or --plan FILE)")
     planner = project.config.planner
@@ -130,7 +130,7 @@ def new_plan(
     calls: list[dict[str, Any]] = []
     plan = plan_with_llm(client, goal=goal, forks=forks, root=project.layout.root,
                          constraints=list(project.policy.global_constraints), on_call=calls.append)
-    sealed = create_plan(project.layout, plan, ignore=ignore)
+    sealed = create_plan(project.layout, plan, ignore=ignore, project_policy=project.policy)
     log = plan_log(project.layout, sealed.plan_id)
     for call in calls:
         log.append("llm.call", call)

@@ -40,7 +40,7 @@ from conductor.layout import (
     ProjectLayout,
 )
 from conductor.models import FileChange, Lease, Plan, Result, Task, Verdict
-from conductor.plan_store import FORK_RECORD, fork_records
+from conductor.plan_store import FORK_RECORD, check_plan_pinned, fork_records
 from conductor.provenance import read_provenance
 
 
@@ -135,9 +135,12 @@ class _Checker:
         self.report.count("plans")
         try:
             plan = read_document(plan_dir / "plan.json", Plan)
+            check_plan_pinned(self.layout, plan_dir / "plan.json", plan)
         except (ConductorError, OSError) as exc:
             self._error(plan_dir / "plan.json", exc)
             return
+        if plan.base_commit is not None and not state_store(self.layout).has_object(plan.base_commit):
+            self.add(plan_dir / "plan.json", f"base commit {plan.base_commit[:12]}… is missing from .conductor/git")
         try:
             records = fork_records(self.layout, plan_id)
         except ConductorError as exc:

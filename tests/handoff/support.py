@@ -31,6 +31,7 @@ from conductor.models import (
     Lease,
     Plan,
     PlannerInfo,
+    PolicyLayer,
     Result,
     StepSpec,
     Strategy,
@@ -167,7 +168,7 @@ def make_handoff(
             )
         ],
     )
-    plan = create_plan(layout, plan, ignore=ignore)
+    plan = create_plan(layout, plan, ignore=ignore, project_policy=PolicyLayer())
     ensure_forks(layout, plan)
     return Handoff(layout=layout, plan=plan, fork=layout.fork(plan.plan_id, FORK_ID), ignore=ignore)
 
