@@ -73,6 +73,7 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "plan.applied": ("fork_id", "files", "commit?"),
     "plan.apply_failed": ("fork_id", "reason"),
     "plan.resumed": ("pid",),
+    "sandbox.unavailable": ("mode", "reason"),
     "plan.forked": ("fork_id", "parent", "instruction", "pid"),
     "plan.finished": ("status", "winner", "applied"),
     "recovery.repaired": ("what", "path", "detail"),

@@ -167,6 +167,11 @@ class Engine:
 
     # --- policy and confidence ------------------------------------------------------------------
 
+    @property
+    def _plan_policy(self) -> MergedPolicy:
+        """The policy of the plan as a whole (no step layer): what the final fork checks run under."""
+        return merge_policies(policy_layers(self.plan, self.project_policy))
+
     def merged_policy(self, step: StepSpec) -> MergedPolicy:
         return merge_policies(policy_layers(self.plan, self.project_policy, step))
 
@@ -255,6 +260,7 @@ class Engine:
             protected_patterns=effective.protected_patterns, constraints=effective.global_constraints,
             depends_on=step.depends_on, workspace=self.layout.relative(folder), base_commit=base,
             timeout_seconds=effective.timeout_seconds, max_diff_lines=effective.max_diff_lines,
+            sandbox_mode=effective.sandbox_mode, network=effective.network,
             policy_digest=policy.digest, confidence=confidence, created_at=utc_now(),
         )
         sealed = publish_task(view.fork, task)
@@ -472,6 +478,7 @@ class Engine:
             self.layout, self.plan.plan_id, spec.fork_id, view.head, view.log,
             commands=list(self.config.verification.commands),
             timeout_seconds=self.config.verification.timeout_seconds,
+            sandbox_mode=self._plan_policy.effective.sandbox_mode, network=self._plan_policy.effective.network,
         )
         return ForkEvidence(
             fork_id=spec.fork_id, strategy=spec.strategy.name, status=status, steps_verified=verified,

@@ -18,6 +18,7 @@ code  meaning
 10    StateConflict: the files on disk disagree with what Conductor expects
 11    Halted: the plan waits for approval or for an external executor
 12    GitError: git is missing, too old, or failed on Conductor's own repository
+13    SandboxUnavailable: sandbox.mode is required and no sandbox can be made here
 70    internal error (a bug; the traceback is written to a log file)
 130   interrupted (Ctrl-C)
 ====  =====================================================================
@@ -132,6 +133,12 @@ class GitError(ConductorError):
     """
 
     exit_code = 12
+
+
+class SandboxUnavailable(ConductorError):
+    """``sandbox.mode`` is ``required`` and no sandbox can be made on this machine (the message says why)."""
+
+    exit_code = 13
 
 
 EXIT_INTERNAL = 70

@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from conductor.errors import UnsafePath
 from conductor.paths import check_tree_path
@@ -42,6 +42,12 @@ def _tree_change(change: FileChange) -> FileChange:
     except UnsafePath as exc:  # pydantic reports ValueError as a validation error naming the field
         raise ValueError(str(exc)) from None
     return change
+
+
+def step_number(step_id: str) -> int:
+    """The number of a step id (``step_012`` → 12): step ids are ordered by it, never as strings, since
+    ``"step_1000" < "step_200"``."""
+    return int(step_id.removeprefix("step_"))
 
 
 def utc_now() -> str:
@@ -81,11 +87,33 @@ class FileRules(Contract):
     )
 
 
+MAX_DIFF_LINES_BOUND = 1_000_000
+"""The largest ``behavior.max_diff_lines`` a policy may set (a million changed lines: no limit in practice,
+and far inside the integers canonical JSON can carry)."""
+MAX_STEP_TIMEOUT_SECONDS = 86_400
+"""The largest ``behavior.timeout_seconds`` (one day per attempt)."""
+
+
 class Behavior(Contract):
     """Numeric limits of a policy layer; ``None`` means "not set by this layer"."""
 
-    max_diff_lines: int | None = Field(default=None, ge=0, description="lines added + removed, per step")
-    timeout_seconds: int | None = Field(default=None, gt=0, description="wall time of one attempt, seconds")
+    max_diff_lines: int | None = Field(
+        default=None, ge=0, le=MAX_DIFF_LINES_BOUND, description="lines added + removed, per step")
+    timeout_seconds: int | None = Field(
+        default=None, gt=0, le=MAX_STEP_TIMEOUT_SECONDS, description="wall time of one attempt, seconds")
+
+
+SandboxMode = Literal["required", "auto", "off"]
+
+
+class SandboxRules(Contract):
+    """``sandbox:`` of a policy layer: how launched commands are contained (see conductor/sandbox.py)."""
+
+    mode: SandboxMode | None = Field(
+        default=None, description="required | auto | off; tighten-only (required > auto > off); default auto")
+    network: bool | None = Field(
+        default=None, description="may launched commands reach the network? default false; only the project "
+        "layer can allow it")
 
 
 class PolicyLayer(Contract):
@@ -94,6 +122,7 @@ class PolicyLayer(Contract):
     global_constraints: list[str] = Field(default_factory=list)
     file_rules: FileRules = Field(default_factory=FileRules)
     behavior: Behavior = Field(default_factory=Behavior)
+    sandbox: SandboxRules = Field(default_factory=SandboxRules)
 
 
 class EffectivePolicy(Contract):
@@ -103,6 +132,8 @@ class EffectivePolicy(Contract):
     protected_patterns: list[str]
     max_diff_lines: int
     timeout_seconds: int
+    sandbox_mode: SandboxMode = "auto"
+    network: bool = False
 
 
 # --- plan ---------------------------------------------------------------------------------------
@@ -135,6 +166,22 @@ class ForkSpec(Contract):
     fork_id: Identifier
     strategy: Strategy
     steps: list[StepSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _steps_in_order(self) -> ForkSpec:
+        """Steps are listed by increasing number and depend only on steps listed before them: the engine
+        runs them in list order, so a dependency on a later or unknown step would never be met."""
+        earlier: set[str] = set()
+        previous: str | None = None
+        for step in self.steps:
+            if previous is not None and step_number(step.step_id) <= step_number(previous):
+                raise ValueError(f"{step.step_id} is listed after {previous}: steps go by increasing number")
+            later = [ref for ref in step.depends_on if ref not in earlier]
+            if later:
+                raise ValueError(f"{step.step_id} depends on {', '.join(later)}, not an earlier step of the fork")
+            earlier.add(step.step_id)
+            previous = step.step_id
+        return self
 
 
 class ForkOrigin(Contract):
@@ -242,6 +289,9 @@ class Task(Contract):
                                   "what changed is the working tree against it")
     timeout_seconds: int = Field(gt=0)
     max_diff_lines: int = Field(ge=0)
+    sandbox_mode: SandboxMode = Field(default="auto", description="how launched commands are contained: "
+                                      "required | auto | off (docs/security.md)")
+    network: bool = Field(default=False, description="whether launched commands may reach the network")
     policy_digest: Checksum
     confidence: Confidence
     created_at: str
@@ -375,6 +425,7 @@ class CommandEvidence(Contract):
     timed_out: bool = False
     output_sha256: str = Field(description="hex SHA-256 of the combined stdout+stderr")
     output_tail: str = Field(description="the last 4,000 characters of the output")
+    sandboxed: bool = Field(default=False, description="whether it ran inside the sandbox (docs/security.md)")
 
 
 class Check(Contract):

@@ -28,7 +28,8 @@ from pathspec import GitIgnoreSpec
 
 from conductor.canonical import digest
 from conductor.errors import ConfigError, UnsafePath
-from conductor.models import Check, EffectivePolicy, FileChange, PolicyLayer
+from conductor.models import Check, EffectivePolicy, FileChange, PolicyLayer, SandboxMode
+from conductor.sandbox import stricter
 from conductor.paths import check_relpath
 from conductor.yamlutil import read_yaml_document, validate_document
 
@@ -112,8 +113,31 @@ def merge_policies(layers: Sequence[tuple[str, PolicyLayer]]) -> MergedPolicy:
             if pattern not in patterns and _pattern_allowed(pattern, position, name, notes):
                 _add(patterns, pattern, f"protected_patterns[{len(patterns)}]", name, sources)
     limits = {limit: _tightest(limit, layers, sources, notes) for limit in _LIMIT_DEFAULTS}
-    effective = EffectivePolicy(global_constraints=constraints, protected_patterns=patterns, **limits)
+    mode, network = _sandbox(layers, sources, notes)
+    effective = EffectivePolicy(global_constraints=constraints, protected_patterns=patterns, **limits,
+                                sandbox_mode=mode, network=network)
     return MergedPolicy(effective=effective, sources=sources, notes=notes)
+
+
+def _sandbox(layers: Sequence[tuple[str, PolicyLayer]], sources: dict[str, str], notes: list[str]) -> tuple[SandboxMode, bool]:
+    """``sandbox.mode`` takes the strictest (required > auto > off), ``sandbox.network`` stays off once any
+    layer turns it off; only the first (project) layer may loosen the defaults (auto, no network)."""
+    mode: SandboxMode = "auto"
+    network, mode_source, network_source = False, DEFAULT_SOURCE, DEFAULT_SOURCE
+    for position, (name, layer) in enumerate(layers):
+        asked_mode, asked_network = layer.sandbox.mode, layer.sandbox.network
+        if asked_mode is not None:
+            if position == 0 or stricter(asked_mode, mode) == asked_mode != mode:
+                mode, mode_source = asked_mode, name
+            elif asked_mode != mode:
+                notes.append(f"{name} asked sandbox.mode={asked_mode}, looser than {mode} from {mode_source}: ignored")
+        if asked_network is not None:
+            if position == 0 or (network and not asked_network):
+                network, network_source = asked_network, name
+            elif asked_network and not network:
+                notes.append(f"{name} asked sandbox.network=true, looser than false from {network_source}: ignored")
+    sources["sandbox.mode"], sources["sandbox.network"] = mode_source, network_source
+    return mode, network
 
 
 def _add(items: list[str], item: str, key: str, layer: str, sources: dict[str, str]) -> None:
@@ -168,13 +192,15 @@ def validate_allowed_files(entries: Sequence[str]) -> list[str]:
 
     Raises:
         UnsafePath: an entry is empty, absolute, has ``..``, a ``.git`` component, a backslash, a control
-            character, or trailing whitespace (which gitignore syntax would silently drop).
+            character, or a part that starts or ends with whitespace (gitignore syntax drops trailing
+            spaces and a file name almost never has them, so such an entry could never match).
     """
     normal: list[str] = []
     for entry in entries:
-        if entry != entry.rstrip():
-            raise UnsafePath(f"unsafe path {entry!r}: trailing whitespace in an allowed_files entry")
         checked = check_relpath(entry) + ("/" if entry.endswith("/") else "")
+        if any(part != part.strip() for part in entry.split("/")):
+            raise UnsafePath(f"unsafe path {entry!r}: starts or ends a part with whitespace, which an "
+                             "allowed_files entry may not (a stray space would never match the file meant)")
         if checked not in normal:
             normal.append(checked)
     return normal

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from conductor.sandbox import SandboxSpec, wrap
 from conductor.errors import ExecutorError
 
 DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
@@ -48,6 +49,9 @@ class ProcOutcome:
         output_sha256: hex SHA-256 of the full output (not only of the kept tail).
         duration_seconds: wall time from spawn to exit.
         signal: the signal that ended the child, if any (SIGTERM/SIGKILL when we stopped it).
+        sandbox: how the child was contained (``conductor.sandbox.Wrapped.describe``); "" when no
+            sandbox was asked for.
+        sandboxed: whether it ran inside a sandbox.
     """
 
     exit_code: int | None
@@ -57,6 +61,8 @@ class ProcOutcome:
     duration_seconds: float
     signal: int | None
     output_sha256: str = ""
+    sandbox: str = ""
+    sandboxed: bool = False
 
 
 class _Output:
@@ -93,6 +99,7 @@ def run_command(
     kill_now: Callable[[], bool] | None = None,
     sweep_environ: str | None = None,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    sandbox: SandboxSpec | None = None,
 ) -> ProcOutcome:
     """Run ``command`` in its own process group and wait for it, at most ``timeout_seconds``.
 
@@ -115,14 +122,20 @@ def run_command(
             gone, every other process whose environment holds exactly this entry is killed too (it left
             the group with ``setsid``). Linux only; elsewhere ignored.
         max_output_bytes: how much of the end of the output to keep in memory.
+        sandbox: run the child inside this sandbox (``conductor.sandbox``); None runs it as it is.
 
     Returns:
         The :class:`ProcOutcome`.
 
     Raises:
         ExecutorError: the executable or ``cwd`` does not exist, or the executable cannot be run.
+        SandboxUnavailable: ``sandbox.mode`` is ``required`` and no sandbox can be made here.
     """
     argv = _argv(command, shell)
+    wrapped = None
+    if sandbox is not None:
+        wrapped = wrap(argv, sandbox, cwd=cwd)
+        argv = wrapped.argv
     proc = _spawn(argv, cwd=cwd, env=env, feed=stdin is not None)
     started = time.monotonic()
     try:
@@ -144,6 +157,8 @@ def run_command(
         duration_seconds=time.monotonic() - started,
         signal=killed_by or run.last_signal,
         output_sha256=run.output.hasher.hexdigest(),
+        sandbox=wrapped.describe(sandbox) if wrapped is not None and sandbox is not None else "",
+        sandboxed=wrapped is not None and wrapped.sandboxed,
     )
 
 

@@ -6,6 +6,7 @@ fewer changed lines; fewer LLM tokens; then the fork id. A fork that is not full
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from conductor.errors import MergeConflict
 from conductor.faults import crash_point
 from conductor.fsutil import atomic_write, remove_durably, write_scope
 from conductor.layout import ProjectLayout
-from conductor.models import FileChange, utc_now
+from conductor.models import FileChange, SandboxMode, utc_now
+from conductor.sandbox import for_step
 from conductor.verification import all_passed, run_verification
 from conductor.workspace.apply import ApplyPlan, plan_apply, write_changes
 from conductor.workspace.checkout import index_file, materialize, reset
@@ -53,7 +55,7 @@ def fork_changes(layout: ProjectLayout, base_commit: str, head_commit: str) -> l
 
 def fork_checks(
     layout: ProjectLayout, plan_id: str, fork_id: str, head_commit: str, log: AuditLog, *, commands: list[str],
-    timeout_seconds: float,
+    timeout_seconds: float, sandbox_mode: SandboxMode = "auto", network: bool = False,
 ) -> bool:
     """Run the verification commands once on a clean checkout of the fork's final state (reusing a
     recorded run). The checkout holds exactly ``head_commit``: nothing an executor left behind."""
@@ -66,7 +68,9 @@ def fork_checks(
         reset(store, folder, head_commit)
     else:
         materialize(store, head_commit, folder)
-    evidence = run_verification(commands, folder, timeout_seconds=timeout_seconds)
+    sandbox = for_step(writable=(folder,), keys_dir=layout.keys_dir, environ=os.environ, mode=sandbox_mode,
+                       network=network)
+    evidence = run_verification(commands, folder, timeout_seconds=timeout_seconds, sandbox=sandbox)
     passed = all_passed(evidence)
     log.append("fork.verified", {
         "fork_id": fork_id, "passed": passed, "commit": head_commit,

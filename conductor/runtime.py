@@ -24,6 +24,7 @@ from conductor.plan_store import (
     create_plan,
     fork_log,
     latest_plan_id,
+    policy_layers,
     load_plan,
     plan_log,
 )
@@ -144,10 +145,30 @@ def run_plan(
 ) -> RunReport:
     """Run (or continue) ``plan`` until it finishes or halts."""
     recover_project(project.layout, plan_id=plan.plan_id, exclusive=True, ignore=project.config.workspace.ignore)
+    _check_sandbox(project, plan)
     factory = factory if factory is not None else runner_factory(project)
     engine = Engine(project.layout, project.config, project.policy, plan, runner_factory=factory,
                     options=options, on_progress=on_progress, signer=project_signer(project))
     return engine.run(stop)
+
+
+def _check_sandbox(project: Project, plan: Plan) -> None:
+    """``required`` without a sandbox stops the run before anything is launched; ``auto`` without one is
+    recorded once in the plan's log (``sandbox.unavailable``) and every command then runs uncontained.
+
+    Raises:
+        SandboxUnavailable: the plan's policy requires a sandbox and none can be made here.
+    """
+    from conductor.policy import merge_policies
+    from conductor.sandbox import availability, require
+
+    effective = merge_policies(policy_layers(plan, project.policy)).effective
+    require(effective.sandbox_mode)
+    why = availability()
+    if effective.sandbox_mode == "auto" and why is not None:
+        log = plan_log(project.layout, plan.plan_id)
+        if not any(e.type == "sandbox.unavailable" for e in log.events()):
+            log.append("sandbox.unavailable", {"mode": "auto", "reason": why})
 
 
 def project_signer(project: Project) -> SigningKey:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from conductor.canonical import sha256_hex
 from conductor.errors import ExecutorError
 from conductor.models import CommandEvidence
 from conductor.proc import run_command
+from conductor.sandbox import SandboxSpec
 
 OUTPUT_TAIL_CHARS = 4000
 _TAIL_BYTES = OUTPUT_TAIL_CHARS * 4  # a UTF-8 character is at most 4 bytes
@@ -37,6 +40,7 @@ def run_verification(
     *,
     timeout_seconds: float,
     environ: Mapping[str, str] | None = None,
+    sandbox: SandboxSpec | None = None,
 ) -> list[CommandEvidence]:
     """Run every command through ``/bin/sh -c`` in ``cwd``, in order, and record what each did.
 
@@ -47,28 +51,36 @@ def run_verification(
         cwd: the working copy to verify.
         timeout_seconds: the limit of each command, in seconds.
         environ: the base environment (default ``os.environ``); see :func:`verification_environment`.
+        sandbox: contain each command (``conductor.sandbox``): it may write only in ``cwd`` and a private
+            temp folder of its own (``TMPDIR``); None runs them uncontained.
 
     Returns:
         One :class:`CommandEvidence` per command, in order. A command that cannot start has
         ``exit_code`` None and the reason as its output.
     """
     env = verification_environment(environ)
-    return [_run_one(command, cwd, env, timeout_seconds) for command in commands]
+    return [_run_one(command, cwd, env, timeout_seconds, sandbox) for command in commands]
 
 
-def _run_one(command: str, cwd: Path, env: dict[str, str], timeout_seconds: float) -> CommandEvidence:
+def _run_one(command: str, cwd: Path, env: dict[str, str], timeout_seconds: float,
+             sandbox: SandboxSpec | None) -> CommandEvidence:
     try:
-        outcome = run_command(command, cwd=cwd, env=env, timeout_seconds=timeout_seconds, shell=True)
+        with tempfile.TemporaryDirectory(prefix="conductor-tmp-") as private_tmp:
+            spec = None if sandbox is None else replace(sandbox, writable=(*sandbox.writable, Path(private_tmp)))
+            outcome = run_command(command, cwd=cwd, env={**env, "TMPDIR": private_tmp}, timeout_seconds=timeout_seconds,
+                                  shell=True, sandbox=spec)
     except ExecutorError as exc:
         message = str(exc).encode("utf-8")
         return _evidence(command, None, 0.0, False, sha256_hex(message), message)
     return _evidence(
-        command, outcome.exit_code, outcome.duration_seconds, outcome.timed_out, outcome.output_sha256, outcome.output
+        command, outcome.exit_code, outcome.duration_seconds, outcome.timed_out, outcome.output_sha256, outcome.output,
+        sandboxed=outcome.sandboxed,
     )
 
 
 def _evidence(
-    command: str, exit_code: int | None, duration: float, timed_out: bool, output_sha256: str, output: bytes
+    command: str, exit_code: int | None, duration: float, timed_out: bool, output_sha256: str, output: bytes, *,
+    sandboxed: bool = False,
 ) -> CommandEvidence:
     tail = output[-_TAIL_BYTES:].decode("utf-8", errors="replace")[-OUTPUT_TAIL_CHARS:]
     return CommandEvidence(
@@ -78,6 +90,7 @@ def _evidence(
         timed_out=timed_out,
         output_sha256=output_sha256,
         output_tail=tail,
+        sandboxed=sandboxed,
     )
 
 

@@ -34,6 +34,7 @@ from conductor.keys import TrustStore
 from conductor.paths import check_link_target
 from conductor.policy import MergedPolicy, evaluate_changes
 from conductor.provenance import read_provenance
+from conductor.sandbox import for_step
 from conductor.verification import all_passed, run_verification
 from conductor.workspace import diff_lines
 from conductor.workspace.store import MODE_LINK
@@ -122,7 +123,10 @@ def verify_step(
         reasons.append(f"medium confidence: {reported.detail}")
     evidence = []
     if not reasons and settings.commands:
-        evidence = run_verification(settings.commands, workspace, timeout_seconds=settings.timeout_seconds)
+        sandbox = for_step(writable=(workspace,), keys_dir=layout.keys_dir, environ=os.environ,
+                           mode=policy.effective.sandbox_mode, network=policy.effective.network)
+        evidence = run_verification(settings.commands, workspace, timeout_seconds=settings.timeout_seconds,
+                                    sandbox=sandbox)
         passed = all_passed(evidence)
         checks.append(Check(name="verification_commands", passed=passed,
                             detail=", ".join(f"{e.command} → {e.exit_code}" for e in evidence)))

@@ -54,7 +54,7 @@ def test_bad_value_names_key_and_line_and_several_errors_join(tmp_path: Path) ->
     assert "\n" not in str(info.value)
     assert parts[0].startswith("p.yaml:2: behavior.max_diff_lines: Input should be a valid integer")
     assert parts[1] == "p.yaml:3: behavior.timeout_seconds: Input should be greater than 0"
-    assert parts[2].startswith("p.yaml:4: extra: unknown key (known: global_constraints, file_rules, behavior)")
+    assert parts[2].startswith("p.yaml:4: extra: unknown key (known: global_constraints, file_rules, behavior, sandbox)")
 
 
 def test_list_item_error_names_index_and_its_line(tmp_path: Path) -> None:
@@ -313,3 +313,92 @@ def test_override_rejects_bad_values_and_unknown_keys() -> None:
 def test_config_is_immutable() -> None:
     with pytest.raises(ValueError):
         Config().planner.model = "x"  # type: ignore[misc]
+
+
+# --- numeric bounds -------------------------------------------------------------------------------
+
+
+def _numeric_fields() -> list[tuple[str, str, object]]:
+    """(section, key, FieldInfo) of every int or float setting of config.yaml."""
+    from conductor.config import _section_model
+
+    found = []
+    for section in Config.model_fields:
+        for key, info in _section_model(section).model_fields.items():
+            if {int, float} & {info.annotation, *getattr(info.annotation, "__args__", ())}:
+                found.append((section, key, info))
+    return found
+
+
+def _bounds(info: object) -> dict[str, object]:
+    bounds: dict[str, object] = {}
+    for item in getattr(info, "metadata", []):
+        for name in ("ge", "gt", "le", "lt", "allow_inf_nan"):
+            if getattr(item, name, None) is not None:
+                bounds[name] = getattr(item, name)
+    return bounds
+
+
+def test_every_numeric_setting_has_a_lower_and_an_upper_bound_and_floats_are_finite() -> None:
+    """A new number without bounds would let a setting overflow a date or a sleep at run time."""
+    fields = _numeric_fields()
+    assert len(fields) >= 11
+    for section, key, info in fields:
+        bounds = _bounds(info)
+        assert {"ge", "gt"} & set(bounds), f"{section}.{key} has no lower bound"
+        assert {"le", "lt"} & set(bounds), f"{section}.{key} has no upper bound"
+        if float in {info.annotation, *getattr(info.annotation, "__args__", ())}:  # type: ignore[attr-defined]
+            assert bounds.get("allow_inf_nan") is False, f"{section}.{key} accepts inf/nan"
+
+
+# The documented upper bound of every number in config.yaml (docs/cli.md, "Configuration").
+UPPER_BOUNDS = {
+    ("planner", "forks"): 16, ("executor", "parallel"): 64, ("executor", "max_attempts"): 100,
+    ("executor", "lease_seconds"): 86_400, ("executor", "heartbeat_seconds"): 86_400,
+    ("executor", "poll_seconds"): 3_600.0, ("verification", "timeout_seconds"): 86_400,
+    ("llm", "timeout_seconds"): 3_600.0, ("llm", "max_retries"): 20, ("llm", "temperature"): 2.0,
+    ("llm", "input_usd_per_million"): 10_000.0, ("llm", "output_usd_per_million"): 10_000.0,
+}
+
+
+def test_the_bounds_are_the_documented_ones() -> None:
+    assert {(section, key) for section, key, _ in _numeric_fields()} == set(UPPER_BOUNDS)
+    docs = (Path(__file__).parent.parent / "docs" / "cli.md").read_text("utf-8").splitlines()
+    for (section, key), bound in UPPER_BOUNDS.items():
+        rows = [line.replace(" ", "") for line in docs if line.startswith(f"| `{section}.{key}`")
+                and "–" in line]
+        assert len(rows) == 1 and f"–{int(bound):,}" in rows[0], (section, key, rows)
+
+
+@pytest.mark.parametrize(("section", "key"), list(UPPER_BOUNDS))
+def test_the_upper_bound_loads_and_past_it_is_refused_naming_file_key_and_line(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    bound = UPPER_BOUNDS[(section, key)]
+    if (section, key) != ("executor", "heartbeat_seconds"):  # the heartbeat must stay below the lease
+        path = write(tmp_path / "config.yaml", yaml.safe_dump({section: {key: bound}}))
+        assert getattr(getattr(load_config(path, environ={}), section), key) == bound
+    for past in (bound + 1, 10**23, float("inf")):
+        path = write(tmp_path / "config.yaml", f"{section}:\n  {key}: {'.inf' if past == float('inf') else past}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, environ={})
+        assert str(info.value).startswith(f"{path}:2: {section}.{key}: Input should be "), str(info.value)
+        assert "; " not in str(info.value)
+
+
+def test_out_of_range_environment_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "none.yaml", environ={"CONDUCTOR_EXECUTOR_LEASE_SECONDS": "1000000000000"})
+    assert str(info.value) == ("CONDUCTOR_EXECUTOR_LEASE_SECONDS='1000000000000': executor.lease_seconds: "
+                               "Input should be less than or equal to 86400")
+    with pytest.raises(ConfigError, match=r"CONDUCTOR_EXECUTOR_POLL_SECONDS='inf': executor\.poll_seconds: "
+                                          r"Input should be a finite number"):
+        load_config(tmp_path / "none.yaml", environ={"CONDUCTOR_EXECUTOR_POLL_SECONDS": "inf"})
+
+
+def test_override_refuses_more_forks_or_parallel_tasks_than_the_bounds() -> None:
+    with pytest.raises(ConfigError, match=r"override planner\.forks=17: planner\.forks: Input should be less than "
+                                          r"or equal to 16"):
+        Config().override({"planner.forks": 17})
+    with pytest.raises(ConfigError, match=r"executor\.parallel: Input should be less than or equal to 64"):
+        Config().override({"executor.parallel": 10**6})

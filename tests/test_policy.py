@@ -84,7 +84,9 @@ def test_no_layers_gives_defaults() -> None:
     merged = merge_policies([])
     assert merged.effective.max_diff_lines == DEFAULT_MAX_DIFF_LINES == 500
     assert merged.effective.timeout_seconds == DEFAULT_TIMEOUT_SECONDS == 300
-    assert merged.sources == {"max_diff_lines": "default", "timeout_seconds": "default"}
+    assert merged.sources == {"max_diff_lines": "default", "timeout_seconds": "default", "sandbox.mode": "default",
+                              "sandbox.network": "default"}
+    assert (merged.effective.sandbox_mode, merged.effective.network) == ("auto", False)
     assert merged.notes == []
 
 
@@ -135,6 +137,8 @@ def test_step_tightens_further_and_sources_name_layers() -> None:
         "protected_patterns[3]": "step",
         "max_diff_lines": "step",
         "timeout_seconds": "project",
+        "sandbox.mode": "default",
+        "sandbox.network": "default",
     }
     assert merged.notes == ["plan asked behavior.timeout_seconds=600, looser than 300 from project: ignored"]
 
@@ -223,6 +227,37 @@ def test_validate_allowed_files_normalises_and_rejects() -> None:
     for bad in ["", "/etc/passwd", "../x", ".git/config", "a\\b", "a\0b", "x.py "]:
         with pytest.raises(UnsafePath):
             validate_allowed_files(["ok.py", bad])
+
+
+@pytest.mark.parametrize("entry", ["a.py ", " a.py", "src/ a.py", "src /a.py", "docs/ ", "a.py\u00a0", "\u3000a.py",
+                                   "a.py\u2003"])
+def test_allowed_files_entry_with_whitespace_at_either_end_of_a_part_is_refused(entry: str) -> None:
+    """Attack: ``"a.py "`` loads, but gitignore drops the trailing space, so the step could never change
+    ``a.py`` (and a leading space names a different file): refused, naming the entry."""
+    with pytest.raises(UnsafePath) as info:
+        validate_allowed_files(["ok.py", entry])
+    assert str(info.value) == (f"unsafe path {entry!r}: starts or ends a part with whitespace, which an "
+                               "allowed_files entry may not (a stray space would never match the file meant)")
+    decision = evaluate_changes(project_only(), [entry], [change("a.py")])
+    assert not decision.allowed and decision.reasons[0] == f"allowed_files: {info.value}"
+
+
+def test_inner_spaces_in_an_allowed_file_name_are_fine() -> None:
+    assert validate_allowed_files(["my notes.md", "a b/c d.txt"]) == ["my notes.md", "a b/c d.txt"]
+    assert matches_allowed("a b/c d.txt", ["a b/"])
+
+
+# --- bounds -------------------------------------------------------------------------------------
+
+
+def test_policy_limits_load_at_their_upper_bounds_and_not_past_them(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("behavior:\n  max_diff_lines: 1000000\n  timeout_seconds: 86400\n")
+    assert load_policy(path).behavior == Behavior(max_diff_lines=1_000_000, timeout_seconds=86_400)
+    for key, past in (("max_diff_lines", 1_000_001), ("timeout_seconds", 86_401)):
+        path.write_text(f"behavior:\n  {key}: {past}\n")
+        with pytest.raises(ConfigError, match=rf":2: behavior\.{key}: Input should be less than or equal to"):
+            load_policy(path)
 
 
 # --- evaluate -----------------------------------------------------------------------------------
@@ -341,3 +376,18 @@ def test_matches_protected() -> None:
     assert not matches_protected("migrations/README", patterns)
     assert not matches_protected("src/app.py", patterns)
     assert matches_protected(".git/config", [])  # unsafe: never writable
+
+
+def test_sandbox_settings_only_tighten_after_the_project() -> None:
+    project = PolicyLayer.model_validate({"sandbox": {"mode": "off", "network": True}})
+    plan = PolicyLayer.model_validate({"sandbox": {"mode": "required"}})
+    step = PolicyLayer.model_validate({"sandbox": {"mode": "off", "network": False}})
+    merged = merge_policies([("project", project), ("plan", plan), ("step", step)])
+    assert (merged.effective.sandbox_mode, merged.effective.network) == ("required", False)
+    assert merged.sources["sandbox.mode"] == "plan" and merged.sources["sandbox.network"] == "step"
+    assert merged.notes == ["step asked sandbox.mode=off, looser than required from plan: ignored"]
+    # A plan (which an LLM may write) cannot switch the sandbox off or the network on by itself.
+    loose = merge_policies([("project", PolicyLayer()),
+                            ("plan", PolicyLayer.model_validate({"sandbox": {"mode": "off", "network": True}}))])
+    assert (loose.effective.sandbox_mode, loose.effective.network) == ("auto", False)
+    assert len(loose.notes) == 2

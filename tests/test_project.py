@@ -9,7 +9,7 @@ import pytest
 from conductor.config import Config, load_config
 from conductor.errors import ConfigError, StateConflict, UnsafePath
 from conductor.layout import ProjectLayout
-from conductor.models import Behavior, PolicyLayer
+from conductor.models import Behavior, PolicyLayer, SandboxRules
 from conductor.policy import DEFAULT_MAX_DIFF_LINES, DEFAULT_TIMEOUT_SECONDS, load_policy, merge_policies
 from conductor.project import init_project, load_project, template_text
 
@@ -110,10 +110,12 @@ def test_policy_template_loads_back_to_defaults(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(template_text("policy.yaml"), encoding="utf-8")
     policy = load_policy(path)
-    assert policy == PolicyLayer(behavior=Behavior(max_diff_lines=500, timeout_seconds=300))
+    assert policy == PolicyLayer(behavior=Behavior(max_diff_lines=500, timeout_seconds=300),
+                                 sandbox=SandboxRules(mode="auto", network=False))
     effective = merge_policies([("project", policy)]).effective
     assert effective.max_diff_lines == DEFAULT_MAX_DIFF_LINES
     assert effective.timeout_seconds == DEFAULT_TIMEOUT_SECONDS
+    assert (effective.sandbox_mode, effective.network) == ("auto", False)
     assert "'*.lock'" in template_text("policy.yaml") or '"*.lock"' in template_text("policy.yaml")
 
 

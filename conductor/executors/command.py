@@ -24,6 +24,7 @@ from conductor.handoff.lease import holder_name
 from conductor.layout import ProjectLayout
 from conductor.models import ErrorInfo, Task
 from conductor.proc import run_command
+from conductor.sandbox import for_step
 
 OUTPUT_TAIL_CHARS = 4000
 
@@ -68,10 +69,10 @@ class CommandRunner:
         self.kill_now = threading.Event()
 
     def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
-        with tempfile.TemporaryDirectory(prefix="conductor-explain-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="conductor-tmp-") as scratch:
             explanation_file = Path(scratch) / "explanation.md"
             env = {**self.environ, **task_environment(task, layout=self.layout, workspace=workspace,
-                                                        explanation_file=explanation_file)}
+                                                        explanation_file=explanation_file), "TMPDIR": scratch}
             outcome = run_command(
                 self.command, cwd=workspace, env=env, stdin=pretty_bytes(task.to_document()),
                 timeout_seconds=task.timeout_seconds, shell=True, kill_grace_seconds=self.kill_grace_seconds,
@@ -79,6 +80,8 @@ class CommandRunner:
                 on_start=getattr(should_stop, "process_started", None),
                 should_stop=should_stop, kill_now=self.kill_now.is_set,
                 sweep_environ=f"CONDUCTOR_WORKSPACE={env['CONDUCTOR_WORKSPACE']}",  # lease.workspace_marker
+                sandbox=for_step(writable=(workspace, Path(scratch)), keys_dir=self.layout.keys_dir,
+                                 environ=self.environ, mode=task.sandbox_mode, network=task.network),
             )
             written = explanation_file.read_text("utf-8", errors="replace") if explanation_file.exists() else ""
         output = outcome.output.decode("utf-8", errors="replace")[-OUTPUT_TAIL_CHARS:]
@@ -88,6 +91,8 @@ class CommandRunner:
             return Outcome("failed", message, explanation, ErrorInfo(kind="timeout", message=message))
         if outcome.exit_code != 0:
             message = f"command exited with {outcome.exit_code}: {self.command}"
+            if outcome.sandboxed:
+                message += f" ({outcome.sandbox}: a write elsewhere, a read of a secret or a connection fails)"
             return Outcome("failed", message, explanation, ErrorInfo(kind="command_failed", message=message))
         summary = (written.strip().splitlines() or [f"ran {self.command}"])[0][:200]
         return Outcome("completed", summary, explanation)
@@ -96,7 +101,8 @@ class CommandRunner:
 def _explanation(command: str, outcome, written: str, output: str) -> str:  # type: ignore[no-untyped-def]
     status = "timed out" if outcome.timed_out else f"exited with {outcome.exit_code}"
     parts = [written.strip()] if written.strip() else []
-    parts.append(f"## Command\n`{command}` {status} after {outcome.duration_seconds:.2f} s.")
+    where = f" It ran {outcome.sandbox}." if outcome.sandbox else ""
+    parts.append(f"## Command\n`{command}` {status} after {outcome.duration_seconds:.2f} s.{where}")
     if output.strip():
         parts.append(f"## Output (last {OUTPUT_TAIL_CHARS} characters)\n```\n{output.rstrip()}\n```")
     return "\n\n".join(parts) + "\n"

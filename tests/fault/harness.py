@@ -61,6 +61,9 @@ def make_template(root: Path) -> Path:
     (root / "a.txt").write_text("a\n")
     init_project(root)
     (root / ".conductor" / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    # The execution log is a test oracle outside the workspace, which the sandbox would refuse (as it
+    # should: tests/test_sandbox.py); these trials are about crashes, not containment.
+    (root / ".conductor" / "policy.yaml").write_text(yaml.safe_dump({"sandbox": {"mode": "off"}}))
     (root / "plan.yaml").write_text(yaml.safe_dump(PLAN))
     return root
 

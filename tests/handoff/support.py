@@ -103,6 +103,9 @@ class Handoff:
             "base_commit": base,
             "timeout_seconds": POLICY.timeout_seconds,
             "max_diff_lines": POLICY.max_diff_lines,
+            # Protocol tests: their commands write oracles outside the workspace (tests/test_sandbox.py
+            # covers containment).
+            "sandbox_mode": "off",
             "policy_digest": POLICY_DIGEST,
             "confidence": Confidence(score=0.9, level="high", reasons=["test"]),
             "created_at": utc_now(),
