@@ -13,6 +13,10 @@ overriding the previous one:
 
 A ``CONDUCTOR_<SECTION>_…`` variable that names no key is an error (a typo must not be silently
 ignored); other ``CONDUCTOR_`` variables, such as ``CONDUCTOR_SIGNING_KEY_FILE``, are not config keys.
+
+Every number has a lower and an upper bound (the constants below; docs/cli.md lists them), and floats
+must be finite: a value out of range is a ``ConfigError`` (exit 3) when the file is loaded, never a
+crash later (``lease_seconds: 1000000000000`` used to overflow the lease's expiry date mid-run).
 """
 
 from __future__ import annotations
@@ -49,6 +53,25 @@ DEFAULT_WORKSPACE_IGNORE = (
 )
 
 
+MAX_FORKS = 16
+"""Strategies one plan may explore (as ``explore --forks``): each is a fork with its own attempts."""
+MAX_PARALLEL = 64
+"""Tasks the engine runs at once: each holds a thread and, for a command, a process."""
+MAX_ATTEMPTS = 100
+"""Attempts per step before it fails."""
+MAX_LEASE_SECONDS = 86_400
+"""One day: the longest lease (and heartbeat); a dead holder's task waits at most this long."""
+MAX_POLL_SECONDS = 3_600.0
+"""Fallback re-check interval of watchers."""
+MAX_COMMAND_SECONDS = 86_400
+"""One day: the longest a verification command may run."""
+MAX_LLM_TIMEOUT_SECONDS = 3_600.0
+"""One hour per LLM request."""
+MAX_LLM_RETRIES = 20
+MAX_USD_PER_MILLION = 10_000.0
+"""Price bound per million tokens, far above any price today; it keeps reported costs finite."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,7 +81,7 @@ class PlannerConfig(_Section):
 
     provider: Provider = "openai"
     model: str = Field(default="gpt-4.1-mini", min_length=1)
-    forks: int = Field(default=3, ge=1, description="strategies asked for by `explore`")
+    forks: int = Field(default=3, ge=1, le=MAX_FORKS, description="strategies asked for by `explore`")
 
 
 class ExecutorConfig(_Section):
@@ -68,11 +91,11 @@ class ExecutorConfig(_Section):
     provider: Provider | None = Field(default=None, description="null: the planner's provider")
     model: str | None = Field(default=None, min_length=1, description="null: the planner's model")
     command: str | None = Field(default=None, min_length=1, description="required when kind is 'command'")
-    parallel: int = Field(default=4, ge=1, description="tasks executed at once")
-    max_attempts: int = Field(default=3, ge=1)
-    lease_seconds: int = Field(default=60, gt=0)
-    heartbeat_seconds: int = Field(default=10, gt=0)
-    poll_seconds: float = Field(default=2.0, gt=0)
+    parallel: int = Field(default=4, ge=1, le=MAX_PARALLEL, description="tasks executed at once")
+    max_attempts: int = Field(default=3, ge=1, le=MAX_ATTEMPTS)
+    lease_seconds: int = Field(default=60, gt=0, le=MAX_LEASE_SECONDS)
+    heartbeat_seconds: int = Field(default=10, gt=0, le=MAX_LEASE_SECONDS)
+    poll_seconds: float = Field(default=2.0, gt=0, le=MAX_POLL_SECONDS, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExecutorConfig:
@@ -90,7 +113,7 @@ class VerificationConfig(_Section):
     """Commands run in a workspace after each step; all must exit 0."""
 
     commands: list[str] = Field(default_factory=list)
-    timeout_seconds: int = Field(default=600, gt=0)
+    timeout_seconds: int = Field(default=600, gt=0, le=MAX_COMMAND_SECONDS)
 
 
 class LlmConfig(_Section):
@@ -98,11 +121,13 @@ class LlmConfig(_Section):
 
     openai_base_url: str | None = Field(default=None, min_length=1)
     gemini_base_url: str | None = Field(default=None, min_length=1)
-    timeout_seconds: float = Field(default=120, gt=0)
-    max_retries: int = Field(default=2, ge=0)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    input_usd_per_million: float | None = Field(default=None, ge=0.0, description="price of input tokens")
-    output_usd_per_million: float | None = Field(default=None, ge=0.0, description="price of output tokens")
+    timeout_seconds: float = Field(default=120, gt=0, le=MAX_LLM_TIMEOUT_SECONDS, allow_inf_nan=False)
+    max_retries: int = Field(default=2, ge=0, le=MAX_LLM_RETRIES)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    input_usd_per_million: float | None = Field(
+        default=None, ge=0.0, le=MAX_USD_PER_MILLION, allow_inf_nan=False, description="price of input tokens")
+    output_usd_per_million: float | None = Field(
+        default=None, ge=0.0, le=MAX_USD_PER_MILLION, allow_inf_nan=False, description="price of output tokens")
 
 
 class WorkspaceConfig(_Section):

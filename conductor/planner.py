@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,7 +28,10 @@ from conductor.models import (
     Strategy,
     utc_now,
 )
-from conductor.paths import check_relpath
+from conductor.policy import validate_allowed_files
+
+if TYPE_CHECKING:
+    from conductor.yamlutil import Document, Loc
 
 MAX_LISTED_FILES = 300
 
@@ -97,11 +101,16 @@ def load_plan_file(path: Path) -> PlanFile:
     Raises:
         ConfigError: unreadable, malformed, or an unknown key (naming file, key and line).
     """
-    from conductor.yamlutil import load_yaml_or_json_mapping
+    return _load_plan_document(path)[0]
+
+
+def _load_plan_document(path: Path) -> tuple[PlanFile, Document]:
+    from conductor.yamlutil import read_mapping_document, validate_document
 
     if not path.is_file():
         raise ConfigError(f"{path}: plan file not found")
-    return load_yaml_or_json_mapping(path, PlanFile)  # type: ignore[return-value]
+    document = read_mapping_document(path)
+    return validate_document(document, PlanFile), document
 
 
 def new_plan_id() -> str:
@@ -109,48 +118,76 @@ def new_plan_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def _fork_steps(strategy: FileStrategy, source: str) -> list[StepSpec]:
-    ids: dict[str, str] = {}
+def _fork_steps(strategy: FileStrategy, where: _Where) -> list[StepSpec]:
+    numbers: dict[str, int] = {}
     for index, step in enumerate(strategy.steps, start=1):
         name = step.id or str(index)
-        if name in ids:
-            raise ConfigError(f"{source}: strategy {strategy.name!r}: step id {name!r} used twice")
-        ids[name] = f"step_{index:03d}"
+        if name in numbers:
+            raise ConfigError(where.error(("steps", index - 1, "id"), f"step id {name!r} used twice", None))
+        numbers[name] = index
     steps = []
     for index, step in enumerate(strategy.steps, start=1):
+        label = step.id or str(index)
         depends = []
-        for ref in step.depends_on:
-            if ref not in ids or ids[ref] >= f"step_{index:03d}":
-                raise ConfigError(
-                    f"{source}: strategy {strategy.name!r}, step {step.id or index}: depends_on {ref!r} "
-                    "names no earlier step"
-                )
-            depends.append(ids[ref])
+        for position, ref in enumerate(step.depends_on):
+            if numbers.get(ref, index) >= index:  # compared as numbers: step 1000 comes after step 200
+                raise ConfigError(where.error(("steps", index - 1, "depends_on", position),
+                                              f"depends_on {ref!r} names no earlier step", label))
+            depends.append(_step_id(numbers[ref]))
         allowed = []
-        for entry in step.allowed_files:
+        for position, entry in enumerate(step.allowed_files):
             try:
-                allowed.append(check_relpath(entry.rstrip("/")) + ("/" if entry.endswith("/") else ""))
+                allowed += [item for item in validate_allowed_files([entry]) if item not in allowed]
             except UnsafePath as exc:
-                raise ConfigError(f"{source}: strategy {strategy.name!r}, step {step.id or index}: {exc}") from exc
+                raise ConfigError(where.error(("steps", index - 1, "allowed_files", position), str(exc), label)) from exc
         steps.append(StepSpec(
-            step_id=f"step_{index:03d}", title=step.title or (step.id or ""), instruction=step.instruction,
+            step_id=_step_id(index), title=step.title or (step.id or ""), instruction=step.instruction,
             allowed_files=allowed, depends_on=depends, confidence_estimate=step.confidence, policy=step.policy,
         ))
     return steps
 
 
+def _step_id(number: int) -> str:
+    return f"step_{number:03d}"
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a strategy came from, for errors: ``plan.yaml:12: strategies[0].steps[2].depends_on[0]: …``."""
+
+    source: str
+    lines: Mapping[Loc, int]
+    position: int
+    name: str
+
+    def error(self, loc: Loc, problem: str, step: str | None) -> str:
+        full: Loc = ("strategies", self.position, *loc)
+        line = next((self.lines[full[:n]] for n in range(len(full), 0, -1) if full[:n] in self.lines), None)
+        key = "strategies" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in full[1:])
+        context = f"strategy {self.name!r}" + (f", step {_label(step)}" if step is not None else "")
+        return f"{self.source}{f':{line}' if line else ''}: {key}: {problem} ({context})"
+
+
+def _label(step: str) -> str:
+    return step if step.isprintable() and step.strip() == step and step else repr(step)
+
+
 def build_plan(
     *, goal: str, strategies: list[FileStrategy], policy: PolicyLayer, planner: PlannerInfo,
-    source: str, plan_id: str | None = None,
+    source: str, plan_id: str | None = None, lines: Mapping[Loc, int] | None = None,
 ) -> Plan:
-    """Make a ``Plan`` (one fork per strategy, forks numbered 1…N).
+    """Make a ``Plan`` (one fork per strategy, forks numbered 1…N, steps ``step_001``… in order).
+
+    Args:
+        lines: line of each key of the plan file, by key path (``Document.lines``), for error messages.
 
     Raises:
-        ConfigError: a step depends on a missing or later step, or an allowed-file path is unsafe.
+        ConfigError: a step depends on a missing or later step, a step id is used twice, or an
+            ``allowed_files`` entry is unsafe or starts or ends with whitespace (it could never match).
     """
     forks = [
         ForkSpec(fork_id=str(number), strategy=Strategy(name=s.name, description=s.description),
-                 steps=_fork_steps(s, source))
+                 steps=_fork_steps(s, _Where(source, lines or {}, number - 1, s.name)))
         for number, s in enumerate(strategies, start=1)
     ]
     return Plan(plan_id=plan_id or new_plan_id(), goal=goal, created_at=utc_now(), planner=planner,
@@ -158,14 +195,18 @@ def build_plan(
 
 
 def plan_from_file(path: Path, *, goal: str | None, forks: int | None) -> Plan:
-    """A plan from a hand-written file; ``forks`` keeps only the first N strategies."""
-    plan_file = load_plan_file(path)
+    """A plan from a hand-written file; ``forks`` keeps only the first N strategies.
+
+    Raises:
+        ConfigError: as :func:`load_plan_file` and :func:`build_plan`; no goal in the file or the call.
+    """
+    plan_file, document = _load_plan_document(path)
     final_goal = goal or plan_file.goal
     if not final_goal:
         raise ConfigError(f"{path}: no goal: give one on the command line or as `goal:` in the file")
     strategies = plan_file.strategies[:forks] if forks else plan_file.strategies
     return build_plan(goal=final_goal, strategies=strategies, policy=plan_file.policy,
-                      planner=PlannerInfo(kind="file", source=str(path)), source=str(path))
+                      planner=PlannerInfo(kind="file", source=str(path)), source=str(path), lines=document.lines)
 
 
 PLANNER_SYSTEM = (

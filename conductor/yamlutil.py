@@ -5,7 +5,11 @@ Every error becomes a one-line :class:`ConfigError` naming the file, the dotted 
     .conductor/policy.yaml:7: file_rules.protected_pattern: unknown key (known: protected_patterns)
 
 The loader is PyYAML's ``SafeLoader`` (no arbitrary objects) with duplicate keys refused, since the
-last-one-wins rule of plain PyYAML hides mistakes in policy files.
+last-one-wins rule of plain PyYAML hides mistakes in policy files. Hostile input is bounded while the
+document is composed, before anything expands it: nesting deeper than :data:`MAX_DEPTH` levels (aliases
+counted as what they stand for), aliases standing for more than :data:`MAX_ALIAS_NODES` nodes in all (a
+"billion laughs" file), an alias used inside its own anchor, and integer literals longer than
+:data:`MAX_INT_CHARS` characters are each a ``ConfigError`` naming the line.
 """
 
 from __future__ import annotations
@@ -19,19 +23,98 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
+from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from conductor.canonical import strict_loads
+from conductor.canonical import MAX_JSON_DEPTH, strict_loads
 from conductor.errors import ConfigError, InvalidDocument
 
 M = TypeVar("M", bound=BaseModel)
 Loc = tuple[str | int, ...]
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
+MAX_DEPTH = MAX_JSON_DEPTH
+"""Deepest nesting of mappings and sequences (a scalar inside 63 collections is at level 64), as for JSON.
+Conductor's files nest about 8 levels; the bound keeps PyYAML's recursive composer far from the
+interpreter's recursion limit."""
+MAX_ALIAS_NODES = 10_000
+"""Nodes that all aliases of a document may stand for together, each counted expanded (an alias of a
+list of 9 scalars counts 10). Reusing a policy block in a few hundred steps fits; a "billion laughs"
+document, whose size is exponential in its aliases, is refused at the alias that crosses the bound."""
+MAX_INT_CHARS = 32
+"""Longest integer literal: far more than any setting's range, far less than Python's 4,300-digit
+limit on ``int()`` (past it PyYAML raises a plain ValueError)."""
+
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys in a mapping."""
+    """SafeLoader that refuses duplicate keys, and bounds nesting, aliases and integer literals.
+
+    The bounds are enforced while composing, so no work is ever proportional to an alias's expansion.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._alias_nodes = 0
+        self._composing: set[str] = set()  # anchors whose node is not finished yet
+        self._shapes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes expanded, levels)
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        event = self.peek_event()
+        if isinstance(event, AliasEvent):
+            if event.anchor in self._composing:
+                raise ComposerError(None, None, f"alias *{event.anchor} is used inside its own anchor "
+                                    "(a recursive document)", event.start_mark)
+            node: Node = super().compose_node(parent, index)  # 'found undefined alias' comes from here
+            self._count_alias(node, event)
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self._composing.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._composing.discard(anchor)
+
+    def _count_alias(self, node: Node, event: AliasEvent) -> None:
+        size, levels = self._shape(node)
+        if self._depth + levels > MAX_DEPTH:
+            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels through alias "
+                                f"*{event.anchor}", event.start_mark)
+        self._alias_nodes += size
+        if self._alias_nodes > MAX_ALIAS_NODES:
+            raise ComposerError(None, None, f"aliases stand for more than {MAX_ALIAS_NODES} nodes when expanded "
+                                f"(at alias *{event.anchor}): refused as an alias bomb", event.start_mark)
+
+    def _shape(self, node: Node) -> tuple[int, int]:
+        """Nodes and levels of ``node`` with aliases expanded, memoised: a finished node is within the
+        bounds already, so this recursion is at most :data:`MAX_DEPTH` deep."""
+        known = self._shapes.get(id(node))
+        if known is not None:
+            return known
+        if isinstance(node, MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        shapes = [self._shape(child) for child in children]
+        shape = (1 + sum(size for size, _ in shapes), 1 + max((levels for _, levels in shapes), default=0))
+        self._shapes[id(node)] = shape
+        return shape
+
+    def construct_yaml_int(self, node: ScalarNode) -> int:
+        if len(node.value) > MAX_INT_CHARS:
+            raise ConstructorError(None, None, f"integer literal of {len(node.value)} characters is out of range "
+                                   f"(at most {MAX_INT_CHARS})", node.start_mark)
+        value: int = super().construct_yaml_int(node)
+        return value
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -49,6 +132,9 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 # Unquoted timestamps stay strings: every model here stores RFC 3339 text, and a hand-written
@@ -181,8 +267,17 @@ def load_yaml_or_json_mapping(path: Path, model: type[M], *, source: str | None 
     Raises:
         ConfigError: as :func:`load_yaml_mapping`; invalid JSON too.
     """
+    return validate_document(read_mapping_document(path, source=source), model)
+
+
+def read_mapping_document(path: Path, *, source: str | None = None) -> Document:
+    """Parse a hand-written mapping file, ``.json`` as strict JSON and anything else as YAML.
+
+    Raises:
+        ConfigError: as :func:`read_yaml_document`; invalid JSON, or JSON whose top level is not an object.
+    """
     if path.suffix.lower() != ".json":
-        return load_yaml_mapping(path, model, source=source)
+        return read_yaml_document(path, source=source)
     source = source or display_path(path)
     text = _read_text(path, source)
     try:
@@ -191,7 +286,7 @@ def load_yaml_or_json_mapping(path: Path, model: type[M], *, source: str | None 
         raise ConfigError(str(exc)) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be an object, not {_kind(data)}")
-    return validate_document(Document(data=data, source=source, lines=_json_lines(text, source)), model)
+    return Document(data=data, source=source, lines=_json_lines(text, source))
 
 
 def _json_lines(text: str, source: str) -> dict[Loc, int]:
@@ -315,6 +410,7 @@ __all__ = [
     "format_validation_error",
     "load_yaml_mapping",
     "load_yaml_or_json_mapping",
+    "read_mapping_document",
     "read_yaml_document",
     "validate_document",
 ]

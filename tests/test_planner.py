@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from conductor.errors import ConfigError
-from conductor.planner import plan_from_file, render_planner_prompt
+from conductor.models import ForkSpec, PlannerInfo, PolicyLayer, step_number
+from conductor.planner import FileStep, FileStrategy, build_plan, plan_from_file, render_planner_prompt
 
 
 def write(tmp_path: Path, text: str, name: str = "plan.yaml") -> Path:
@@ -66,3 +69,86 @@ def test_json_plan_files_are_strict(tmp_path: Path) -> None:
 def test_planner_prompt_asks_for_distinct_strategies_and_lists_files() -> None:
     prompt = render_planner_prompt("Add caching", forks=3, files=["a.py", "b.py"], constraints=["No new deps"])
     assert "Propose exactly 3 distinct strategies" in prompt and "- a.py" in prompt and "No new deps" in prompt
+
+
+# --- step order is numeric ------------------------------------------------------------------------
+
+
+def _many_steps(count: int, depends: dict[int, str]) -> str:
+    steps = "".join(f"      - {{id: s{n}, instruction: do {n}{', depends_on: [' + depends[n] + ']' if n in depends else ''}}}\n"
+                    for n in range(1, count + 1))
+    return f"goal: g\nstrategies:\n  - name: long\n    steps:\n{steps}"
+
+
+def test_step_1000_may_depend_on_step_200(tmp_path: Path) -> None:
+    """Compared as strings, "step_200" >= "step_1000" and this valid dependency was refused."""
+    plan = plan_from_file(write(tmp_path, _many_steps(1005, {1000: "s200"})), goal=None, forks=None)
+
+    steps = plan.forks[0].steps
+    assert (steps[999].step_id, steps[999].depends_on) == ("step_1000", ["step_200"])
+    assert [s.step_id for s in steps[997:1001]] == ["step_998", "step_999", "step_1000", "step_1001"]
+
+
+def test_step_101_may_not_depend_on_the_later_step_1005(tmp_path: Path) -> None:
+    """Compared as strings, "step_1005" < "step_101" and this forward dependency was accepted: the step
+    would wait forever for a step that runs after it."""
+    path = write(tmp_path, _many_steps(1005, {101: "s1005"}))
+
+    with pytest.raises(ConfigError) as info:
+        plan_from_file(path, goal=None, forks=None)
+
+    assert str(info.value) == (f"{path}:105: strategies[0].steps[100].depends_on[0]: depends_on 's1005' names no "
+                               "earlier step (strategy 'long', step s101)")
+
+
+def _fork(*steps: tuple[str, list[str]]) -> dict[str, object]:
+    return {"fork_id": "1", "strategy": {"name": "s"},
+            "steps": [{"step_id": step_id, "instruction": "x", "depends_on": depends} for step_id, depends in steps]}
+
+
+@pytest.mark.parametrize(("steps", "problem"), [
+    ((("step_001", []), ("step_002", ["step_003"]), ("step_003", [])), "step_002 depends on step_003, not an earlier"),
+    ((("step_001", ["step_009"]),), "step_001 depends on step_009, not an earlier step"),
+    ((("step_001", []), ("step_001", [])), "step_001 is listed after step_001"),
+    ((("step_001", []), ("step_0001", [])), "step_0001 is listed after step_001"),
+    ((("step_200", []), ("step_1000", []), ("step_101", ["step_1000"])), "step_101 is listed after step_1000"),
+])
+def test_a_fork_of_plan_json_keeps_steps_in_numeric_order(steps: tuple[tuple[str, list[str]], ...], problem: str) -> None:
+    """A hand-edited (and re-sealed) plan.json cannot reorder steps or point a dependency forward."""
+    with pytest.raises(ValidationError, match=problem):
+        ForkSpec.model_validate(_fork(*steps))
+
+
+def test_a_fork_orders_step_ids_as_numbers() -> None:
+    fork = ForkSpec.model_validate(_fork(("step_200", []), ("step_999", ["step_200"]), ("step_1000", ["step_999"])))
+    assert [s.step_id for s in fork.steps] == ["step_200", "step_999", "step_1000"]
+    assert sorted(["step_1000", "step_200", "step_0999"], key=step_number) == ["step_200", "step_0999", "step_1000"]
+
+
+# --- allowed_files entries that could never match -------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["calc.py ", " calc.py", "src/ calc.py", "calc.py\u00a0"])
+def test_allowed_files_entry_with_stray_whitespace_is_refused_at_load(tmp_path: Path, entry: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"goal": "g", "strategies": [{"name": "s", "steps": [
+        {"id": "fix", "instruction": "x", "allowed_files": ["ok.py", entry]}]}]}))
+
+    with pytest.raises(ConfigError) as info:
+        plan_from_file(path, goal=None, forks=None)
+
+    assert str(info.value) == (
+        f"{path}:1: strategies[0].steps[0].allowed_files[1]: unsafe path {entry!r}: starts or ends a part with "
+        "whitespace, which an allowed_files entry may not (a stray space would never match the file meant) "
+        "(strategy 's', step fix)")
+
+
+def test_an_llm_planner_answer_with_a_stray_space_is_a_config_error_too() -> None:
+    strategy = FileStrategy(name="s", steps=[FileStep(id="\x1b[31mfix", instruction="x", allowed_files=["a.py "])])
+
+    with pytest.raises(ConfigError) as info:
+        build_plan(goal="g", strategies=[strategy], policy=PolicyLayer(), planner=PlannerInfo(kind="llm"),
+                   source="planner answer")
+
+    assert str(info.value).startswith("planner answer: strategies[0].steps[0].allowed_files[0]: unsafe path 'a.py '")
+    assert str(info.value).endswith("(strategy 's', step '\\x1b[31mfix')")  # the LLM's id shown escaped

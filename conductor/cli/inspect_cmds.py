@@ -87,64 +87,71 @@ def explain(step_id, plan_id, fork_id, project_dir, as_json) -> int:  # type: ig
 def _print_story(story) -> None:  # type: ignore[no-untyped-def]
     from rich.markdown import Markdown
 
-    from conductor.cli.render import console
+    from conductor.cli.render import console, printable, safe
 
     out = console()
     step = story["step"]
-    out.rule(f"fork {story['fork_id']} ({story['strategy']}) — {step['step_id']} {step['title']} [{story['state']}]")
-    out.print(f"[bold]instruction[/]: {step['instruction']}")
-    out.print(f"[bold]allowed files[/]: {', '.join(step['allowed_files']) or '(none)'}")
+    out.rule(f"fork {safe(story['fork_id'])} ({safe(story['strategy'])}) — {safe(step['step_id'])} "
+             f"{safe(step['title'])} \\[{safe(story['state'])}]")
+    out.print(f"[bold]instruction[/]: {safe(step['instruction'], multiline=True)}")
+    out.print(f"[bold]allowed files[/]: {safe(', '.join(step['allowed_files']) or '(none)')}")
     if story["task"]:
         task = story["task"]
         same = "matches" if task.get("checksum") == story["published_checksum"] else "DIFFERS FROM"
-        out.print(f"[bold]task[/]: attempt {task.get('attempt')}, checksum {task.get('checksum')} "
-                  f"({same} the published {story['published_checksum']})")
+        out.print(f"[bold]task[/]: attempt {safe(task.get('attempt'))}, checksum {safe(task.get('checksum'))} "
+                  f"({same} the published {safe(story['published_checksum'])})")
     if story["policy"]:
         policy = story["policy"]
-        out.print(f"[bold]policy[/] {policy.get('digest')}:")
+        out.print(f"[bold]policy[/] {safe(policy.get('digest'))}:")
         for key, source in sorted(policy.get("sources", {}).items()):
-            out.print(f"  {key} = {json.dumps(_lookup(policy.get('effective', {}), key))}  [dim]from {source}[/]")
+            value = json.dumps(_lookup(policy.get("effective", {}), key))
+            out.print(f"  {safe(key)} = {safe(value)}  [dim]from {safe(source)}[/]")
     if story["confidence"]:
         confidence = story["confidence"]
-        out.print(f"[bold]confidence[/]: {confidence.get('level')} {confidence.get('score')} — "
-                  f"{'; '.join(confidence.get('reasons', []))}")
+        out.print(f"[bold]confidence[/]: {safe(confidence.get('level'))} {safe(confidence.get('score'))} — "
+                  f"{safe('; '.join(confidence.get('reasons', [])))}")
     for claim in story["claims"]:
         who = claim.get("holder") or claim.get("reason") or claim.get("checksum", "")
-        out.print(f"  {claim['ts'][11:23]}  [cyan]{claim['type']}[/] attempt {claim.get('attempt')} {who}")
+        out.print(f"  {safe(claim['ts'][11:23])}  [cyan]{safe(claim['type'])}[/] attempt {safe(claim.get('attempt'))} "
+                  f"{safe(who)}")
     if story["lease"]:
         lease = story["lease"]
-        out.print(f"[bold]lease[/]: {lease.get('holder')} (pid {lease.get('pid')} on {lease.get('host')}), "
-                  f"token {lease.get('fencing_token')}, expires {lease.get('expires_at')}")
+        out.print(f"[bold]lease[/]: {safe(lease.get('holder'))} (pid {safe(lease.get('pid'))} on "
+                  f"{safe(lease.get('host'))}), token {safe(lease.get('fencing_token'))}, "
+                  f"expires {safe(lease.get('expires_at'))}")
     for event in story["events"]:
         if event["type"] in ("task.claimed", "task.lease_expired", "task.abandoned", "task.published",
                              "policy.merged", "confidence.scored"):
             continue
         data = {k: v for k, v in event["data"].items() if k != "step_id"}
-        out.print(f"  {event['ts'][11:23]}  [cyan]{event['type']}[/]  {json.dumps(data, ensure_ascii=False)[:400]}")
+        out.print(f"  {safe(event['ts'][11:23])}  [cyan]{safe(event['type'])}[/]  "
+                  f"{safe(json.dumps(data, ensure_ascii=False)[:400])}")
     if story["result"]:
         result = story["result"]
-        out.print(f"[bold]result[/]: {result.get('status')} by {result.get('executor', {}).get('id')}: {result.get('summary')}")
+        out.print(f"[bold]result[/]: {safe(result.get('status'))} by {safe(result.get('executor', {}).get('id'))}: "
+                  f"{safe(result.get('summary'), multiline=True)}")
     if story["verdict"]:
         verdict = story["verdict"]
         verdict_text = "accepted" if verdict.get("accepted") else "rejected: " + "; ".join(verdict.get("reasons", []))
-        out.print(f"[bold]verdict[/]: {verdict_text} ({verdict.get('diff_lines')} changed lines)")
+        out.print(f"[bold]verdict[/]: {safe(verdict_text)} ({safe(verdict.get('diff_lines'))} changed lines)")
     if story["verdict"]:
         for check in story["verdict"].get("checks", []):
             mark = "[green]✓[/]" if check.get("passed") else "[red]✗[/]"
-            out.print(f"  {mark} {check.get('name')} {check.get('detail') or ''}")
+            out.print(f"  {mark} {safe(check.get('name'))} {safe(check.get('detail') or '')}")
         for evidence in story["verdict"].get("verification", []):
-            out.print(f"  $ {evidence.get('command')} → exit {evidence.get('exit_code')} "
-                      f"(output sha256 {str(evidence.get('output_sha256'))[:12]}…)")
+            out.print(f"  $ {safe(evidence.get('command'))} → exit {safe(evidence.get('exit_code'))} "
+                      f"(output sha256 {safe(str(evidence.get('output_sha256'))[:12])}…)")
     for name, checked in (story["signatures"] or {}).items():
         if not checked.get("present"):
-            out.print(f"[bold]{name}[/]: none")
+            out.print(f"[bold]{safe(name)}[/]: none")
         elif checked.get("error"):
-            out.print(f"[bold]{name}[/]: [red]{checked['error']}[/]")
+            out.print(f"[bold]{safe(name)}[/]: [red]{safe(checked['error'])}[/]")
         else:
             signers = ", ".join(checked["signed_by"]) or "unsigned"
-            out.print(f"[bold]{name}[/]: signed by {signers}; {len(checked['subjects'])} subjects")
+            out.print(f"[bold]{safe(name)}[/]: signed by {safe(signers)}; {len(checked['subjects'])} subjects")
     if story["explanation"]:
-        out.print(Markdown(story["explanation"]))
+        # Markdown parses no rich markup, but passes escape sequences through; links are shown, not hidden.
+        out.print(Markdown(printable(story["explanation"], multiline=True), hyperlinks=False))
 
 
 def _lookup(document: dict, dotted: str) -> object:
@@ -191,21 +198,21 @@ def policy(step_id, fork_id, plan_id, project_dir, as_json) -> int:  # type: ign
         return 0
     from rich.table import Table
 
-    from conductor.cli.render import console
+    from conductor.cli.render import console, safe
 
     table = Table(title=f"effective policy ({merged.digest[:19]}…)", title_justify="left")
     table.add_column("key")
     table.add_column("value")
     table.add_column("from")
     for key in ("max_diff_lines", "timeout_seconds"):
-        table.add_row(key, str(effective[key]), merged.sources.get(key, ""))
+        table.add_row(key, safe(effective[key]), safe(merged.sources.get(key, "")))
     for key in ("global_constraints", "protected_patterns"):
         for index, item in enumerate(effective[key]):
-            table.add_row(key if index == 0 else "", item, merged.sources.get(f"{key}[{index}]", ""))
+            table.add_row(key if index == 0 else "", safe(item), safe(merged.sources.get(f"{key}[{index}]", "")))
     out = console()
     out.print(table)
     for note in merged.notes:
-        out.print(f"note: {note}")
+        out.print(f"note: {safe(note)}")
     return 0
 
 
@@ -223,18 +230,18 @@ def handoff_metrics(project_dir, as_json) -> int:  # type: ignore[no-untyped-def
         return 0
     from rich.table import Table
 
-    from conductor.cli.render import console
+    from conductor.cli.render import console, safe
 
     totals = metrics["totals"]
-    table = Table(title=f"handoff metrics (written to {project.layout.relative(project.layout.metrics_file)})",
+    table = Table(title=f"handoff metrics (written to {safe(project.layout.relative(project.layout.metrics_file))})",
                   title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in _flatten(totals):
-        table.add_row(key, str(value))
+        table.add_row(safe(key), safe(value))
     console().print(table)
     for error in metrics.get("errors", []):
-        console(stderr=True).print(f"[red]unreadable[/] {error}")
+        console(stderr=True).print(f"[red]unreadable[/] {safe(error)}")
     return 0
 
 

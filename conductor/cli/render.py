@@ -1,11 +1,23 @@
-"""Rich rendering of core results for people (the ``--json`` paths never come here)."""
+"""Rich rendering of core results for people (the ``--json`` paths never come here).
+
+Everything shown here that did not come from Conductor's own code — goals, strategy names, step titles
+and instructions, file names, executors' summaries, reasons, holders, explanations — passes through
+:func:`safe` (or :func:`printable` where rich markup is not parsed): a plan, an LLM answer or an executor
+must not be able to send escape sequences to the terminal or style its text as Conductor's own.
+"""
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+# Control (Cc), format (Cf: bidi overrides, zero-width and tag characters), surrogate, private-use and
+# line/paragraph separator characters: none prints as itself, several steer the terminal.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 
 STATE_STYLE = {
     "accepted": "green", "completed": "cyan", "in_progress": "yellow", "pending": "blue",
@@ -14,12 +26,41 @@ STATE_STYLE = {
 
 
 def console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False)
+    # emoji=False: ':warning:' in a goal or title must not turn into a picture either.
+    return Console(stderr=stderr, highlight=False, emoji=False)
+
+
+def printable(value: object, *, multiline: bool = False) -> str:
+    """``value`` as text that cannot steer a terminal: invisible and control characters shown as escapes.
+
+    ESC (so every ANSI/OSC sequence), C1 controls such as U+009B, bidi overrides, zero-width and other
+    format characters, and line separators become ``\\x1b``, ``\\x9b``, ``\\u202e``… Use it for text
+    printed without rich markup (``click.echo``).
+
+    Args:
+        value: anything; ``str(value)`` is shown.
+        multiline: keep ``\\n`` and ``\\t`` as they are (for instructions and explanations).
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    kept = "\n\t" if multiline else ""
+    return "".join(
+        char if char in kept or unicodedata.category(char) not in _INVISIBLE
+        else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
+def safe(value: object, *, multiline: bool = False) -> str:
+    """``value`` ready to be put into rich markup: :func:`printable`, with markup such as ``[red]`` escaped."""
+    return escape(printable(value, multiline=multiline))
 
 
 def status_table(status: dict[str, Any]) -> Table:
     """One plan's forks and steps as a table."""
-    table = Table(title=f"plan {status['plan_id']} — {status['goal']} [{status['status']}]", title_justify="left")
+    table = Table(title=f"plan {safe(status['plan_id'])} — {safe(status['goal'])} \\[{safe(status['status'])}]",
+                  title_justify="left")
     table.add_column("fork")
     table.add_column("strategy")
     table.add_column("step")
@@ -30,14 +71,18 @@ def status_table(status: dict[str, Any]) -> Table:
         for index, step in enumerate(fork["steps"]):
             style = STATE_STYLE.get(step["state"], "")
             table.add_row(
-                f"{fork['fork_id']} ({fork['status']})" if index == 0 else "",
-                fork["strategy"] if index == 0 else "",
-                f"{step['step_id']} {step['title']}".strip(),
-                f"[{style}]{step['state']}[/]" if style else step["state"],
-                str(step["attempt"] or ""),
-                step["confidence"] or "",
+                safe(f"{fork['fork_id']} ({fork['status']})") if index == 0 else "",
+                safe(fork["strategy"]) if index == 0 else "",
+                safe(f"{step['step_id']} {step['title']}".strip()),
+                _styled(step["state"], style),
+                safe(step["attempt"] or ""),
+                safe(step["confidence"] or ""),
             )
     return table
+
+
+def _styled(text: object, style: str) -> str:
+    return f"[{style}]{safe(text)}[/]" if style else safe(text)
 
 
 def ranking_table(ranking: list[dict[str, Any]], winner: str | None) -> Table:
@@ -49,17 +94,17 @@ def ranking_table(ranking: list[dict[str, Any]], winner: str | None) -> Table:
     for rank, row in enumerate(ranking, start=1):
         mark = " ★" if row["fork_id"] == winner else ""
         table.add_row(
-            str(rank), f"{row['fork_id']}{mark}", row["strategy"],
-            f"[green]{row['status']}[/]" if row["status"] == "succeeded" else f"[red]{row['status']}[/]",
-            f"{row['steps_verified']}/{row['steps_total']}",
-            "pass" if row["checks_passed"] else "fail", str(row["changed_lines"]), str(row["changed_files"]),
-            str(row["tokens"]),
+            str(rank), f"{safe(row['fork_id'])}{mark}", safe(row["strategy"]),
+            _styled(row["status"], "green" if row["status"] == "succeeded" else "red"),
+            safe(f"{row['steps_verified']}/{row['steps_total']}"),
+            "pass" if row["checks_passed"] else "fail", safe(row["changed_lines"]), safe(row["changed_files"]),
+            safe(row["tokens"]),
         )
     return table
 
 
 def summarise_event(event_type: str, data: dict[str, Any]) -> str:
-    """One short line about an event for people (``--json`` has everything)."""
+    """One short line about an event for people (``--json`` has everything); plain text, not yet :func:`safe`."""
     if event_type == "step.verified":
         verdict = "accepted" if data.get("accepted") else "rejected: " + "; ".join(data.get("reasons", []))
         return f"{verdict} ({data.get('diff_lines')} lines: {', '.join(data.get('files', [])) or 'no files'})"
@@ -87,8 +132,8 @@ def events_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(name, overflow="fold")
     for row in rows:
         details = summarise_event(row["type"], row["data"])
-        table.add_row(str(row["index"]), row["ts"][11:23], row["log"], str(row["seq"]), row["type"],
-                      row["data"].get("step_id", ""), details[:240])
+        table.add_row(safe(row["index"]), safe(row["ts"][11:23]), safe(row["log"]), safe(row["seq"]),
+                      safe(row["type"]), safe(row["data"].get("step_id", "")), safe(details[:240]))
     return table
 
 
@@ -99,24 +144,25 @@ def replay_view(report: dict[str, Any]) -> list[Any]:
     where = (f"after #{last['index']} ({last['log']}:{last['seq']} {last['type']}, {last['ts']})" if last
              else "before the first event")
     present = "the present" if report["at_present"] else f"{state['events']} of {report['total_events']} events"
-    lines: list[Any] = [f"plan {state['plan_id']} — {state['goal']}: {where}, {present}",
-                        f"status {state['status']}" + (f", winner fork {state['winner']}" if state["winner"] else "")
-                        + (f", applied fork {state['applied']}" if state["applied"] else "")]
+    lines: list[Any] = [f"plan {safe(state['plan_id'])} — {safe(state['goal'])}: {safe(where)}, {present}",
+                        f"status {safe(state['status'])}"
+                        + (f", winner fork {safe(state['winner'])}" if state["winner"] else "")
+                        + (f", applied fork {safe(state['applied'])}" if state["applied"] else "")]
     table = Table(title_justify="left")
     for name in ("fork", "step", "state", "attempt", "confidence", "holder", "commit"):
         table.add_column(name, overflow="fold")
     for fork_id, fork in state["forks"].items():
         for index, (step_id, step) in enumerate(fork["steps"].items()):
             style = STATE_STYLE.get(step["state"], "")
-            table.add_row(f"{fork_id} ({fork['status']})" if index == 0 else "", step_id,
-                          f"[{style}]{step['state']}[/]" if style else step["state"], str(step["attempt"] or ""),
-                          step["confidence"] or "", step["holder"] or "",
-                          (step["commit"] or "")[:12])
+            table.add_row(safe(f"{fork_id} ({fork['status']})") if index == 0 else "", safe(step_id),
+                          _styled(step["state"], style), safe(step["attempt"] or ""),
+                          safe(step["confidence"] or ""), safe(step["holder"] or ""),
+                          safe((step["commit"] or "")[:12]))
     lines.append(table)
     llm = state["llm"]
-    lines.append(f"LLM calls {llm['calls']} ({llm['cached']} from recordings), tokens "
-                 f"{llm['input_tokens']}+{llm['output_tokens']}, cost ${llm['cost_usd']:.4f}")
+    lines.append(safe(f"LLM calls {llm['calls']} ({llm['cached']} from recordings), tokens "
+                      f"{llm['input_tokens']}+{llm['output_tokens']}, cost ${llm['cost_usd']:.4f}"))
     if report["at_present"]:
-        lines += ([f"[red]log and folders disagree:[/] {p}" for p in report["problems"]]
+        lines += ([f"[red]log and folders disagree:[/] {safe(p)}" for p in report["problems"]]
                   or ["[green]the log agrees with the task folders[/]"])
     return lines

@@ -75,7 +75,9 @@ def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, mode
     count = 1 if single else (forks or project.config.planner.forks)
     plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count, no_cache=no_cache)
     if not as_json:
-        click.echo(f"plan {plan.plan_id}: {len(plan.forks)} fork(s) for: {plan.goal}", err=True)
+        from conductor.cli.render import printable
+
+        click.echo(f"plan {plan.plan_id}: {len(plan.forks)} fork(s) for: {printable(plan.goal)}", err=True)
     return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait, keep=keep_workspaces,
                     as_json=as_json)
 
@@ -92,7 +94,9 @@ def resume(plan_id, project_dir, provider, model, executor_kind, executor_comman
     factory = runner_factory(project, no_cache=no_cache)
     plan = resume_plan(project, plan_id)
     if not as_json:
-        click.echo(f"resuming plan {plan.plan_id}: {plan.goal}", err=True)
+        from conductor.cli.render import printable
+
+        click.echo(f"resuming plan {plan.plan_id}: {printable(plan.goal)}", err=True)
     return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait, keep=keep_workspaces,
                     as_json=as_json)
 
@@ -113,8 +117,10 @@ def fork(from_step, parent_fork, instruction, plan_id, project_dir, provider, mo
     factory = runner_factory(project, no_cache=no_cache)
     record, plan = fork_plan(project, plan_id, from_step, fork_id=parent_fork, instruction=instruction)
     if not as_json:
-        click.echo(f"fork {record.fork.fork_id} of plan {plan.plan_id}: from fork {record.parent.fork_id} after "
-                   f"{from_step} (reusing {', '.join(record.reused_steps)})", err=True)
+        from conductor.cli.render import printable
+
+        click.echo(printable(f"fork {record.fork.fork_id} of plan {plan.plan_id}: from fork {record.parent.fork_id} "
+                             f"after {from_step} (reusing {', '.join(record.reused_steps)})"), err=True)
     return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait, keep=keep_workspaces,
                     as_json=as_json)
 
@@ -126,6 +132,11 @@ def _execute(project, plan, factory, *, auto_approve, no_apply, no_wait, keep, a
     options = EngineOptions(auto_approve=auto_approve or project.config.approval.auto_approve,
                             apply=not no_apply, wait=not no_wait,
                             keep_workspaces=keep or project.config.workspace.keep)
+    from conductor.sandbox import availability
+
+    why = availability()
+    if why is not None:  # warned once per run; the plan's log records it (sandbox.unavailable) when mode is auto
+        click.echo(f"conductor: warning: launched commands run without a sandbox: {why}", err=True)
     live = None
     progress = lambda: None  # noqa: E731
     if not as_json and sys.stderr.isatty():
@@ -169,7 +180,7 @@ def _report(project, report, as_json: bool) -> int:  # type: ignore[no-untyped-d
 
 
 def _print_report(project, report) -> None:  # type: ignore[no-untyped-def]
-    from conductor.cli.render import console, ranking_table, status_table
+    from conductor.cli.render import console, ranking_table, safe, status_table
     from conductor.inspect import plan_status
 
     out = console()
@@ -178,14 +189,16 @@ def _print_report(project, report) -> None:  # type: ignore[no-untyped-def]
         winner = report.ranking[0].fork_id if report.status == "succeeded" else None
         out.print(ranking_table([e.to_dict() for e in report.ranking], winner))
     for fork_id, step_id in report.awaiting_approval:
-        out.print(f"[magenta]{step_id} of fork {fork_id} waits for approval:[/] "
-                  f"conductor approve {step_id} --fork {fork_id} --plan-id {report.plan_id}, then conductor resume")
+        out.print(f"[magenta]{safe(step_id)} of fork {safe(fork_id)} waits for approval:[/] "
+                  f"{safe(f'conductor approve {step_id} --fork {fork_id} --plan-id {report.plan_id}')}, "
+                  "then conductor resume")
     if report.waiting_for_executor:
         out.print(f"{len(report.waiting_for_executor)} task(s) wait for an external executor "
                   "(start `conductor worker`, then `conductor resume`).")
     if report.applied_fork:
-        out.print(f"[green]applied fork {report.applied_fork}[/]: {', '.join(report.applied_files) or 'no file changes'}")
+        out.print(f"[green]applied fork {safe(report.applied_fork)}[/]: "
+                  f"{safe(', '.join(report.applied_files) or 'no file changes')}")
     elif report.status == "succeeded":
         out.print("not applied (--no-apply)")
     if report.message and report.status != "succeeded":
-        out.print(f"[red]{report.message}[/]" if report.status == "failed" else report.message)
+        out.print(f"[red]{safe(report.message)}[/]" if report.status == "failed" else safe(report.message))

@@ -18,7 +18,9 @@ tests whose reason names the module to fix. Families and cases (parametrize ids)
   dotgit_upper, dotgit_mixed_case_hook, dotgit_trailing_dot, dotgit_trailing_space, dotgit_fullwidth,
   nfd_decomposed, empty, dot_slash_only; result ``files_changed`` no walk can produce → ``invalid_result``;
   names a walk can produce → ground truth wins; ``./`` normalised; NFD protected pattern; NFD file name;
-  ``.ɡit`` lookalike (an ordinary name); symlinked folder into ``.git``.
+  ``.ɡit`` lookalike (an ordinary name); symlinked folder into ``.git``; ``allowed_files`` entries with stray
+  whitespace (trailing, leading, around a ``/``, no-break and ideographic spaces) → ConfigError at load, and a
+  verifier rejection in a task.
 * ``test_bad_workspaces``: unsafe symlink targets (``check_link_target``), a step adding a symlink out of the
   workspace or into ``.git`` (xfail), writing through an escaping symlink, a forged change set writing
   through its own symlink, applying through a symlink into ``.git``, changed ``.git/hooks/post-checkout`` and
@@ -34,9 +36,16 @@ tests whose reason names the module to fix. Families and cases (parametrize ids)
   edited line with recomputed hash, deleted line, deleted first line, inserted line, reordered lines,
   duplicated line, torn last line, non-canonical line, malformed hash, wrong hash, seq as string, empty
   line, not-JSON line, NaN in a line, invalid UTF-8 in a line; append refusing a torn or edited last line.
-* ``test_bad_yaml`` (``load_policy`` / ``plan_from_file`` → ``<file>:<line>: <key>: <problem>``): unclosed
-  flow list, tab indentation, unknown key, unknown nested key, wrong type, quoted number, boolean for a
-  number, float for an integer, string for a list, negative limit, duplicate key, not UTF-8, python tag,
-  plan bad indentation, unknown step key, string for a list, word for a number, quoted number in a step
-  policy, JSON NaN, JSON duplicate key; deeply nested YAML (xfail), alias bomb (xfail).
+* ``test_bad_yaml`` (``load_policy`` / ``load_config`` / ``plan_from_file`` → ``<file>:<line>: <key>: <problem>``;
+  hostile cases under a ``timeout`` marker, nothing timed): unclosed flow list, tab indentation, unknown key,
+  unknown nested key, wrong type, quoted number, boolean for a number, float for an integer, string for a
+  list, negative limit, duplicate key, not UTF-8, python tag, plan bad indentation, unknown step key, string
+  for a list, word for a number, quoted number in a step policy, JSON NaN, JSON duplicate key; numbers out of
+  range (23-digit limit, one past a bound, a timeout over a day, ``.inf``, ``.nan``, ``1e400``, a 5,000-digit
+  and a 20,000-bit integer, a lease of 10^12 s, 17 forks, 100,000 parallel tasks); alias bombs (policy,
+  config, plan, through merge keys), recursive anchors, undefined alias, deep nesting (flow list, flow
+  mapping, block list, JSON plan, through aliases); aliases within the bound still load.
+* ``test_bad_terminal_text`` (the real CLI): a goal, strategy name, title, plan constraint and an executor's
+  explanation carrying OSC/CSI escape sequences, C1 controls, bidi overrides and rich markup; ``build``,
+  ``status``, ``explain``, ``events``, ``replay`` and ``policy`` print them escaped and as typed.
 """

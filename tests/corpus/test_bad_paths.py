@@ -99,6 +99,48 @@ def test_llm_edit_path_is_refused_and_nothing_written(tmp_path: Path, case: str)
     assert list(tmp_path.iterdir()) == []
 
 
+# allowed_files entries that are valid paths but can never match the file meant: gitignore syntax drops
+# a trailing space, and nobody means a file whose name starts with one.
+STRAY_WHITESPACE = {
+    "trailing_space": "README.md ",
+    "leading_space": " README.md",
+    "space_before_slash": "docs /",
+    "space_after_slash": "docs/ README.md",
+    "trailing_no_break_space": "README.md\u00a0",
+    "leading_ideographic_space": "\u3000README.md",
+}
+STRAY_REASON = ("starts or ends a part with whitespace, which an allowed_files entry may not (a stray space would "
+                "never match the file meant)")
+
+
+@pytest.mark.parametrize("case", list(STRAY_WHITESPACE))
+def test_plan_step_allowed_files_with_stray_whitespace_is_refused_at_load(tmp_path: Path, case: str) -> None:
+    entry = STRAY_WHITESPACE[case]
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(f"goal: g\nstrategies:\n  - name: s\n    steps:\n      - id: a\n        instruction: x\n"
+                         f"        allowed_files:\n          - ok.py\n          - {json.dumps(entry)}\n")
+
+    with pytest.raises(ConfigError) as info:
+        plan_from_file(plan_file, goal=None, forks=None)
+
+    assert str(info.value) == (f"{plan_file}:9: strategies[0].steps[0].allowed_files[1]: unsafe path {entry!r}: "
+                               f"{STRAY_REASON} (strategy 's', step a)")
+
+
+@pytest.mark.parametrize("case", ["trailing_space", "leading_space"])
+def test_task_allowed_files_with_stray_whitespace_fails_verification(tmp_path: Path, case: str) -> None:
+    entry = STRAY_WHITESPACE[case]
+    handoff = make_handoff(tmp_path / "project", steps=1)
+    claimed = do_and_complete(handoff, lambda ws: (ws / "README.md").write_text("changed\n"),
+                              files=reported("README.md"), publish={"allowed_files": [entry]})
+
+    verdict = verify(handoff, claimed)
+
+    assert not verdict.accepted
+    assert verdict.reasons[0] == f"allowed_files: unsafe path {entry!r}: {STRAY_REASON}"
+    assert handoff.fork_text("README.md") == "hello\n"
+
+
 # Paths no directory walk can produce: a result reporting one is invalid as a document.
 IMPOSSIBLE = {
     "absolute": ("/etc/passwd", "is absolute"),
