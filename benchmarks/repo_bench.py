@@ -24,12 +24,12 @@ Figures (benchmarks/README.md has the method and the latest numbers):
 3. per-step overhead: generated repositories of ``--sizes`` small text files (300 to 1,500 bytes, 100 to a
    folder), a plan of 1 fork x N = ``--steps`` chained one-file steps, and the same plan cut to its first step.
    The marginal overhead per step, the goal figure, is what one more step costs Conductor beyond running its
-   command: (median wall of the N-step plan - median wall of the 1-step plan) / (N - 1) - the git baseline's
-   command time / N. It leaves out what a plan costs once whatever its length (start-up, recording the
-   project, the fork's first checkout, clean-up), which figure 2 covers. Goal: flat, the marginal overhead at
-   the largest size <= 1.5x the one at the smallest. Printed beside it for reference, the amortized overhead
-   per step: (median wall of the N-step plan - median wall of the git baseline of figure 2 with one worktree)
-   / N, which does include those once-per-plan costs.
+   command: (wall of the N-step plan - wall of the 1-step plan) / (N - 1) - the git baseline's command time
+   / N, computed per round and the median taken. It leaves out what a plan costs once whatever its length
+   (start-up, recording the project, the fork's first checkout, clean-up), which figure 2 covers. Goal:
+   flat, the marginal overhead at the largest size <= 1.5x the one at the smallest. Printed beside it for
+   reference, the amortized overhead per step: (wall of the N-step plan - wall of the git baseline of figure
+   2 with one worktree) / N, per round, median; it does include those once-per-plan costs.
 
 The baseline ends with ``git worktree remove --force`` of its worktrees and runs its forks one after the other;
 Conductor runs as it likes (``executor.parallel``, 4). Deleting many files makes creating files several times
@@ -726,6 +726,8 @@ def repo_section(bench: Bench, repo: Path, info: Mapping[str, Any]) -> dict[str,
 def steps_section(bench: Bench, repos: Mapping[int, Path], steps: int) -> dict[str, Any]:
     """Figure 3 at every size: the marginal per-step overhead (the goal) and the amortized one.
 
+    Each is the median over the rounds of that round's figure (runs of one round are back to back, so a
+    difference within a round is less exposed to a machine whose load changes):
     marginal = (Conductor wall of the N-step plan - Conductor wall of its first step alone) / (N - 1)
                - the git baseline's command time / N;
     amortized = (Conductor wall of the N-step plan - git baseline wall) / N.
@@ -734,13 +736,20 @@ def steps_section(bench: Bench, repos: Mapping[int, Path], steps: int) -> dict[s
     for files, repo in repos.items():
         result = bench.compare(repo, f"files-{files}", [list(itertools.islice(size_paths(files), steps))],
                                one_step=True)
-        conductor_n, conductor_1 = result["conductor_seconds"], result["conductor_one_step_seconds"]
-        result["files"] = files
-        result["marginal_overhead_per_step_seconds"] = (conductor_n - conductor_1) / (steps - 1) - \
-            result["git_parts_seconds"]["commands"] / steps
-        result["amortized_overhead_per_step_seconds"] = (conductor_n - result["git_seconds"]) / steps
+        result.update(files=files, **per_step_figures(result["runs"], steps))
         sizes.append(result)
     return {"steps": steps, "sizes": sizes, **_flatness(sizes, "marginal"), **_flatness(sizes, "amortized")}
+
+
+def per_step_figures(runs: Sequence[Mapping[str, Any]], steps: int) -> dict[str, Any]:
+    """The marginal and amortized overhead per step of each round of ``runs``, and their medians."""
+    marginal = [(r["conductor"]["seconds"] - r["conductor_one_step"]["seconds"]) / (steps - 1)
+                - r["git"]["parts_seconds"]["commands"] / steps for r in runs]
+    amortized = [(r["conductor"]["seconds"] - r["git"]["seconds"]) / steps for r in runs]
+    return {"marginal_overhead_per_step_seconds": statistics.median(marginal),
+            "marginal_overhead_per_step_each": marginal,
+            "amortized_overhead_per_step_seconds": statistics.median(amortized),
+            "amortized_overhead_per_step_each": amortized}
 
 
 def _flatness(sizes: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Any]:
@@ -845,13 +854,16 @@ def render(doc: Mapping[str, Any]) -> str:
         n = st["steps"]
         rows.append((f"per-step overhead, 1 fork x {n} chained one-file steps (wall of the {n}-step plan; "
                      "marginal = (it - the 1-step plan) / "
-                     f"{n - 1} - git's command time / {n}; amortized = (it - git) / {n})", "", "", "", "", ""))
+                     f"{n - 1} - git's command time / {n}; amortized = (it - git) / {n}; medians of the rounds' "
+                     "figures)", "", "", "", "", ""))
         for size in st["sizes"]:
             rows.append((f"  {size['files']:,} files: marginal {_s(size['marginal_overhead_per_step_seconds'])}/step, "
                          f"amortized {_s(size['amortized_overhead_per_step_seconds'])}/step",
                          _s(size["conductor_seconds"]), _s(size["git_seconds"]), _x(size["ratio"]), "", ""))
+            each = "" if len(size["runs"]) < 2 else "; marginal each round (s): " + ", ".join(
+                f"{x:.2f}" for x in size["marginal_overhead_per_step_each"])
             rows.append((f"    1-step plan {_s(size['conductor_one_step_seconds'])}; .conductor/ "
-                         f"+{_mb(size['growth_bytes'])} per run", "", "", "", "", ""))
+                         f"+{_mb(size['growth_bytes'])} per run{each}", "", "", "", "", ""))
             rows.extend(_run_rows(size))
         first, last = st["sizes"][0]["files"], st["sizes"][-1]["files"]
         rows.append((f"  marginal overhead per step, {last:,} / {first:,} files", "", "",

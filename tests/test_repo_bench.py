@@ -104,11 +104,12 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
     for size in steps["sizes"]:
         _check_comparison(size, forks=1, steps=2, one_step=True)
         assert _positive(size["conductor_one_step_seconds"])
-        assert math.isclose(size["marginal_overhead_per_step_seconds"],
+        assert math.isclose(size["marginal_overhead_per_step_seconds"],  # one round: the round's figure
                             size["conductor_seconds"] - size["conductor_one_step_seconds"]
                             - size["git_parts_seconds"]["commands"] / 2)
         assert math.isclose(size["amortized_overhead_per_step_seconds"],
                             (size["conductor_seconds"] - size["git_seconds"]) / 2)
+        assert size["marginal_overhead_per_step_each"] == [size["marginal_overhead_per_step_seconds"]]
     for kind in ("marginal", "amortized"):
         low, high = (size[f"{kind}_overhead_per_step_seconds"] for size in steps["sizes"])
         assert steps[f"{kind}_flatness_ratio"] == (high / low if low > 0 else None)
@@ -132,6 +133,19 @@ def test_apply_lets_conductor_apply_and_git_apply_the_patch(tmp_path: Path) -> N
     assert run["conductor"]["applied_fork"] == run["conductor_one_step"]["applied_fork"] == "1"
     assert run["git"]["parts_seconds"]["apply"] > 0
     assert doc["steps"]["marginal_flatness_ratio"] is None and doc["steps"]["marginal_flatness_ok"] is None
+
+
+def test_per_step_figures_are_medians_of_each_rounds_figures() -> None:
+    def round_(n_steps: float, one_step: float, git: float, commands: float) -> dict[str, Any]:
+        return {"conductor": {"seconds": n_steps}, "conductor_one_step": {"seconds": one_step},
+                "git": {"seconds": git, "parts_seconds": {"commands": commands}}}
+
+    runs = [round_(10, 4, 7, 0.3), round_(30, 8, 9, 0.3), round_(12, 5, 6, 0.6)]
+    figures = _bench().per_step_figures(runs, steps=3)
+    assert figures["marginal_overhead_per_step_each"] == pytest.approx([2.9, 10.9, 3.3])
+    assert figures["marginal_overhead_per_step_seconds"] == pytest.approx(3.3)  # not 3.4, the figure of the medians
+    assert figures["amortized_overhead_per_step_each"] == pytest.approx([1, 7, 2])
+    assert figures["amortized_overhead_per_step_seconds"] == pytest.approx(2)
 
 
 def test_the_plan_chains_one_line_edits_of_the_given_files() -> None:
