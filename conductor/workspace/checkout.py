@@ -125,7 +125,11 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
         raise FileNotFoundError(f"{folder} has no stat cache {index.name}")
     git = store.git
     temp = _temp_beside(index)
-    shutil.copyfile(index, temp)
+    # copy2 keeps the index's mtime: git's racy-git check compares each entry's mtime with the index
+    # file's own, and git compares whole seconds only (unless built with USE_NSEC). A copy stamped "now"
+    # would make an entry written in the same second as the index look clean, and a same-size in-place
+    # edit made within that second would be missed.
+    shutil.copy2(index, temp)
     try:
         # One stat pass: entries whose stat data changed are re-hashed by update-index below, which also
         # refreshes their stat data in the cache (so an untouched file is never hashed twice).
@@ -178,7 +182,7 @@ def init_agent_git(store: StateStore, folder: Path, commit: str, index: Path, *,
         version=1 if sha256 else 0, extensions="[extensions]\n\tobjectformat = sha256\n" if sha256 else ""))
     (dotgit / "objects" / "info" / "alternates").write_text(str((store.dir / "objects").resolve()) + "\n")
     (dotgit / "description").write_text("An attempt workspace of Conductor; this .git is yours to use.\n")
-    shutil.copyfile(index, dotgit / "index")
+    shutil.copy2(index, dotgit / "index")  # with its mtime, for the agent's git too (see capture)
 
 
 def remove_folder(folder: Path) -> None:

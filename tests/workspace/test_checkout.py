@@ -143,3 +143,28 @@ def test_names_conductor_refuses_to_capture(setup) -> None:
     subprocess.run(["rm", "-rf", str(folder / ".GIT")], check=True)
     os.mkfifo(folder / "pipe")  # git never lists a fifo, socket or device: it is never captured or merged
     assert changed(store, commit, folder, ignore=()) == {}
+
+
+def test_an_in_place_edit_in_the_same_second_as_the_checkout_is_caught_a_second_later(tmp_path: Path) -> None:
+    """git compares whole seconds (unless built with USE_NSEC) and relies on the racy-git rule: an entry as
+    new as its index is re-checked by content. A capture that copies the index must keep the index's
+    mtime, or a same-size in-place edit made in the checkout's second is missed once a second has passed."""
+    import time
+
+    root = make_repo(tmp_path / "proj", {"calc.py": "return a - b\n"})
+    store = StateStore(root, root / ".conductor").ensure()
+    commit = store.snapshot_project(ignore=[], message="base\n")
+    for attempt in range(20):
+        folder = root / ".conductor" / "scratch" / f"step_001.a{attempt + 1}"
+        materialize(store, commit, folder)
+        target = folder / "calc.py"
+        before = os.stat(target)
+        with open(target, "r+b") as handle:  # same size, same inode: only the clock tells
+            handle.write(b"return a + b\n")
+        after = os.stat(target)
+        if int(after.st_ctime) == int(before.st_ctime) == int(os.stat(index_file(folder)).st_mtime):
+            break  # the edit landed in the checkout's second: the case to prove
+    else:
+        pytest.skip("could not edit within the checkout's second (a very slow machine)")
+    time.sleep(1.1 - (time.time() % 1))  # the capture happens a second later
+    assert changed(store, commit, folder, ignore=()) == {"calc.py": "modified"}
