@@ -46,7 +46,7 @@ from conductor.audit import AuditLog, verify_chain
 from conductor.canonical import pretty_bytes, strict_loads
 from conductor.errors import AuditChainError, ConductorError, InvalidDocument, SignatureError, StateConflict
 from conductor.fsutil import atomic_write, publish_exclusive
-from conductor.keys import SigningKey, TrustStore, raw_public_bytes
+from conductor.keys import CONDUCTOR_SIGNER, SigningKey, TrustStore, raw_public_bytes
 
 NOTE_SUFFIX = ".note"
 ORIGIN_PREFIX = "conductor.dev/audit"
@@ -359,7 +359,7 @@ def verify_note(data: bytes, trust: TrustStore, *, source: str) -> tuple[Checkpo
             entry.public_key.verify(signature.signature, body)
         except InvalidSignature as exc:
             raise SignatureError(f"{source}: bad signature by key {signature.name}") from exc
-        if trust.fully_trusted(entry.key_id):
+        if trust.trusted_for(entry.key_id, CONDUCTOR_SIGNER):
             signer = signer or entry.key_id
         else:
             scoped.append(signature.name)

@@ -161,7 +161,8 @@ class Engine:
             commands=list(config.verification.commands),
             timeout_seconds=config.verification.timeout_seconds,
             ignore=self.ignore,
-            trust=TrustStore.for_project(layout.keys_dir, config.trust, layout.conductor_dir),
+            trust=TrustStore.for_project(layout.keys_dir, config.trust, layout.conductor_dir,
+                                         own_key=signer.public_key if signer is not None else None),
             require_signatures=config.trust.require_signatures,
         )
 

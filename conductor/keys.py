@@ -1,9 +1,19 @@
 """Ed25519 signing keys of a project, and the store of public keys Conductor trusts.
 
-Files (``ProjectLayout.keys_dir``, i.e. ``.conductor/keys/``)::
+The project's private key lives **outside the project**, where no command launched for a step can read
+it (the sandbox hides the folder too): ``$XDG_CONFIG_HOME/conductor/keys/<project id>/`` (default
+``~/.config/conductor/keys/<project id>/``; ``CONDUCTOR_KEYS_HOME`` replaces
+``$XDG_CONFIG_HOME/conductor/keys``), the project id being ``.conductor/project-id`` (16 random hex
+characters, made once). The project keeps only a copy of the public key, ``.conductor/keys/signing.pub``,
+for others to verify with. A key left in ``.conductor/keys/signing.key`` by an older Conductor is moved
+out on first use. Files::
 
     signing.key   PKCS#8 PEM, unencrypted, mode 0600 (refused when group or others may read it)
     signing.pub   SubjectPublicKeyInfo PEM
+
+The project key signs what Conductor itself states (attestations, checkpoints, the provenance of its
+in-process executors): it is trusted for :data:`OWN_IDENTITIES` only, never for an external executor,
+which signs with a key of its own listed in ``trust.keys``.
 
 A key is named by its **key id**: the lowercase hex SHA-256 of the 32 raw public-key bytes (RFC 8032
 encoding). DSSE envelopes carry it as ``keyid``; it is a hint for finding the key, never a reason to
@@ -38,6 +48,14 @@ from conductor.fsutil import TEMP_PREFIX, atomic_write, fsync_dir, write_all
 SIGNING_KEY_FILE = "signing.key"
 PUBLIC_KEY_FILE = "signing.pub"
 SIGNING_KEY_ENV = "CONDUCTOR_SIGNING_KEY_FILE"
+KEYS_HOME_ENV = "CONDUCTOR_KEYS_HOME"
+PROJECT_ID_FILE = "project-id"
+OWN_IDENTITIES = ("conductor-engine@*", "llm:*", "conductor-verifier@*")
+"""What the project key is trusted to sign for: the engine's in-process executors (command, llm) and
+the verifier (attestations)."""
+CONDUCTOR_SIGNER = "conductor-verifier@conductor"
+"""The identity attestations and checkpoints are checked for: only the project key (and keys a user
+trusted for every executor, ``*``) may sign them."""
 ANY_EXECUTOR = "*"
 
 
@@ -214,6 +232,78 @@ def resolve_signing_key(keys_dir: Path, environ: Mapping[str, str] = os.environ)
     return load_signing_key(default)
 
 
+def project_id(conductor_dir: Path) -> str:
+    """The project's id (``.conductor/project-id``), made once: 16 random hex characters.
+
+    Raises:
+        KeyFileError: the file exists but does not hold such an id.
+    """
+    path = Path(conductor_dir) / PROJECT_ID_FILE
+    if not path.exists():
+        conductor_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            pass  # another process made it first: read theirs
+        else:
+            try:
+                write_all(fd, (secrets.token_hex(8) + "\n").encode(), path)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    if len(text) != 16 or any(c not in "0123456789abcdef" for c in text):
+        raise KeyFileError(f"{path}: not a project id (16 lowercase hex characters): {text[:40]!r}")
+    return text
+
+
+def private_keys_dir(conductor_dir: Path, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the project's private key lives (see the module docstring)."""
+    base = environ.get(KEYS_HOME_ENV) or ""
+    if not base:
+        config_home = environ.get("XDG_CONFIG_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"),
+                                                                      ".config")
+        base = os.path.join(config_home, "conductor", "keys")
+    return Path(base) / project_id(Path(conductor_dir))
+
+
+def project_key(keys_dir: Path, conductor_dir: Path, environ: Mapping[str, str] = os.environ, *,
+                create: bool = True) -> SigningKey | None:
+    """The project's signing key: ``$CONDUCTOR_SIGNING_KEY_FILE`` if set, else the private key folder's
+    (a legacy ``keys_dir/signing.key`` is moved there first; with ``create`` a missing key is made). The
+    public copy ``keys_dir/signing.pub`` is kept in step with the key.
+
+    Returns:
+        The key, or None without ``create`` when there is none.
+
+    Raises:
+        KeyFileError: a key file cannot be loaded, or is readable by others.
+    """
+    named = environ.get(SIGNING_KEY_ENV, "")
+    if named:
+        return load_signing_key(Path(named).expanduser())
+    private = private_keys_dir(conductor_dir, environ)
+    legacy = Path(keys_dir) / SIGNING_KEY_FILE
+    if legacy.exists() and not (private / SIGNING_KEY_FILE).exists():
+        key = load_signing_key(legacy)  # refuses a world-readable one before moving it
+        private.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _publish_private(private / SIGNING_KEY_FILE, legacy.read_bytes())
+        atomic_write(private / PUBLIC_KEY_FILE, key.public_pem(), mode=0o644)
+        legacy.unlink()
+        fsync_dir(legacy.parent)
+    if (private / SIGNING_KEY_FILE).exists():
+        key = load_signing_key(private / SIGNING_KEY_FILE)
+    elif create:
+        key = generate_signing_key(private)
+    else:
+        return None
+    public = Path(keys_dir) / PUBLIC_KEY_FILE
+    if not public.exists() or public.read_bytes() != key.public_pem():
+        Path(keys_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write(public, key.public_pem(), mode=0o644)
+    return key
+
+
 def load_public_key(source: Path | bytes) -> Ed25519PublicKey:
     """Load an Ed25519 public key from SubjectPublicKeyInfo PEM.
 
@@ -264,21 +354,27 @@ class TrustStore:
             self.add(entry.public_key, entry.executors, source=entry.source)
 
     @classmethod
-    def for_project(cls, keys_dir: Path, trust_config: TrustConfig, base_dir: Path) -> TrustStore:
-        """The project's trust: its own ``signing.pub`` (every executor) plus each ``trust.keys`` entry.
+    def for_project(cls, keys_dir: Path, trust_config: TrustConfig, base_dir: Path, *,
+                    own_key: Ed25519PublicKey | None = None) -> TrustStore:
+        """The project's trust: its own key (for :data:`OWN_IDENTITIES` only) plus each ``trust.keys`` entry.
 
         Args:
-            keys_dir: the project's key folder; a missing ``signing.pub`` is simply not added.
+            keys_dir: the project's key folder; its ``signing.pub`` is the own key when ``own_key`` is
+                None (a missing one is simply not added).
             trust_config: the ``trust`` section of ``config.yaml``.
             base_dir: the folder relative ``public_key`` paths are resolved against (``.conductor/``).
+            own_key: the public half of the signing key in use, which wins over the ``signing.pub`` copy
+                kept in the project (a file an executor might have replaced).
 
         Raises:
             KeyFileError: a configured key file is missing, malformed or not Ed25519 (naming it).
         """
         store = cls()
         own = Path(keys_dir) / PUBLIC_KEY_FILE
-        if own.exists():
-            store.add(load_public_key(own), (ANY_EXECUTOR,), source=str(own))
+        if own_key is not None:
+            store.add(own_key, OWN_IDENTITIES, source="the project's signing key")
+        elif own.exists():
+            store.add(load_public_key(own), OWN_IDENTITIES, source=str(own))
         for entry in trust_config.keys:
             path = Path(entry.public_key).expanduser()
             if not path.is_absolute():

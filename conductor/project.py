@@ -11,7 +11,7 @@ from pathlib import Path
 from conductor.config import Config, load_config
 from conductor.errors import StateConflict, UnsafePath
 from conductor.fsutil import publish_exclusive
-from conductor.keys import SIGNING_KEY_FILE, PUBLIC_KEY_FILE, generate_signing_key
+from conductor.keys import PUBLIC_KEY_FILE, project_key
 from conductor.layout import CONDUCTOR_DIR, ProjectLayout
 from conductor.models import PolicyLayer
 from conductor.paths import check_relpath
@@ -80,9 +80,10 @@ def init_project(root: Path, name: str | None = None) -> InitializedProject:
     for path, text in files.items():
         if _create(path, text):
             created.append(_relative(path, project))
-    if not (layout.keys_dir / SIGNING_KEY_FILE).exists():
-        generate_signing_key(layout.keys_dir)
-        created += [_relative(layout.keys_dir / name, project) for name in (SIGNING_KEY_FILE, PUBLIC_KEY_FILE)]
+    had_public = (layout.keys_dir / PUBLIC_KEY_FILE).exists()
+    project_key(layout.keys_dir, layout.conductor_dir)  # made outside the project, or moved out of it
+    if not had_public:
+        created.append(_relative(layout.keys_dir / PUBLIC_KEY_FILE, project))
     return InitializedProject(root=project, created=tuple(c for c in created if c != "."))
 
 

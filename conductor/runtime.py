@@ -172,16 +172,17 @@ def _check_sandbox(project: Project, plan: Plan) -> None:
 
 
 def project_signer(project: Project) -> SigningKey:
-    """The key Conductor signs with: ``CONDUCTOR_SIGNING_KEY_FILE``, else ``.conductor/keys/signing.key``
-    (created now for a project initialised before Conductor had keys).
+    """The key Conductor signs with: ``CONDUCTOR_SIGNING_KEY_FILE``, else the project's key kept outside
+    the project (``conductor.keys``; made now, or moved out of ``.conductor/keys/``, if needed).
 
     Raises:
         KeyFileError: the key file is unreadable, malformed or readable by others.
     """
-    from conductor.keys import generate_signing_key, resolve_signing_key
+    from conductor.keys import project_key
 
-    key = resolve_signing_key(project.layout.keys_dir, project.environ)
-    return key if key is not None else generate_signing_key(project.layout.keys_dir)
+    key = project_key(project.layout.keys_dir, project.layout.conductor_dir, project.environ)
+    assert key is not None  # create=True
+    return key
 
 
 def resume_plan(project: Project, plan_id: str | None) -> Plan:

@@ -28,7 +28,7 @@ from conductor.attempts import state_store
 from conductor.errors import ConductorError
 from conductor.fsutil import file_sha256
 from conductor.handoff.documents import read_document
-from conductor.keys import TrustStore
+from conductor.keys import CONDUCTOR_SIGNER, TrustStore, project_key
 from conductor.layout import (
     ATTESTATION_SUFFIX,
     PROVENANCE_SUFFIX,
@@ -87,11 +87,13 @@ def default_witness(environ: Mapping[str, str] = os.environ) -> Path:
 
 def verify_project(
     layout: ProjectLayout, config: Config, *, plan_ids: list[str] | None = None, witness: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
 ) -> VerifyReport:
     """Check every plan of the project (or ``plan_ids``) and report every problem found.
 
     Args:
         witness: the witness file for checkpoint rollback detection (None: no witness).
+        environ: where ``CONDUCTOR_SIGNING_KEY_FILE`` and the key folder's location are read from.
 
     Returns:
         The report; ``report.ok`` is True when nothing is wrong.
@@ -99,7 +101,9 @@ def verify_project(
     Raises:
         KeyFileError: a configured trusted key cannot be loaded.
     """
-    trust = TrustStore.for_project(layout.keys_dir, config.trust, layout.conductor_dir)
+    own = project_key(layout.keys_dir, layout.conductor_dir, environ, create=False)
+    trust = TrustStore.for_project(layout.keys_dir, config.trust, layout.conductor_dir,
+                                   own_key=own.public_key if own is not None else None)
     checker = _Checker(layout, trust, config.trust.require_signatures, witness)
     for plan_id in plan_ids if plan_ids is not None else layout.plan_ids():
         checker.plan(plan_id)
@@ -271,7 +275,7 @@ class _Checker:
             return
         self.report.count("attestations")
         try:
-            read = read_provenance(path, self.trust, executor_id=None, require_signature=True)
+            read = read_provenance(path, self.trust, executor_id=CONDUCTOR_SIGNER, require_signature=True)
         except (ConductorError, OSError) as exc:
             self._error(path, exc)
             return

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from conductor.config import TrustConfig, TrustedKey
 from conductor.errors import ConfigError, KeyFileError
 from conductor.keys import (
+    CONDUCTOR_SIGNER,
     SIGNING_KEY_ENV,
     SigningKey,
     TrustStore,
@@ -198,13 +199,15 @@ def test_trust_store_for_project(tmp_path: Path) -> None:
     assert set(store) == {own.key_id, worker.key_id, ci.key_id}
     assert key_id(store.public_key(worker.key_id)) == worker.key_id  # type: ignore[arg-type]
     assert store.public_key("0" * 64) is None
-    assert store.trusted_for(own.key_id, "llm:openai/gpt-4.1-mini")
+    assert store.trusted_for(own.key_id, "llm:openai/gpt-4.1-mini")  # Conductor's own in-process executor
+    assert store.trusted_for(own.key_id, "conductor-engine@host:1") and store.trusted_for(own.key_id, CONDUCTOR_SIGNER)
+    assert not store.trusted_for(own.key_id, "conductor-worker@host:42")  # never an external executor
     assert store.trusted_for(worker.key_id, "conductor-worker@host:42")
     assert not store.trusted_for(worker.key_id, "llm:openai/gpt-4.1-mini")
     assert not store.trusted_for(worker.key_id, "Conductor-Worker@host:42")  # case-sensitive
     assert store.trusted_for(ci.key_id, "anything")
     assert not store.trusted_for("0" * 64, "anything")
-    assert store.fully_trusted(own.key_id) and store.fully_trusted(ci.key_id)
+    assert not store.fully_trusted(own.key_id) and store.fully_trusted(ci.key_id)
     assert not store.fully_trusted(worker.key_id)
 
 

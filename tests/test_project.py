@@ -9,12 +9,13 @@ import pytest
 from conductor.config import Config, load_config
 from conductor.errors import ConfigError, StateConflict, UnsafePath
 from conductor.layout import ProjectLayout
+from conductor.keys import private_keys_dir
 from conductor.models import Behavior, PolicyLayer, SandboxRules
 from conductor.policy import DEFAULT_MAX_DIFF_LINES, DEFAULT_TIMEOUT_SECONDS, load_policy, merge_policies
 from conductor.project import init_project, load_project, template_text
 
 EXPECTED = (".conductor", ".conductor/handoff", ".conductor/config.yaml", ".conductor/policy.yaml", ".conductor/.gitignore",
-            ".conductor/keys/signing.key", ".conductor/keys/signing.pub")
+            ".conductor/keys/signing.pub")
 
 
 def test_init_in_place_creates_everything(tmp_path: Path) -> None:
@@ -26,7 +27,10 @@ def test_init_in_place_creates_everything(tmp_path: Path) -> None:
     assert project.config_file.read_text(encoding="utf-8") == template_text("config.yaml")
     assert project.policy_file.read_text(encoding="utf-8") == template_text("policy.yaml")
     assert project.handoff_dir.is_dir()
-    assert (project.keys_dir / "signing.key").stat().st_mode & 0o777 == 0o600
+    # The private key lives outside the project, where a launched command cannot read it.
+    assert not (project.keys_dir / "signing.key").exists()
+    private = private_keys_dir(project.conductor_dir) / "signing.key"
+    assert private.stat().st_mode & 0o777 == 0o600 and not private.is_relative_to(tmp_path)
     assert ProjectLayout.find(tmp_path / ".conductor" / "handoff").root == tmp_path.resolve()
 
 
@@ -138,3 +142,14 @@ def test_load_project_without_files_uses_defaults(tmp_path: Path) -> None:
     config, policy = load_project(ProjectLayout(tmp_path), environ={})
     assert config == Config()
     assert policy == PolicyLayer()
+
+
+def test_init_moves_a_key_left_in_the_project_out_of_it(tmp_path: Path) -> None:
+    from conductor.keys import generate_signing_key, load_signing_key
+
+    legacy = generate_signing_key(tmp_path / ".conductor" / "keys")  # where Conductor 0.1 kept it
+    project = init_project(tmp_path)
+    moved = private_keys_dir(project.conductor_dir) / "signing.key"
+    assert not (project.keys_dir / "signing.key").exists()
+    assert load_signing_key(moved).key_id == legacy.key_id
+    assert (project.keys_dir / "signing.pub").read_bytes() == legacy.public_pem()

@@ -98,7 +98,8 @@ def verify(plan_id, witness, no_witness, project_dir, as_json) -> int:  # type: 
     project = open_project(project_dir)
     plan_ids = [resolve_plan_id(project.layout, plan_id)] if plan_id else None
     witness_path = None if no_witness else (witness or default_witness(project.environ))
-    report = verify_project(project.layout, project.config, plan_ids=plan_ids, witness=witness_path)
+    report = verify_project(project.layout, project.config, plan_ids=plan_ids, witness=witness_path,
+                            environ=project.environ)
     if as_json:
         echo_json({"ok": report.ok, "checked": report.checked, "uncovered_entries": report.uncovered,
                    "findings": [{"where": f.where, "problem": f.problem} for f in report.findings]})
@@ -117,13 +118,15 @@ def verify(plan_id, witness, no_witness, project_dir, as_json) -> int:  # type: 
 @json_option
 def keys(project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
     """Show the signing key's id and every trusted public key."""
-    from conductor.keys import SIGNING_KEY_ENV, TrustStore, resolve_signing_key
+    from conductor.keys import SIGNING_KEY_ENV, SIGNING_KEY_FILE, TrustStore, private_keys_dir, project_key
 
     project = open_project(project_dir)
     layout = project.layout
-    signer = resolve_signing_key(layout.keys_dir, project.environ)
-    source = project.environ.get(SIGNING_KEY_ENV) or str(layout.keys_dir / "signing.key")
-    trust = TrustStore.for_project(layout.keys_dir, project.config.trust, layout.conductor_dir)
+    signer = project_key(layout.keys_dir, layout.conductor_dir, project.environ, create=False)
+    source = project.environ.get(SIGNING_KEY_ENV) or str(private_keys_dir(layout.conductor_dir, project.environ)
+                                                         / SIGNING_KEY_FILE)
+    trust = TrustStore.for_project(layout.keys_dir, project.config.trust, layout.conductor_dir,
+                                   own_key=signer.public_key if signer else None)
     data = {
         "signing_key": {"key_id": signer.key_id, "file": source} if signer else None,
         "trusted": [{"key_id": e.key_id, "executors": list(e.executors), "file": e.source} for e in trust.entries()],

@@ -46,9 +46,12 @@ def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds,
             param_hint="--heartbeat-seconds/--lease-seconds",
         )
     runner = CommandRunner(command, layout=project.layout)
-    from conductor.keys import load_signing_key, resolve_signing_key
+    from conductor.keys import SIGNING_KEY_ENV, load_signing_key
 
-    signer = load_signing_key(signing_key) if signing_key else resolve_signing_key(project.layout.keys_dir, project.environ)
+    # A worker signs with a key of its own (trusted in trust.keys), never the project's: the project key is
+    # what Conductor itself signs with, and an executor holding it could forge Conductor's attestations.
+    own_key = signing_key or project.environ.get(SIGNING_KEY_ENV) or None
+    signer = load_signing_key(Path(own_key)) if own_key else None
     work = Worker(project.layout, runner, settings, ignore=list(project.config.workspace.ignore), signer=signer)
 
     def on_signal(signum: int, frame: object) -> None:
