@@ -29,7 +29,9 @@ Figures (benchmarks/README.md has the method and the latest numbers):
    (start-up, recording the project, the fork's first checkout, clean-up), which figure 2 covers. Goal:
    flat, the marginal overhead at the largest size <= 1.5x the one at the smallest. Printed beside it for
    reference, the amortized overhead per step: (wall of the N-step plan - wall of the git baseline of figure
-   2 with one worktree) / N, per round, median; it does include those once-per-plan costs.
+   2 with one worktree) / N, per round, median; it does include those once-per-plan costs. And a diagnostic
+   from Conductor's audit log: the mean time from one ``step.merged`` event to the next minus the git
+   command time / N, which leaves out process start-up and a busy machine's noise in it.
 
 The baseline ends with ``git worktree remove --force`` of its worktrees and runs its forks one after the other;
 Conductor runs as it likes (``executor.parallel``, 4). Deleting many files makes creating files several times
@@ -502,6 +504,23 @@ def run_conductor(conductor: Path, repo: Path, plan: Path, forks: int, *, apply:
             "applied_fork": (report or {}).get("applied_fork"), "problems": problems}
 
 
+def audit_step_gaps(conductor: Path, repo: Path, plan_id: str | None, env: Mapping[str, str]) -> list[float] | None:
+    """Seconds between consecutive ``step.merged`` events of ``plan_id`` (``conductor events``), or None.
+
+    A diagnostic beside the wall times: it leaves out process start and the once-per-plan work, and is read
+    from Conductor's own audit log (its clock, its event names), so it is never a goal figure.
+    """
+    if not plan_id:
+        return None
+    try:
+        out = run([conductor, "events", "--plan-id", plan_id, "--type", "step.merged", "--json", "-C", repo],
+                  cwd=repo, env=env)
+        stamps = sorted(datetime.fromisoformat(e["ts"].replace("Z", "+00:00")) for e in json.loads(out))
+    except (RunFailed, ValueError, KeyError, TypeError):
+        return None
+    return [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
+
+
 def patch_counts(patch: bytes) -> dict[str, int]:
     lines = patch.decode(errors="replace").splitlines()
     return {"changed_files": sum(line.startswith("diff --git ") for line in lines),
@@ -638,6 +657,9 @@ class Bench:
                                                              f"{what}, conductor 1 step", run_["settle"])
             run_["conductor"] = self._conductor(repo, plan, len(targets), touched, f"{what}, conductor",
                                                 run_["settle"])
+            if one_step:
+                run_["conductor"]["audit_step_gaps"] = audit_step_gaps(self.conductor, repo,
+                                                                       run_["conductor"]["plan_id"], self.env)
             run_["settle"]["git"] = self._settle(f"{what}, git baseline")
             run_["git"] = base = run_git_baseline(repo, self.work / "worktrees", f"{label}-r{i}", commands,
                                                   apply=self.apply, env=self.env)
@@ -746,7 +768,11 @@ def per_step_figures(runs: Sequence[Mapping[str, Any]], steps: int) -> dict[str,
     marginal = [(r["conductor"]["seconds"] - r["conductor_one_step"]["seconds"]) / (steps - 1)
                 - r["git"]["parts_seconds"]["commands"] / steps for r in runs]
     amortized = [(r["conductor"]["seconds"] - r["git"]["seconds"]) / steps for r in runs]
+    gaps = [r["conductor"].get("audit_step_gaps") for r in runs]
+    audit = None if not all(gaps) else statistics.median(
+        statistics.mean(g) - r["git"]["parts_seconds"]["commands"] / steps for g, r in zip(gaps, runs, strict=True))
     return {"marginal_overhead_per_step_seconds": statistics.median(marginal),
+            "audit_overhead_per_step_seconds": audit,
             "marginal_overhead_per_step_each": marginal,
             "amortized_overhead_per_step_seconds": statistics.median(amortized),
             "amortized_overhead_per_step_each": amortized}
@@ -852,13 +878,16 @@ def render(doc: Mapping[str, Any]) -> str:
     st = doc.get("steps")
     if st:
         n = st["steps"]
-        rows.append((f"per-step overhead, 1 fork x {n} chained one-file steps (wall of the {n}-step plan; "
-                     "marginal = (it - the 1-step plan) / "
-                     f"{n - 1} - git's command time / {n}; amortized = (it - git) / {n}; medians of the rounds' "
-                     "figures)", "", "", "", "", ""))
+        rows.append((f"per-step overhead, 1 fork x {n} chained one-file steps; each figure the median of the rounds':",
+                     "", "", "", "", ""))
+        rows.append((f"  marginal (the goal) = ({n}-step plan - 1-step plan) / {n - 1} - git's command time / {n}; "
+                     f"amortized = ({n}-step plan - git) / {n};", "", "", "", "", ""))
+        rows.append((f"  audit log (a diagnostic) = mean time from step.merged to step.merged - git's command time / {n}",
+                     "", "", "", "", ""))
         for size in st["sizes"]:
             rows.append((f"  {size['files']:,} files: marginal {_s(size['marginal_overhead_per_step_seconds'])}/step, "
-                         f"amortized {_s(size['amortized_overhead_per_step_seconds'])}/step",
+                         f"amortized {_s(size['amortized_overhead_per_step_seconds'])}/step, "
+                         f"audit log {_s(size['audit_overhead_per_step_seconds'])}/step",
                          _s(size["conductor_seconds"]), _s(size["git_seconds"]), _x(size["ratio"]), "", ""))
             each = "" if len(size["runs"]) < 2 else "; marginal each round (s): " + ", ".join(
                 f"{x:.2f}" for x in size["marginal_overhead_per_step_each"])

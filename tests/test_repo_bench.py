@@ -110,6 +110,9 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
         assert math.isclose(size["amortized_overhead_per_step_seconds"],
                             (size["conductor_seconds"] - size["git_seconds"]) / 2)
         assert size["marginal_overhead_per_step_each"] == [size["marginal_overhead_per_step_seconds"]]
+        (gap,) = size["runs"][0]["conductor"]["audit_step_gaps"]  # 2 steps: one step.merged to the next
+        assert _positive(gap) and math.isclose(size["audit_overhead_per_step_seconds"],
+                                               gap - size["git_parts_seconds"]["commands"] / 2)
     for kind in ("marginal", "amortized"):
         low, high = (size[f"{kind}_overhead_per_step_seconds"] for size in steps["sizes"])
         assert steps[f"{kind}_flatness_ratio"] == (high / low if low > 0 else None)
@@ -141,7 +144,10 @@ def test_per_step_figures_are_medians_of_each_rounds_figures() -> None:
                 "git": {"seconds": git, "parts_seconds": {"commands": commands}}}
 
     runs = [round_(10, 4, 7, 0.3), round_(30, 8, 9, 0.3), round_(12, 5, 6, 0.6)]
+    for run, gaps in zip(runs, ([1.0, 2.0], [3.0, 3.0], [2.0, 2.2]), strict=True):
+        run["conductor"]["audit_step_gaps"] = gaps
     figures = _bench().per_step_figures(runs, steps=3)
+    assert figures["audit_overhead_per_step_seconds"] == pytest.approx(1.9)  # 1.5 - 0.1, 3 - 0.1, 2.1 - 0.2
     assert figures["marginal_overhead_per_step_each"] == pytest.approx([2.9, 10.9, 3.3])
     assert figures["marginal_overhead_per_step_seconds"] == pytest.approx(3.3)  # not 3.4, the figure of the medians
     assert figures["amortized_overhead_per_step_each"] == pytest.approx([1, 7, 2])
