@@ -26,9 +26,9 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from conductor.errors import ConfigError
 from conductor.yamlutil import (
@@ -96,6 +96,9 @@ class ExecutorConfig(_Section):
     lease_seconds: int = Field(default=60, gt=0, le=MAX_LEASE_SECONDS)
     heartbeat_seconds: int = Field(default=10, gt=0, le=MAX_LEASE_SECONDS)
     poll_seconds: float = Field(default=2.0, gt=0, le=MAX_POLL_SECONDS, allow_inf_nan=False)
+    env: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list, description="names of environment variables passed on to launched commands, "
+        "besides PATH, HOME, locale and CONDUCTOR_* (everything else, API keys included, is withheld)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ExecutorConfig:

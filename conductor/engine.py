@@ -164,6 +164,7 @@ class Engine:
             trust=TrustStore.for_project(layout.keys_dir, config.trust, layout.conductor_dir,
                                          own_key=signer.public_key if signer is not None else None),
             require_signatures=config.trust.require_signatures,
+            env_names=tuple(config.executor.env),
         )
 
     # --- policy and confidence ------------------------------------------------------------------
@@ -480,6 +481,7 @@ class Engine:
             commands=list(self.config.verification.commands),
             timeout_seconds=self.config.verification.timeout_seconds,
             sandbox_mode=self._plan_policy.effective.sandbox_mode, network=self._plan_policy.effective.network,
+            env_names=self.config.executor.env,
         )
         return ForkEvidence(
             fork_id=spec.fork_id, strategy=spec.strategy.name, status=status, steps_verified=verified,

@@ -7,6 +7,7 @@ fewer changed lines; fewer LLM tokens; then the fork id. A fork that is not full
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def fork_changes(layout: ProjectLayout, base_commit: str, head_commit: str) -> l
 
 def fork_checks(
     layout: ProjectLayout, plan_id: str, fork_id: str, head_commit: str, log: AuditLog, *, commands: list[str],
-    timeout_seconds: float, sandbox_mode: SandboxMode = "auto", network: bool = False,
+    timeout_seconds: float, sandbox_mode: SandboxMode = "auto", network: bool = False, env_names: Sequence[str] = (),
 ) -> bool:
     """Run the verification commands once on a clean checkout of the fork's final state (reusing a
     recorded run). The checkout holds exactly ``head_commit``: nothing an executor left behind."""
@@ -70,7 +71,7 @@ def fork_checks(
         materialize(store, head_commit, folder)
     sandbox = for_step(writable=(folder,), keys_dir=layout.keys_dir, environ=os.environ, mode=sandbox_mode,
                        network=network)
-    evidence = run_verification(commands, folder, timeout_seconds=timeout_seconds, sandbox=sandbox)
+    evidence = run_verification(commands, folder, timeout_seconds=timeout_seconds, sandbox=sandbox, env_names=env_names)
     passed = all_passed(evidence)
     log.append("fork.verified", {
         "fork_id": fork_id, "passed": passed, "commit": head_commit,

@@ -102,7 +102,8 @@ def runner_factory(project: Project, *, no_cache: bool = False) -> RunnerFactory
         from conductor.handoff.lease import holder_name
 
         identity = holder_name("conductor-engine")
-        return lambda log: CommandRunner(command, layout=project.layout, environ=project.environ, identity=identity)
+        return lambda log: CommandRunner(command, layout=project.layout, environ=project.environ, identity=identity,
+                                         env_names=config.executor.env)
     from conductor.executors.llm import LLMRunner
 
     client = _client(project, provider=config.executor_provider, model=config.executor_model, no_cache=no_cache)

@@ -13,20 +13,22 @@ from conductor.canonical import sha256_hex
 from conductor.errors import ExecutorError
 from conductor.models import CommandEvidence
 from conductor.proc import run_command
+from conductor.redact import launch_environment, redact
 from conductor.sandbox import SandboxSpec
 
 OUTPUT_TAIL_CHARS = 4000
 _TAIL_BYTES = OUTPUT_TAIL_CHARS * 4  # a UTF-8 character is at most 4 bytes
 
 
-def verification_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def verification_environment(environ: Mapping[str, str] | None = None, env_names: Sequence[str] = ()) -> dict[str, str]:
     """The environment verification commands run with.
 
-    ``environ`` (default ``os.environ``) plus the folder of ``sys.executable`` put first on ``PATH``, so
+    The allowlist of ``environ`` (default ``os.environ``; ``conductor.redact.launch_environment``, with
+    ``env_names`` from ``executor.env``) plus the folder of ``sys.executable`` put first on ``PATH``, so
     ``pytest`` or ``python`` resolve in the environment Conductor runs from even when it is not
     activated, and ``PYTHONDONTWRITEBYTECODE=1`` so that checks do not leave ``__pycache__`` behind.
     """
-    env = dict(os.environ if environ is None else environ)
+    env = launch_environment(os.environ if environ is None else environ, env_names)
     # abspath, not realpath: a venv's python is a symlink to the base interpreter, whose folder is wrong.
     interpreter_dir = os.path.dirname(os.path.abspath(sys.executable))
     env["PATH"] = os.pathsep.join([interpreter_dir, env.get("PATH") or os.defpath])
@@ -41,6 +43,7 @@ def run_verification(
     timeout_seconds: float,
     environ: Mapping[str, str] | None = None,
     sandbox: SandboxSpec | None = None,
+    env_names: Sequence[str] = (),
 ) -> list[CommandEvidence]:
     """Run every command through ``/bin/sh -c`` in ``cwd``, in order, and record what each did.
 
@@ -58,7 +61,7 @@ def run_verification(
         One :class:`CommandEvidence` per command, in order. A command that cannot start has
         ``exit_code`` None and the reason as its output.
     """
-    env = verification_environment(environ)
+    env = verification_environment(environ, env_names)
     return [_run_one(command, cwd, env, timeout_seconds, sandbox) for command in commands]
 
 
@@ -82,7 +85,7 @@ def _evidence(
     command: str, exit_code: int | None, duration: float, timed_out: bool, output_sha256: str, output: bytes, *,
     sandboxed: bool = False,
 ) -> CommandEvidence:
-    tail = output[-_TAIL_BYTES:].decode("utf-8", errors="replace")[-OUTPUT_TAIL_CHARS:]
+    tail = redact(output[-_TAIL_BYTES:].decode("utf-8", errors="replace"))[-OUTPUT_TAIL_CHARS:]
     return CommandEvidence(
         command=command,
         exit_code=exit_code,

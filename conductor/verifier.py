@@ -47,6 +47,7 @@ class VerifySettings:
     ignore: list[str]
     trust: TrustStore | None = None  # None: provenance signatures are not checked (only its digests)
     require_signatures: bool = False
+    env_names: tuple[str, ...] = ()  # executor.env: variables passed on to verification commands
 
 
 def _reject_early(fork: ForkLayout, task_id: str, attempt: int, reason: str, policy: MergedPolicy) -> Verdict:
@@ -126,7 +127,7 @@ def verify_step(
         sandbox = for_step(writable=(workspace,), keys_dir=layout.keys_dir, environ=os.environ,
                            mode=policy.effective.sandbox_mode, network=policy.effective.network)
         evidence = run_verification(settings.commands, workspace, timeout_seconds=settings.timeout_seconds,
-                                    sandbox=sandbox)
+                                    sandbox=sandbox, env_names=settings.env_names)
         passed = all_passed(evidence)
         checks.append(Check(name="verification_commands", passed=passed,
                             detail=", ".join(f"{e.command} → {e.exit_code}" for e in evidence)))

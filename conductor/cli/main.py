@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = cli.main(args=list(argv) if argv is not None else None, prog_name="conductor", standalone_mode=False)
     except ConductorError as exc:
-        click.echo(f"conductor: error: {exc}", err=True)
+        from conductor.redact import redact
+
+        click.echo(f"conductor: error: {redact(str(exc))}", err=True)
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()

@@ -45,7 +45,7 @@ def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds,
             f"heartbeat ({settings.heartbeat_seconds} s) must be shorter than the lease ({settings.lease_seconds} s)",
             param_hint="--heartbeat-seconds/--lease-seconds",
         )
-    runner = CommandRunner(command, layout=project.layout)
+    runner = CommandRunner(command, layout=project.layout, environ=project.environ, env_names=config.env)
     from conductor.keys import SIGNING_KEY_ENV, load_signing_key
 
     # A worker signs with a key of its own (trusted in trust.keys), never the project's: the project key is

@@ -34,6 +34,7 @@ from conductor.layout import ProjectLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Result, Task, Usage, utc_now
 from conductor.keys import SigningKey
 from conductor.provenance import build_statement, envelope_for
+from conductor.redact import redact
 
 
 @dataclass
@@ -200,6 +201,9 @@ def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, s
             signer: SigningKey | None = None) -> Result:
     task = claim.task
     finished = utc_now()
+    # Everything stored from here on is read by people and tools: no secret of this process may be in it.
+    error = None if outcome.error is None else outcome.error.model_copy(update={"message": redact(outcome.error.message)})
+    outcome = Outcome(outcome.status, redact(outcome.summary), redact(outcome.explanation), error, outcome.usage)
     result = Result(
         task_id=task.task_id,
         plan_id=task.plan_id,

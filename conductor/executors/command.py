@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from conductor.canonical import pretty_bytes
@@ -24,6 +24,7 @@ from conductor.handoff.lease import holder_name
 from conductor.layout import ProjectLayout
 from conductor.models import ErrorInfo, Task
 from conductor.proc import run_command
+from conductor.redact import launch_environment, redact
 from conductor.sandbox import for_step
 
 OUTPUT_TAIL_CHARS = 4000
@@ -59,11 +60,12 @@ class CommandRunner:
 
     def __init__(
         self, command: str, *, layout: ProjectLayout, environ: Mapping[str, str] | None = None,
-        identity: str | None = None, kill_grace_seconds: float = 2.0,
+        identity: str | None = None, kill_grace_seconds: float = 2.0, env_names: Sequence[str] = (),
     ) -> None:
         self.command = command
         self.layout = layout
         self.environ = dict(os.environ if environ is None else environ)
+        self.env_names = tuple(env_names)
         self.info = executor_info("command", identity or holder_name("conductor-worker"))
         self.kill_grace_seconds = kill_grace_seconds
         self.kill_now = threading.Event()
@@ -71,8 +73,9 @@ class CommandRunner:
     def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
         with tempfile.TemporaryDirectory(prefix="conductor-tmp-") as scratch:
             explanation_file = Path(scratch) / "explanation.md"
-            env = {**self.environ, **task_environment(task, layout=self.layout, workspace=workspace,
-                                                        explanation_file=explanation_file), "TMPDIR": scratch}
+            env = {**launch_environment(self.environ, self.env_names),
+                   **task_environment(task, layout=self.layout, workspace=workspace, explanation_file=explanation_file),
+                   "TMPDIR": scratch}
             outcome = run_command(
                 self.command, cwd=workspace, env=env, stdin=pretty_bytes(task.to_document()),
                 timeout_seconds=task.timeout_seconds, shell=True, kill_grace_seconds=self.kill_grace_seconds,
@@ -85,6 +88,8 @@ class CommandRunner:
             )
             written = explanation_file.read_text("utf-8", errors="replace") if explanation_file.exists() else ""
         output = outcome.output.decode("utf-8", errors="replace")[-OUTPUT_TAIL_CHARS:]
+        # What the command printed or wrote is stored and shown: no secret of ours may be in it.
+        written, output = redact(written, self.environ), redact(output, self.environ)
         explanation = _explanation(self.command, outcome, written, output)
         if outcome.timed_out:
             message = f"command timed out after {task.timeout_seconds} s: {self.command}"
