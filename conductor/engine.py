@@ -262,6 +262,7 @@ class Engine:
             protected_patterns=effective.protected_patterns, constraints=effective.global_constraints,
             depends_on=step.depends_on, workspace=self.layout.relative(folder), base_commit=base,
             timeout_seconds=effective.timeout_seconds, max_diff_lines=effective.max_diff_lines,
+            max_diff_bytes=effective.max_diff_bytes,
             sandbox_mode=effective.sandbox_mode, network=effective.network,
             policy_digest=policy.digest, confidence=confidence, created_at=utc_now(),
         )

@@ -90,6 +90,8 @@ class FileRules(Contract):
 MAX_DIFF_LINES_BOUND = 1_000_000
 """The largest ``behavior.max_diff_lines`` a policy may set (a million changed lines: no limit in practice,
 and far inside the integers canonical JSON can carry)."""
+MAX_DIFF_BYTES_BOUND = 1 << 34
+"""The largest ``behavior.max_diff_bytes`` (16 GiB)."""
 MAX_STEP_TIMEOUT_SECONDS = 86_400
 """The largest ``behavior.timeout_seconds`` (one day per attempt)."""
 
@@ -101,6 +103,9 @@ class Behavior(Contract):
         default=None, ge=0, le=MAX_DIFF_LINES_BOUND, description="lines added + removed, per step")
     timeout_seconds: int | None = Field(
         default=None, gt=0, le=MAX_STEP_TIMEOUT_SECONDS, description="wall time of one attempt, seconds")
+    max_diff_bytes: int | None = Field(
+        default=None, ge=0, le=MAX_DIFF_BYTES_BOUND,
+        description="bytes of new content (added and modified files, symlink targets), per step")
 
 
 SandboxMode = Literal["required", "auto", "off"]
@@ -132,6 +137,7 @@ class EffectivePolicy(Contract):
     protected_patterns: list[str]
     max_diff_lines: int
     timeout_seconds: int
+    max_diff_bytes: int = 2 * 1024 * 1024
     sandbox_mode: SandboxMode = "auto"
     network: bool = False
 
@@ -289,6 +295,7 @@ class Task(Contract):
                                   "what changed is the working tree against it")
     timeout_seconds: int = Field(gt=0)
     max_diff_lines: int = Field(ge=0)
+    max_diff_bytes: int = Field(default=2 * 1024 * 1024, ge=0, description="bytes of new content a step may add")
     sandbox_mode: SandboxMode = Field(default="auto", description="how launched commands are contained: "
                                       "required | auto | off (docs/security.md)")
     network: bool = Field(default=False, description="whether launched commands may reach the network")
@@ -350,6 +357,8 @@ class FileChange(Contract):
     mode: GitMode | None = Field(
         default=None, description="git mode of the new entry (100644 file, 100755 executable, 120000 symlink); "
         "None if deleted or not reported")
+    size: int | None = Field(default=None, ge=0, description="bytes of the new content; None if deleted or "
+                             "not reported")
     old_mode: GitMode | None = Field(default=None, description="git mode before the change; None if added or not reported")
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +30,15 @@ from conductor.canonical import digest
 from conductor.errors import ConfigError, UnsafePath
 from conductor.models import Check, EffectivePolicy, FileChange, PolicyLayer, SandboxMode
 from conductor.sandbox import stricter
-from conductor.paths import check_relpath
+from conductor.paths import check_link_target, check_relpath
 from conductor.yamlutil import read_yaml_document, validate_document
 
 DEFAULT_MAX_DIFF_LINES = 500
 DEFAULT_TIMEOUT_SECONDS = 300
+DEFAULT_MAX_DIFF_BYTES = 2 * 1024 * 1024
 DEFAULT_SOURCE = "default"
-_LIMIT_DEFAULTS = {"max_diff_lines": DEFAULT_MAX_DIFF_LINES, "timeout_seconds": DEFAULT_TIMEOUT_SECONDS}
+_LIMIT_DEFAULTS = {"max_diff_lines": DEFAULT_MAX_DIFF_LINES, "timeout_seconds": DEFAULT_TIMEOUT_SECONDS,
+                   "max_diff_bytes": DEFAULT_MAX_DIFF_BYTES}
 
 
 def load_policy(path: Path) -> PolicyLayer:
@@ -247,7 +249,8 @@ class PolicyDecision:
 
 
 def evaluate_changes(
-    merged: MergedPolicy, allowed_files: Sequence[str], changes: Sequence[FileChange]
+    merged: MergedPolicy, allowed_files: Sequence[str], changes: Sequence[FileChange],
+    symlinks: Mapping[str, str] | None = None,
 ) -> PolicyDecision:
     """Judge ``changes`` against the merged policy and the step's allowed files.
 
@@ -259,6 +262,9 @@ def evaluate_changes(
         merged: the step's merged policy.
         allowed_files: root-anchored gitignore-style entries from the step.
         changes: the changes actually found in the workspace (ground truth, not the executor's claim).
+        symlinks: every symlink of the tree after the change (path → target text). A protected path is
+            protected under every name a symlink gives it: a symlink named like a protected folder, one
+            pointing at a protected path, and a change reached through a symlink all count.
 
     Returns:
         The decision; an empty change list is allowed.
@@ -266,6 +272,7 @@ def evaluate_changes(
     safe, unsafe_reasons = _safe_paths(changes)
     allowed_reasons = _outside_allowed(safe, allowed_files)
     protected_reasons = _protected(merged, safe)
+    protected_reasons += [r for r in _protected_through_links(merged, safe, symlinks or {}) if r not in protected_reasons]
     size_reasons, size_detail = _diff_size(merged, changes)
     pattern_count = len(merged.effective.protected_patterns)
     checks = [
@@ -317,6 +324,34 @@ def _protected(merged: MergedPolicy, paths: list[str]) -> list[str]:
     return reasons
 
 
+def _protected_through_links(merged: MergedPolicy, paths: list[str], symlinks: Mapping[str, str]) -> list[str]:
+    patterns = merged.effective.protected_patterns
+    resolved: dict[str, str] = {}
+    for link, target in symlinks.items():
+        try:
+            resolved[link] = check_link_target(link, target)
+        except UnsafePath:
+            continue  # an unsafe link is refused on its own (unsafe_symlink)
+    reasons = []
+
+    def judge(path: str, name: str, why: str) -> None:
+        for candidate in (name, name + "/"):
+            index = protected_index(candidate, patterns)
+            if index is not None:
+                reasons.append(f"{path}: {why} {name!r}, which matches protected pattern {patterns[index]!r} "
+                               f"({merged.source_of_pattern(index)})")
+                return
+
+    for path in paths:
+        if path in resolved:  # the link itself: its name may stand for a folder, its target is reached
+            judge(path, path, "a symlink named")
+            judge(path, resolved[path], "a symlink to")
+        for link, target in resolved.items():
+            if path.startswith(target + "/"):
+                judge(path, link + path[len(target):], "also reachable as")
+    return reasons
+
+
 def protected_index(path: str, patterns: Sequence[str]) -> int | None:
     """The index of the protected pattern that protects ``path``, or None if none does.
 
@@ -360,10 +395,16 @@ def matches_protected(path: str, patterns: Sequence[str]) -> bool:
 
 
 def _diff_size(merged: MergedPolicy, changes: Sequence[FileChange]) -> tuple[list[str], str]:
+    # Lines alone miss one 15 MB line or a 20 MB binary: new content is also counted in bytes.
     total = sum(change.lines_added + change.lines_removed for change in changes)
-    limit = merged.effective.max_diff_lines
+    size = sum(change.size or 0 for change in changes if change.change != "deleted")
+    limit, byte_limit = merged.effective.max_diff_lines, merged.effective.max_diff_bytes
     source = merged.sources.get("max_diff_lines", DEFAULT_SOURCE)
-    detail = f"{total} line(s) changed, limit {limit} ({source})"
+    byte_source = merged.sources.get("max_diff_bytes", DEFAULT_SOURCE)
+    detail = f"{total} line(s) changed, limit {limit} ({source}); {size} byte(s) of new content, limit {byte_limit}"
+    reasons = []
     if total > limit:
-        return [f"diff of {total} lines (added + removed) exceeds max_diff_lines {limit} ({source})"], detail
-    return [], detail
+        reasons.append(f"diff of {total} lines (added + removed) exceeds max_diff_lines {limit} ({source})")
+    if size > byte_limit:
+        reasons.append(f"{size} bytes of new content exceed max_diff_bytes {byte_limit} ({byte_source})")
+    return reasons, detail

@@ -111,7 +111,7 @@ def verify_step(
     except (UnsafePath, FileNotFoundError, IntegrityError, GitError) as exc:
         return _reject_early(fork, task_id, task.attempt, f"workspace_error: {exc}", policy)
 
-    decision = evaluate_changes(policy, task.allowed_files, changes)
+    decision = evaluate_changes(policy, task.allowed_files, changes, symlinks=store.symlinks(tree) if changes else {})
     reasons, checks = list(decision.reasons), list(decision.checks)
     reasons += _unsafe_links(store, tree, changes)
     reported = _reported_check(result, changes)

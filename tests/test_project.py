@@ -114,7 +114,7 @@ def test_policy_template_loads_back_to_defaults(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(template_text("policy.yaml"), encoding="utf-8")
     policy = load_policy(path)
-    assert policy == PolicyLayer(behavior=Behavior(max_diff_lines=500, timeout_seconds=300),
+    assert policy == PolicyLayer(behavior=Behavior(max_diff_lines=500, timeout_seconds=300, max_diff_bytes=2097152),
                                  sandbox=SandboxRules(mode="auto", network=False))
     effective = merge_policies([("project", policy)]).effective
     assert effective.max_diff_lines == DEFAULT_MAX_DIFF_LINES

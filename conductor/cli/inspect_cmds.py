@@ -204,8 +204,10 @@ def policy(step_id, fork_id, plan_id, project_dir, as_json) -> int:  # type: ign
     table.add_column("key")
     table.add_column("value")
     table.add_column("from")
-    for key in ("max_diff_lines", "timeout_seconds"):
+    for key in ("max_diff_lines", "max_diff_bytes", "timeout_seconds"):
         table.add_row(key, safe(effective[key]), safe(merged.sources.get(key, "")))
+    for key, field in (("sandbox.mode", "sandbox_mode"), ("sandbox.network", "network")):
+        table.add_row(key, safe(effective[field]), safe(merged.sources.get(key, "")))
     for key in ("global_constraints", "protected_patterns"):
         for index, item in enumerate(effective[key]):
             table.add_row(key if index == 0 else "", safe(item), safe(merged.sources.get(f"{key}[{index}]", "")))

