@@ -416,6 +416,7 @@ def verify_checkpoints(
     origin: str,
     trust: TrustStore,
     witness: Path | None = None,
+    project: str | None = None,
 ) -> CheckpointReport:
     """Check an audit log against its signed checkpoints (and, optionally, a witness file).
 
@@ -434,7 +435,9 @@ def verify_checkpoints(
         checkpoint_dir: its checkpoint folder.
         origin: the expected origin (:func:`audit_origin`).
         trust: keys allowed to sign checkpoints (only those trusted for every executor count).
-        witness: a JSON file outside the project, ``{origin: {"size", "head", "seq"}}``; created if missing.
+        witness: a JSON file outside the project, ``{origin: {"size", "head", "seq", "project"?}}``; created
+            if missing.
+        project: the project's id, recorded with the origin in the witness.
 
     Returns:
         A :class:`CheckpointReport`.
@@ -447,7 +450,7 @@ def verify_checkpoints(
     valid = [item.checkpoint for item in loaded if item.signed and _matches_log(item.checkpoint, hashes)]
     newest_valid = valid[-1] if valid else None
     if witness is not None:
-        _check_witness(Path(witness), origin, loaded, newest_valid, findings)
+        _check_witness(Path(witness), origin, loaded, newest_valid, findings, project)
     covered = newest_valid.size if newest_valid else 0
     return CheckpointReport(ok=not findings, findings=findings, covered=covered,
                             uncovered=max(len(hashes) - covered, 0), checkpoints=len(loaded), entries=len(hashes))
@@ -552,7 +555,8 @@ def _check_against_log(loaded: list[_Loaded], hashes: list[str | None], log_path
 
 
 def _check_witness(
-    witness: Path, origin: str, loaded: list[_Loaded], newest_valid: Checkpoint | None, findings: list[str]
+    witness: Path, origin: str, loaded: list[_Loaded], newest_valid: Checkpoint | None, findings: list[str],
+    project: str | None = None,
 ) -> None:
     lock = witness.with_name(witness.name + ".lock")
     witness.parent.mkdir(parents=True, exist_ok=True)
@@ -568,7 +572,18 @@ def _check_witness(
         if findings or newest_valid is None:
             return
         record[origin] = {"size": newest_valid.size, "head": newest_valid.head, "seq": newest_valid.seq}
+        if project is not None:
+            record[origin]["project"] = project  # lets verify notice a whole plan of this project gone
         atomic_write(witness, pretty_bytes(record))
+
+
+def witnessed_origins(witness: Path, project: str) -> dict[str, dict[str, Any]]:
+    """Origin → what the witness saw, for every log of ``project`` (a project id) it knows.
+
+    Raises:
+        InvalidDocument: the witness file is not what :func:`verify_checkpoints` writes.
+    """
+    return {origin: seen for origin, seen in _read_witness(witness).items() if seen.get("project") == project}
 
 
 def _read_witness(witness: Path) -> dict[str, Any]:

@@ -122,6 +122,10 @@ class _ForkView:
     def append(self, type_: str, data: dict) -> None:
         self.events.append(self.log.append(type_, data))
 
+    def refresh(self) -> None:
+        """Re-read the log (other processes append to it too)."""
+        self.events = self.log.events()
+
 
 class Engine:
     """Runs one plan. ``runner_factory`` makes the in-process executor for a fork (None = handoff)."""
@@ -183,13 +187,25 @@ class Engine:
     # --- one pass -------------------------------------------------------------------------------
 
     def process_once(self) -> dict[str, dict[str, str]]:
-        """Advance every fork as far as the files allow. Returns step states per fork."""
+        """Advance every fork as far as the files allow. Returns step states per fork.
+
+        Raises:
+            StorageError (or any error an executor thread died of): re-raised here, on the next pass after
+                it happened, never swallowed until the same step happens to be dispatched again.
+        """
+        self._raise_executor_errors()
         states = {}
         for spec in self.plan.forks:
             view = _ForkView(self.layout, self.plan, spec)
             self._reap(view)
             states[spec.fork_id] = self._advance(view)
         return states
+
+    def _raise_executor_errors(self) -> None:
+        for key, future in list(self._inflight.items()):
+            if future.done():
+                del self._inflight[key]
+                future.result()
 
     def _reap(self, view: _ForkView) -> None:
         reap_expired(view.fork, max_attempts=self.config.executor.max_attempts,
@@ -300,6 +316,9 @@ class Engine:
             self._wake()
 
     def _verify(self, view: _ForkView, step: StepSpec) -> str:
+        # Another process (a worker's reaper) may have re-queued the task and a worker completed the retry
+        # since this pass read the log: judge it against the newest task.published, not a stale one.
+        view.refresh()
         attempt = self._completed_attempt(view, step)
         published = view.last("task.published", step_id=step.step_id, attempt=attempt)
         scored = view.last("confidence.scored", step_id=step.step_id)

@@ -21,14 +21,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conductor.audit import verify_chain
-from conductor.checkpoint import audit_origin, note_files, verify_checkpoints
+from conductor.audit import AuditLog, verify_chain
+from conductor.checkpoint import ORIGIN_PREFIX, audit_origin, note_files, verify_checkpoints, witnessed_origins
 from conductor.config import Config
 from conductor.attempts import state_store
 from conductor.errors import ConductorError
 from conductor.fsutil import file_sha256
 from conductor.handoff.documents import read_document
-from conductor.keys import CONDUCTOR_SIGNER, TrustStore, project_key
+from conductor.keys import CONDUCTOR_SIGNER, TrustStore, project_id, project_key
 from conductor.layout import (
     ATTESTATION_SUFFIX,
     PROVENANCE_SUFFIX,
@@ -107,13 +107,32 @@ def verify_project(
     checker = _Checker(layout, trust, config.trust.require_signatures, witness)
     for plan_id in plan_ids if plan_ids is not None else layout.plan_ids():
         checker.plan(plan_id)
+    if witness is not None and plan_ids is None:
+        checker.vanished_plans()
     return checker.report
 
 
 class _Checker:
     def __init__(self, layout: ProjectLayout, trust: TrustStore, require_signatures: bool, witness: Path | None):
         self.layout, self.trust, self.require, self.witness = layout, trust, require_signatures, witness
+        self.project = project_id(layout.conductor_dir)
         self.report = VerifyReport()
+
+    def vanished_plans(self) -> None:
+        """A plan deleted whole, checkpoints and all, leaves nothing to check, except what the witness
+        (outside the project) remembers of this project's logs."""
+        assert self.witness is not None
+        try:
+            seen = witnessed_origins(self.witness, self.project)
+        except ConductorError as exc:
+            self.add(self.witness, str(exc))
+            return
+        present = set(self.layout.plan_ids())
+        for origin, entry in sorted(seen.items()):
+            plan = origin.removeprefix(ORIGIN_PREFIX + "/").split("/")[0].removeprefix("plan_")
+            if plan not in present:
+                self.add(origin, f"the witness saw {entry['size']} entries of this log (checkpoint {entry['seq']}), "
+                                 f"but plan {plan} is gone from the project")
 
     def add(self, path: Path | str, problem: str) -> None:
         where = self._relative(path) if isinstance(path, Path) else path
@@ -173,7 +192,7 @@ class _Checker:
                                "was interrupted, `conductor resume` signs one")
             return
         result = verify_checkpoints(path, checkpoint_dir, origin=audit_origin(plan_id, label), trust=self.trust,
-                                    witness=self.witness)
+                                    witness=self.witness, project=self.project)
         self.report.count("checkpoints", result.checkpoints)
         self.report.uncovered += result.uncovered
         for finding in result.findings:
@@ -195,6 +214,29 @@ class _Checker:
                     self.add(path, f"the task is also in {seen[task_id]}/")
                 seen[task_id] = state
                 self.task(fork, state, task_id, path)
+        self.folders_agree_with_log(fork, seen)
+
+    def folders_agree_with_log(self, fork: ForkLayout, seen: dict[str, str]) -> None:
+        """A task the log merged lies in completed/, one the verifier rejected in failed/: a task file
+        moved between them (to hide an acceptance, or fake one) is named."""
+        try:
+            events = AuditLog(fork.audit_log).events()
+        except ConductorError:
+            return  # the log's own problems are reported by its chain check
+        final = {}
+        for event in events:
+            step = event.data.get("step_id")
+            if event.type == "step.merged":
+                final[step] = ("completed", "merged (step.merged)", event.seq)
+            elif event.type == "task.failed" and event.data.get("reason") == "verification_rejected":
+                final[step] = ("failed", "rejected (task.failed)", event.seq)
+            elif event.type == "task.published":
+                final.pop(step, None)  # a new attempt: whatever came before is history
+        for step, (folder, what, seq) in sorted(final.items()):
+            if seen.get(step) != folder:
+                where = f"{seen[step]}/" if step in seen else "no state folder"
+                self.add(fork.task_file(seen.get(step, folder), step),
+                         f"the audit log {what} at seq {seq}, but the task file is in {where}")
 
     def task(self, fork: ForkLayout, state: str, task_id: str, path: Path) -> None:
         self.report.count("tasks")

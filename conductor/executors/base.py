@@ -18,6 +18,7 @@ from conductor.attempts import attempt_changes, task_workspace
 from conductor.canonical import sha256_hex
 from conductor.errors import ConductorError, IntegrityError, LeaseLost
 from conductor.faults import crash_point
+from conductor.fsutil import StorageError
 from conductor.handoff.complete import complete_task
 from conductor.handoff.documents import sealed_bytes
 from conductor.handoff.lease import (
@@ -92,6 +93,7 @@ class _Heartbeat(threading.Thread):
         self.claim, self.interval, self.lease_seconds = claim, interval, lease_seconds
         self.stopped = threading.Event()
         self.lost: LeaseLost | None = None
+        self.storage_error: StorageError | None = None
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -103,6 +105,9 @@ class _Heartbeat(threading.Thread):
             except IntegrityError as exc:  # the task file was altered under us
                 self.lost = LeaseLost(f"{self.claim.task.task_id}: {exc}")
                 self.lost.__cause__ = exc
+                return
+            except StorageError as exc:  # re-raised by execute_claim once the runner is done
+                self.storage_error = exc
                 return
 
 
@@ -136,6 +141,7 @@ def execute_claim(
     try:
         workspace = task_workspace(layout, task)
     except (ConductorError, OSError) as exc:
+        _raise_storage(exc)
         return _commit(claim, runner, Outcome("failed", "could not prepare the workspace", str(exc),
                                               ErrorInfo(kind="workspace_error", message=str(exc))), [], started, on_event,
                        signer)
@@ -152,11 +158,14 @@ def execute_claim(
     try:
         outcome = runner.run(task, workspace, StopCheck(should_stop, claim, lease_seconds))
     except ConductorError as exc:
+        _raise_storage(exc)
         kind = type(exc).__name__
         outcome = Outcome("failed", f"{kind}: {exc}", f"The executor failed: {exc}", ErrorInfo(kind=kind, message=str(exc)))
     finally:
         heartbeat.stopped.set()
         heartbeat.join()
+    if heartbeat.storage_error is not None:
+        raise heartbeat.storage_error
     if heartbeat.lost is not None and not isinstance(heartbeat.lost.__cause__, IntegrityError):
         on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(heartbeat.lost)})
         return None
@@ -166,7 +175,8 @@ def execute_claim(
     crash_point("execute.after_run")
     try:
         _tree, changes = attempt_changes(layout, workspace, task.base_commit, ignore)
-    except (ConductorError, OSError) as exc:  # e.g. the command left a fifo: fail the task, never the executor
+    except (ConductorError, OSError) as exc:  # e.g. an unsafe name: fail the task, never the executor
+        _raise_storage(exc)
         changes = []
         outcome = Outcome("failed", "the workspace cannot be hashed after the run", str(exc),
                           ErrorInfo(kind="workspace_error", message=str(exc)), outcome.usage)
@@ -178,6 +188,13 @@ def execute_claim(
     except IntegrityError as exc:  # the task file was altered while it ran: fail it, never the executor
         _reject_altered(claim, exc, runner, on_event)
         return None
+
+
+def _raise_storage(exc: BaseException) -> None:
+    """A disk that refuses writes is no verdict on the step: stop this process (exit 74) instead of
+    committing the error as the step's failure, and let recovery and resume carry on."""
+    if isinstance(exc, StorageError):
+        raise exc
 
 
 def _reject_altered(claim: Claim, exc: IntegrityError, runner: StepRunner, on_event: EventSink) -> None:

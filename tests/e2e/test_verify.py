@@ -229,3 +229,23 @@ def test_verify_names_an_unknown_plan(project) -> None:  # type: ignore[no-untyp
     root, _, _ = project
     run = conductor(root, "verify", "--plan-id", "nope")
     assert run.returncode == 9 and "no plan 'nope'" in run.stderr
+
+
+def test_a_task_moved_from_completed_to_failed_is_named(project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, plan_id, layout = project
+    fork = layout.fork(plan_id, "1")
+    fork.task_file("completed", "step_002").rename(fork.task_file("failed", "step_002"))
+    code, findings = verify(root, tmp_path)
+    assert code == 5
+    _one(findings, "failed/step_002.task.json", "merged (step.merged)", "the task file is in failed/")
+
+
+def test_a_whole_plan_deleted_with_its_checkpoints_is_named_by_the_witness(project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, plan_id, layout = project
+    code, findings = verify(root, tmp_path)  # the witness (outside the project) learns this project's logs
+    assert code == 0, findings
+    shutil.rmtree(layout.plan_dir(plan_id))
+    shutil.rmtree(layout.conductor_dir / "checkpoints" / f"plan_{plan_id}")
+    code, findings = verify(root, tmp_path)
+    assert code == 5
+    _one(findings, f"plan_{plan_id}/fork_1", "the witness saw", f"plan {plan_id} is gone")

@@ -33,25 +33,6 @@ from tests.fault.harness import ABSENT, EXPECTED, GOOD_STEPS, Trial
 
 DOCUMENTS = ((".task.json", Task), (".lease.json", Lease), (".result.json", Result), (".verdict.json", Verdict))
 
-# Bugs outside the recovery code that this suite found, reported to their owners. A problem caused by one
-# carries its marker; a test whose every failure is a known bug xfails (listing them) instead of failing.
-KNOWN_BUGS = {
-    "known-bug:K1": "executors/base.py execute_claim catches ConductorError/OSError around the workspace snapshot, "
-                    "the runner (whose process_started renews the lease) and the after-run hash, so a StorageError "
-                    "there is committed as the step's failure (final) instead of stopping the process",
-    "known-bug:K2": "engine.py re-raises an executor thread's exception only when the same step is dispatched again, "
-                    "so a StorageError in a completion is swallowed (exit 0 after a failed fsync) or masked by a "
-                    "later error (exit 5 when the torn audit line it left trips the next append)",
-    "known-bug:K3": "engine.py verifies with the events read at the start of its pass: when another process's reaper "
-                    "re-queues a task and a worker completes the retry during that pass, the retry is compared with "
-                    "the previous attempt's checksum and wrongly rejected (checksum_mismatch)",
-}
-
-
-def known(problem: str) -> bool:
-    return any(marker in problem for marker in KNOWN_BUGS)
-
-
 def state_problems(root: Path, *, finished: bool = False, recovered: bool = True) -> list[str]:
     """Every broken state invariant of the project at ``root`` (empty when all hold).
 
@@ -188,7 +169,7 @@ def _stale_publish_rejections(layout: ProjectLayout, plan_id: str, fork_id: str,
                 and task_path.exists():
             task = read_document(task_path, Task)
             if published.get((task.task_id, task.attempt)) == task.checksum:
-                found.append(f"[known-bug:K3] fork {fork_id}: {task.task_id} attempt {task.attempt} rejected as "
+                found.append(f"fork {fork_id}: {task.task_id} attempt {task.attempt} rejected as "
                              f"'not the one published', but its own publish event has its checksum")
     return found
 

@@ -121,6 +121,7 @@ def test_every_crash_point_is_reached_by_a_clean_run(traces: dict[str, Counter[s
     assert unreached == []
 
 
+@pytest.mark.timeout(1200)  # bounded by its cases; see test_random_kills
 def test_a_crash_at_every_point_is_recovered_by_resume(
     template: Path, traces: dict[str, Counter[str]], tmp_path: Path
 ) -> None:

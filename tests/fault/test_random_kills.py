@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.fault.harness import COMMAND, LEASE_SECONDS, RUN_TIMEOUT, Trial, finish, workers
-from tests.fault.invariants import KNOWN_BUGS, known, outcome_problems
+from tests.fault.invariants import outcome_problems
 
 pytestmark = pytest.mark.slow
 
@@ -181,6 +181,9 @@ def clean_span(template: Path, where: Path) -> Span:
     return Span(planned, time.monotonic() - started - planned)
 
 
+# Bounded by its trials, each of whose processes has its own timeout; the test-wide limit only catches a
+# real hang, so it scales with the trial count instead of failing a loaded machine (2 busy CPUs: ~10 min).
+@pytest.mark.timeout(max(900, TRIALS * 15))
 def test_random_kill_9_of_conductor_and_workers_then_recovery(template: Path, tmp_path: Path) -> None:
     span = measure_span(template, tmp_path)
     started = time.monotonic()
@@ -195,12 +198,7 @@ def test_random_kill_9_of_conductor_and_workers_then_recovery(template: Path, tm
           f"{sum(o.seconds for o in outcomes):.0f} s summed; clean run: plan after {span.to_plan:.1f} s, "
           f"end {span.after_plan:.1f} s later; variants {dict(Counter(o.variant for o in outcomes))}; "
           f"first kill landed {dict(Counter(o.phase for o in outcomes))}")
-    # A trial with a known bug's marker is put down to that bug: its other problems are its consequences.
-    unknown = [text[id(o)] for o in failures if not any(known(p) for p in o.problems)]
-    assert unknown == [], (f"{len(unknown)} of {TRIALS} trials failed (master seed {MASTER_SEED}; rerun one "
-                           "with CONDUCTOR_FAULT_SEED=<seed> CONDUCTOR_FAULT_TRIALS=1):\n" + "\n".join(unknown))
-    if failures:
-        markers = sorted({m for o in failures for p in o.problems for m in KNOWN_BUGS if m in p})
-        pytest.xfail(f"{len(failures)} of {TRIALS} trials hit known bugs: "
-                     + "; ".join(f"{m}: {KNOWN_BUGS[m]}" for m in markers) + "\n"
-                     + "\n".join(text[id(o)] for o in failures))
+    # Every problem of every trial fails the test: no known bug excuses anything.
+    assert failures == [], (f"{len(failures)} of {TRIALS} trials failed (master seed {MASTER_SEED}; rerun one "
+                            "with CONDUCTOR_FAULT_SEED=<seed> CONDUCTOR_FAULT_TRIALS=1):\n"
+                            + "\n".join(text[id(o)] for o in failures))
