@@ -156,6 +156,7 @@ def _print_story(story) -> None:  # type: ignore[no-untyped-def]
 
 def _lookup(document: dict, dotted: str) -> object:
     """The value at a policy source key such as ``max_diff_lines`` or ``protected_patterns[0]``."""
+    dotted = {"sandbox.mode": "sandbox_mode", "sandbox.network": "network"}.get(dotted, dotted)
     value: object = document
     for part in dotted.split("."):
         name, _, index = part.partition("[")

@@ -49,7 +49,8 @@ GOOD_STEPS = ("step_001", "step_002")  # fork 1
 LEASE_SECONDS = 3
 CONFIG = {
     "executor": {"kind": "command", "command": COMMAND, "poll_seconds": 0.1, "lease_seconds": LEASE_SECONDS,
-                 "heartbeat_seconds": 1, "max_attempts": 5, "parallel": 2},
+                 "heartbeat_seconds": 1, "max_attempts": 5, "parallel": 2,
+                 "env": [EXEC_LOG_ENV]},  # launched commands see only allowlisted variables
     "verification": {"commands": [], "timeout_seconds": 60},
 }
 RUN_TIMEOUT = 120.0

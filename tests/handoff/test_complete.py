@@ -182,12 +182,12 @@ def test_files_changed_are_what_the_command_really_did(project: Handoff) -> None
     assert result.summary == "I changed nothing at all"
     assert result.files_changed == [
         FileChange(path="README.md", change="modified", sha256=sha256_file(workspace / "README.md"),
-                   lines_added=1, lines_removed=0, mode="100644", old_mode="100644"),
+                   lines_added=1, lines_removed=0, mode="100644", old_mode="100644", size=12),
         FileChange(path="gone.txt", change="deleted", sha256=None, lines_added=0, lines_removed=1, old_mode="100644"),
         FileChange(path="sub/deep.txt", change="added", sha256=sha256_file(workspace / "sub/deep.txt"),
-                   lines_added=2, lines_removed=0, mode="100644"),
+                   lines_added=2, lines_removed=0, mode="100644", size=4),
         FileChange(path="surprise.txt", change="added", sha256=sha256_file(workspace / "surprise.txt"),
-                   lines_added=1, lines_removed=0, mode="100644"),
+                   lines_added=1, lines_removed=0, mode="100644", size=9),
     ]
     assert (workspace / "README.md").read_text() == "hello\nworld\n"
     # The fork's state is untouched: the attempt worked in its own folder.

@@ -105,7 +105,9 @@ def test_line_counting_is_fast_on_repetitive_files(tmp_path: Path) -> None:
     assert change.lines_added > 0 and change.lines_removed >= 0
 
 
-def three_trees(tmp_path: Path, base: dict[str, str], ours: dict[str, str], theirs: dict[str, str]) -> tuple[StateStore, str, str, str]:
+def three_trees(
+    tmp_path: Path, base: dict[str, str], ours: dict[str, str], theirs: dict[str, str]
+) -> tuple[StateStore, str, str, str]:
     root = tmp_path / "m"
     root.mkdir()
     store = store_for(root)
