@@ -44,7 +44,7 @@ from conductor.models import (
     utc_now,
 )
 from conductor.plan_store import base_commit, ensure_forks, fork_log, plan_log, policy_layers
-from conductor.policy import MergedPolicy, merge_policies
+from conductor.policy import MergedPolicy, evaluate_changes, merge_policies
 from conductor.ranking import (
     ForkEvidence,
     apply_winner,
@@ -477,6 +477,13 @@ class Engine:
 
     def _apply(self, fork_id: str, report: RunReport) -> None:
         head = _ForkView(self.layout, self.plan, self.plan.fork(fork_id)).head
+        refused = self._final_policy_reasons(fork_id, head)
+        if refused:
+            reason = "the final diff breaks the policy: " + "; ".join(refused)
+            self.plan_log.append("plan.apply_failed", {"fork_id": fork_id, "reason": reason})
+            report.status = "failed"
+            report.message = f"the winner's changes were not applied: {reason}"
+            return
         try:
             changes = apply_winner(self.layout, self.plan.plan_id, fork_id, base_commit=base_commit(self.plan),
                                    winner_commit=head, ignore=self.ignore)
@@ -489,6 +496,20 @@ class Engine:
         report.applied_fork = fork_id
         report.applied_files = [c.path for c in changes]
         self.plan_log.append("plan.applied", {"fork_id": fork_id, "files": report.applied_files, "commit": head})
+
+    def _final_policy_reasons(self, fork_id: str, head: str) -> list[str]:
+        """The policy judged once more on the winner's whole diff, just before it touches the project: every
+        path allowed by some step of the fork, none protected (under any name a symlink gives it), within
+        the plan's limits. Each step passed on its own; this catches what only their sum, or a policy made
+        stricter since, refuses."""
+        store = state_store(self.layout)
+        tree = store.tree_of(head)
+        changes = store.changes(store.tree_of(base_commit(self.plan)), tree)
+        allowed = sorted({entry for step in self.plan.fork(fork_id).steps for entry in step.allowed_files})
+        plan_policy = self._plan_policy
+        # Size limits are per step: a fork of many steps may add more than one step may.
+        decision = evaluate_changes(plan_policy, allowed, changes, symlinks=store.symlinks(tree) if changes else {})
+        return [r for r in decision.reasons if "max_diff_" not in r]
 
     def _evidence(self, spec: ForkSpec) -> ForkEvidence:
         view = _ForkView(self.layout, self.plan, spec)

@@ -91,13 +91,16 @@ def checkout(layout: ProjectLayout, plan_id: str, step_id: str, *, fork_id: str 
     Raises:
         NotFound / ConfigError: see :func:`find_step`. FileExistsError: ``into`` is not empty.
         GitError: the commit or one of its objects is missing from ``.conductor/git``.
+        IntegrityError: an object of the commit was altered on disk (nothing is written).
     """
     plan = load_plan(layout, plan_id)
     point = find_step(layout, plan, step_id, fork_id)
     target = into or layout.conductor_dir / "checkouts" / f"plan_{plan_id}" / f"fork_{point.fork_id}" / step_id
     if target.exists() and target.is_dir() and not any(target.iterdir()):
         target.rmdir()  # the checkout renames a built tree into place
-    materialize(state_store(layout), point.commit, target, keep_index=False)
+    store = state_store(layout)
+    store.verify_tree(store.tree_of(point.commit))  # only attested content, byte for byte
+    materialize(store, point.commit, target, keep_index=False)
     return point, target
 
 
@@ -118,6 +121,8 @@ def fork_from(layout: ProjectLayout, plan_id: str, step_id: str, *, fork_id: str
     """
     plan = load_plan(layout, plan_id)
     point = find_step(layout, plan, step_id, fork_id)
+    store = state_store(layout)
+    store.verify_tree(store.tree_of(point.commit))  # a fork starts only from intact, attested content
     parent = plan.fork(point.fork_id)
     order = [s.step_id for s in parent.steps]
     cut = order.index(step_id) + 1

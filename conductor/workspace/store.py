@@ -30,7 +30,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from conductor.errors import GitError, MergeConflict
+from conductor.errors import GitError, IntegrityError, MergeConflict
 from conductor.fsutil import atomic_write
 from conductor.models import FileChange
 from conductor.workspace.git import Git, git_executable, join_z, split_z
@@ -246,6 +246,30 @@ class StateStore:
             mode, _kind, oid = meta.split(" ")
             result[path] = TreeEntry(mode, oid)
         return result
+
+    def verify_tree(self, tree: str) -> int:
+        """Re-hash every blob of ``tree`` and compare it with its name: git does not check an object's hash
+        when it reads it, so an object overwritten in place would otherwise be checked out as it is.
+
+        Returns:
+            How many blobs were checked.
+
+        Raises:
+            IntegrityError: naming every path whose content does not hash to its object id (or is missing).
+        """
+        entries = {p: e for p, e in self.entries(tree).items() if e.mode != MODE_GITLINK}
+        fmt = self.object_format
+        try:
+            blobs = self.read_blobs(e.oid for e in entries.values())
+        except GitError as exc:
+            raise IntegrityError(f"tree {tree[:12]}…: {exc}") from exc
+        digest = hashlib.sha256 if fmt == "sha256" else hashlib.sha1
+        bad = sorted(p for p, e in entries.items()
+                     if digest(b"blob %d\0" % len(blobs[e.oid]) + blobs[e.oid]).hexdigest() != e.oid)
+        if bad:
+            raise IntegrityError(f"{len(bad)} object(s) of tree {tree[:12]}… in {self.dir} do not hash to their "
+                                 f"names (altered on disk): {', '.join(bad[:20])}")
+        return len(entries)
 
     def symlinks(self, tree: str) -> dict[str, str]:
         """Path → target text of every symlink in ``tree`` (one listing, filtered before decoding)."""

@@ -79,3 +79,27 @@ def test_with_the_sandbox_the_edit_itself_fails_and_the_reason_names_the_sandbox
     assert "protected_patterns:\n  - '*.lock'" in (root / ".conductor" / "policy.yaml").read_text()
     result = json.loads(next((root / ".conductor" / "handoff").rglob("failed/step_001.result.json")).read_text())
     assert "sandboxed by bubblewrap" in result["error"]["message"]
+
+
+def test_the_policy_is_judged_again_on_the_winners_whole_diff_before_it_is_applied(tmp_path: Path) -> None:
+    """A policy.yaml made stricter while a plan waits (here: for an approval) holds at the apply: the step
+    merged before the change is not applied to the project against the new rule."""
+    root = make_project(tmp_path / "proj", policy=UNSANDBOXED)
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "one", "steps": [
+        {"id": "fix", "instruction": FIX, "allowed_files": ["calc.py"], "confidence": 0.9},
+        {"id": "notes", "instruction": "echo notes > NOTES.md", "allowed_files": ["NOTES.md"],
+         "depends_on": ["fix"], "confidence": 0.2}]}]}))
+    command = ["--executor", "command", "--command", 'sh -c "$CONDUCTOR_INSTRUCTION"']
+    halted = conductor(root, "build", "--plan", str(plan), *command, "--json")
+    assert halted.returncode == 11, halted.stdout + halted.stderr  # step_002 waits for approval
+    (root / ".conductor" / "policy.yaml").write_text(yaml.safe_dump(
+        {"file_rules": {"protected_patterns": ["*.lock", "calc.py"]}, "sandbox": {"mode": "off"}}))
+    assert conductor(root, "approve", "step_002").returncode == 0
+
+    resumed = conductor(root, "resume", *command, "--json")
+
+    report = json.loads(resumed.stdout)
+    assert resumed.returncode == 1 and report["applied_fork"] is None
+    assert "calc.py: matches protected pattern 'calc.py' (policy.yaml now)" in report["message"]
+    assert "a - b" in (root / "calc.py").read_text() and not (root / "NOTES.md").exists()

@@ -249,3 +249,16 @@ def test_a_whole_plan_deleted_with_its_checkpoints_is_named_by_the_witness(proje
     code, findings = verify(root, tmp_path)
     assert code == 5
     _one(findings, f"plan_{plan_id}/fork_1", "the witness saw", f"plan {plan_id} is gone")
+
+
+def test_checkout_refuses_a_commit_whose_object_was_altered(project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, plan_id, layout = project
+    path = _notes_object(root, layout, plan_id)
+    path.chmod(0o644)
+    path.write_bytes(zlib.compress(b"blob 18\0edited afterwards\n"))
+    target = tmp_path / "out"
+    run = conductor(root, "checkout", "step_002", "--into", str(target))
+    assert run.returncode == 5 and "do not hash to their names" in run.stderr and "NOTES.md" in run.stderr
+    assert not target.exists()
+    forked = conductor(root, "fork", "--from", "step_002", "--executor", "command", "--command", "true")
+    assert forked.returncode == 5 and "do not hash to their names" in forked.stderr
