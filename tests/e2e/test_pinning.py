@@ -53,7 +53,7 @@ def test_a_resealed_plan_file_is_refused_by_resume_naming_the_file(tmp_path: Pat
 
     rewrite(plan_file, widen, reseal=True)  # its own checksum is valid again
 
-    resumed = conductor(root, "resume", "--json")
+    resumed = conductor(root, "resume", "--no-wait", "--json")
     assert resumed.returncode == 5, resumed.stdout + resumed.stderr
     assert "plan.json" in resumed.stderr and "plan.created" in resumed.stderr
     check = conductor(root, "verify")
