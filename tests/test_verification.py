@@ -59,10 +59,11 @@ def test_python_and_pytest_resolve_to_conductors_environment(tmp_path):
 
 
 def test_environment_adds_the_interpreter_folder_and_no_bytecode():
-    env = verification_environment({"PATH": "/usr/bin", "KEEP": "1"})
+    env = verification_environment({"PATH": "/usr/bin", "KEEP": "1", "OPENAI_API_KEY": "sk-x"}, ["KEEP"])
     assert env["PATH"] == f"{VENV_BIN}{os.pathsep}/usr/bin"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
-    assert env["KEEP"] == "1"
+    assert env["KEEP"] == "1"  # named in executor.env
+    assert "OPENAI_API_KEY" not in env  # everything else is withheld
     assert verification_environment({})["PATH"].startswith(VENV_BIN + os.pathsep)
 
 

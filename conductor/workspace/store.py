@@ -31,7 +31,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from conductor.errors import GitError, IntegrityError, MergeConflict
-from conductor.fsutil import atomic_write
+from conductor.fsutil import atomic_write, temp_path
 from conductor.models import FileChange
 from conductor.workspace.git import Git, git_executable, join_z, split_z
 
@@ -81,7 +81,8 @@ class StateStore:
         with FileLock(str(self.conductor_dir / ".git-init.lock")):
             if (self.dir / "HEAD").is_file():
                 return self
-            temp = Path(tempfile.mkdtemp(prefix=".tmp.git.", dir=self.conductor_dir))
+            temp = temp_path(self.dir)  # .tmp.git.<pid>.<random>: a crash leaves it to recovery's sweep
+            temp.mkdir()
             fmt = self._user_object_format()
             Git(temp).run(["init", "--quiet", "--bare", "--template=", f"--object-format={fmt}", str(temp)])
             (temp / "info").mkdir(exist_ok=True)
