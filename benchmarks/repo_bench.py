@@ -22,7 +22,7 @@ Figures (benchmarks/README.md has the method and the latest numbers):
    patch to the main tree). Goal: Conductor <= 2x the baseline. Beside it the growth of ``.conductor/`` over
    one run (disk usage, hard-linked files once); goal <= 5 MB.
 3. per-step overhead: generated repositories of ``--sizes`` small text files (300 to 1,500 bytes, 100 to a
-   folder), a plan of 1 fork x N = ``--steps`` chained one-file steps, and the same plan cut to its first step.
+   folder), a plan of 1 fork x N = ``--steps`` (5) chained one-file steps, and the same plan cut to its first step.
    The marginal overhead per step, the goal figure, is what one more step costs Conductor beyond running its
    command: (wall of the N-step plan - wall of the 1-step plan) / (N - 1) - the git baseline's command time
    / N, computed per round and the median taken. It leaves out what a plan costs once whatever its length
@@ -965,7 +965,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"add history until the repository uses this many MB (default {GOAL_MB}; 0: none)")
     parser.add_argument("--sizes", type=_sizes, default=[1_000, 10_000, 50_000],
                         help="files of the per-step overhead repositories (default 1000,10000,50000)")
-    parser.add_argument("--steps", type=_positive, default=3, help="chained steps of the per-step plan (default 3)")
+    parser.add_argument("--steps", type=_positive, default=5,
+                        help="chained steps of the per-step plan (default 5: the marginal overhead divides by 4)")
     parser.add_argument("--repeat", type=_positive, default=3, help="runs of each timing; the median (default 3)")
     parser.add_argument("--apply", action="store_true",
                         help="let Conductor apply the winner, and git apply fork 1's patch (default: --no-apply)")
