@@ -17,11 +17,13 @@ failure is never retried: after a failed ``fsync`` the kernel may already have d
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,6 +132,22 @@ def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
     return hasher.hexdigest()
 
 
+def write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` to a fresh fsynced temp file beside ``target``; returns the temp's path.
+
+    The first half of :func:`atomic_write`, for callers that write a file's bytes before taking a lock
+    and only rename it into place under the lock (:func:`commit_temp`). ``mode`` (permission bits) is set
+    before the file can become visible.
+
+    Raises:
+        StorageError: the disk is full or failed; no temp file is left.
+        OSError: any other failure, with the same guarantee.
+    """
+    temp = _write_temp(target, data, mode)
+    crash_point("write.after_temp")
+    return temp
+
+
 def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
     temp = temp_path(target)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -145,6 +163,24 @@ def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
     return temp
 
 
+def commit_temp(temp: Path, target: Path) -> None:
+    """Rename a temp made by :func:`write_temp` over ``target`` (atomic; the folder is not fsynced).
+
+    The caller fsyncs the folder (:func:`fsync_dir`) once after its last rename there, or not at all for a
+    file that guards nothing across a power loss.
+
+    Raises:
+        StorageError: the rename failed; the temp is removed and ``target`` is unchanged.
+        OSError: any other rename failure, with the same guarantee.
+    """
+    try:
+        _rename(temp, target, replace=True)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    crash_point("write.after_rename")
+
+
 def _rename(source: Path, target: Path, *, replace: bool) -> None:
     with _storage(f"rename of {source} to {target}"):
         error = io_fault("rename", target)
@@ -153,25 +189,23 @@ def _rename(source: Path, target: Path, *, replace: bool) -> None:
         (os.replace if replace else os.rename)(source, target)
 
 
-def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(target: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True) -> None:
     """Replace ``target`` with ``data`` atomically and durably (temp + fsync + rename + dir fsync).
 
-    ``mode`` (permission bits) is set on the file before it becomes visible.
+    Args:
+        mode: permission bits, set on the file before it becomes visible.
+        sync_dir: fsync the folder after the rename. False leaves the new name's durability to a later
+            fsync of the folder (several files committed together need one) or to nobody (a file no one
+            needs after a power loss, such as a lease: its holder dies with the machine).
 
     Raises:
         StorageError: the disk is full or failed; ``target`` is unchanged (or, if only the final folder
             fsync failed, replaced but possibly not durable) and no temp file is left.
         OSError: any other write or rename failure, with the same guarantee.
     """
-    temp = _write_temp(target, data, mode)
-    crash_point("write.after_temp")
-    try:
-        _rename(temp, target, replace=True)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    crash_point("write.after_rename")
-    fsync_dir(target.parent)
+    commit_temp(write_temp(target, data, mode), target)
+    if sync_dir:
+        fsync_dir(target.parent)
     if _scope.name == "apply":
         crash_point("apply.after_file")
 
@@ -209,8 +243,24 @@ def durable_rename(source: Path, target: Path) -> None:
         FileNotFoundError: ``source`` is gone.
         StorageError: the rename or an fsync failed.
     """
+    rename_file(source, target)
+    sync_rename(source, target)
+
+
+def rename_file(source: Path, target: Path) -> None:
+    """The rename of :func:`durable_rename` alone, for a caller that fsyncs the folders later
+    (:func:`sync_rename`), e.g. after releasing a lock.
+
+    Raises:
+        FileNotFoundError: ``source`` is gone.
+        StorageError: the rename failed.
+    """
     _rename(source, target, replace=False)
     crash_point("rename.after_rename")
+
+
+def sync_rename(source: Path, target: Path) -> None:
+    """fsync the folders of a rename made by :func:`rename_file` (the target's first)."""
     fsync_dir(target.parent)
     if source.parent != target.parent:
         fsync_dir(source.parent)
@@ -224,6 +274,45 @@ def remove_durably(path: Path) -> bool:
         return False
     fsync_dir(path.parent)
     return True
+
+
+@contextmanager
+def flocked(path: Path, *, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock(2)`` on ``path`` (created if missing, never deleted) inside the block.
+
+    Each call opens its own descriptor, so threads of one process exclude each other as processes do;
+    the lock is released when the descriptor is closed, also by a crash. Without ``timeout`` the call
+    blocks in the kernel and wakes as soon as the holder lets go (no polling).
+
+    Args:
+        timeout: seconds to wait at most; then the lock is tried every 0.1–5 ms (a holder keeps these
+            locks for microseconds to milliseconds).
+
+    Raises:
+        TimeoutError: the lock stayed held by someone else for ``timeout`` seconds.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            _flock_within(fd, timeout, path)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _flock_within(fd: int, timeout: float, path: Path) -> None:
+    deadline, pause = time.monotonic() + timeout, 0.0001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{path}: lock held by another process for {timeout} s") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
 
 class _Scope(threading.local):
