@@ -14,9 +14,10 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from conductor.canonical import check_checksum, pretty_bytes, seal, strict_loads
+from conductor.canonical import CHECKSUM_FIELD, check_checksum, pretty_bytes, strict_loads
 from conductor.errors import InvalidDocument
 from conductor.fsutil import atomic_write, publish_exclusive
+from conductor.handoff.jcs import jcs_checksum
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # a task or result larger than this is refused, not parsed
 
@@ -38,27 +39,40 @@ def read_document(path: Path, model: type[M], *, checksummed: bool = True) -> M:
             or a field is invalid or has the wrong JSON type (the models are strict: ``"1"`` is not 1).
         ChecksumMismatch: the content does not match its checksum.
     """
-    data = _read_limited(path)
-    document = strict_loads(data, source=str(path))
+    return parse_document(read_limited(path), model, source=path, checksummed=checksummed)
+
+
+def parse_document(data: bytes, model: type[M], *, source: Path | str, checksummed: bool = True) -> M:
+    """Check and validate a contract document already read from ``source`` (see :func:`read_document`).
+
+    Raises:
+        InvalidDocument, ChecksumMismatch: as :func:`read_document`, naming ``source``.
+    """
+    document = strict_loads(data, source=str(source))
     if not isinstance(document, dict):
-        raise InvalidDocument(f"{path}: top level is {_json_type(document)}, not an object")
+        raise InvalidDocument(f"{source}: top level is {_json_type(document)}, not an object")
     expected = model.model_fields.get("schema_")
     if expected is not None and "schema" not in document:
-        raise InvalidDocument(f"{path}: no schema field (expected {expected.default!r})")
+        raise InvalidDocument(f"{source}: no schema field (expected {expected.default!r})")
     if expected is not None and document["schema"] != expected.default:
         raise InvalidDocument(
-            f"{path}: schema {document['schema']!r} is not supported (expected {expected.default!r})"
+            f"{source}: schema {document['schema']!r} is not supported (expected {expected.default!r})"
         )
-    if checksummed:
-        check_checksum(document, source=str(path))
+    if checksummed and not _checksum_matches(document):
+        check_checksum(document, source=str(source))  # the reference check, which names what is wrong
     try:
         return model.model_validate(document)
     except ValidationError as exc:
-        raise InvalidDocument(f"{path}: {_summarise(exc)}") from exc
+        raise InvalidDocument(f"{source}: {_summarise(exc)}") from exc
 
 
-def _read_limited(path: Path) -> bytes:
-    """At most MAX_DOCUMENT_BYTES of a regular file, never following a symlink or blocking on a fifo."""
+def read_limited(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_DOCUMENT_BYTES, never following a symlink or blocking on a fifo.
+
+    Raises:
+        FileNotFoundError: the file is gone.
+        InvalidDocument: a symlink, not a regular file, or larger than the limit.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
@@ -74,6 +88,14 @@ def _read_limited(path: Path) -> bytes:
     if len(data) > MAX_DOCUMENT_BYTES:
         raise InvalidDocument(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes")
     return data
+
+
+def _checksum_matches(document: dict) -> bool:
+    recorded = document.get(CHECKSUM_FIELD)
+    try:
+        return isinstance(recorded, str) and jcs_checksum(document) == recorded
+    except InvalidDocument:
+        return False
 
 
 def _file_kind(mode: int) -> str:
@@ -100,20 +122,22 @@ def _summarise(exc: ValidationError) -> str:
 def sealed_bytes(model: BaseModel) -> tuple[dict, bytes]:
     """Return the sealed (checksummed) document of ``model`` and its file bytes."""
     document = model.to_document()  # type: ignore[attr-defined]
-    document.pop("checksum", None)
-    sealed = seal(document)
+    document.pop(CHECKSUM_FIELD, None)
+    sealed = {**document, CHECKSUM_FIELD: jcs_checksum(document)}  # as canonical.seal, with the C encoder
     return sealed, pretty_bytes(sealed)
 
 
-def write_document(path: Path, model: M, *, exclusive: bool = False) -> M:
+def write_document(path: Path, model: M, *, exclusive: bool = False, sync_dir: bool = True) -> M:
     """Seal ``model`` with its checksum and write it durably; return the sealed model.
 
     Args:
         exclusive: fail with ``FileExistsError`` instead of replacing an existing file.
+        sync_dir: fsync the folder after the rename (see :func:`conductor.fsutil.atomic_write`); an
+            exclusive create always fsyncs it.
     """
     sealed, data = sealed_bytes(model)
     if exclusive:
         publish_exclusive(path, data)
     else:
-        atomic_write(path, data)
+        atomic_write(path, data, sync_dir=sync_dir)
     return type(model).model_validate(sealed)
