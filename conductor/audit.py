@@ -17,14 +17,15 @@ one fork goes to ``handoff/plan_<id>/fork_<id>/audit.log``. :func:`read_events` 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
 from pydantic import ValidationError
 
 from conductor.canonical import canonical_bytes, digest, strict_loads
@@ -35,7 +36,8 @@ from conductor.errors import (
     StateConflict,
 )
 from conductor.faults import crash_point
-from conductor.fsutil import fsync_dir, fsync_fd, publish_exclusive, write_once
+from conductor.fsutil import flocked, fsync_dir, fsync_fd, publish_exclusive, write_once
+from conductor.handoff.jcs import fast_jcs_text, jcs_bytes
 from conductor.models import Event, parse_time, utc_now
 
 GENESIS = "sha256:" + "0" * 64
@@ -103,8 +105,67 @@ def _parse_line(line: bytes, where: str) -> Event:
     return event
 
 
+_HASH_MEMBER = b',"hash":"'
+_HASH_LENGTH = len("sha256:") + 64
+
+
 def _line_problems(line: bytes) -> tuple[list[str], Event | None]:
     """Problems of one line on its own (no chain context), and the event if it is schema-valid."""
+    event = _clean_line(line)
+    if event is not None:
+        return [], event
+    return _find_problems(line)
+
+
+def _clean_line(line: bytes) -> Event | None:
+    """The event of a line that passes every check of :func:`_find_problems`, else None (then that names
+    the problems). Cheaper: the C JSON parser, the C encoder for the canonical form
+    (:mod:`conductor.handoff.jcs`), and the hash over the line's own bytes without its ``hash`` member, which
+    for a canonical line are exactly the JCS bytes of the entry without ``hash``."""
+    try:
+        text = line.decode("utf-8")
+        document = _decode(text)
+    except ValueError:  # not UTF-8, not JSON
+        return None
+    # Equal to its canonical form means strict too: a duplicate key, NaN, an unpaired surrogate, a BOM or
+    # nesting past 64 levels never survives the round trip (fast_jcs_text refuses the last three).
+    if type(document) is not dict or fast_jcs_text(document) != text:
+        return None
+    event = _event_of(document)
+    if event is None:
+        return None
+    # In canonical form "hash" follows "data" and only scalars follow it, so its member is the last
+    # ',"hash":"' of the line (a '"' inside a string is always escaped).
+    cut = line.rfind(_HASH_MEMBER)
+    end = cut + len(_HASH_MEMBER) + _HASH_LENGTH
+    if cut < 0 or line[end : end + 1] != b'"' or line[cut + len(_HASH_MEMBER) : end] != event.hash.encode():
+        return None
+    entry = line[:cut] + line[end + 1 :]
+    return event if "sha256:" + hashlib.sha256(entry).hexdigest() == event.hash else None
+
+
+_decode = json.JSONDecoder().decode
+_EVENT_KEYS = frozenset(Event.model_fields)
+_CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
+_TYPE = re.compile(r"[a-z_]+(\.[a-z_]+)+")
+
+
+def _event_of(document: dict[str, Any]) -> Event | None:
+    """The event of a document that has every field of the ``Event`` schema, each valid; else None. The
+    schema's own checks, written out (pydantic's strict validation costs as much as the rest of a line)."""
+    if document.keys() != _EVENT_KEYS:
+        return None
+    seq, ts, type_, data, prev, hash_ = (document[k] for k in ("seq", "ts", "type", "data", "prev", "hash"))
+    if type(seq) is not int or seq < 0 or type(ts) is not str or type(data) is not dict:
+        return None
+    if not (type(type_) is str and type(prev) is str and type(hash_) is str):
+        return None
+    if not (_TYPE.fullmatch(type_) and _CHECKSUM.fullmatch(prev) and _CHECKSUM.fullmatch(hash_)):
+        return None
+    return Event.model_construct(seq=seq, ts=ts, type=type_, data=data, prev=prev, hash=hash_)
+
+
+def _find_problems(line: bytes) -> tuple[list[str], Event | None]:
     if not line.strip():
         return ["empty line"], None
     try:
@@ -120,8 +181,11 @@ def _line_problems(line: bytes) -> tuple[list[str], Event | None]:
         first = exc.errors()[0]
         location = ".".join(str(part) for part in first["loc"]) or "entry"
         return [*problems, f"schema: {location}: {first['msg']}"], None
-    if _entry_hash(document) != event.hash:
-        problems.append("hash mismatch (entry edited?)")
+    try:
+        if _entry_hash(document) != event.hash:
+            problems.append("hash mismatch (entry edited?)")
+    except ConductorError:  # e.g. an integer beyond 2**53: there is no canonical form to hash
+        problems.append("hash cannot be checked (no canonical form)")
     return problems, event
 
 
@@ -146,9 +210,17 @@ def _is_canonical(document: Any, line: bytes) -> bool:
 class AuditLog:
     """An append-only, hash-chained JSON-lines log at ``path``.
 
-    Appends are serialised across threads (a ``threading.Lock``) and processes (a
-    ``filelock.FileLock`` on ``<path>.lock``); each costs O(1) in the log's size, because only the
-    last line is read (backwards from the end of the file).
+    Appends are serialised across threads and processes (an ``flock`` on ``<path>.lock``); each costs
+    O(1) in the log's size: only the last line is read, and not even that while it is still the line this
+    process last wrote or checked. The line is fsynced after the lock is released (its bytes are in the
+    file by then, and a later line's fsync would flush it too).
+
+    :meth:`events` is incremental: what this process has checked of a log (any instance of the same
+    path) is kept, and a later call parses only the lines appended since, as long as the file is the same
+    one (device and inode), did not shrink and still ends its checked part with the line seen there.
+    Otherwise it is read again from the start. An in-place edit of an earlier line is therefore found by
+    the next full read (:func:`verify_chain`, which always reads everything, or a new process), not by a
+    process that had already checked that line.
     """
 
     def __init__(
@@ -167,8 +239,7 @@ class AuditLog:
         """
         self.path = Path(path)
         self._clock = clock
-        self._thread_lock = threading.Lock()
-        self._file_lock = filelock.FileLock(f"{self.path}.lock", timeout=lock_timeout)
+        self._lock_timeout = lock_timeout
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
@@ -196,90 +267,218 @@ class AuditLog:
             OSError: the write or fsync failed.
         """
         # Round-trip the data so the hash covers exactly what a reader will parse back.
-        payload = strict_loads(canonical_bytes(dict(data or {})), source="event data")
-        with self._thread_lock, self._locked():
-            last = self._last_event()
-            entry = {
-                "seq": 0 if last is None else last.seq + 1,
-                "ts": self._clock(),
-                "type": type,
-                "data": payload,
-                "prev": GENESIS if last is None else last.hash,
-            }
-            event = _new_event({**entry, "hash": digest(entry)})
-            self._write_line(canonical_bytes(event.to_document()) + b"\n")
-        return event
-
-    def events(self) -> list[Event]:
-        """Every event of the log, after checking each line and the whole chain.
-
-        Returns:
-            The events in file order; ``[]`` if the file does not exist yet.
-
-        Raises:
-            AuditChainError: naming the line number of the first problem (and how many more there are).
-        """
-        if not self.path.exists():
-            return []
-        events, problems = _scan(self.path.read_bytes())
-        if problems:
-            extra = len(problems) - 1
-            more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
-            raise AuditChainError(f"{self.path}: {problems[0]}{more}")
-        return events
-
-    def __iter__(self) -> Iterator[Event]:
-        return iter(self.events())
-
-    def tail(self, n: int) -> list[Event]:
-        """The last ``n`` events (the whole chain is checked first, so this reads the whole file)."""
-        return self.events()[-n:] if n > 0 else []
-
-    def _locked(self) -> _TimeoutAsConflict:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return _TimeoutAsConflict(self._file_lock, self.path)
-
-    def _last_event(self) -> Event | None:
+        payload = strict_loads(jcs_bytes(dict(data or {})), source="event data")
+        known = _known(self.path)
+        with known.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                fd, created = _open_for_append(self.path)
+                try:
+                    stat = os.fstat(fd)
+                    last = _last_event(known, fd, stat, self.path)
+                    event, line = self._entry(last, payload, type)
+                    self._write_line(fd, line)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            known.appended(stat, line, event)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            line = _read_last_line(fd, self.path)
-        finally:
-            os.close(fd)
-        return None if line is None else _parse_line(line, f"{self.path}: last line")
-
-    def _write_line(self, line: bytes) -> None:
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            written = write_once(fd, line, self.path)
-            if written != len(line):
-                # A short write leaves a torn line; say so instead of writing the rest separately.
-                raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
-            crash_point("audit.after_write")
             fsync_fd(fd, self.path)
         finally:
             os.close(fd)
         if created:
             fsync_dir(self.path.parent)
+        return event
+
+    def _entry(self, last: Event | None, payload: dict[str, Any], type: str) -> tuple[Event, bytes]:
+        """The next event and its line (with ``\\n``): the entry's JCS bytes with the hash member inserted
+        before ``"prev"``, where key order puts it."""
+        entry = {
+            "seq": 0 if last is None else last.seq + 1,
+            "ts": self._clock(),
+            "type": type,
+            "data": payload,
+            "prev": GENESIS if last is None else last.hash,
+        }
+        body = jcs_bytes(entry)
+        hash_ = "sha256:" + hashlib.sha256(body).hexdigest()
+        event = _new_event({**entry, "hash": hash_})
+        cut = body.rindex(b',"prev":"')  # "data" comes first and holds "prev" only inside objects
+        return event, body[:cut] + _HASH_MEMBER + hash_.encode() + b'"' + body[cut:] + b"\n"
+
+    def events(self) -> list[Event]:
+        """Every event of the log, after checking each line and the whole chain (incrementally, see the
+        class docstring).
+
+        Returns:
+            The events in file order (a new list); ``[]`` if the file does not exist yet.
+
+        Raises:
+            AuditChainError: naming the line number of the first problem (and how many more there are).
+        """
+        known = _known(self.path)
+        with known.lock:
+            return known.read(self.path)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events())
+
+    def tail(self, n: int) -> list[Event]:
+        """The last ``n`` events (the whole chain is checked, incrementally as :meth:`events`)."""
+        return self.events()[-n:] if n > 0 else []
+
+    def _locked(self) -> _TimeoutAsConflict:
+        return _TimeoutAsConflict(Path(f"{self.path}.lock"), self.path, self._lock_timeout)
+
+    def _write_line(self, fd: int, line: bytes) -> None:
+        written = write_once(fd, line, self.path)
+        if written != len(line):
+            # A short write leaves a torn line; say so instead of writing the rest separately.
+            raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
+        crash_point("audit.after_write")
+
+
+def _open_for_append(path: Path) -> tuple[int, bool]:
+    """A read-write ``O_APPEND`` descriptor of the log, and whether this call created the file."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_APPEND), False
+    except FileNotFoundError:
+        try:
+            return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:  # a writer without our lock (never Conductor) made it meanwhile
+            return os.open(path, os.O_RDWR | os.O_APPEND), False
+
+
+def _last_event(known: _Known, fd: int, stat: os.stat_result, path: Path) -> Event | None:
+    """The last event of the log open at ``fd``: the one this process last wrote or checked if the file
+    still ends with its line, else read and checked from the file."""
+    if known.tail is not None and known.tail.ends(fd, stat, whole=True):
+        return known.tail.event
+    line = _read_last_line(fd, path)
+    if line is None:
+        return None
+    event = _parse_line(line, f"{path}: last line")
+    known.tail = _Tail(stat.st_dev, stat.st_ino, stat.st_size, line + b"\n", event)
+    return event
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """A checked line of a log file: the file's identity, the offset just after the line, the line (with
+    its newline) and its event."""
+
+    dev: int
+    ino: int
+    end: int
+    line: bytes
+    event: Event | None
+
+    def ends(self, fd: int, stat: os.stat_result, *, whole: bool) -> bool:
+        """Does the open file still hold this line at ``end`` (and, with ``whole``, end there)?"""
+        if (stat.st_dev, stat.st_ino) != (self.dev, self.ino) or stat.st_size < self.end:
+            return False
+        if whole and stat.st_size != self.end:
+            return False
+        return self.end == 0 or os.pread(fd, len(self.line), self.end - len(self.line)) == self.line
+
+
+class _Known:
+    """What this process knows of one log file (shared by every ``AuditLog`` of the path).
+
+    ``tail``: the last line written or checked, for :meth:`AuditLog.append`. ``view``: the end of the
+    part :meth:`AuditLog.events` has checked, its events and the chain checker to continue from there.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tail: _Tail | None = None
+        self.view: _Tail | None = None
+        self.chain = _ChainCheck()
+
+    def appended(self, stat: os.stat_result, line: bytes, event: Event) -> None:
+        """Record a line this process appended at ``stat.st_size`` (the view follows if it was complete)."""
+        self.tail = _Tail(stat.st_dev, stat.st_ino, stat.st_size + len(line), line, event)
+        view = self.view
+        if view is not None and (view.dev, view.ino, view.end) == (stat.st_dev, stat.st_ino, stat.st_size):
+            self.chain.accept(self.chain.lines + 1, event)
+            self.view = self.tail
+
+    def read(self, path: Path) -> list[Event]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self.view, self.chain = None, _ChainCheck()
+            return []
+        try:
+            stat = os.fstat(fd)
+            if self.view is None or not self.view.ends(fd, stat, whole=False):
+                self.view, self.chain = _Tail(stat.st_dev, stat.st_ino, 0, b"", None), _ChainCheck()
+            data = _read_from(fd, self.view.end, stat.st_size)
+        finally:
+            os.close(fd)
+        lines = data.split(b"\n")
+        torn = lines.pop()  # b"" when the file ends with a newline
+        first = self.chain.lines + 1
+        for number, line in enumerate(lines, start=first):
+            self.chain.check(number, line)
+        if torn:
+            self.chain.problems.append(f"line {first + len(lines)}: unterminated last line (torn write)")
+        if self.chain.problems:
+            problems = self.chain.problems
+            self.view, self.chain = None, _ChainCheck()  # read it whole next time
+            extra = len(problems) - 1
+            more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
+            raise AuditChainError(f"{path}: {problems[0]}{more}")
+        events = self.chain.events
+        if lines:
+            end = self.view.end + len(data)
+            self.view = _Tail(self.view.dev, self.view.ino, end, lines[-1] + b"\n", events[-1])
+            self.tail = self.view
+        return list(events)
+
+
+def _read_from(fd: int, start: int, end: int) -> bytes:
+    """The bytes of the open file from ``start`` up to at least ``end`` (more if it grew meanwhile)."""
+    chunks, position = [], start
+    while True:
+        chunk = os.pread(fd, max(end - position, 1 << 16), position)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        position += len(chunk)
+
+
+_KNOWN: dict[str, _Known] = {}
+_KNOWN_LOCK = threading.Lock()
+_MAX_KNOWN = 256  # logs remembered per process; the oldest is forgotten beyond that
+
+
+def _known(path: Path) -> _Known:
+    key = os.path.abspath(path)
+    with _KNOWN_LOCK:
+        known = _KNOWN.get(key)
+        if known is None:
+            if len(_KNOWN) >= _MAX_KNOWN:
+                del _KNOWN[next(iter(_KNOWN))]
+            known = _KNOWN[key] = _Known()
+        return known
 
 
 class _TimeoutAsConflict:
-    """Context manager around a file lock that turns ``filelock.Timeout`` into ``StateConflict``."""
+    """The append lock of a log (``flock`` on ``<log>.lock``); a timeout becomes ``StateConflict``."""
 
-    def __init__(self, lock: filelock.BaseFileLock, path: Path):
-        self._lock, self._path = lock, path
+    def __init__(self, lock_path: Path, log_path: Path, timeout: float):
+        self._lock = flocked(lock_path, timeout=timeout)
+        self._path = log_path
 
     def __enter__(self) -> None:
         try:
-            self._lock.acquire()
-        except filelock.Timeout as exc:
+            self._lock.__enter__()
+        except TimeoutError as exc:
             raise StateConflict(f"{self._path}: audit log lock held too long by another process") from exc
 
     def __exit__(self, *exc_info: object) -> None:
-        self._lock.release()
+        self._lock.__exit__(*exc_info)
 
 
 def _read_last_line(fd: int, path: Path) -> bytes | None:
@@ -345,7 +544,7 @@ def repair_torn_tail(path: Path, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS) 
     path = Path(path)
     if not path.exists():
         return None
-    with _TimeoutAsConflict(filelock.FileLock(f"{path}.lock", timeout=lock_timeout), path):
+    with _TimeoutAsConflict(Path(f"{path}.lock"), path, lock_timeout):
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
@@ -449,11 +648,20 @@ class _ChainCheck:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.problems: list[str] = []
+        self.lines = 0  # lines checked so far
         self._seen: dict[str, int] = {}  # hash -> line number where it first appeared
         self._previous: tuple[int, Event] | None = None  # (line number, event) of the last linked line
         self._lost_track = False  # the previous line could not be parsed: do not judge the next link
 
+    def accept(self, number: int, event: Event) -> None:
+        """Take a line this process wrote itself, chained to the last one checked (nothing to check)."""
+        self.lines = number
+        self._seen[event.hash] = number
+        self.events.append(event)
+        self._previous, self._lost_track = (number, event), False
+
     def check(self, number: int, line: bytes) -> None:
+        self.lines = number
         problems, event = _line_problems(line)
         self.problems.extend(f"line {number}: {problem}" for problem in problems)
         if event is None:

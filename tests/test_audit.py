@@ -386,3 +386,142 @@ def test_last_line_longer_than_one_chunk(tmp_path: Path) -> None:
     log.append("task.failed", {"message": "x" * (3 * audit._TAIL_CHUNK)})
     assert log.append("plan.resumed", {}).seq == 1
     assert verify_chain(log.path).ok
+
+
+# --- incremental reading ------------------------------------------------------------------------
+
+
+def _counting_checks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Record every line the log checks (``_line_problems``), to see what a call parsed."""
+    checked: list[bytes] = []
+    real = audit._line_problems
+
+    def counting(line: bytes):  # type: ignore[no-untyped-def]
+        checked.append(line)
+        return real(line)
+
+    monkeypatch.setattr(audit, "_line_problems", counting)
+    return checked
+
+
+def test_events_parses_only_the_lines_appended_since_the_last_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path / "audit.log", _chain(50))
+    checked = _counting_checks(monkeypatch)
+    assert len(AuditLog(path).events()) == 50 and len(checked) == 50
+    lines = _chain(53)
+    with path.open("ab") as handle:  # another process appends three lines
+        handle.write(b"".join(lines[50:]))
+    checked.clear()
+    events = AuditLog(path).events()  # a new instance: what this process checked is kept per file
+    assert [e.seq for e in events] == list(range(53)) and checked == [line[:-1] for line in lines[50:]]
+
+
+def test_lines_this_process_appends_are_not_parsed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = AuditLog(tmp_path / "audit.log")
+    log.append("plan.resumed", {"pid": 1})
+    checked = _counting_checks(monkeypatch)
+    for n in range(3):
+        log.append("plan.resumed", {"pid": n})
+    assert checked == []  # the last line is the one it wrote: compared, not parsed
+    assert [e.seq for e in log.events()] == [0, 1, 2, 3]
+    assert len(checked) == 4  # the first read checks every line once
+    checked.clear()
+    log.append("plan.resumed", {"pid": 9})
+    assert [e.seq for e in log.events()] == [0, 1, 2, 3, 4] and checked == []
+
+
+def test_events_returns_a_list_of_its_own(tmp_path: Path) -> None:
+    log = AuditLog(_write(tmp_path / "audit.log", _chain(3)))
+    log.events().clear()
+    assert len(log.events()) == 3
+
+
+@pytest.mark.parametrize("change", ["replaced", "shrank", "last line edited"])
+def test_a_replaced_shrunk_or_edited_log_is_read_again_whole(tmp_path: Path, change: str) -> None:
+    path = _write(tmp_path / "audit.log", _chain(5))
+    log = AuditLog(path)
+    assert len(log.events()) == 5
+    lines = _chain(5)
+    if change == "replaced":
+        other = _write(tmp_path / "other.log", _chain(7))
+        os.replace(other, path)  # another file under the same name
+        assert len(log.events()) == 7
+    elif change == "shrank":
+        _write(path, lines[:2])
+        assert [e.seq for e in log.events()] == [0, 1]
+    else:
+        entry = json.loads(lines[4])
+        entry["data"]["attempt"] = 2  # same length, same file
+        _write(path, [*lines[:4], canonical_bytes(entry) + b"\n"])
+        with pytest.raises(AuditChainError, match="line 5: hash mismatch"):
+            log.events()
+
+
+def test_damage_appended_after_a_read_is_reported_and_stays_reported(tmp_path: Path) -> None:
+    path = _write(tmp_path / "audit.log", _chain(4))
+    log = AuditLog(path)
+    assert len(log.events()) == 4
+    with path.open("ab") as handle:
+        handle.write(_chain(5)[4][:-10])  # a torn line
+    for _ in range(2):
+        with pytest.raises(AuditChainError, match="line 5: unterminated last line"):
+            log.events()
+    audit.repair_torn_tail(path)
+    assert len(log.events()) == 4
+    with path.open("ab") as handle:
+        handle.write(_chain(3)[2])  # a copy of line 3: the lines checked before still count
+    with pytest.raises(AuditChainError, match="line 5: duplicate of line 3"):
+        log.events()
+
+
+# --- the fast check of a line agrees with the full one ------------------------------------------
+
+
+def _variants(line: bytes) -> list[bytes]:
+    """Lines that differ from a valid canonical ``line`` in one way each (most of them invalid)."""
+    entry = json.loads(line)
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    variants = [
+        line.replace(b":", b": ", 1),  # not canonical
+        json.dumps(entry, sort_keys=True).encode(),  # spaces
+        line.replace(b'"seq"', b'"seq":0,"seq"', 1),  # a duplicate key
+        line[:-1] + b',"extra":1}',  # an unknown key
+        line.replace(b'"attempt":1', b'"attempt":1.0'),  # a float where JCS writes an integer
+        line.replace(b'"attempt":1', b'"attempt":1e-7'),
+        line.replace(b'"attempt":1', b'"attempt":NaN'),
+        line.replace(b'"attempt":1', b'"attempt":9007199254740993'),
+        line.replace(b'"step_', b'"\\ud800step_'),  # an unpaired surrogate escape
+        b"\xef\xbb\xbf" + line,  # a BOM
+        line.replace(b"step_", b"st\xffep_"),  # not UTF-8
+    ]
+    for change in ({"seq": -1}, {"seq": True}, {"type": "Task.Claimed"}, {"type": "task"}, {"prev": "sha256:XYZ"},
+                   {"prev": "sha256:" + "0" * 64 + "\n"}, {"data": [1]}, {"ts": 5}):
+        bad = {**body, **change}
+        variants.append(canonical_bytes({**bad, "hash": digest(bad)}))  # canonical and hashed, not schema-valid
+    without_data = {k: v for k, v in body.items() if k != "data"}
+    variants.append(canonical_bytes({**without_data, "hash": digest(without_data)}))  # "data" may be left out
+    for data in ({"x": 0.0512}, {"x": 1e-05}, {"k\U0001F600": 1, "k\ue000": 2}, {"deep": [[[[[[1]]]]]]},
+                 {"s": "tab\there \u2028 \"q\" \\ é"}):
+        good = {**body, "data": data}
+        variants.append(canonical_bytes({**good, "hash": digest(good)}))  # valid: the fast path or the full one
+        variants.append(json.dumps({**good, "hash": digest(good)}, sort_keys=True, separators=(",", ":"),
+                                   ensure_ascii=False).encode())  # Python's form, canonical only by chance
+    return variants
+
+
+def test_the_fast_check_accepts_only_what_the_full_check_accepts() -> None:
+    for line in _chain(3):
+        line = line[:-1]
+        assert audit._clean_line(line) == audit._find_problems(line)[1] is not None
+        for variant in _variants(line):
+            full_problems, full_event = audit._find_problems(variant)
+            fast = audit._clean_line(variant)
+            assert fast is None or (full_problems == [] and fast == full_event), variant
+            assert audit._line_problems(variant) == (full_problems, full_event), variant
+
+
+def test_an_integer_without_a_canonical_form_is_reported_not_raised(tmp_path: Path) -> None:
+    lines = _chain(2)
+    path = _write(tmp_path / "audit.log", [lines[0], lines[1].replace(b'"attempt":1', b'"attempt":9007199254740993')])
+    assert verify_chain(path).problems == ["line 2: not in RFC 8785 canonical form",
+                                           "line 2: hash cannot be checked (no canonical form)"]
