@@ -1,25 +1,33 @@
 """``conductor worker``: the reference external executor, a separate process watching the handoff folder.
 
-Each pass (``process_once``) reaps expired leases, then claims one pending task by atomic rename and runs
-the configured command on it. ``run(burst=True)`` drains the queue and returns; ``run()`` waits for new
-tasks with watchdog and a fallback poll until ``stop`` is set.
+Each pass (``process_once``) claims one pending task by atomic rename and runs the configured command on
+it. ``run(burst=True)`` drains the queue and returns; ``run()`` waits for new tasks until ``stop`` is set.
+
+The pending folders are listed once and the list is worked through until it is empty (a task another
+worker took meanwhile costs one failed rename), then listed again: a pass never rescans a folder of
+thousands of tasks. An idle worker sleeps until a task file appears in a ``pending/`` folder (watchdog),
+with a fallback poll every ``poll_seconds``; it reaps expired leases when it starts and then at most once
+per ``poll_seconds`` while idle, never between a wake-up and its claim.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from conductor.attempts import prepare_retry
 from conductor.audit import AuditLog
 from conductor.executors.base import StepRunner, execute_claim
-from conductor.keys import SigningKey
 from conductor.handoff.lease import claim_task, holder_name
 from conductor.handoff.reaper import reap_expired
-from conductor.handoff.watcher import FolderWatcher
-from conductor.layout import ForkLayout, ProjectLayout
+from conductor.handoff.watcher import FolderWatcher, task_arrival
+from conductor.keys import SigningKey
+from conductor.layout import TASK_SUFFIX, ForkLayout, ProjectLayout
 from conductor.recovery import recover_project
 
 
@@ -49,15 +57,18 @@ class Worker:
         self._stop = threading.Event()
         self._watcher: FolderWatcher | None = None
         self._logs: dict[Path, AuditLog] = {}
+        self._queue: deque[tuple[ForkLayout, str]] = deque()
+        self._reaped_at = float("-inf")  # time.monotonic() of the last reap
 
     def forks(self) -> list[ForkLayout]:
-        """Every fork folder this worker serves."""
-        plans = [self.settings.plan_id] if self.settings.plan_id else self.layout.plan_ids()
-        forks = []
-        for plan_id in plans:
-            for folder in sorted(self.layout.plan_dir(plan_id).glob("fork_*")):
-                forks.append(self.layout.fork(plan_id, folder.name[5:]))
-        return forks
+        """Every fork folder this worker serves (listed now)."""
+        if self.settings.plan_id:
+            plans = [self.settings.plan_id]
+        else:  # as ProjectLayout.plan_ids, without a glob
+            plans = sorted(name[len("plan_"):] for name in _names(self.layout.handoff_dir, dirs=True)
+                           if name.startswith("plan_") and (self.layout.handoff_dir / name / "plan.json").is_file())
+        return [self.layout.fork(plan_id, name[len("fork_"):]) for plan_id in plans
+                for name in sorted(_names(self.layout.plan_dir(plan_id), dirs=True)) if name.startswith("fork_")]
 
     def _log(self, fork: ForkLayout) -> AuditLog:
         if fork.audit_log not in self._logs:
@@ -65,6 +76,8 @@ class Worker:
         return self._logs[fork.audit_log]
 
     def reap(self) -> None:
+        """Re-queue (or fail) the tasks of every fork whose lease is over."""
+        self._reaped_at = time.monotonic()
         for fork in self.forks():
             reap_expired(
                 fork,
@@ -75,27 +88,43 @@ class Worker:
             )
 
     def process_once(self) -> int:
-        """Claim and run at most one pending task. Returns 1 if it claimed one, else 0."""
-        candidates = [(fork, task_id) for fork in self.forks() for task_id in fork.task_ids("pending")]
-        # Racing workers that all start at the first name collide on every claim; a random start spreads them.
-        if candidates:
-            start = random.randrange(len(candidates))
-            candidates = candidates[start:] + candidates[:start]
-        for fork, task_id in candidates:
+        """Claim and run at most one pending task. Returns 1 if it claimed one, else 0.
+
+        Candidates come from the last listing of the pending folders; when it is used up the folders are
+        listed again, once per call.
+        """
+        listed = False
+        while True:
+            if not self._queue:
+                if listed:
+                    return 0
+                self._queue.extend(self._pending())
+                listed = True
+                continue
+            fork, task_id = self._queue.popleft()
             log = self._log(fork)
             claim = claim_task(fork, task_id, holder=self.holder, lease_seconds=self.settings.lease_seconds,
                                on_event=log.append)
             if claim is None:
                 continue
             result = execute_claim(self.layout, claim, self.runner, ignore=self.ignore,
-                          lease_seconds=self.settings.lease_seconds,
-                          heartbeat_seconds=self.settings.heartbeat_seconds, on_event=log.append,
-                          stop=self._stop, prepare_retry=lambda task: prepare_retry(self.layout, task),
-                          signer=self.signer)
+                                   lease_seconds=self.settings.lease_seconds,
+                                   heartbeat_seconds=self.settings.heartbeat_seconds, on_event=log.append,
+                                   stop=self._stop, prepare_retry=lambda task: prepare_retry(self.layout, task),
+                                   signer=self.signer)
             if result is not None:  # released or abandoned tasks were not run to the end
                 self.processed += 1
             return 1
-        return 0
+
+    def _pending(self) -> list[tuple[ForkLayout, str]]:
+        """Every pending task of every fork, in name order from a random starting point: racing workers
+        that all started at the first name would collide on every claim."""
+        candidates = [(fork, name[: -len(TASK_SUFFIX)]) for fork in self.forks()
+                      for name in sorted(_names(fork.state_dir("pending"))) if name.endswith(TASK_SUFFIX)]
+        if candidates:
+            start = random.randrange(len(candidates))
+            candidates = candidates[start:] + candidates[:start]
+        return candidates
 
     @property
     def stop_requested(self) -> bool:
@@ -118,16 +147,30 @@ class Worker:
         stop = self._stop = stop or self._stop
         recover_project(self.layout, plan_id=self.settings.plan_id)
         self.reap()
-        with FolderWatcher([self.layout.handoff_dir]) as watcher:
+        if burst:  # it never waits: no watcher (its thread would handle every event of every worker)
+            while not stop.is_set() and (max_tasks is None or self.processed < max_tasks) and self.process_once():
+                pass
+            return self.processed
+        # Only creations and moves are asked of the kernel: the writes, opens and closes of every other
+        # worker's files would otherwise be delivered to this one, each handled in Python.
+        with FolderWatcher([self.layout.handoff_dir], relevant=task_arrival, kinds=("created", "moved")) as watcher:
             self._watcher = watcher
             while not stop.is_set():
                 if max_tasks is not None and self.processed >= max_tasks:
                     break
                 if self.process_once():
                     continue
-                if burst:
-                    break
-                watcher.wait(self.settings.poll_seconds)
-                if not stop.is_set():
-                    self.reap()
+                if time.monotonic() - self._reaped_at >= self.settings.poll_seconds:
+                    self.reap()  # idle: the moment to look for expired leases
+                    continue
+                watcher.wait(max(0.0, self._reaped_at + self.settings.poll_seconds - time.monotonic()))
         return self.processed
+
+
+def _names(folder: Path, *, dirs: bool = False) -> list[str]:
+    """The entry names of ``folder`` (one ``scandir``, no stat; only folders with ``dirs``); [] if it is missing."""
+    try:
+        with os.scandir(folder) as entries:
+            return [entry.name for entry in entries if not dirs or entry.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -3,13 +3,20 @@
 The task file's arrival in ``completed/`` or ``failed/`` is the commit point. Before anything is written
 the holder's fencing token is checked under the fork lock, so a zombie executor whose lease expired and
 whose task was re-queued cannot overwrite the new attempt's work.
+
+The fork lock is held only for the renames: every file's bytes are written and fsynced before it is taken,
+the three sidecar names share one folder fsync (before the commit point, so they are durable first), and
+the commit rename's folders are fsynced after it is released (whoever reads the folders next sees the
+rename at once; the fsyncs only make it survive a power loss).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from conductor.faults import crash_point
-from conductor.fsutil import atomic_write, durable_rename
-from conductor.handoff.documents import write_document
+from conductor.fsutil import commit_temp, fsync_dir, rename_file, sync_rename, write_temp
+from conductor.handoff.documents import sealed_bytes
 from conductor.handoff.lease import (
     Claim,
     EventSink,
@@ -19,7 +26,6 @@ from conductor.handoff.lease import (
 )
 from conductor.layout import EXPLANATION_SUFFIX, PROVENANCE_SUFFIX, RESULT_SUFFIX
 from conductor.models import Result, parse_time
-
 
 def complete_task(
     claim: Claim,
@@ -42,21 +48,39 @@ def complete_task(
 
     Raises:
         LeaseLost: the claim's fencing token is stale; nothing was written.
+        StorageError: a write, rename or fsync failed; the task is still in progress unless only an fsync
+            after the commit rename failed.
     """
     fork, task_id = claim.fork, claim.task.task_id
     state = "completed" if result.status == "completed" else "failed"
-    with fork_lock(fork):
-        assert_holder(claim)
-        sealed = write_document(fork.sidecar(state, task_id, RESULT_SUFFIX), result)
-        crash_point("complete.after_result")
-        atomic_write(fork.sidecar(state, task_id, EXPLANATION_SUFFIX), explanation.encode("utf-8"))
-        crash_point("complete.after_explanation")
-        if provenance is not None:
-            atomic_write(fork.sidecar(state, task_id, PROVENANCE_SUFFIX), provenance)
-        crash_point("complete.before_task_move")
-        durable_rename(claim.task_path, fork.task_file(state, task_id))
-        crash_point("complete.after_task_move")
-        fork.lease_file(task_id).unlink(missing_ok=True)
+    sealed, result_bytes = sealed_bytes(result)
+    files = [(RESULT_SUFFIX, result_bytes), (EXPLANATION_SUFFIX, explanation.encode("utf-8"))]
+    if provenance is not None:
+        files.append((PROVENANCE_SUFFIX, provenance))
+    target = fork.task_file(state, task_id)
+    temps: list[tuple[str, Path, Path]] = []
+    try:
+        for suffix, data in files:
+            path = fork.sidecar(state, task_id, suffix)
+            temps.append((suffix, write_temp(path, data), path))
+        with fork_lock(fork):
+            assert_holder(claim)
+            for suffix, temp, path in temps:
+                commit_temp(temp, path)
+                if suffix == RESULT_SUFFIX:
+                    crash_point("complete.after_result")
+                elif suffix == EXPLANATION_SUFFIX:
+                    crash_point("complete.after_explanation")
+            fsync_dir(target.parent)  # the sidecars are durable before the commit point
+            crash_point("complete.before_task_move")
+            rename_file(claim.task_path, target)
+            crash_point("complete.after_task_move")
+            fork.lease_file(task_id).unlink(missing_ok=True)
+    except BaseException:
+        for _, temp, _ in temps:
+            temp.unlink(missing_ok=True)  # those not renamed yet (a renamed temp's name is gone)
+        raise
+    sync_rename(claim.task_path, target)
     crash_point("complete.before_event")
     duration = (parse_time(result.finished_at) - parse_time(result.started_at)).total_seconds()
     data = {"step_id": task_id, "attempt": claim.task.attempt, "executor": result.executor.id, "duration_seconds": duration}
@@ -65,4 +89,4 @@ def complete_task(
     else:
         error = result.error
         on_event("task.failed", {**data, "reason": error.kind if error else "failed", "message": error.message if error else ""})
-    return sealed
+    return Result.model_validate(sealed)

@@ -12,12 +12,11 @@ import socket
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from pydantic import ValidationError
 
 from conductor.canonical import compute_checksum, sha256_hex, strict_loads
@@ -29,8 +28,15 @@ from conductor.errors import (
     LeaseLost,
 )
 from conductor.faults import crash_point
-from conductor.fsutil import durable_rename
-from conductor.handoff.documents import MAX_DOCUMENT_BYTES, read_document, write_document
+from conductor.fsutil import atomic_write, commit_temp, durable_rename, flocked, write_temp
+from conductor.handoff.documents import (
+    MAX_DOCUMENT_BYTES,
+    parse_document,
+    read_document,
+    read_limited,
+    sealed_bytes,
+    write_document,
+)
 from conductor.layout import ForkLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, utc_now
 from conductor.proc import process_start
@@ -49,9 +55,11 @@ def fork_lock(fork: ForkLayout) -> Iterator[None]:
     """Hold the fork's lock file (cross-process, cross-thread) for a short critical section.
 
     Completion, renewal and reaping take it so that a reaper cannot re-queue a task while its holder
-    is committing it.
+    is committing it. It is a plain ``flock(2)`` on ``fork_<id>/.lock`` (docs/protocol.md, 6.5): waiters
+    sleep in the kernel and wake when it is released. Callers keep slow work (fsyncs of new files,
+    killing processes) outside it.
     """
-    with FileLock(str(fork.dir / ".lock")):
+    with flocked(fork.dir / ".lock"):
         yield
 
 
@@ -66,11 +74,18 @@ def _time_after(seconds: float) -> str:
 
 @dataclass
 class Claim:
-    """A task this process holds, with the lease that proves it."""
+    """A task this process holds, with the lease that proves it.
+
+    ``task_seen`` and ``lease_seen`` pair the ``task`` / ``lease`` objects with the exact bytes of their
+    files as this process read or wrote them: while a file still holds those bytes, the fencing check
+    need not parse it again (:func:`assert_holder`).
+    """
 
     fork: ForkLayout
     task: Task
     lease: Lease
+    task_seen: tuple[Task, bytes] | None = field(default=None, repr=False, compare=False)
+    lease_seen: tuple[Lease, bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def task_path(self) -> Path:
@@ -100,7 +115,8 @@ def claim_task(
         return None
     crash_point("claim.after_rename")
     try:
-        task = read_document(target, Task)
+        data = read_limited(target)
+        task = parse_document(data, Task, source=target)
         _check_identity(fork, task_id, task)
     except IntegrityError as exc:
         reject_task_file(fork, task_id, target, exc, holder=holder, on_event=on_event)
@@ -117,10 +133,22 @@ def claim_task(
         renewed_at=now,
         expires_at=_time_after(lease_seconds),
     )
-    lease = write_document(fork.lease_file(task_id), lease)
+    lease, lease_data = _write_lease(fork, lease)
     crash_point("claim.after_lease")
     on_event("task.claimed", {"step_id": task_id, "attempt": task.attempt, "holder": holder, "pid": lease.pid, "host": HOST})
-    return Claim(fork=fork, task=task, lease=lease)
+    return Claim(fork=fork, task=task, lease=lease, task_seen=(task, data), lease_seen=(lease, lease_data))
+
+
+def _write_lease(fork: ForkLayout, lease: Lease) -> tuple[Lease, bytes]:
+    """Seal and write a lease atomically; returns it with its bytes.
+
+    The folder is not fsynced: a lease guards nothing across a power loss, whose reboot ends every holder
+    on this host (a lost or unreadable lease expires ``lease_seconds`` after the claim). The file itself
+    is fsynced so that it never reads back as garbage.
+    """
+    sealed, data = sealed_bytes(lease)
+    atomic_write(fork.lease_file(lease.task_id), data, sync_dir=False)
+    return Lease.model_validate(sealed), data
 
 
 def _check_identity(fork: ForkLayout, task_id: str, task: Task) -> None:
@@ -214,24 +242,49 @@ def read_lease(fork: ForkLayout, task_id: str) -> Lease | None:
 def assert_holder(claim: Claim) -> None:
     """Check, under the fork lock, that ``claim`` still holds its task (fencing check).
 
+    A task or lease file that still holds exactly the bytes this process read or wrote is not parsed
+    again; any other content is read strictly.
+
     Raises:
         LeaseLost: the task left ``in_progress/`` or was re-queued with a newer attempt.
+        IntegrityError: the task file was altered (see :func:`conductor.handoff.documents.read_document`).
     """
     try:
-        current = read_document(claim.task_path, Task)
+        data = read_limited(claim.task_path)
     except FileNotFoundError as exc:
         raise LeaseLost(f"{claim.task.task_id}: no longer in progress (reclaimed or finished)") from exc
-    if current.attempt != claim.lease.fencing_token:
+    if _seen(claim.task_seen, claim.task, data):
+        attempt = claim.task.attempt
+    else:
+        attempt = parse_document(data, Task, source=claim.task_path).attempt
+    if attempt != claim.lease.fencing_token:
         raise LeaseLost(
-            f"{claim.task.task_id}: fencing token {claim.lease.fencing_token} is stale (current attempt {current.attempt})"
+            f"{claim.task.task_id}: fencing token {claim.lease.fencing_token} is stale (current attempt {attempt})"
         )
-    lease = read_lease(claim.fork, claim.task.task_id)
-    if lease is not None and (lease.fencing_token, lease.holder) != (claim.lease.fencing_token, claim.lease.holder):
+    lease_path = claim.fork.lease_file(claim.task.task_id)
+    try:
+        lease_data = read_limited(lease_path)
+    except (FileNotFoundError, IntegrityError):
+        return  # no lease (yet), or none readable: the task file decides
+    if _seen(claim.lease_seen, claim.lease, lease_data):
+        return
+    try:
+        lease = parse_document(lease_data, Lease, source=lease_path)
+    except IntegrityError:
+        return
+    if (lease.fencing_token, lease.holder) != (claim.lease.fencing_token, claim.lease.holder):
         raise LeaseLost(f"{claim.task.task_id}: lease now held by {lease.holder} (token {lease.fencing_token})")
+
+
+def _seen(seen: tuple[Any, bytes] | None, model: object, data: bytes) -> bool:
+    return seen is not None and seen[0] is model and seen[1] == data
 
 
 def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None) -> Lease:
     """Extend the lease of ``claim`` by ``lease_seconds`` from now (the heartbeat).
+
+    The new lease is written and fsynced before the fork lock is taken; under the lock there is only the
+    fencing check and the rename.
 
     Args:
         pgid: the process group the work now runs in (its leader must not have been reaped yet, so its
@@ -244,11 +297,23 @@ def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None) 
     update: dict[str, Any] = {"renewed_at": utc_now(), "expires_at": _time_after(lease_seconds)}
     if pgid is not None:
         update.update(pgid=pgid, pgid_start=process_start(pgid))
-    with fork_lock(claim.fork):
-        assert_holder(claim)
-        renewed = claim.lease.model_copy(update=update)
-        claim.lease = write_document(claim.fork.lease_file(claim.task.task_id), renewed)
-        crash_point("heartbeat.after_renew")
+    path, base = claim.fork.lease_file(claim.task.task_id), claim.lease
+    sealed, data = sealed_bytes(base.model_copy(update=update))
+    temp = write_temp(path, data)  # no folder fsync, as for every lease (see _write_lease)
+    try:
+        with fork_lock(claim.fork):
+            assert_holder(claim)
+            if claim.lease is not base:  # another thread of ours renewed meanwhile: keep what it recorded
+                temp.unlink()
+                sealed, data = sealed_bytes(claim.lease.model_copy(update=update))
+                temp = write_temp(path, data)
+            commit_temp(temp, path)
+            claim.lease = Lease.model_validate(sealed)
+            claim.lease_seen = (claim.lease, data)
+            crash_point("heartbeat.after_renew")
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     return claim.lease
 
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from conductor.errors import IntegrityError, StateConflict
 from conductor.faults import crash_point
@@ -27,7 +28,7 @@ from conductor.handoff.lease import (
     reject_task_file,
     workspace_marker,
 )
-from conductor.layout import PARKED_SUFFIX, STATES, ForkLayout
+from conductor.layout import PARKED_SUFFIX, STATES, TASK_SUFFIX, ForkLayout
 from conductor.models import (
     ErrorInfo,
     ExecutorInfo,
@@ -40,7 +41,7 @@ from conductor.models import (
 from conductor.proc import kill_orphans
 
 
-ORPHAN_GRACE_SECONDS = 1.0  # SIGTERM → SIGKILL for a dead holder's command (the fork lock is held meanwhile)
+ORPHAN_GRACE_SECONDS = 1.0  # SIGTERM → SIGKILL for a dead holder's command (done before the fork lock is taken)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ def reap_expired(
 ) -> list[Reaped]:
     """Re-queue or fail every in-progress task of ``fork`` whose lease is over.
 
+    ``in_progress/`` is listed once; a lease that is not over costs a stat and a read, without the fork
+    lock. Only a task whose lease looks over is looked at again under the lock, and the command a dead
+    holder left running is killed before the lock is taken (that takes up to a second).
+
     Args:
         prepare_retry: called with the re-queued task (attempt already incremented) before it is
             published; returns the task to publish (Conductor uses it to give the retry a fresh copy of
@@ -91,12 +96,17 @@ def reap_expired(
         What was done, one entry per reaped task.
     """
     now = now or datetime.now(UTC)
-    finish_parked(fork, prepare_retry=prepare_retry, on_event=on_event)
+    names = _names(fork.state_dir("in_progress"))
+    if any(name.endswith(TASK_SUFFIX + PARKED_SUFFIX) for name in names):
+        finish_parked(fork, prepare_retry=prepare_retry, on_event=on_event)
     reaped = []
-    for task_id in fork.task_ids("in_progress"):
+    for task_id in sorted(name[: -len(TASK_SUFFIX)] for name in names if name.endswith(TASK_SUFFIX)):
+        look = _look(fork, task_id, now=now, lease_seconds=lease_seconds)
+        if look is None:
+            continue
         with fork_lock(fork):
             entry = _reap_one(
-                fork, task_id, now=now, max_attempts=max_attempts, lease_seconds=lease_seconds,
+                fork, task_id, look, now=now, max_attempts=max_attempts, lease_seconds=lease_seconds,
                 on_event=on_event, prepare_retry=prepare_retry,
             )
         if entry is not None:
@@ -104,9 +114,37 @@ def reap_expired(
     return reaped
 
 
+@dataclass(frozen=True)
+class _Look:
+    """An unlocked first look at an in-progress task whose lease seemed over."""
+
+    lease: Lease | None
+    workspace: str | None  # the task's workspace, None if the task file was unreadable
+    killed: tuple[int, ...]  # the dead holder's command, killed already
+
+
+def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float) -> _Look | None:
+    path = fork.task_file("in_progress", task_id)
+    try:
+        ctime = path.stat().st_ctime
+    except FileNotFoundError:
+        return None  # completed meanwhile
+    lease = read_lease(fork, task_id)
+    if not lease_expired(lease, task_mtime=ctime, now=now, lease_seconds=lease_seconds):
+        return None
+    try:
+        workspace: str | None = read_document(path, Task).workspace
+    except FileNotFoundError:
+        return None  # completed meanwhile
+    except IntegrityError:
+        workspace = None
+    return _Look(lease, workspace, tuple(kill_orphaned_command(fork, lease, workspace=workspace)))
+
+
 def _reap_one(
     fork: ForkLayout,
     task_id: str,
+    look: _Look,
     *,
     now: datetime,
     max_attempts: int,
@@ -125,11 +163,11 @@ def _reap_one(
     try:
         task = read_document(path, Task)
     except IntegrityError as exc:
-        killed = tuple(kill_orphaned_command(fork, lease, workspace=None))
+        killed = _killed(fork, look, lease, None)
         reject_task_file(fork, task_id, path, exc, holder="conductor-reaper", on_event=on_event)
         return Reaped(task_id, 0, "failed", lease.holder if lease else None, killed)
     holder = lease.holder if lease else None
-    killed = tuple(kill_orphaned_command(fork, lease, workspace=task.workspace))
+    killed = _killed(fork, look, lease, task.workspace)
     data: dict[str, object] = {"step_id": task_id, "attempt": task.attempt, "holder": holder}
     if killed:
         data["killed"] = list(killed)
@@ -140,6 +178,21 @@ def _reap_one(
         return Reaped(task_id, task.attempt, "failed", holder, killed)
     requeue_task(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason="lease_expired")
     return Reaped(task_id, task.attempt, "requeued", holder, killed)
+
+
+def _killed(fork: ForkLayout, look: _Look, lease: Lease | None, workspace: str | None) -> tuple[int, ...]:
+    """What the first look killed, or, if the lease or task changed since, what killing now finds."""
+    if lease == look.lease and workspace == look.workspace:
+        return look.killed
+    return tuple(kill_orphaned_command(fork, lease, workspace=workspace))
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        with os.scandir(folder) as entries:
+            return [entry.name for entry in entries]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def kill_orphaned_command(fork: ForkLayout, lease: Lease | None, *, workspace: str | None) -> list[int]:

@@ -8,10 +8,29 @@ fallback poll covers any missed event.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
+
+from conductor.layout import TASK_SUFFIX
+
+Relevant = Callable[[str, str, bool], bool]
+"""``(event type, path, is_directory) -> wake up?``; the path is the destination of a move."""
+
+
+def task_arrival(event_type: str, path: str, is_directory: bool) -> bool:
+    """A task file appearing in a ``pending/`` folder, or a new folder (a plan or fork being created).
+
+    What an idle worker waits for: its own writes and other workers' leases, results and audit lines
+    would otherwise wake it on every one of them to list the folders for nothing.
+    """
+    if event_type not in ("created", "moved"):
+        return False
+    if is_directory:
+        return True
+    return path.endswith(TASK_SUFFIX) and os.path.basename(os.path.dirname(path)) == "pending"
 
 
 class FolderWatcher:
@@ -22,22 +41,45 @@ class FolderWatcher:
     watchdog cannot start (e.g. inotify watch limits).
     """
 
-    def __init__(self, folders: Iterable[Path]) -> None:
+    def __init__(self, folders: Iterable[Path], *, relevant: Relevant | None = None,
+                 kinds: Iterable[str] | None = None) -> None:
+        """Prepare to watch ``folders`` (recursively; each is created if missing).
+
+        Args:
+            relevant: which changes wake a waiter (see :func:`task_arrival`); None = any change except
+                opening or reading a file and lock files.
+            kinds: the only event types to ask the kernel for (``"created"``, ``"moved"``, ``"modified"``,
+                ``"deleted"``); None = all. Every other event is never delivered, so a watcher of a busy
+                folder does not spend CPU on each write, open and close in it.
+        """
         self._folders = [Path(f) for f in folders]
+        self._relevant = relevant
+        self._kinds = None if kinds is None else tuple(kinds)
         self._changed = threading.Event()
         self._observer = None
 
     def __enter__(self) -> FolderWatcher:
         try:
+            from watchdog import events
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
         except ImportError:  # watchdog is a dependency; polling still works without it
             return self
+        classes = {"created": (events.FileCreatedEvent, events.DirCreatedEvent),
+                   "moved": (events.FileMovedEvent, events.DirMovedEvent),
+                   "modified": (events.FileModifiedEvent, events.DirModifiedEvent),
+                   "deleted": (events.FileDeletedEvent, events.DirDeletedEvent)}
+        event_filter = None if self._kinds is None else [cls for kind in self._kinds for cls in classes[kind]]
 
-        changed = self._changed
+        changed, relevant = self._changed, self._relevant
 
         class _Handler(FileSystemEventHandler):
             def on_any_event(self, event) -> None:  # type: ignore[no-untyped-def]
+                if relevant is not None:
+                    path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+                    if relevant(event.event_type, path, event.is_directory):
+                        changed.set()
+                    return
                 # Opening or reading a file changes nothing, and lock files churn on every pass: waking on
                 # them would make every pass trigger the next.
                 if event.event_type in ("opened", "closed_no_write"):
@@ -50,7 +92,7 @@ class FolderWatcher:
         try:
             for folder in self._folders:
                 folder.mkdir(parents=True, exist_ok=True)
-                observer.schedule(_Handler(), str(folder), recursive=True)
+                observer.schedule(_Handler(), str(folder), recursive=True, event_filter=event_filter)
             observer.start()
         except OSError:
             return self

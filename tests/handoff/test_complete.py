@@ -76,13 +76,13 @@ def test_complete_writes_every_sidecar_before_moving_the_task(project: Handoff, 
     project.publish("step_001")
     claim = _claim(project)
     seen_at_commit: list[tuple[list[str], list[str]]] = []
-    real_rename = complete_module.durable_rename
+    real_rename = complete_module.rename_file
 
     def observing_rename(source: Path, target: Path) -> None:
         seen_at_commit.append((project.files_in("completed"), project.files_in("in_progress")))
         real_rename(source, target)
 
-    monkeypatch.setattr(complete_module, "durable_rename", observing_rename)
+    monkeypatch.setattr(complete_module, "rename_file", observing_rename)
     complete_task(claim, _hand_result(claim), explanation="# Why\nBecause.\n", provenance=b'{"p":1}')
 
     assert seen_at_commit == [(
@@ -115,7 +115,7 @@ def test_a_crash_before_the_commit_point_leaves_the_task_in_progress(project: Ha
     def crash(source: Path, target: Path) -> None:
         raise OSError("power loss")
 
-    monkeypatch.setattr(complete_module, "durable_rename", crash)
+    monkeypatch.setattr(complete_module, "rename_file", crash)
     with pytest.raises(OSError):
         complete_task(claim, _hand_result(claim), explanation="first try")
     monkeypatch.undo()
