@@ -44,6 +44,13 @@ Then the log and the folders must agree — every task file at least at its last
 guessed. Quarantined files go to ``fork_<id>/quarantine/<UTC time>.<reason>.<state>.<name>``; nothing is
 deleted but temp files and dead leases. Every repair is an audit event (``recovery.repaired``
 ``{what, path, detail}`` in the fork's log, or the plan's log for plan- and project-level repairs).
+
+Cost: each log is parsed once per process (:meth:`conductor.audit.AuditLog.events` reads only what was
+appended since), each state folder is listed once per pass, and a task file is read only when the log
+does not account for it: a file in ``completed/`` or ``failed/`` whose step's last published attempt has a
+completion, failure or verdict event is taken to hold that attempt (nothing a crash leaves can change a
+finished step's file; ``conductor verify`` is the check against tampering). So a recovery reads the
+in-flight tasks and whatever needs repair, not the plan's history.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +82,7 @@ from conductor.layout import (
     PROVENANCE_SUFFIX,
     RESULT_SUFFIX,
     STATES,
+    TASK_SUFFIX,
     VERDICT_SUFFIX,
     ForkLayout,
     ProjectLayout,
@@ -212,6 +220,7 @@ class _Recovery:
         self.ignore = list(ignore)
         self.now = time.time()
         self.report = RecoveryReport()
+        self.swept: set[Path] = set()  # state folders swept already: the project-wide sweep skips them
 
     # --- bookkeeping ----------------------------------------------------------------------------
 
@@ -263,7 +272,7 @@ class _Recovery:
         """Pass 2 over ``.conductor/`` (every plan folder, checkpoints, recordings, keys...); attempt
         folders have their own sweep, and ``.conductor/git`` is git's (it cleans its own temp objects)."""
         conductor = self.layout.conductor_dir
-        skip = {conductor / "git", conductor / "scratch", conductor / "checkouts"}
+        skip = {conductor / "git", conductor / "scratch", conductor / "checkouts"} | self.swept
         self.sweep(conductor, log, recursive=True, may_descend=lambda path: path not in skip)
         self.sweep(conductor / "git" / "info", log)  # the exclude file Conductor writes there (fsutil)
 
@@ -291,7 +300,10 @@ class _Recovery:
         may_descend: Callable[[Path], bool] = lambda path: True,
     ) -> None:
         """Remove the abandoned temp files of ``folder`` (and, with ``recursive``, of its subfolders)."""
-        for entry in _scan(folder):
+        def candidate(entry: os.DirEntry[str]) -> bool:
+            return entry.name.startswith(TEMP_PREFIX) or (recursive and entry.is_dir(follow_symlinks=False))
+
+        for entry in _scan(folder, candidate):
             why = self.stale_temp(entry)
             if why is not None and may_remove(Path(entry.path)):
                 path = Path(entry.path)
@@ -313,24 +325,26 @@ class _Recovery:
         self.sweep(fork.dir, log)
         for state in STATES:
             self.sweep(fork.state_dir(state), log)
+            self.swept.add(fork.state_dir(state))
         with fork_lock(fork):
-            self._resolve_duplicates(fork, log)
+            self._resolve_duplicates(fork, log, _Folders(fork))
             if self.exclusive:
-                self._finish_rejections(fork, log)
-            self._quarantine_uncommitted(fork, log)
+                self._finish_rejections(fork, log, _Folders(fork))
+            self._quarantine_uncommitted(fork, log, _Folders(fork))
             self._remove_dead_leases(fork, log)
-            events = log.events()
-            self._restore_published(fork, log, events)
+            events = log.events()  # the log is parsed once per process; later calls read only new lines
+            tasks = _TaskFiles(fork, _Folders(fork), events)
+            self._restore_published(fork, log, tasks)
             if self.exclusive:
                 self._restore_verdict_events(fork, log, events)
-            _check_agreement(fork, log.events())
+            _check_agreement(fork, log.events(), tasks)
 
     # --- pass 3: a task in two folders ----------------------------------------------------------
 
-    def _resolve_duplicates(self, fork: ForkLayout, log: AuditLog) -> None:
+    def _resolve_duplicates(self, fork: ForkLayout, log: AuditLog, folders: _Folders) -> None:
         places: dict[str, list[str]] = {}
         for state in STATES:
-            for task_id in fork.task_ids(state):
+            for task_id in folders.tasks(state):
                 places.setdefault(task_id, []).append(state)
         for task_id, states in places.items():
             if len(states) < 2 or not _present_together([fork.task_file(state, task_id) for state in states]):
@@ -345,10 +359,10 @@ class _Recovery:
 
     # --- pass 4: an unfinished rejection --------------------------------------------------------
 
-    def _finish_rejections(self, fork: ForkLayout, log: AuditLog) -> None:
-        for task_id in fork.task_ids("completed"):
+    def _finish_rejections(self, fork: ForkLayout, log: AuditLog, folders: _Folders) -> None:
+        for task_id in folders.tasks("completed"):
             rejected = fork.sidecar("failed", task_id, VERDICT_SUFFIX)
-            if not rejected.exists():
+            if not folders.has("failed", rejected.name) or not rejected.exists():
                 continue
             verdict, task = _rejection(fork, task_id, rejected)
             for suffix in (RESULT_SUFFIX, EXPLANATION_SUFFIX, PROVENANCE_SUFFIX):
@@ -362,11 +376,12 @@ class _Recovery:
 
     # --- pass 5: sidecars of a completion never committed ---------------------------------------
 
-    def _quarantine_uncommitted(self, fork: ForkLayout, log: AuditLog) -> None:
+    def _quarantine_uncommitted(self, fork: ForkLayout, log: AuditLog, folders: _Folders) -> None:
         for state in ("completed", "failed"):
-            for path, task_id in _sidecars(fork.state_dir(state)):
-                if fork.task_file(state, task_id).exists():
+            for name, task_id in _sidecar_names(folders.names[state]):
+                if folders.has(state, f"{task_id}{TASK_SUFFIX}") or fork.task_file(state, task_id).exists():
                     continue
+                path = fork.state_dir(state) / name
                 if state == "failed" and fork.task_file("completed", task_id).exists() \
                         and fork.sidecar("failed", task_id, VERDICT_SUFFIX).exists():
                     continue  # a rejection in progress: the engine's own recovery finishes it (pass 4)
@@ -404,17 +419,19 @@ class _Recovery:
 
     # --- pass 7: a publish whose event was lost -------------------------------------------------
 
-    def _restore_published(self, fork: ForkLayout, log: AuditLog, events: list[Event]) -> None:
-        published = {(e.data.get("step_id"), e.data.get("attempt")) for e in events if e.type == "task.published"}
+    def _restore_published(self, fork: ForkLayout, log: AuditLog, tasks: _TaskFiles) -> None:
         for state in STATES:
-            for task_id in fork.task_ids(state):
-                task = _read_task(fork.task_file(state, task_id))
-                if task is None or (task_id, task.attempt) in published:
+            for task_id in tasks.folders.tasks(state):
+                if tasks.vouched(task_id) is not None:
+                    continue  # settled at its last published attempt: the log accounts for it
+                task = tasks.task(task_id)
+                if task is None or (task_id, task.attempt) in tasks.published:
                     continue
                 if task.attempt == 1 and not self.exclusive:
                     continue  # the engine publishes attempt 1 without the fork lock: it may log it any moment
                 log.append("task.published", {"step_id": task_id, "attempt": task.attempt,
                                               "checksum": task.checksum, "reason": "recovered"})
+                tasks.published.add((task_id, task.attempt))
                 self.record(log, "event_restored", fork.task_file(state, task_id),
                             f"task.published of {task_id} attempt {task.attempt} (published, never logged)")
 
@@ -486,20 +503,123 @@ def _temp_target(path: Path) -> Path | None:
     return path.parent / f"{TEMP_PREFIX}{match.group('name')}" if match else None
 
 
-def _scan(folder: Path) -> Iterator[os.DirEntry[str]]:
+def _scan(folder: Path, keep: Callable[[os.DirEntry[str]], bool] = lambda entry: True) -> Iterator[os.DirEntry[str]]:
+    """The entries of ``folder`` that ``keep`` accepts, in name order (none if it is missing)."""
     try:
         with os.scandir(folder) as entries:
-            yield from sorted(entries, key=lambda e: e.name)
+            yield from sorted((entry for entry in entries if keep(entry)), key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
         return
 
 
 def _sidecars(folder: Path) -> Iterator[tuple[Path, str]]:
     """``(path, task_id)`` of every sidecar file in a state folder."""
-    for entry in _scan(folder):
-        suffix = next((s for s in SIDECARS if entry.name.endswith(s)), None)
-        if suffix is not None and not entry.name.startswith(TEMP_PREFIX) and len(entry.name) > len(suffix):
-            yield Path(entry.path), entry.name[: -len(suffix)]
+    for name, task_id in _sidecar_names(entry.name for entry in _scan(folder)):
+        yield folder / name, task_id
+
+
+def _sidecar_names(names: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(name, task_id)`` of every sidecar among a state folder's ``names``, in name order."""
+    for name in sorted(names):
+        if name.startswith(TEMP_PREFIX):
+            continue
+        stem, dot, rest = name.partition(".")  # step ids hold no dot: the suffix starts at the first one
+        if dot and stem and f".{rest}" in _SIDECAR_SET:
+            yield name, stem
+        elif dot:  # a task id with a dot in it: try every suffix, as the file name may still be a sidecar
+            suffix = next((s for s in SIDECARS if name.endswith(s)), None)
+            if suffix is not None and len(name) > len(suffix):
+                yield name, name[: -len(suffix)]
+
+
+_SIDECAR_SET = frozenset(SIDECARS)
+
+
+class _Folders:
+    """The names in a fork's four state folders, each listed once, in the order tasks move (``pending``
+    first): a task that moves while they are listed is seen twice, never missed."""
+
+    def __init__(self, fork: ForkLayout) -> None:
+        self.names = {state: _names(fork.state_dir(state)) for state in STATES}
+
+    def has(self, state: str, name: str) -> bool:
+        return name in self.names[state]
+
+    def tasks(self, state: str) -> list[str]:
+        """Ids of the task files in ``state`` (as ``ForkLayout.task_ids``)."""
+        return sorted(name[: -len(TASK_SUFFIX)] for name in self.names[state] if name.endswith(TASK_SUFFIX))
+
+    def where(self, task_id: str) -> tuple[str, bool] | None:
+        """The state holding ``task_id``'s task file — the most advanced if it was seen twice — and whether
+        it is only a parked (``.requeue``) file in ``in_progress/``; None when it is in no folder."""
+        name = f"{task_id}{TASK_SUFFIX}"
+        for state in _MOST_ADVANCED_FIRST:
+            if name in self.names[state]:
+                return state, False
+        return ("in_progress", True) if name + PARKED_SUFFIX in self.names["in_progress"] else None
+
+
+class _TaskFiles:
+    """Where each task file is and, when the log cannot vouch for it, what it holds.
+
+    A task file in ``completed/`` or ``failed/`` whose step's last published attempt has a completion,
+    failure or verdict event holds that attempt: no crash leaves anything else there (a step is final once
+    completed or failed), so it is not read again. Every other task file is read, once: the in-flight
+    ones and those the log does not account for. So recovery reads what may need repair, not the history.
+    """
+
+    def __init__(self, fork: ForkLayout, folders: _Folders, events: list[Event]) -> None:
+        self.fork, self.folders = fork, folders
+        self.published: set[tuple[Any, Any]] = set()
+        self._last: dict[str, Any] = {}  # step -> the attempt of its last task.published event
+        self._settled: set[tuple[Any, Any]] = set()
+        for event in events:
+            key = (event.data.get("step_id"), event.data.get("attempt"))
+            if event.type == "task.published":
+                self.published.add(key)
+                self._last[key[0]] = key[1]
+            elif event.type in _SETTLING:
+                self._settled.add(key)
+        self._read: dict[str, Task | None] = {}
+        self._vouched: dict[str, int | None] = {}
+
+    def vouched(self, task_id: str) -> int | None:
+        """The attempt the log vouches ``task_id``'s task file holds, or None when it has to be read."""
+        if task_id not in self._vouched:
+            found = self.folders.where(task_id)
+            attempt = self._last.get(task_id)
+            settled = found is not None and found[0] in ("completed", "failed") and (task_id, attempt) in self._settled
+            self._vouched[task_id] = attempt if settled and isinstance(attempt, int) else None
+        return self._vouched[task_id]
+
+    def task(self, task_id: str) -> Task | None:
+        """The task file of ``task_id`` read strictly (None when it is missing or unreadable)."""
+        if task_id not in self._read:
+            found = self.folders.where(task_id)
+            path = None if found is None else self.fork.task_file(found[0], task_id)
+            if found is not None and found[1]:
+                path = self.fork.task_file("in_progress", task_id).with_name(f"{task_id}{TASK_SUFFIX}{PARKED_SUFFIX}")
+            self._read[task_id] = None if path is None else _read_task(path)
+        return self._read[task_id]
+
+    def attempt(self, task_id: str) -> int | None:
+        vouched = self.vouched(task_id)
+        if vouched is not None:
+            return vouched
+        task = self.task(task_id)
+        return None if task is None else task.attempt
+
+
+_SETTLING = frozenset({"task.completed", "task.failed", "step.verified", "step.merged"})
+_MOST_ADVANCED_FIRST = sorted(STATES, key=_ADVANCE.__getitem__, reverse=True)
+
+
+def _names(folder: Path) -> set[str]:
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 def _present_together(paths: list[Path]) -> bool:
@@ -597,43 +717,48 @@ def _read_intent(path: Path, plan_id: str) -> tuple[str, dict]:
     return document["fork_id"], document
 
 
-def _check_agreement(fork: ForkLayout, events: list[Event]) -> None:
+def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -> None:
     """Raise StateConflict naming every event the folders contradict (no crash can cause these)."""
-    where: dict[str, tuple[str, Task | None]] = {}
-    for task_id in {e.data.get("step_id") for e in events if isinstance(e.data.get("step_id"), str)}:
-        found = fork.find_task(task_id)
-        if found is not None:
-            where[task_id] = (found[0], _read_task(found[1]))
     problems: list[str] = []
     last_published: dict[str, Event] = {}
     for event in events:
         task_id, attempt = event.data.get("step_id"), event.data.get("attempt")
         if not isinstance(task_id, str):
             continue
-        state, task = where.get(task_id, (None, None))
-        seen = f"{fork.task_file(state, task_id) if state else 'no task file'}" + (
-            f" (attempt {task.attempt})" if task is not None else "")
         if event.type == "task.published":
             last_published[task_id] = event
-        elif event.type == "task.completed" and (state not in ("completed", "failed")
-                                                 or (task is not None and task.attempt != attempt)):
-            problems.append(f"seq {event.seq} task.completed {task_id} attempt {attempt}, but {seen}")
+            continue
+        if event.type not in ("task.completed", "task.failed", "step.merged"):
+            continue
+        found = tasks.folders.where(task_id)
+        state = found[0] if found else None
+        held = tasks.attempt(task_id) if state else None
+
+        def seen() -> str:
+            return f"{fork.task_file(state, task_id) if state else 'no task file'}" + (
+                f" (attempt {held})" if held is not None else "")
+
+        if event.type == "task.completed" and (state not in ("completed", "failed")
+                                               or (held is not None and held != attempt)):
+            problems.append(f"seq {event.seq} task.completed {task_id} attempt {attempt}, but {seen()}")
         elif event.type == "task.failed" and state != "failed":
-            problems.append(f"seq {event.seq} task.failed {task_id} attempt {attempt}, but {seen}")
+            problems.append(f"seq {event.seq} task.failed {task_id} attempt {attempt}, but {seen()}")
         elif event.type == "step.merged" and (
-            state != "completed" or (task is not None and task.attempt != attempt)
-            or not fork.sidecar("completed", task_id, VERDICT_SUFFIX).exists()
+            state != "completed" or (held is not None and held != attempt)
+            or not tasks.folders.has("completed", f"{task_id}{VERDICT_SUFFIX}")
         ):
-            problems.append(f"seq {event.seq} step.merged {task_id} attempt {attempt}, but {seen} "
+            problems.append(f"seq {event.seq} step.merged {task_id} attempt {attempt}, but {seen()} "
                             "with no accepted verdict beside it")
     for task_id, event in last_published.items():
-        state, task = where.get(task_id, (None, None))
-        if state is None:
+        found = tasks.folders.where(task_id)
+        if found is None:
             problems.append(f"seq {event.seq} task.published {task_id} attempt {event.data.get('attempt')}, "
                             "but its task file is in no state folder")
-        elif task is not None and task.attempt < int(event.data.get("attempt", 0)):
+            continue
+        held = tasks.attempt(task_id)
+        if held is not None and held < int(event.data.get("attempt", 0)):
             problems.append(f"seq {event.seq} task.published {task_id} attempt {event.data.get('attempt')}, "
-                            f"but {fork.task_file(state, task_id)} holds attempt {task.attempt}")
+                            f"but {fork.task_file(found[0], task_id)} holds attempt {held}")
     if problems:
         raise StateConflict(f"{fork.audit_log} and the folders of fork {fork.fork_id} disagree; refusing to guess: "
                             + "; ".join(problems))

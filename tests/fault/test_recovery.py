@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import conductor.recovery as recovery_module
 from conductor import ranking
 from conductor.audit import AuditLog, verify_chain
 from conductor.errors import StateConflict
+from conductor.executors.command import CommandRunner
 from conductor.fsutil import atomic_write
 from conductor.handoff.documents import write_document
 from conductor.handoff.lease import HOST, claim_task
@@ -473,3 +475,53 @@ def test_an_intent_altered_after_the_crash_is_refused_not_followed(handoff: Hand
         recover_project(handoff.layout, plan_id=handoff.plan.plan_id, exclusive=True)
 
     assert (handoff.root / "README.md").read_text() == before and path.exists()
+
+
+# --- what recovery reads --------------------------------------------------------------------------
+
+
+def test_recovery_reads_only_the_task_files_the_log_does_not_account_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=6)
+    for task_id in handoff.step_ids:
+        publish(handoff, task_id)
+    worker = Worker(handoff.layout, CommandRunner("true", layout=handoff.layout), WorkerSettings(), ignore=[])
+    for _ in range(4):
+        assert worker.process_once() == 1
+    completed, pending = handoff.where()["completed"], handoff.where()["pending"]
+    # One completion whose task.completed event was lost (a crash at complete.before_event): the log is
+    # rewritten without that event.
+    unlogged = completed[0]
+    events = AuditLog(handoff.fork.audit_log).events()
+    rebuilt = AuditLog(tmp_path / "rebuilt.log")
+    for event in events:
+        if not (event.type == "task.completed" and event.data["step_id"] == unlogged):
+            rebuilt.append(event.type, event.data)
+    os.replace(rebuilt.path, handoff.fork.audit_log)
+    read: list[str] = []
+    real_read = recovery_module._read_task
+
+    def counting(path: Path):  # type: ignore[no-untyped-def]
+        read.append(f"{path.parent.name}/{path.name}")
+        return real_read(path)
+
+    monkeypatch.setattr(recovery_module, "_read_task", counting)
+
+    assert recover_project(handoff.layout).repairs == []
+
+    # The pending tasks (in flight) and the completion the log does not account for; not the three
+    # completions it does.
+    assert sorted(read) == sorted([f"pending/{task_id}.task.json" for task_id in pending]
+                                  + [f"completed/{unlogged}.task.json"])
+
+
+def test_a_completed_task_file_the_log_does_not_account_for_is_still_checked(handoff: Handoff) -> None:
+    publish(handoff, "step_001")
+    claim = claim_task(handoff.fork, "step_001", holder="x@here:1", lease_seconds=30)
+    assert claim is not None
+    os.rename(claim.task_path, handoff.task_path("completed", "step_001"))  # completed, never logged as such
+    handoff.fork.lease_file("step_001").unlink()
+    log_of(handoff).append("task.published", {"step_id": "step_001", "attempt": 2, "checksum": "sha256:" + "2" * 64})
+    with pytest.raises(StateConflict, match="completed/step_001.task.json holds attempt 1"):
+        recover_project(handoff.layout)
