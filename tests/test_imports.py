@@ -35,3 +35,17 @@ def test_help_lists_every_command() -> None:
     for command in ("init", "explore", "build", "resume", "approve", "worker", "status", "events", "explain",
                     "policy", "handoff-metrics"):
         assert f"  {command}" in out.stdout
+
+
+def test_help_loads_nothing_beyond_click_and_its_own_modules() -> None:
+    """What a help screen needs: click, the command table, the error classes, and click's text wrapping and
+    locale lookup for printing. Anything more (tempfile, shutil and the compression modules it pulls in,
+    pydantic, the engine) is paid by every `conductor --help`."""
+    code = ("from conductor.cli.main import main\n"
+            "import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['--help']) == 0\n")
+    extra = loaded_after(code) - loaded_after("import click")
+    allowed = {"conductor", "conductor.cli", "conductor.cli.main", "conductor.errors", "click._textwrap", "textwrap",
+               "locale", "_locale"}
+    assert sorted(m for m in extra - allowed if not m.startswith("encodings.")) == []  # codecs follow the locale

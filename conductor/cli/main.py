@@ -7,11 +7,9 @@ Exit codes are those of ``conductor.errors`` (see docs/cli.md).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -40,8 +38,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Context(click.Context):
+    def make_formatter(self) -> click.HelpFormatter:
+        # click sizes the help by shutil.get_terminal_size, and importing shutil pulls in bz2, lzma and
+        # zlib; os.get_terminal_size gives the same width for the top-level help screen.
+        if self.terminal_width is None and click.formatting.FORCED_WIDTH is None:
+            self.terminal_width = max(min(_terminal_columns(), self.max_content_width or 80) - 2, 50)
+        return super().make_formatter()
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal of stdout, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 class LazyGroup(click.Group):
     """A group whose commands are imported on first use."""
+
+    context_class = _Context
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -69,6 +92,12 @@ def cli() -> None:
 
 
 def _crash_log(exc: BaseException) -> Path:
+    # Imported here: a help screen or a normal run never needs them (tempfile alone pulls in random,
+    # shutil and the compression modules).
+    import tempfile
+    import traceback
+    from datetime import UTC, datetime
+
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     path = Path(tempfile.gettempdir()) / f"conductor-crash-{stamp}.log"
     path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
 import click
 
-from conductor.cli.common import open_project, project_option
+from conductor.cli.common import project_option, start_dir
 
 
 @click.command()
@@ -31,10 +32,14 @@ def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds,
     SIGKILL 2 s later; a second SIGTERM/SIGINT kills it at once); its task goes back to pending.
     """
     from conductor.executors.command import CommandRunner
+    from conductor.layout import ProjectLayout
+    from conductor.project import load_project
     from conductor.worker import Worker, WorkerSettings
 
-    project = open_project(project_dir)
-    config = project.config.executor
+    # Not conductor.runtime.open_project: that module imports the engine, which a worker never runs.
+    layout = ProjectLayout.find(start_dir(project_dir))
+    project_config, _ = load_project(layout, os.environ)
+    config = project_config.executor
     settings = WorkerSettings(
         lease_seconds=lease_seconds or config.lease_seconds,
         heartbeat_seconds=heartbeat_seconds or config.heartbeat_seconds,
@@ -45,14 +50,14 @@ def worker(command, plan_id, burst, max_tasks, lease_seconds, heartbeat_seconds,
             f"heartbeat ({settings.heartbeat_seconds} s) must be shorter than the lease ({settings.lease_seconds} s)",
             param_hint="--heartbeat-seconds/--lease-seconds",
         )
-    runner = CommandRunner(command, layout=project.layout, environ=project.environ, env_names=config.env)
+    runner = CommandRunner(command, layout=layout, environ=os.environ, env_names=config.env)
     from conductor.keys import SIGNING_KEY_ENV, load_signing_key
 
     # A worker signs with a key of its own (trusted in trust.keys), never the project's: the project key is
     # what Conductor itself signs with, and an executor holding it could forge Conductor's attestations.
-    own_key = signing_key or project.environ.get(SIGNING_KEY_ENV) or None
+    own_key = signing_key or os.environ.get(SIGNING_KEY_ENV) or None
     signer = load_signing_key(Path(own_key)) if own_key else None
-    work = Worker(project.layout, runner, settings, ignore=list(project.config.workspace.ignore), signer=signer)
+    work = Worker(layout, runner, settings, ignore=list(project_config.workspace.ignore), signer=signer)
 
     def on_signal(signum: int, frame: object) -> None:
         if work.stop_requested:  # the second signal: no more grace for the command
