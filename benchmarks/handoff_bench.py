@@ -11,13 +11,15 @@ Figures (see benchmarks/README.md for the method of each):
 1. throughput — tasks/s of real ``conductor worker --burst`` processes running ``true``, against raw durable
    writes (temp + fsync + rename + dir fsync) of the same count and size done in-process;
 2. pick-up latency p50/p95 — publish → claim of one watching worker, against a raw watchdog observer;
-3. ``conductor --help`` wall time, against ``python -c pass``;
-4. recovery of a crashed handoff folder of many tasks, against listing and reading the same files raw;
+3. ``conductor --help`` wall time, against ``python -c "import click"`` (and ``python -c pass``);
+4. recovery of a crashed handoff folder of many tasks (``conductor.recovery``, then ``reap_expired``), against
+   listing and reading the same files raw;
 5. the race (``--race-tasks``): four burst workers, checked for double executions and lost tasks.
 
 Everything happens in one temporary folder under the system temp dir, removed at the end. Progress goes
 to stderr; the table (or, with ``--json``, one JSON document) to stdout. Exit status: 0, 1 when a run went
-wrong (a double execution, a lost task, a broken audit chain, a worker that failed), 2 on bad arguments.
+wrong (a double execution, a lost task, a broken audit chain, a worker that failed, recovery that raised or
+left work undone), 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -39,12 +41,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from conductor.attempts import create_attempt_workspace, prepare_retry
 from conductor.audit import GENESIS, AuditLog, verify_chain
 from conductor.canonical import canonical_bytes, digest, sha256_hex
 from conductor.executors.base import executor_info
@@ -60,6 +61,7 @@ from conductor.models import (
     Lease,
     Plan,
     PlannerInfo,
+    PolicyLayer,
     Result,
     StepSpec,
     Strategy,
@@ -87,30 +89,63 @@ def log(message: str) -> None:
 # --- a project with one plan, one fork and N independent steps (as tests/handoff/support.py) ----------
 
 
+# --- attempt workspaces: the only calls into conductor.attempts (its API follows the workspace engine) --
+
+
+def attempt_workspace(project: Project, step: str, attempt: int = 1, *, create: bool = True) -> tuple[Path, str]:
+    """The folder of ``step``'s attempt and the commit it starts from (the fork's first state).
+
+    With ``create`` the folder is checked out (the engine's cost before publishing); without it the task
+    only names where the folder would be.
+    """
+    from conductor.attempts import prepare_workspace
+
+    base = project.base_commit()
+    if not create:
+        return project.layout.scratch_dir(project.plan.plan_id, FORK_ID, step, attempt), base
+    return prepare_workspace(project.layout, project.plan.plan_id, FORK_ID, step, attempt, base), base
+
+
+def retry_preparer(project: Project) -> Callable[[Task], Task]:
+    """What the engine and workers pass the reaper to give a re-queued task a fresh folder."""
+    from conductor.attempts import prepare_retry
+
+    return lambda task: prepare_retry(project.layout, task)
+
+
+# --- a project with one plan, one fork and N independent steps (as tests/handoff/support.py) ----------
+
+
 @dataclass
 class Project:
     layout: ProjectLayout
     plan: Plan
     fork: ForkLayout
+    task_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
         return self.layout.root
 
+    def base_commit(self) -> str:
+        """The commit the fork started at (its ``fork.created`` event)."""
+        created = next(e for e in AuditLog(self.fork.audit_log).events() if e.type == "fork.created")
+        return str(created.data["commit"])
+
     def task(self, step: str, *, workspace: bool = True) -> Task:
         """The unsealed attempt-1 task of ``step``, built as ``Engine._publish`` builds it.
 
-        With ``workspace`` the attempt's copy is created (the engine's cost before publishing); without it
-        the task only names where the copy would be.
+        With ``workspace`` the attempt's folder is checked out first (see :func:`attempt_workspace`). The
+        command runs as the policy's sandbox mode says (``sandbox_mode``: the default, or ``"off"`` for the
+        race, whose execution log lies outside every workspace).
         """
-        scratch = self.layout.scratch_dir(self.plan.plan_id, FORK_ID, step, 1)
-        if workspace:
-            create_attempt_workspace(self.layout, self.fork.workspace, scratch, ignore=[])
+        scratch, base = attempt_workspace(self, step, create=workspace)
         return Task(
             task_id=step, plan_id=self.plan.plan_id, fork_id=FORK_ID, attempt=1, title=f"bench {step}",
             instruction=f"Run the benchmark command for {step}.", allowed_files=["README.md"],
             protected_patterns=POLICY.protected_patterns, constraints=POLICY.global_constraints, depends_on=[],
-            workspace=self.layout.relative(scratch), timeout_seconds=POLICY.timeout_seconds,
+            workspace=self.layout.relative(scratch),
+            base_commit=base, timeout_seconds=POLICY.timeout_seconds, **self.task_overrides,
             max_diff_lines=POLICY.max_diff_lines, policy_digest=POLICY_DIGEST,
             confidence=Confidence(score=0.9, level="high", reasons=["benchmark"]), created_at=utc_now(),
         )
@@ -132,8 +167,8 @@ def make_project(root: Path, steps: int) -> Project:
             for i in range(1, steps + 1)
         ])],
     )
-    plan = create_plan(layout, plan, ignore=[])
-    ensure_forks(layout, plan, ignore=[])
+    plan = create_plan(layout, plan, ignore=[], project_policy=PolicyLayer())
+    ensure_forks(layout, plan)
     return Project(layout=layout, plan=plan, fork=layout.fork(plan.plan_id, FORK_ID))
 
 
@@ -502,23 +537,32 @@ def raw_watch_latency(folder: Path, samples: int) -> dict[str, Any]:
 # --- 3. conductor --help ----------------------------------------------------------------------------
 
 
-def median_wall(argv: list[str], runs: int, env: Mapping[str, str]) -> float:
-    times = []
+def median_walls(commands: Mapping[str, list[str]], runs: int, env: Mapping[str, str]) -> dict[str, float]:
+    """Median wall seconds of each command, run in turns (one of each per round), so that a change in the
+    machine's load during the measurement hits every command alike."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(runs):
-        began = time.perf_counter()
-        subprocess.run(argv, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        for name, argv in commands.items():
+            began = time.perf_counter()
+            subprocess.run(argv, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_help(runs: int, env: Mapping[str, str]) -> dict[str, Any]:
-    baseline = median_wall([sys.executable, "-c", "pass"], runs, env)
-    module = median_wall([sys.executable, "-m", "conductor", "--help"], runs, env)
     script = Path(sys.executable).parent / "conductor"
-    console = median_wall([str(script), "--help"], runs, env) if os.access(script, os.X_OK) else None
-    return {"runs": runs, "python_pass_seconds": baseline, "module_help_seconds": module,
-            "module_ratio": module / baseline, "console_script": str(script) if console is not None else None,
-            "console_help_seconds": console, "console_ratio": console / baseline if console is not None else None}
+    commands = {"pass": [sys.executable, "-c", "pass"], "click": [sys.executable, "-c", "import click"],
+                "module": [sys.executable, "-m", "conductor", "--help"]}
+    if os.access(script, os.X_OK):
+        commands["console"] = [str(script), "--help"]
+    walls = median_walls(commands, runs, env)
+    console = walls.get("console")
+    return {"runs": runs, "python_pass_seconds": walls["pass"], "import_click_seconds": walls["click"],
+            "module_help_seconds": walls["module"], "module_ratio": walls["module"] / walls["pass"],
+            "module_click_ratio": walls["module"] / walls["click"],
+            "console_script": str(script) if console is not None else None, "console_help_seconds": console,
+            "console_ratio": console / walls["pass"] if console is not None else None,
+            "console_click_ratio": console / walls["click"] if console is not None else None}
 
 
 # --- 4. recovery of a crashed handoff folder --------------------------------------------------------
@@ -658,13 +702,58 @@ def raw_scan(fork: ForkLayout) -> int:
     return read
 
 
+class _ReadTally:
+    """Counts, while active, the task files opened and the bytes read from audit logs (``os.open`` and
+    ``os.pread``/``os.read`` wrapped), to show what recovery reads."""
+
+    def __init__(self) -> None:
+        self.task_files = 0
+        self.log_bytes = 0
+        self._log_fds: set[int] = set()
+
+    def __enter__(self) -> _ReadTally:
+        self._saved = os.open, os.pread, os.read, os.close
+
+        def counted_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+            fd = self._saved[0](path, flags, *args, **kw)
+            name = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+            if name.endswith(".task.json"):
+                self.task_files += 1
+            elif name.endswith("audit.log"):
+                self._log_fds.add(fd)
+            return fd
+
+        def counted_pread(fd: int, n: int, offset: int) -> bytes:
+            data = self._saved[1](fd, n, offset)
+            self.log_bytes += len(data) if fd in self._log_fds else 0
+            return data
+
+        def counted_read(fd: int, n: int) -> bytes:
+            data = self._saved[2](fd, n)
+            self.log_bytes += len(data) if fd in self._log_fds else 0
+            return data
+
+        def counted_close(fd: int) -> None:
+            self._log_fds.discard(fd)
+            self._saved[3](fd)
+
+        os.open, os.pread, os.read, os.close = counted_open, counted_pread, counted_read, counted_close  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.open, os.pread, os.read, os.close = self._saved  # type: ignore[assignment]
+
+
 def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
+    """Recovery of a crashed fork: ``conductor.recovery`` then ``reap_expired`` (timed together), and, for
+    reference only, a full scan reading every task file."""
     log(f"recovery: building a crashed fork of {tasks} tasks")
     began = time.perf_counter()
     project, built = build_crashed_fork(tmp / "recovery", tasks)
     setup = time.perf_counter() - began
     fork = project.fork
     files = sum(1 for state in STATES for _ in fork.state_dir(state).iterdir())
+    log_size = sum(path.stat().st_size for path in project.layout.handoff_dir.rglob("audit.log"))  # plan + fork
 
     began = time.perf_counter()
     raw_read = raw_scan(fork)
@@ -673,31 +762,52 @@ def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
     parts: dict[str, float] = {}
     what, recover = _recovery_entry()
     error = None
+    tally = _ReadTally()
     if recover is not None:
         began = time.perf_counter()
         try:
-            recover(project)
-        except Exception as exc:  # reported, and the rest of the pass is still timed
+            with tally:
+                recover(project)
+        except Exception as exc:  # reported (and the exit status says so); the rest of the pass is still timed
             error = f"{type(exc).__name__}: {exc}"
         parts[what] = time.perf_counter() - began
+    preparer, prepare = _timed(retry_preparer(project))
     began = time.perf_counter()
     reaped = reap_expired(fork, max_attempts=3, lease_seconds=60, on_event=AuditLog(fork.audit_log).append,
-                          prepare_retry=lambda task: prepare_retry(project.layout, task))
+                          prepare_retry=preparer)
     parts["reap_expired"] = time.perf_counter() - began
+    total = sum(parts.values())
     began = time.perf_counter()
     scanned = full_scan(fork)
-    parts["full scan (read_document of every task file)"] = time.perf_counter() - began
-    total = sum(parts.values())
+    scan_seconds = time.perf_counter() - began
     after = {state: len(fork.task_ids(state)) for state in STATES}
     temps = sum(1 for state in STATES for p in fork.state_dir(state).iterdir() if p.name.startswith(".tmp."))
     chain = verify_chain(fork.audit_log)
     return {
         "tasks": tasks, "built": built, "files": files, "setup_seconds": setup, "timed": list(parts),
         "recovery_module": what, "recovery_error": error, "parts_seconds": parts, "seconds": total,
+        "prepare_retry_seconds": prepare["seconds"], "recovery_task_files_read": tally.task_files,
+        "recovery_log_bytes_read": tally.log_bytes, "log_bytes": log_size,
         "requeued": sum(1 for r in reaped if r.outcome == "requeued"), "task_files_read": scanned,
+        "full_scan_seconds": scan_seconds,
         "after": after, "temp_files_left": temps, "audit_chain_ok": chain.ok,
         "raw_seconds": raw_seconds, "raw_files_read": raw_read, "ratio": total / raw_seconds,
+        "ok": error is None and chain.ok and temps == 0 and after["in_progress"] == 0,
     }
+
+
+def _timed(function: Callable[[Task], Task]) -> tuple[Callable[[Task], Task], dict[str, float]]:
+    """``function`` wrapped to add its wall time to the returned ``{"seconds": ...}``."""
+    spent = {"seconds": 0.0}
+
+    def timed(task: Task) -> Task:
+        began = time.perf_counter()
+        try:
+            return function(task)
+        finally:
+            spent["seconds"] += time.perf_counter() - began
+
+    return timed, spent
 
 
 # --- 5. the race ------------------------------------------------------------------------------------
@@ -727,6 +837,7 @@ def bench_race(tmp: Path, tasks: int, env: Mapping[str, str]) -> dict[str, Any]:
     log(f"race: publishing {tasks} tasks")
     began = time.perf_counter()
     project = make_project(tmp / "race", tasks)
+    project.task_overrides["sandbox_mode"] = "off"  # the execution log is an oracle outside every workspace
     publish_all(project)
     setup = time.perf_counter() - began
     executed = tmp / "race_executed.log"
@@ -838,24 +949,35 @@ def render(doc: Mapping[str, Any]) -> str:
                      f"{_ms(lat['raw_from_return_p50_seconds'])}", "", "", ""))
     h = doc.get("help")
     if h:
-        rows.append((f"python -m conductor --help, median of {h['runs']}", _ms(h["module_help_seconds"]),
-                     _ms(h["python_pass_seconds"]) + " (python -c pass)", _ratio(h["module_ratio"])))
+        click_ms = _ms(h["import_click_seconds"]) + ' (python -c "import click")'
+        rows.append((f"python -m conductor --help, median of {h['runs']}", _ms(h["module_help_seconds"]), click_ms,
+                     _ratio(h["module_click_ratio"])))
         if h["console_help_seconds"] is not None:
-            rows.append(("conductor --help (console script)", _ms(h["console_help_seconds"]),
-                         _ms(h["python_pass_seconds"]), _ratio(h["console_ratio"])))
+            rows.append(("conductor --help (console script)", _ms(h["console_help_seconds"]), click_ms,
+                         _ratio(h["console_click_ratio"])))
         else:
             rows.append(("conductor --help (console script)", "not beside sys.executable", "", ""))
+        rows.append((f"  python -c pass {_ms(h['python_pass_seconds'])}: --help {_ratio(h['module_ratio'])} (module), "
+                     f"{_ratio(h['console_ratio'])} (console script) of a bare interpreter", "", "", ""))
     r = doc.get("recovery")
     if r:
-        rows.append((f"recovery, {r['tasks']:,} tasks ({r['files']:,} files)", _ms(r["seconds"]),
+        flag = "" if r["ok"] else "  FAILED"
+        rows.append((f"recovery, {r['tasks']:,} tasks ({r['files']:,} files){flag}", _ms(r["seconds"]),
                      _ms(r["raw_seconds"]) + " (list + read)", _ratio(r["ratio"])))
         for part, seconds in r["parts_seconds"].items():
             rows.append((f"  {part}", _ms(seconds), "", ""))
+            if part == "reap_expired":
+                rows.append(("    of which prepare_retry (attempt folders, conductor.attempts)",
+                             _ms(r["prepare_retry_seconds"]), "", ""))
         if r["recovery_error"] or r["recovery_module"] not in r["parts_seconds"]:
             error = f"; ERROR {r['recovery_error']}" if r["recovery_error"] else ""
             rows.append((f"  {r['recovery_module']}{error}", "", "", ""))
+        rows.append((f"  recovery read {r['recovery_task_files_read']:,} task file(s) and "
+                     f"{r['recovery_log_bytes_read']:,} bytes of audit logs of {r['log_bytes']:,} bytes", "", "", ""))
         rows.append((f"  built {r['built']}; re-queued {r['requeued']}; after {r['after']}; "
                      f".tmp files left {r['temp_files_left']}; audit chain ok {r['audit_chain_ok']}", "", "", ""))
+        rows.append((f"full scan after recovery, for reference (read_document of all {r['task_files_read']:,} task files)",
+                     _ms(r["full_scan_seconds"]), "", ""))
     race = doc.get("race")
     if race:
         verdict = "ok" if race["ok"] else "FAILED"
@@ -941,8 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(doc, indent=2, allow_nan=False) if args.json else render(doc))
     failed = [run for run in (doc.get("throughput") or {"runs": []})["runs"] if not run["ok"]]
-    if doc.get("race") is not None and not doc["race"]["ok"]:
-        failed.append(doc["race"])
+    for section in ("recovery", "race"):
+        if doc.get(section) is not None and not doc[section]["ok"]:
+            failed.append(doc[section])
     return 1 if failed else 0
 
 

@@ -77,18 +77,25 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
     assert _positive(latency["publish_task_median_seconds"])
 
     help_ = doc["help"]
-    assert _positive(help_["python_pass_seconds"]) and _positive(help_["module_help_seconds"])
+    assert all(_positive(help_[k]) for k in ("python_pass_seconds", "import_click_seconds", "module_help_seconds",
+                                              "module_click_ratio"))
     assert (help_["console_help_seconds"] is None) == (help_["console_script"] is None)
 
     recovery = doc["recovery"]
     built = recovery["built"]
     assert sum(built.values()) == 100 and all(n > 0 for n in built.values())
     assert recovery["recovery_error"] is None, recovery["recovery_error"]
-    assert recovery["timed"][-2:] == ["reap_expired", "full scan (read_document of every task file)"]
+    assert recovery["ok"] and recovery["timed"] == ["conductor.recovery.recover_project(layout)", "reap_expired"]
+    assert recovery["seconds"] == pytest.approx(sum(recovery["parts_seconds"].values()))
+    assert 0 < recovery["prepare_retry_seconds"] < recovery["parts_seconds"]["reap_expired"]
     assert recovery["requeued"] == built["in_progress"]
     assert recovery["after"]["in_progress"] == 0 and sum(recovery["after"].values()) == 100
     assert recovery["task_files_read"] == recovery["raw_files_read"] == 100
+    # Recovery reads the tasks the log cannot vouch for (the pending and in-progress ones), not the history.
+    assert recovery["recovery_task_files_read"] == built["pending"] + built["in_progress"]
+    assert 0 < recovery["recovery_log_bytes_read"] < 2 * recovery["log_bytes"]
     assert recovery["audit_chain_ok"] and _positive(recovery["seconds"]) and _positive(recovery["raw_seconds"])
+    assert _positive(recovery["full_scan_seconds"])
 
     race = doc["race"]
     assert race["ok"] and race["double_executions"] == 0 and race["lost_tasks"] == 0 and race["unexpected"] == 0
@@ -100,7 +107,8 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
     table = _bench().render(doc)
     for label in ("publish_task", "throughput, 1 worker(s)", "throughput, 2 worker(s)", "durable I/O per task",
                   "pick-up latency", "p50", "p95", "python -m conductor --help", "conductor --help (console script)",
-                  "recovery, 100 tasks", "reap_expired", "full scan", "race, 4 workers, 20 tasks: ok",
+                  'python -c "import click"', "recovery, 100 tasks", "reap_expired", "of which prepare_retry",
+                  "recovery read 10 task file(s)", "full scan", "race, 4 workers, 20 tasks: ok",
                   "double executions 0, lost tasks 0", machine["file_system"]):
         assert label in table, label
 
@@ -113,6 +121,20 @@ def test_only_runs_the_chosen_sections(tmp_path: Path) -> None:
     doc = json.loads(proc.stdout)
     assert sorted(doc) == ["help", "machine"] and doc["help"]["runs"] == 1
     assert "python -m conductor --help" in _bench().render(doc)
+
+
+def test_a_recovery_that_raises_makes_the_benchmark_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench()
+
+    def broken(project: Any) -> None:
+        raise RuntimeError("recovery broke")
+
+    monkeypatch.setattr(bench, "_recovery_entry", lambda: ("a broken recovery", broken))
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    assert bench.main(["--only", "recovery", "--recovery-tasks", "10", "--json"]) == 1
+    recovery = json.loads(capsys.readouterr().out)["recovery"]
+    assert recovery["recovery_error"] == "RuntimeError: recovery broke" and not recovery["ok"]
 
 
 def test_race_verdict_names_double_executions_lost_and_unexpected_lines() -> None:
