@@ -63,8 +63,8 @@ def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: boo
     temp, temp_index = _temp_beside(folder), _temp_beside(index_file(folder))
     temp.mkdir()
     try:
-        store.git.run(["read-tree", commit], index=temp_index)
-        store.git.run(["checkout-index", "-a", "-u"], work_tree=temp, index=temp_index)
+        # One process: a one-tree merge into an empty index writes every file and records its stat data.
+        store.git.run(["read-tree", "-m", "-u", commit], work_tree=temp, index=temp_index)
         init_agent_git(store, temp, commit, temp_index, name=folder.name)
         if keep_index:
             os.replace(temp_index, index_file(folder))
