@@ -95,7 +95,16 @@ def run_case(template: Path, where: Path, case: Case) -> tuple[list[str], Trial,
             problems.append(f"the set-up crash at {HOLD_A_LEASE} did not happen (exit {first.returncode})")
         crashed = trial.resume(CONDUCTOR_CRASH_AT=case.name)
     else:
-        crashed = trial.explore(CONDUCTOR_CRASH_AT=case.name)
+        for retry in range(3):
+            trace = where / f"trace-{retry}"
+            crashed = trial.explore(CONDUCTOR_CRASH_AT=case.name, CONDUCTOR_CRASH_TRACE=str(trace))
+            reached = crash_counts(trace)[case.point]
+            if not (crashed.returncode == 0 and 0 < reached < case.nth):
+                break
+            # How often a point is reached can depend on timing (a checkpoint per engine pass in which a log
+            # grew): this run's last hit is then the case to crash at, in a fresh copy.
+            case = Case(case.point, reached, case.scenario)
+            trial = Trial.copy_of(template, where.with_name(f"{where.name}-at-{reached}-{retry}"))
     if crashed.returncode != CRASH_EXIT_CODE:
         problems.append(f"did not die at {case.name}: exit {crashed.returncode} (point not reached?)")
     ended = finish(trial)
