@@ -36,14 +36,14 @@ Figures (benchmarks/README.md has the method and the latest numbers):
 The baseline ends with ``git worktree remove --force`` of its worktrees and runs its forks one after the other;
 Conductor runs as it likes (``executor.parallel``, 4). Deleting many files makes creating files several times
 slower for about a minute on some file systems (ext4 without a journal here), so before every timed run the
-benchmark waits, up to ``--settle`` seconds, until creating 500 small files takes at most twice as long as the
-fastest such probe so far (the wait is reported, never timed). There are ``--repeat`` rounds of Conductor's runs
-then git's, and each figure is a median (the ``.conductor/`` growth: the largest); each tree is built once,
-before any timing. MB are 10^6 bytes. Everything happens in one folder under ``TMPDIR``, removed at the end
-unless ``--keep``. Progress goes to stderr, the table (or one JSON document, ``--json``) to stdout. Exit status:
-0; 1 when a run failed (a Conductor exit status other than 0, a plan or fork that did not succeed, a git command
-that failed, or Conductor and git changing different numbers of files); 2 on bad arguments. A missed goal is a
-figure, not a failure.
+benchmark runs ``sync`` and waits, up to ``--settle`` seconds, until creating 500 small files takes at most
+twice as long as the fastest such probe so far (the wait is reported, never timed). There are ``--repeat``
+rounds of Conductor's runs then git's, and each figure is a median (the ``.conductor/`` growth: the largest);
+each tree is built once, before any timing. MB are 10^6 bytes. Everything happens in one folder under
+``TMPDIR``, removed at the end unless ``--keep``. Progress goes to stderr, the table (or one JSON document,
+``--json``) to stdout. Exit status: 0; 1 when a run failed (a Conductor exit status other than 0, a plan or fork
+that did not succeed, a git command that failed, or Conductor and git changing different numbers of files); 2 on
+bad arguments. A missed goal is a figure, not a failure.
 """
 
 from __future__ import annotations
@@ -593,13 +593,20 @@ class FsProbe:
         return seconds
 
     def settle(self) -> dict[str, Any]:
-        """Wait (up to ``max_wait`` s) until a probe takes at most twice the reference; what it took."""
+        """``sync``, then wait (up to ``max_wait`` s) until a probe takes at most twice the reference; what it took.
+
+        The sync writes back what earlier runs left dirty (their deletions too), which the kernel would otherwise
+        write back during the next timed run.
+        """
         began = time.perf_counter()
+        if hasattr(os, "sync"):
+            os.sync()
+        synced = time.perf_counter() - began
         seconds = self.probe()
         while seconds > 2 * self.reference and time.perf_counter() - began < self.max_wait:
             time.sleep(min(5.0, max(0.5, self.max_wait / 10)))
             seconds = self.probe()
-        return {"waited_seconds": time.perf_counter() - began, "probe_seconds": seconds,
+        return {"waited_seconds": time.perf_counter() - began, "sync_seconds": synced, "probe_seconds": seconds,
                 "settled": seconds <= 2 * self.reference}
 
 
@@ -978,7 +985,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the conductor command (default: the one beside this Python)")
     parser.add_argument("--timeout", type=_positive, default=3600, help="seconds per conductor run (default 3600)")
     parser.add_argument("--settle", type=float, default=120,
-                        help="before each timed run, wait up to this many seconds until creating files is at most "
+                        help="before each timed run, sync, then wait up to this many seconds until creating files is at most "
                              "twice as slow as at its fastest so far (default 120; 0: never wait)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed on stderr)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
