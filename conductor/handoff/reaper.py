@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conductor.errors import IntegrityError, StateConflict
 from conductor.faults import crash_point
-from conductor.fsutil import durable_rename
+from conductor.fsutil import durable_rename, rename_file
 from conductor.handoff.documents import read_document, write_document
 from conductor.handoff.lease import (
     HOST,
@@ -238,7 +238,10 @@ def requeue_task(
     """
     in_progress = fork.task_file("in_progress", task.task_id)
     parked = in_progress.with_name(in_progress.name + PARKED_SUFFIX)
-    durable_rename(in_progress, parked)
+    # Not fsynced: after a power loss either name is recovered (a parked file is finished by the next reap,
+    # an old attempt beside its published retry is a duplicate whose higher attempt wins), and no holder of
+    # the old attempt outlives the reboot to commit it.
+    rename_file(in_progress, parked)
     crash_point("reaper.after_park")
     fork.lease_file(task.task_id).unlink(missing_ok=True)
     retry = _publish_retry(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason=reason)
