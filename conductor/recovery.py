@@ -55,6 +55,7 @@ in-flight tasks and whatever needs repair, not the plan's history.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -717,6 +718,11 @@ def _read_intent(path: Path, plan_id: str) -> tuple[str, dict]:
     return document["fork_id"], document
 
 
+def _seen_as(fork: ForkLayout, state: str | None, task_id: str, held: int | None) -> str:
+    return f"{fork.task_file(state, task_id) if state else 'no task file'}" + (
+        f" (attempt {held})" if held is not None else "")
+
+
 def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -> None:
     """Raise StateConflict naming every event the folders contradict (no crash can cause these)."""
     problems: list[str] = []
@@ -733,11 +739,7 @@ def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -
         found = tasks.folders.where(task_id)
         state = found[0] if found else None
         held = tasks.attempt(task_id) if state else None
-
-        def seen() -> str:
-            return f"{fork.task_file(state, task_id) if state else 'no task file'}" + (
-                f" (attempt {held})" if held is not None else "")
-
+        seen = functools.partial(_seen_as, fork, state, task_id, held)  # a message only when needed
         if event.type == "task.completed" and (state not in ("completed", "failed")
                                                or (held is not None and held != attempt)):
             problems.append(f"seq {event.seq} task.completed {task_id} attempt {attempt}, but {seen()}")
