@@ -25,8 +25,10 @@ left work undone), 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
+import builtins
 import collections
 import importlib
+import io
 import json
 import math
 import os
@@ -703,45 +705,41 @@ def raw_scan(fork: ForkLayout) -> int:
 
 
 class _ReadTally:
-    """Counts, while active, the task files opened and the bytes read from audit logs (``os.open`` and
-    ``os.pread``/``os.read`` wrapped), to show what recovery reads."""
+    """While active: how many task files are opened (``os.open`` and ``open``), and how many bytes the process
+    reads in all (``rchar`` of ``/proc/self/io``: every read system call; None where there is no such file)."""
 
     def __init__(self) -> None:
         self.task_files = 0
-        self.log_bytes = 0
-        self._log_fds: set[int] = set()
+        self.bytes_read: int | None = None
 
     def __enter__(self) -> _ReadTally:
-        self._saved = os.open, os.pread, os.read, os.close
+        self._saved = os.open, io.open, builtins.open
+        self._rchar = _rchar()
 
-        def counted_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
-            fd = self._saved[0](path, flags, *args, **kw)
-            name = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
-            if name.endswith(".task.json"):
-                self.task_files += 1
-            elif name.endswith("audit.log"):
-                self._log_fds.add(fd)
-            return fd
+        def counted(real: Callable[..., Any]) -> Callable[..., Any]:
+            def opener(path: Any, *args: Any, **kw: Any) -> Any:
+                if isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).endswith(".task.json"):
+                    self.task_files += 1
+                return real(path, *args, **kw)
+            return opener
 
-        def counted_pread(fd: int, n: int, offset: int) -> bytes:
-            data = self._saved[1](fd, n, offset)
-            self.log_bytes += len(data) if fd in self._log_fds else 0
-            return data
-
-        def counted_read(fd: int, n: int) -> bytes:
-            data = self._saved[2](fd, n)
-            self.log_bytes += len(data) if fd in self._log_fds else 0
-            return data
-
-        def counted_close(fd: int) -> None:
-            self._log_fds.discard(fd)
-            self._saved[3](fd)
-
-        os.open, os.pread, os.read, os.close = counted_open, counted_pread, counted_read, counted_close  # type: ignore[assignment]
+        os.open, io.open, builtins.open = (counted(real) for real in self._saved)  # type: ignore[assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.open, os.pread, os.read, os.close = self._saved  # type: ignore[assignment]
+        os.open, io.open, builtins.open = self._saved  # type: ignore[assignment]
+        after = _rchar()
+        self.bytes_read = None if after is None or self._rchar is None else after - self._rchar
+
+
+def _rchar() -> int | None:
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
@@ -787,7 +785,7 @@ def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
         "tasks": tasks, "built": built, "files": files, "setup_seconds": setup, "timed": list(parts),
         "recovery_module": what, "recovery_error": error, "parts_seconds": parts, "seconds": total,
         "prepare_retry_seconds": prepare["seconds"], "recovery_task_files_read": tally.task_files,
-        "recovery_log_bytes_read": tally.log_bytes, "log_bytes": log_size,
+        "recovery_bytes_read": tally.bytes_read, "log_bytes": log_size,
         "requeued": sum(1 for r in reaped if r.outcome == "requeued"), "task_files_read": scanned,
         "full_scan_seconds": scan_seconds,
         "after": after, "temp_files_left": temps, "audit_chain_ok": chain.ok,
@@ -972,8 +970,9 @@ def render(doc: Mapping[str, Any]) -> str:
         if r["recovery_error"] or r["recovery_module"] not in r["parts_seconds"]:
             error = f"; ERROR {r['recovery_error']}" if r["recovery_error"] else ""
             rows.append((f"  {r['recovery_module']}{error}", "", "", ""))
-        rows.append((f"  recovery read {r['recovery_task_files_read']:,} task file(s) and "
-                     f"{r['recovery_log_bytes_read']:,} bytes of audit logs of {r['log_bytes']:,} bytes", "", "", ""))
+        read = "" if r["recovery_bytes_read"] is None else f", {r['recovery_bytes_read']:,} bytes read in all"
+        rows.append((f"  recovery opened {r['recovery_task_files_read']:,} task file(s){read} "
+                     f"(the audit logs hold {r['log_bytes']:,} bytes)", "", "", ""))
         rows.append((f"  built {r['built']}; re-queued {r['requeued']}; after {r['after']}; "
                      f".tmp files left {r['temp_files_left']}; audit chain ok {r['audit_chain_ok']}", "", "", ""))
         rows.append((f"full scan after recovery, for reference (read_document of all {r['task_files_read']:,} task files)",
