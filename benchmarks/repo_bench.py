@@ -23,15 +23,14 @@ Figures (benchmarks/README.md has the method and the latest numbers):
    one run (disk usage, hard-linked files once); goal <= 5 MB.
 3. per-step overhead: generated repositories of ``--sizes`` small text files (300 to 1,500 bytes, 100 to a
    folder), a plan of 1 fork x N = ``--steps`` (5) chained one-file steps, and the same plan cut to its first step.
-   The marginal overhead per step, the goal figure, is what one more step costs Conductor beyond running its
-   command: (wall of the N-step plan - wall of the 1-step plan) / (N - 1) - the git baseline's command time
-   / N, computed per round and the median taken. It leaves out what a plan costs once whatever its length
-   (start-up, recording the project, the fork's first checkout, clean-up), which figure 2 covers. Goal:
-   flat, the marginal overhead at the largest size <= 1.5x the one at the smallest. Printed beside it for
-   reference, the amortized overhead per step: (wall of the N-step plan - wall of the git baseline of figure
-   2 with one worktree) / N, per round, median; it does include those once-per-plan costs. And a diagnostic
-   from Conductor's audit log: the mean time from one ``step.merged`` event to the next minus the git
-   command time / N, which leaves out process start-up and a busy machine's noise in it.
+   Overhead per step, the goal figure = (wall of the N-step plan - wall of the git baseline doing the same: one
+   worktree, the N commands, ``git add -A`` + ``git diff``, ``git worktree remove``) / N, computed per round and
+   the median taken. Work that grows with the repository but that git must do too (a checkout of every file)
+   cancels out; what is left is what Conductor adds. Goal: flat, the overhead at the largest size <= 1.5x the
+   one at the smallest. Two diagnostics beside it: the marginal overhead, (wall of the N-step plan - wall of
+   the 1-step plan) / (N - 1) - git's command time / N, which leaves out once-per-plan costs but is a
+   difference of two walls, lost in the noise of a busy machine at 50,000 files; and, from Conductor's own
+   audit log, the mean time from one ``step.merged`` event to the next - git's command time / N.
 
 The baseline ends with ``git worktree remove --force`` of its worktrees and runs its forks one after the other;
 Conductor runs as it likes (``executor.parallel``, 4). Deleting many files makes creating files several times
@@ -753,43 +752,45 @@ def repo_section(bench: Bench, repo: Path, info: Mapping[str, Any]) -> dict[str,
 
 
 def steps_section(bench: Bench, repos: Mapping[int, Path], steps: int) -> dict[str, Any]:
-    """Figure 3 at every size: the marginal per-step overhead (the goal) and the amortized one.
-
-    Each is the median over the rounds of that round's figure (runs of one round are back to back, so a
-    difference within a round is less exposed to a machine whose load changes):
-    marginal = (Conductor wall of the N-step plan - Conductor wall of its first step alone) / (N - 1)
-               - the git baseline's command time / N;
-    amortized = (Conductor wall of the N-step plan - git baseline wall) / N.
-    """
+    """Figure 3 at every size (see :func:`per_step_figures`) and how each figure grows from the smallest size."""
     sizes = []
     for files, repo in repos.items():
         result = bench.compare(repo, f"files-{files}", [list(itertools.islice(size_paths(files), steps))],
                                one_step=True)
         result.update(files=files, **per_step_figures(result["runs"], steps))
         sizes.append(result)
-    return {"steps": steps, "sizes": sizes, **_flatness(sizes, "marginal"), **_flatness(sizes, "amortized")}
+    return {"steps": steps, "sizes": sizes, **_flatness(sizes, ""), **_flatness(sizes, "marginal_"),
+            **_flatness(sizes, "audit_")}
 
 
 def per_step_figures(runs: Sequence[Mapping[str, Any]], steps: int) -> dict[str, Any]:
-    """The marginal and amortized overhead per step of each round of ``runs``, and their medians."""
+    """The per-step overheads of each round of ``runs`` (N = ``steps``), and their medians over the rounds.
+
+    A round's runs are back to back, so a difference within a round is less exposed to a changing load.
+
+    - overhead (the goal figure) = (Conductor wall of the N-step plan - git baseline wall) / N;
+    - marginal = (Conductor wall of the N-step plan - Conductor wall of its first step alone) / (N - 1)
+      - git's command time / N: leaves out once-per-plan costs, but is a difference of two noisy walls;
+    - audit = mean time from one ``step.merged`` event to the next - git's command time / N (None without
+      the events): Conductor's own clock, steady on a busy machine.
+    """
+    overhead = [(r["conductor"]["seconds"] - r["git"]["seconds"]) / steps for r in runs]
     marginal = [(r["conductor"]["seconds"] - r["conductor_one_step"]["seconds"]) / (steps - 1)
                 - r["git"]["parts_seconds"]["commands"] / steps for r in runs]
-    amortized = [(r["conductor"]["seconds"] - r["git"]["seconds"]) / steps for r in runs]
     gaps = [r["conductor"].get("audit_step_gaps") for r in runs]
-    audit = None if not all(gaps) else statistics.median(
-        statistics.mean(g) - r["git"]["parts_seconds"]["commands"] / steps for g, r in zip(gaps, runs, strict=True))
-    return {"marginal_overhead_per_step_seconds": statistics.median(marginal),
-            "audit_overhead_per_step_seconds": audit,
-            "marginal_overhead_per_step_each": marginal,
-            "amortized_overhead_per_step_seconds": statistics.median(amortized),
-            "amortized_overhead_per_step_each": amortized}
+    audit = [statistics.mean(g) - r["git"]["parts_seconds"]["commands"] / steps
+             for g, r in zip(gaps, runs, strict=True)] if all(gaps) else None
+    return {"overhead_per_step_seconds": statistics.median(overhead), "overhead_per_step_each": overhead,
+            "marginal_overhead_per_step_seconds": statistics.median(marginal), "marginal_overhead_per_step_each": marginal,
+            "audit_overhead_per_step_seconds": statistics.median(audit) if audit else None,
+            "audit_overhead_per_step_each": audit}
 
 
 def _flatness(sizes: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Any]:
-    """``<kind>_flatness_ratio``: the overhead at the largest size over the smallest (None when not positive)."""
-    low, high = (sizes[i][f"{kind}_overhead_per_step_seconds"] for i in (0, -1))
-    ratio = high / low if low > 0 and len(sizes) > 1 else None
-    return {f"{kind}_flatness_ratio": ratio, f"{kind}_flatness_ok": None if ratio is None else ratio <= GOAL_FLAT}
+    """``<kind>flatness_ratio``: the overhead at the largest size over the smallest, when both are positive."""
+    low, high = (sizes[i][f"{kind}overhead_per_step_seconds"] for i in (0, -1))
+    ratio = high / low if len(sizes) > 1 and low is not None and high is not None and low > 0 and high > 0 else None
+    return {f"{kind}flatness_ratio": ratio, f"{kind}flatness_ok": None if ratio is None else ratio <= GOAL_FLAT}
 
 
 # --- machine, table, main -------------------------------------------------------------------------------
@@ -885,27 +886,23 @@ def render(doc: Mapping[str, Any]) -> str:
     st = doc.get("steps")
     if st:
         n = st["steps"]
-        rows.append((f"per-step overhead, 1 fork x {n} chained one-file steps; each figure the median of the rounds':",
-                     "", "", "", "", ""))
-        rows.append((f"  marginal (the goal) = ({n}-step plan - 1-step plan) / {n - 1} - git's command time / {n}; "
-                     f"amortized = ({n}-step plan - git) / {n};", "", "", "", "", ""))
-        rows.append((f"  audit log (a diagnostic) = mean time from step.merged to step.merged - git's command time / {n}",
+        rows.append((f"per-step overhead, 1 fork x {n} chained one-file steps: ({n}-step plan - git) / {n}; beside it "
+                     f"marginal = ({n}-step plan - 1-step plan) / {n - 1} - git's command time / {n} and", "", "", "", "", ""))
+        rows.append((f"  audit log = mean step.merged to step.merged - git's command time / {n}; medians of the rounds'",
                      "", "", "", "", ""))
         for size in st["sizes"]:
-            rows.append((f"  {size['files']:,} files: marginal {_s(size['marginal_overhead_per_step_seconds'])}/step, "
-                         f"amortized {_s(size['amortized_overhead_per_step_seconds'])}/step, "
-                         f"audit log {_s(size['audit_overhead_per_step_seconds'])}/step",
+            rows.append((f"  {size['files']:,} files: overhead {_s(size['overhead_per_step_seconds'])}/step "
+                         f"(marginal {_s(size['marginal_overhead_per_step_seconds'])}, "
+                         f"audit log {_s(size['audit_overhead_per_step_seconds'])})",
                          _s(size["conductor_seconds"]), _s(size["git_seconds"]), _x(size["ratio"]), "", ""))
-            each = "" if len(size["runs"]) < 2 else "; marginal each round (s): " + ", ".join(
-                f"{x:.2f}" for x in size["marginal_overhead_per_step_each"])
             rows.append((f"    1-step plan {_s(size['conductor_one_step_seconds'])}; .conductor/ "
-                         f"+{_mb(size['growth_bytes'])} per run{each}", "", "", "", "", ""))
+                         f"+{_mb(size['growth_bytes'])} per run", "", "", "", "", ""))
             rows.extend(_run_rows(size))
         first, last = st["sizes"][0]["files"], st["sizes"][-1]["files"]
-        rows.append((f"  marginal overhead per step, {last:,} / {first:,} files", "", "",
-                     _x(st["marginal_flatness_ratio"]), f"<= {GOAL_FLAT:g}x", _mark(st["marginal_flatness_ok"])))
-        rows.append((f"  amortized overhead per step, {last:,} / {first:,} files (for reference)", "", "",
-                     _x(st["amortized_flatness_ratio"]), "", ""))
+        rows.append((f"  overhead per step, {last:,} / {first:,} files", "", "", _x(st["flatness_ratio"]),
+                     f"<= {GOAL_FLAT:g}x", _mark(st["flatness_ok"])))
+        rows.append((f"    the same of marginal {_x(st['marginal_flatness_ratio'])}, of audit log "
+                     f"{_x(st['audit_flatness_ratio'])} (diagnostics; - when not both positive)", "", "", "", "", ""))
     waited = sum(x.get("settle_waited_seconds", 0) for x in [r or {}] + list((st or {}).get("sizes", [])))
     rows.append((f"waited for the file system before timed runs: {waited:.0f} s in all (not timed); creating "
                  f"500 files took {doc['fs_probe_reference_seconds'] * 1000:.0f} ms at best", "", "", "", "", ""))
@@ -921,7 +918,13 @@ def _run_rows(result: Mapping[str, Any]) -> list[tuple[str, ...]]:
     def each(key: str) -> str:
         return ", ".join(f"{r[key]['seconds']:.2f}" for r in result["runs"])
     one = f"; conductor 1 step {each('conductor_one_step')}" if "conductor_one_step" in result["runs"][0] else ""
-    return [(f"    each run (s): conductor {each('conductor')}; git {each('git')}{one}", "", "", "", "", "")]
+    rows = [(f"    each run (s): conductor {each('conductor')}; git {each('git')}{one}", "", "", "", "", "")]
+    if "overhead_per_step_each" in result:
+        figures = [f"{name} " + ", ".join("-" if x is None else f"{x:.2f}" for x in result[key] or [])
+                   for name, key in (("overhead", "overhead_per_step_each"), ("marginal", "marginal_overhead_per_step_each"),
+                                     ("audit log", "audit_overhead_per_step_each"))]
+        rows.append((f"    each round (s/step): {'; '.join(figures)}", "", "", "", "", ""))
+    return rows
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:

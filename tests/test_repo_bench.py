@@ -104,23 +104,25 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
     for size in steps["sizes"]:
         _check_comparison(size, forks=1, steps=2, one_step=True)
         assert _positive(size["conductor_one_step_seconds"])
-        assert math.isclose(size["marginal_overhead_per_step_seconds"],  # one round: the round's figure
+        assert math.isclose(size["overhead_per_step_seconds"],  # one round: the round's figure
+                            (size["conductor_seconds"] - size["git_seconds"]) / 2)
+        assert math.isclose(size["marginal_overhead_per_step_seconds"],
                             size["conductor_seconds"] - size["conductor_one_step_seconds"]
                             - size["git_parts_seconds"]["commands"] / 2)
-        assert math.isclose(size["amortized_overhead_per_step_seconds"],
-                            (size["conductor_seconds"] - size["git_seconds"]) / 2)
-        assert size["marginal_overhead_per_step_each"] == [size["marginal_overhead_per_step_seconds"]]
+        assert size["overhead_per_step_each"] == [size["overhead_per_step_seconds"]]
         (gap,) = size["runs"][0]["conductor"]["audit_step_gaps"]  # 2 steps: one step.merged to the next
         assert _positive(gap) and math.isclose(size["audit_overhead_per_step_seconds"],
                                                gap - size["git_parts_seconds"]["commands"] / 2)
-    for kind in ("marginal", "amortized"):
-        low, high = (size[f"{kind}_overhead_per_step_seconds"] for size in steps["sizes"])
-        assert steps[f"{kind}_flatness_ratio"] == (high / low if low > 0 else None)
+    for kind in ("", "marginal_", "audit_"):
+        low, high = (size[f"{kind}overhead_per_step_seconds"] for size in steps["sizes"])
+        assert steps[f"{kind}flatness_ratio"] == (high / low if low > 0 and high > 0 else None)
+        assert steps[f"{kind}flatness_ok"] == (None if steps[f"{kind}flatness_ratio"] is None
+                                               else steps[f"{kind}flatness_ratio"] <= 1.5)
 
     table = _bench().render(doc)
     for label in ("300 files", "explore 2 forks x 2 one-line steps", "git baseline parts", ".conductor/ growth",
-                  "200 files: marginal", "400 files: marginal", "1-step plan",
-                  "marginal overhead per step, 400 / 200 files", "amortized overhead per step, 400 / 200 files",
+                  "200 files: overhead", "400 files: overhead", "1-step plan", "overhead per step, 400 / 200 files",
+                  "the same of marginal",
                   machine["file_system"], f"git {machine['git']}", "waited for the file system"):
         assert label in table, label
 
@@ -135,7 +137,7 @@ def test_apply_lets_conductor_apply_and_git_apply_the_patch(tmp_path: Path) -> N
     (run,) = size["runs"]
     assert run["conductor"]["applied_fork"] == run["conductor_one_step"]["applied_fork"] == "1"
     assert run["git"]["parts_seconds"]["apply"] > 0
-    assert doc["steps"]["marginal_flatness_ratio"] is None and doc["steps"]["marginal_flatness_ok"] is None
+    assert doc["steps"]["flatness_ratio"] is None and doc["steps"]["flatness_ok"] is None  # one size: no ratio
 
 
 def test_per_step_figures_are_medians_of_each_rounds_figures() -> None:
@@ -147,11 +149,25 @@ def test_per_step_figures_are_medians_of_each_rounds_figures() -> None:
     for run, gaps in zip(runs, ([1.0, 2.0], [3.0, 3.0], [2.0, 2.2]), strict=True):
         run["conductor"]["audit_step_gaps"] = gaps
     figures = _bench().per_step_figures(runs, steps=3)
-    assert figures["audit_overhead_per_step_seconds"] == pytest.approx(1.9)  # 1.5 - 0.1, 3 - 0.1, 2.1 - 0.2
+    assert figures["overhead_per_step_each"] == pytest.approx([1, 7, 2])
+    assert figures["overhead_per_step_seconds"] == pytest.approx(2)
     assert figures["marginal_overhead_per_step_each"] == pytest.approx([2.9, 10.9, 3.3])
     assert figures["marginal_overhead_per_step_seconds"] == pytest.approx(3.3)  # not 3.4, the figure of the medians
-    assert figures["amortized_overhead_per_step_each"] == pytest.approx([1, 7, 2])
-    assert figures["amortized_overhead_per_step_seconds"] == pytest.approx(2)
+    assert figures["audit_overhead_per_step_each"] == pytest.approx([1.4, 2.9, 1.9])
+    assert figures["audit_overhead_per_step_seconds"] == pytest.approx(1.9)
+    runs[1]["conductor"]["audit_step_gaps"] = None  # events could not be read
+    assert _bench().per_step_figures(runs, steps=3)["audit_overhead_per_step_seconds"] is None
+
+
+def test_flatness_is_given_only_when_both_overheads_are_positive() -> None:
+    def sizes(*overheads: float) -> list[dict[str, float]]:
+        return [{"overhead_per_step_seconds": x} for x in overheads]
+
+    flatness = _bench()._flatness
+    assert flatness(sizes(0.2, 0.25), "") == {"flatness_ratio": pytest.approx(1.25), "flatness_ok": True}
+    assert flatness(sizes(0.2, 0.6), "") == {"flatness_ratio": pytest.approx(3), "flatness_ok": False}
+    for noisy in (sizes(0.2, -0.1), sizes(-0.2, 0.1), sizes(0.2)):
+        assert flatness(noisy, "") == {"flatness_ratio": None, "flatness_ok": None}
 
 
 def test_the_plan_chains_one_line_edits_of_the_given_files() -> None:
