@@ -976,7 +976,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=_sizes, default=[1_000, 10_000, 50_000],
                         help="files of the per-step overhead repositories (default 1000,10000,50000)")
     parser.add_argument("--steps", type=_positive, default=5,
-                        help="chained steps of the per-step plan (default 5: the marginal overhead divides by 4)")
+                        help="chained steps of the per-step plan (default 5)")
     parser.add_argument("--repeat", type=_positive, default=3, help="runs of each timing; the median (default 3)")
     parser.add_argument("--apply", action="store_true",
                         help="let Conductor apply the winner, and git apply fork 1's patch (default: --no-apply)")
