@@ -115,14 +115,6 @@ def write_once(fd: int, data: bytes, path: object = None) -> int:
         return os.write(fd, data)
 
 
-def entry_sha256(path: Path) -> str | None:
-    """Lowercase hex SHA-256 of what a workspace entry holds, as snapshots record it: a symlink's target
-    text (never followed), a regular file's bytes; None when there is neither."""
-    if path.is_symlink():
-        return hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
-    return file_sha256(path) if path.is_file() else None
-
-
 def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
     """Lowercase hex SHA-256 of a file's content, read in chunks of ``chunk_bytes``."""
     hasher = hashlib.sha256()
