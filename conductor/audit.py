@@ -273,12 +273,14 @@ class AuditLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
                 fd, created = _open_for_append(self.path)
+                stat: os.stat_result | None = None
                 try:
                     stat = os.fstat(fd)
                     last = _last_event(known, fd, stat, self.path)
                     event, line = self._entry(last, payload, type)
                     self._write_line(fd, line)
                 except BaseException:
+                    _cut_back(fd, stat)
                     os.close(fd)
                     raise
             known.appended(stat, line, event)
@@ -336,6 +338,22 @@ class AuditLog:
             # A short write leaves a torn line; say so instead of writing the rest separately.
             raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
         crash_point("audit.after_write")
+
+
+def _cut_back(fd: int, before: os.stat_result | None) -> None:
+    """Undo what a failed append wrote (a torn line on a full or failing disk), best effort.
+
+    The log's lock is held, so nothing after ``before.st_size`` is anyone else's. If the truncation fails
+    too, the torn line stays for recovery to cut (:func:`repair_torn_tail`); the append's own error is
+    the one raised either way.
+    """
+    if before is None:
+        return
+    try:
+        if os.fstat(fd).st_size > before.st_size:
+            os.ftruncate(fd, before.st_size)
+    except OSError:
+        pass
 
 
 def _open_for_append(path: Path) -> tuple[int, bool]:

@@ -195,10 +195,16 @@ class Engine:
         """
         self._raise_executor_errors()
         states = {}
-        for spec in self.plan.forks:
-            view = _ForkView(self.layout, self.plan, spec)
-            self._reap(view)
-            states[spec.fork_id] = self._advance(view)
+        try:
+            for spec in self.plan.forks:
+                view = _ForkView(self.layout, self.plan, spec)
+                self._reap(view)
+                states[spec.fork_id] = self._advance(view)
+        except Exception:
+            # An executor thread's error (a full disk, say) is the cause of what this pass then tripped
+            # over: report the cause.
+            self._raise_executor_errors()
+            raise
         return states
 
     def _raise_executor_errors(self) -> None:

@@ -163,13 +163,25 @@ def test_other_os_errors_are_not_wrapped(tmp_path: Path) -> None:
         durable_rename(tmp_path / "missing", tmp_path / "y")
 
 
-def test_a_failed_audit_write_leaves_a_torn_tail_that_blocks_appends_until_repaired(tmp_path: Path, inject) -> None:  # type: ignore[no-untyped-def]
+def test_a_failed_audit_write_cuts_its_half_line_back_off(tmp_path: Path, inject) -> None:  # type: ignore[no-untyped-def]
     log = AuditLog(tmp_path / "audit.log")
     log.append("plan.resumed", {"pid": 1})
+    before = log.path.read_bytes()
     inject(CONDUCTOR_FAULT="write:ENOSPC")
     with pytest.raises(StorageError):
         log.append("plan.resumed", {"pid": 2})  # half of the line reached the file, as on a filling disk
     inject()
+    assert log.path.read_bytes() == before
+    log.append("plan.resumed", {"pid": 3})
+    assert verify_chain(log.path).ok and [e.data["pid"] for e in log.events()] == [1, 3]
+
+
+def test_a_torn_tail_blocks_appends_until_repaired(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log")
+    log.append("plan.resumed", {"pid": 1})
+    log.append("plan.resumed", {"pid": 2})
+    whole = log.path.read_bytes()
+    log.path.write_bytes(whole[: -len(whole.splitlines()[-1]) // 2])  # what power loss mid-write leaves
     assert not verify_chain(log.path).ok
     with pytest.raises(AuditChainError, match="torn"):
         log.append("plan.resumed", {"pid": 3})  # never appends after damage
