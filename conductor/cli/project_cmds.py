@@ -14,22 +14,38 @@ from conductor.cli.common import json_option, open_project, plan_option, project
 @click.argument("name", required=False)
 @click.option("-C", "--directory", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               help="Where to create NAME (or the folder to prepare).")
+@click.option("--agent", "agents", multiple=True,
+              type=click.Choice(["claude-code", "codex", "cursor", "gemini", "aider", "generic"]),  # conductor.agents.AGENTS
+              help="Also write this agent's instruction file (CLAUDE.md, AGENTS.md, .cursor/rules/conductor.mdc, "
+                   "GEMINI.md, CONVENTIONS.md + .aider.conf.yml); repeatable. See docs/agents.md.")
 @json_option
-def init(name, directory, as_json) -> int:  # type: ignore[no-untyped-def]
+def init(name, directory, agents, as_json) -> int:  # type: ignore[no-untyped-def]
     """Create project NAME (or, without NAME, prepare the current folder) with .conductor/ defaults."""
     from conductor.project import init_project
 
     project = init_project(directory, name)
+    written = _install_agents(project.root, agents)
     if as_json:
-        echo_json({"root": str(project.root.resolve()), "created": list(project.created)})
+        echo_json({"root": str(project.root.resolve()), "created": list(project.created),
+                   "agent_files": [{"agent": a, "path": p, "action": act} for a, p, act in written]})
         return 0
     if project.created:
         click.echo(f"initialised {project.root}")
         for path in project.created:
             click.echo(f"  created {path}")
-    else:
+    elif not written:
         click.echo(f"{project.root} is already a Conductor project; nothing changed")
+    for agent, path, action in written:
+        click.echo(f"{action} {path} (instructions for {agent})")
     return 0
+
+
+def _install_agents(root: Path, agents: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    from conductor.agents import install
+
+    return [(agent, written.path, written.action)
+            for agent in dict.fromkeys(agents)  # each once, in the order given
+            for written in install(root, agent).files]
 
 
 @click.command()
