@@ -64,6 +64,7 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "task.completed": ("step_id", "attempt", "executor", "duration_seconds"),
     "task.failed": ("step_id", "attempt", "reason", "message"),
     "task.abandoned": ("step_id", "attempt", "reason"),
+    "task.rejected": ("step_id", "attempt", "kind", "message", "by", "task_checksum"),
     "step.verified": (
         "step_id", "attempt", "accepted", "reasons", "diff_lines", "files", "checks", "verification",
         "verdict_checksum",

@@ -27,6 +27,7 @@ from conductor.errors import MergeConflict, StateConflict
 from conductor.executors.base import StepRunner, execute_claim
 from conductor.faults import crash_point
 from conductor.handoff.documents import read_document
+from conductor.handoff.failures import settled_since_publish, unlogged_failure
 from conductor.handoff.lease import claim_task, holder_name
 from conductor.handoff.publish import publish_task
 from conductor.handoff.reaper import reap_expired
@@ -225,6 +226,8 @@ class Engine:
             found = view.fork.find_task(step.step_id)
             if found is not None and found[0] in ("completed", "failed"):
                 self._log_unlogged_verdict(view, step, FAILED if found[0] == "failed" else ACCEPTED)
+            if found is not None and found[0] == "failed":
+                self._log_unlogged_failure(view, step)
         states: dict[str, str] = {}
         for step in view.spec.steps:
             state = self._state_of(view, step, states)
@@ -351,6 +354,12 @@ class Engine:
         verdict = read_document(path, Verdict)
         if not view.has("step.verified", step_id=step.step_id, attempt=verdict.attempt):
             self._log_verdict(view, step, verdict)
+
+    def _log_unlogged_failure(self, view: _ForkView, step: StepSpec) -> None:
+        """Log a failure or rejection only the folders know (an external executor writes no events)."""
+        if step.step_id in view.reused or settled_since_publish(view.events, step.step_id):
+            return
+        view.append(*unlogged_failure(view.fork, step.step_id, self._completed_attempt(view, step)))
 
     def _log_verdict(self, view: _ForkView, step: StepSpec, verdict: Verdict) -> str:
         view.append("step.verified", {

@@ -138,6 +138,16 @@ def _signatures(fork: Any, folder: str, step_id: str, result: Any, trust: Any) -
     return checked
 
 
+def _rejection(events: list[Event]) -> dict[str, Any] | None:
+    """The ``task.rejected`` event of the newest attempt (its data, with ``seq`` and ``ts``), or None."""
+    for event in reversed(events):
+        if event.type == "task.published":
+            return None
+        if event.type == "task.rejected":
+            return {"seq": event.seq, "ts": event.ts, **event.data}
+    return None
+
+
 def explain_step(
     layout: ProjectLayout, plan_id: str, step_id: str, fork_id: str | None = None, *, trust: Any = None,
 ) -> list[dict[str, Any]]:
@@ -146,7 +156,8 @@ def explain_step(
     Each story holds: the task as published (with its checksum, and the checksum the log recorded at
     publication), the effective policy and where each value came from, the confidence and its reasons,
     the claims and leases (events, and the live lease if the task is in progress), the result, the
-    verdict with its checks and verification evidence, the executor's explanation, and the signatures
+    verdict with its checks and verification evidence, the ``task.rejected`` event if a claimer refused
+    the newest attempt's task file (``rejection``), the executor's explanation, and the signatures
     checked on ``provenance.json`` and ``attestation.json`` against ``trust`` (a ``TrustStore``; None
     skips that check).
 
@@ -184,6 +195,7 @@ def explain_step(
             "verdict": _read_json(fork.sidecar(folder, step_id, VERDICT_SUFFIX)),
             "explanation": explanation.read_text("utf-8", errors="replace") if explanation.exists() else None,
             "events": [{"seq": e.seq, "ts": e.ts, "type": e.type, "data": e.data} for e in mine],
+            "rejection": _rejection(mine),
             "signatures": _signatures(fork, folder, step_id, result, trust) if trust is not None else None,
         })
     if not stories:

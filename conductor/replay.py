@@ -65,6 +65,7 @@ class StepState:
     reasons: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     commit: str | None = None  # the fork's commit after the step was merged
+    rejected: bool = False  # a claimer refused the task file unread (task.rejected): it may hold anything
 
 
 @dataclass
@@ -158,7 +159,7 @@ def _apply_step(step: StepState, type_: str, data: dict[str, Any]) -> None:
     elif type_ == "approval.granted" and step.state == "awaiting_approval":
         step.state = "waiting"
     elif type_ == "task.published":
-        step.state, step.attempt, step.holder = "pending", data.get("attempt"), None
+        step.state, step.attempt, step.holder, step.rejected = "pending", data.get("attempt"), None, False
         step.checksum = data.get("checksum")
     elif type_ == "task.claimed":
         step.state, step.holder = "in_progress", data.get("holder")
@@ -166,6 +167,9 @@ def _apply_step(step: StepState, type_: str, data: dict[str, Any]) -> None:
         step.state = "completed"
     elif type_ == "task.failed":
         step.state, step.reasons = "failed", [str(data.get("message") or data.get("reason"))]
+    elif type_ == "task.rejected":
+        step.state, step.holder, step.rejected = "failed", data.get("by"), True
+        step.reasons = [f"task file rejected by {data.get('by')} ({data.get('kind')}): {data.get('message')}"]
     elif type_ == "step.verified":
         step.reasons = list(data.get("reasons", []))
         if data.get("accepted"):
@@ -192,7 +196,7 @@ def cut_at(entries: list[Entry], *, to: str | None = None, to_step: str | None =
     if to is not None:
         return entries[: _index_of(entries, to) + 1]
     if to_step is not None:
-        ends = [e for e in entries if e.event.type in ("step.merged", "task.failed")
+        ends = [e for e in entries if e.event.type in ("step.merged", "task.failed", "task.rejected")
                 and e.event.data.get("step_id") == to_step and (fork_id is None or e.log == fork_id)]
         if not ends:
             where = f" in fork {fork_id}" if fork_id else ""
@@ -217,12 +221,16 @@ def _index_of(entries: list[Entry], to: str) -> int:
 # --- checking the present -----------------------------------------------------------------------
 
 
-def check_against_folders(layout: ProjectLayout, state: PlanState) -> list[str]:
+def check_against_folders(layout: ProjectLayout, state: PlanState, behind: list[str] | None = None) -> list[str]:
     """Where the folded present disagrees with the task files on disk; ``[]`` when they agree.
 
     The log may lag the folders (an external executor moves task files without writing events), never
     lead them: a step the log calls accepted must be in ``completed/``, a failed one in ``failed/``, a
     published one must exist somewhere, with the attempt the log published last.
+
+    Args:
+        behind: if given, receives one line per step whose task file is further on than the log says
+            (not a disagreement: the engine logs an external executor's outcome on its next pass).
     """
     problems = []
     for fork_id, fork in state.forks.items():
@@ -231,10 +239,13 @@ def check_against_folders(layout: ProjectLayout, state: PlanState) -> list[str]:
             found = layout_fork.find_task(step_id)
             folder = found[0] if found else None
             problem = _disagreement(step, folder)
-            if problem is None and found is not None and step.attempt is not None:
+            if problem is None and found is not None and step.attempt is not None and not step.rejected:
                 problem = _attempt_disagreement(found[1], step.attempt)
             if problem:
                 problems.append(f"fork {fork_id} {step_id}: {problem}")
+            elif behind is not None and _FOLDER_RANK[folder] > _FOLDER_RANK.get(step.state, 3):
+                behind.append(f"fork {fork_id} {step_id}: the log says {step.state} but the task file is in "
+                              f"{folder}/ (an external executor's work, logged by the engine's next pass)")
     return problems
 
 
@@ -271,8 +282,9 @@ def replay(layout: ProjectLayout, plan_id: str, *, to: str | None = None, to_ste
     """Rebuild the plan's state at a point from its audit logs (and check it when the point is now).
 
     Returns:
-        ``{"state": PlanState as dict, "at_present": bool, "total_events": int, "problems": [str]}``;
-        ``problems`` is empty unless the point is the present and logs and folders disagree.
+        ``{"state": PlanState as dict, "at_present": bool, "total_events": int, "problems": [str],
+        "behind": [str]}``; ``problems`` is empty unless the point is the present and logs and folders
+        disagree; ``behind`` names steps whose task files are further on than the log (at the present).
 
     Raises:
         NotFound: no such plan or point. AuditChainError: a log is broken.
@@ -282,5 +294,7 @@ def replay(layout: ProjectLayout, plan_id: str, *, to: str | None = None, to_ste
     prefix = cut_at(entries, to=to, to_step=to_step, fork_id=fork_id)
     state = fold(plan, prefix)
     at_present = len(prefix) == len(entries)
-    problems = check_against_folders(layout, state) if at_present else []
-    return {"state": state.to_dict(), "at_present": at_present, "total_events": len(entries), "problems": problems}
+    behind: list[str] = []
+    problems = check_against_folders(layout, state, behind) if at_present else []
+    return {"state": state.to_dict(), "at_present": at_present, "total_events": len(entries), "problems": problems,
+            "behind": behind}

@@ -10,6 +10,10 @@ Conductor captured it (in ``.conductor/git``, content re-hashed, so an altered o
 against that tree) and every ``attestation.json`` (signed by the project key; subjects against the
 files and the fork's commit; that commit present and holding the attested content).
 
+A task file in ``failed/`` that does not read back (tampered, malformed) is a finding unless a
+``task.rejected`` event since its last publication records its rejection and the content checksum it
+still has: then it is a *notice* (the user sees it; the records are consistent, so verify passes).
+
 Nothing is repaired here: recovery is ``conductor resume`` / ``conductor.recovery``.
 """
 
@@ -39,7 +43,8 @@ from conductor.layout import (
     ForkLayout,
     ProjectLayout,
 )
-from conductor.models import FileChange, Lease, Plan, Result, Task, Verdict
+from conductor.handoff.lease import rejected_content_checksums
+from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict
 from conductor.plan_store import FORK_RECORD, check_plan_pinned, fork_records
 from conductor.provenance import read_provenance
 
@@ -61,12 +66,15 @@ class VerifyReport:
 
     Attributes:
         findings: the problems, in the order found.
+        notices: integrity events the audit log records and the records still match, such as a tampered
+            task file a claimer rejected unexecuted (``task.rejected``): worth seeing, not a failure.
         checked: how many items of each kind were checked (``tasks``, ``results``, ``provenance``,
             ``attestations``, ``logs``, ``log_entries``, ``checkpoints``, ``plans``).
         uncovered: audit entries written after the newest checkpoint of their log (not a problem).
     """
 
     findings: list[Finding] = field(default_factory=list)
+    notices: list[Finding] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
     uncovered: int = 0
 
@@ -204,6 +212,11 @@ class _Checker:
 
     def fork(self, fork: ForkLayout) -> None:
         seen: dict[str, str] = {}
+        try:
+            events = AuditLog(fork.audit_log).events()
+        except ConductorError:
+            events = None  # the log's own problems are reported by its chain check
+        rejections = _rejections(events or [])
         for state in STATES:
             folder = fork.state_dir(state)
             if not folder.is_dir():
@@ -213,16 +226,13 @@ class _Checker:
                 if task_id in seen:
                     self.add(path, f"the task is also in {seen[task_id]}/")
                 seen[task_id] = state
-                self.task(fork, state, task_id, path)
-        self.folders_agree_with_log(fork, seen)
+                self.task(fork, state, task_id, path, rejections.get(task_id) if state == "failed" else None)
+        if events is not None:
+            self.folders_agree_with_log(fork, seen, events)
 
-    def folders_agree_with_log(self, fork: ForkLayout, seen: dict[str, str]) -> None:
+    def folders_agree_with_log(self, fork: ForkLayout, seen: dict[str, str], events: list[Event]) -> None:
         """A task the log merged lies in completed/, one the verifier rejected in failed/: a task file
         moved between them (to hide an acceptance, or fake one) is named."""
-        try:
-            events = AuditLog(fork.audit_log).events()
-        except ConductorError:
-            return  # the log's own problems are reported by its chain check
         final = {}
         for event in events:
             step = event.data.get("step_id")
@@ -238,12 +248,12 @@ class _Checker:
                 self.add(fork.task_file(seen.get(step, folder), step),
                          f"the audit log {what} at seq {seq}, but the task file is in {where}")
 
-    def task(self, fork: ForkLayout, state: str, task_id: str, path: Path) -> None:
+    def task(self, fork: ForkLayout, state: str, task_id: str, path: Path, rejection: Event | None = None) -> None:
         self.report.count("tasks")
         try:
             task = read_document(path, Task)
         except (ConductorError, OSError) as exc:
-            self._error(path, exc)
+            self.unreadable_task(path, exc, state, rejection)
             task = None
         if state == "in_progress":
             self.document(fork.lease_file(task_id), Lease)
@@ -262,6 +272,24 @@ class _Checker:
         attested = fork.sidecar(state, task_id, ATTESTATION_SUFFIX).exists()
         if state == "completed" and (attested or (verdict is not None and verdict.accepted)):
             self.attestation(fork, task_id, verdict)
+
+    def unreadable_task(self, path: Path, exc: BaseException, state: str, rejection: Event | None) -> None:
+        """A task file that does not read back. In ``failed/`` with a ``task.rejected`` event whose
+        ``task_checksum`` is still its content's, it is a rejection the log records: a notice. Otherwise
+        (no such event, or the file changed since) it is a finding."""
+        if state != "failed" or rejection is None:
+            hint = "; no task.rejected event records its rejection" if state == "failed" else ""
+            self._error(path, _Suffixed(exc, hint))
+            return
+        data, recorded = rejection.data, rejection.data.get("task_checksum")
+        now = rejected_content_checksums(path)
+        if recorded not in now:
+            self.add(path, f"changed since its rejection (task.rejected at seq {rejection.seq} recorded content "
+                           f"{str(recorded)[:19]}…, the file now has {' or '.join(sorted(c[:19] + '…' for c in now))})")
+            return
+        self.report.notices.append(Finding(
+            self._relative(path), f"rejected unexecuted by {data.get('by')} ({data.get('kind')}): "
+                                  f"{data.get('message')} (task.rejected at seq {rejection.seq})"))
 
     def document(self, path: Path, model: type) -> object | None:
         if not path.exists():
@@ -361,6 +389,27 @@ class _Checker:
 
 class _TreeMissing(Exception):
     """A recorded tree or one of its objects cannot be read."""
+
+
+class _Suffixed(Exception):
+    """An error's message with a hint appended."""
+
+    def __init__(self, exc: BaseException, hint: str) -> None:
+        super().__init__(f"{exc}{hint}")
+
+
+def _rejections(events: list[Event]) -> dict[str, Event]:
+    """Each step's ``task.rejected`` event since its newest ``task.published``."""
+    found: dict[str, Event] = {}
+    for event in events:
+        step = event.data.get("step_id")
+        if not isinstance(step, str):
+            continue
+        if event.type == "task.published":
+            found.pop(step, None)
+        elif event.type == "task.rejected":
+            found[step] = event
+    return found
 
 
 def iter_findings(report: VerifyReport) -> Iterator[str]:

@@ -89,8 +89,10 @@ def checkout(step_id, plan_id, fork_id, into, project_dir, as_json) -> int:  # t
 def verify(plan_id, witness, no_witness, project_dir, as_json) -> int:  # type: ignore[no-untyped-def]
     """Check every checksum, result, provenance signature and audit log; name what is wrong.
 
-    Exits 0 when everything holds, 5 when anything does not.
+    Exits 0 when everything holds, 5 when anything does not. A tampered task file that a claimer
+    rejected unexecuted, as its task.rejected event records, is shown as a NOTE and does not fail.
     """
+    from conductor.cli.render import printable
     from conductor.errors import IntegrityError
     from conductor.runtime import resolve_plan_id
     from conductor.verify import default_witness, verify_project
@@ -102,11 +104,14 @@ def verify(plan_id, witness, no_witness, project_dir, as_json) -> int:  # type: 
                             environ=project.environ)
     if as_json:
         echo_json({"ok": report.ok, "checked": report.checked, "uncovered_entries": report.uncovered,
-                   "findings": [{"where": f.where, "problem": f.problem} for f in report.findings]})
+                   "findings": [{"where": f.where, "problem": f.problem} for f in report.findings],
+                   "notices": [{"where": f.where, "notice": f.problem} for f in report.notices]})
     else:
         checked = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in report.checked.items()) or "nothing"
         for finding in report.findings:
-            click.echo(f"FAIL {finding}")
+            click.echo(f"FAIL {printable(finding)}")
+        for notice in report.notices:
+            click.echo(f"NOTE {printable(notice)}")
         click.echo(("ok" if report.ok else f"{len(report.findings)} problem(s)") + f" — checked {checked}"
                    + (f"; {report.uncovered} audit entries are newer than their log's last checkpoint"
                       if report.uncovered else ""))

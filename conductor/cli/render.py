@@ -163,6 +163,7 @@ def replay_view(report: dict[str, Any]) -> list[Any]:
     lines.append(safe(f"LLM calls {llm['calls']} ({llm['cached']} from recordings), tokens "
                       f"{llm['input_tokens']}+{llm['output_tokens']}, cost ${llm['cost_usd']:.4f}"))
     if report["at_present"]:
+        behind = [f"[yellow]the log lags the folders:[/] {safe(b)}" for b in report.get("behind", [])]
         lines += ([f"[red]log and folders disagree:[/] {safe(p)}" for p in report["problems"]]
-                  or ["[green]the log agrees with the task folders[/]"])
+                  or behind or ["[green]the log agrees with the task folders[/]"])
     return lines

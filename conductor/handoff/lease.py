@@ -165,7 +165,8 @@ def reject_task_file(
     """Move an unreadable or tampered task file from ``path`` to ``failed/`` with a failure result.
 
     The result is written first and the task file moved last (the commit point), so a crash in between
-    leaves the task where it was.
+    leaves the task where it was. Then ``task.rejected`` is appended through ``on_event``
+    (:func:`rejection_event`): a tampered task is an integrity event the log must record.
     """
     kind = "checksum_mismatch" if isinstance(exc, ChecksumMismatch) else "invalid_task"
     attempt, seen_checksum = _salvage(path)
@@ -190,7 +191,25 @@ def reject_task_file(
     if result is not None:
         write_document(fork.sidecar("failed", task_id, ".result.json"), result)
     durable_rename(path, fork.task_file("failed", task_id))
-    on_event("task.failed", {"step_id": task_id, "attempt": attempt, "reason": kind, "message": str(exc)})
+    on_event("task.rejected", rejection_event(task_id, attempt, kind, str(exc), by=holder, task_checksum=seen_checksum))
+
+
+def rejection_event(task_id: str, attempt: int, kind: str, message: str, *, by: str, task_checksum: str) -> dict[str, Any]:
+    """The data of a ``task.rejected`` event: a claimer refused a task file unread (docs/protocol.md, 6.6).
+
+    ``task_checksum`` is the checksum of the content the claimer read (the recomputed checksum if it
+    parsed, else ``sha256:`` of its raw bytes), so ``conductor verify`` can tell that the rejected file
+    still holds exactly what was rejected.
+    """
+    return {"step_id": task_id, "attempt": attempt, "kind": kind, "message": message, "by": by,
+            "task_checksum": task_checksum}
+
+
+def rejected_content_checksums(path: Path) -> set[str]:
+    """The ``task_checksum`` values a rejection of the task file at ``path`` may record for its content
+    now: Conductor's (the recomputed checksum if it parses, else ``sha256:`` of its raw bytes; see
+    :func:`rejection_event`) and ``sha256:`` of the raw bytes, which external executors may use (6.6)."""
+    return {_salvage(path)[1], "sha256:" + sha256_hex(_read_regular(path))}
 
 
 def _salvage(path: Path) -> tuple[int, str]:

@@ -244,8 +244,8 @@ def test_claim_rejects_a_bad_task_file_without_handing_it_out(handoff: Handoff, 
 
     assert claim is None
     _assert_rejected(handoff, kind, tampered)
-    assert [t for t, _ in events] == ["task.failed"]
-    assert events[0][1]["reason"] == kind
+    assert [t for t, _ in events] == ["task.rejected"]
+    assert events[0][1]["kind"] == kind
 
 
 @pytest.mark.parametrize("name", list(TAMPERING))
