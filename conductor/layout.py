@@ -95,6 +95,11 @@ class ProjectLayout:
         """Outcome history the confidence scorer learns from (JSON lines)."""
         return self.conductor_dir / "history.jsonl"
 
+    @property
+    def lessons_file(self) -> Path:
+        """Lessons of rejected attempts, given to later tasks that touch the same files (JSON lines)."""
+        return self.conductor_dir / "lessons.jsonl"
+
     def plan_dir(self, plan_id: str) -> Path:
         return self.handoff_dir / f"plan_{plan_id}"
 

@@ -43,3 +43,149 @@ def test_history_file_round_trip_counts_only_the_executor_kind(tmp_path: Path) -
     assert read_history(path, "llm") == (2, 3)
     assert read_history(path, "command") == (0, 1)
     assert read_history(tmp_path / "missing.jsonl", "llm") == (0, 0)
+
+
+# --- groups, back-off, the history format ---------------------------------------------------------
+
+
+def test_kinds_of_steps_come_from_title_file_types_and_breadth() -> None:
+    from conductor.confidence import breadth, file_types, step_kind
+
+    assert step_kind("Add tests for the parser", ["tests/test_parser.py"]) == "test .py single"
+    assert step_kind("Fix the off-by-one", ["calc.py", "README.md"]) == "fix .md+.py few"
+    assert step_kind("", ["docs/usage.md"]) == "docs .md single"
+    assert step_kind("Tidy", ["src/**/*.py", "docs/"]) == "general .py+dir glob"
+    assert breadth([]) == "none" and breadth([f"f{i}.py" for i in range(4)]) == "many"
+    assert file_types(["a.py", "b.md", "c.txt", "d.toml"]) == "mixed" and file_types(["Makefile"]) == "none"
+
+
+def _outcomes(count: int, accepted: bool, *, model: str, kind: str, prefix: str) -> list:
+    from conductor.confidence import Outcome
+
+    return [Outcome("llm", accepted, model, kind, attempt=1, step_id=f"{prefix}{i}") for i in range(count)]
+
+
+def test_a_model_that_failed_5_of_5_similar_steps_scores_below_its_planner_estimate(tmp_path: Path) -> None:
+    from conductor.confidence import learn, read_outcomes
+
+    path = tmp_path / "history.jsonl"
+    for i in range(5):
+        record_outcome(path, plan_id="p", fork_id="1", step_id=f"step_{i:03d}", executor="llm", accepted=False,
+                       attempt=1, model="openai/gpt-x", kind="fix .py single", predicted=0.9)
+    learned = learn(read_outcomes(path), executor="llm", model="openai/gpt-x", kind="fix .py single")
+    confidence = score_step(estimate=0.9, allowed_files=["calc.py"], learned=learned)
+    # Only the narrowest group has outcomes: p = (0 + 4 * 0.5) / (5 + 4) = 2/9, evidence 5, w = 5/15.
+    assert confidence.score == round((10 / 15) * 0.9 + (5 / 15) * (2 / 9), 3) == 0.674
+    assert confidence.score < 0.9 and confidence.level == "medium"
+    assert confidence.reasons[1] == ("history of llm · openai/gpt-x · fix .py single: 0/5 accepted → 0.22 "
+                                     "(backs off to llm · openai/gpt-x 0/5, llm 0/5, all 0/5), weight 0.33")
+    # Another model's record on the same kind of step is untouched by these failures beyond the shared prior.
+    other = learn(read_outcomes(path), executor="llm", model="gemini/flash", kind="fix .py single")
+    assert score_step(estimate=0.9, allowed_files=["calc.py"], learned=other).score > confidence.score
+
+
+def test_a_narrow_group_without_history_borrows_from_the_broader_one_and_each_outcome_counts_once() -> None:
+    from conductor.confidence import PRIOR_STRENGTH, learn
+
+    history = (_outcomes(40, True, model="openai/a", kind="docs .md single", prefix="d")
+               + _outcomes(5, False, model="openai/b", kind="fix .py single", prefix="f"))
+    learned = learn(history, executor="llm", model="openai/b", kind="docs .md single")
+    all_, executor, model, kind = learned.groups
+    assert [(g.accepted, g.total) for g in learned.groups] == [(40, 45), (40, 45), (0, 5), (0, 0)]
+    # all minus llm: nothing -> Laplace 1/2; llm minus openai/b: 40/40; openai/b minus docs: 0/5; docs: none.
+    assert all_.estimate == 0.5 and all_.evidence == 0
+    assert executor.estimate == pytest.approx((40 + PRIOR_STRENGTH * 0.5) / (40 + PRIOR_STRENGTH))
+    assert model.estimate == pytest.approx(PRIOR_STRENGTH * executor.estimate / (5 + PRIOR_STRENGTH))
+    assert kind.estimate == pytest.approx(model.estimate) and kind.total == 0
+    assert kind.evidence == pytest.approx(PRIOR_STRENGTH * model.evidence / (model.evidence + PRIOR_STRENGTH))
+    # With no outcome of its own the step's group weighs less than the broader groups' counts would.
+    assert 0 < kind.evidence < PRIOR_STRENGTH
+
+
+def test_one_group_is_the_earlier_scorer_and_old_history_fits_the_hierarchy() -> None:
+    from conductor.confidence import Outcome, learn
+
+    history = [Outcome("command", i < 9) for i in range(12)]
+    flat = score_step(estimate=0.9, allowed_files=["a.py"], accepted=9, total=12)
+    # Outcomes without model or kind (the earlier format) land in the executor level; the root ring is empty.
+    learned = learn(history, executor="command")
+    assert [(g.label, g.accepted, g.total) for g in learned.groups] == [("all", 9, 12), ("command", 9, 12)]
+    assert flat.score == round((10 / 22) * 0.9 + (12 / 22) * (10 / 14), 3)  # Laplace, w = 12 / 22
+    # Below an empty root ring the executor's own outcomes are smoothed towards 1/2 with K pseudo-outcomes.
+    assert score_step(estimate=0.9, allowed_files=["a.py"], learned=learned).score == round(
+        (10 / 22) * 0.9 + (12 / 22) * (9 + 2) / (12 + 4), 3)
+
+
+def test_both_history_formats_are_read_and_an_attempt_recorded_twice_counts_once(tmp_path: Path) -> None:
+    from conductor.confidence import read_outcomes
+
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"ts": "2026-11-22T10:00:00Z", "plan_id": "p0", "fork_id": "1", "step_id": "step_001", '
+                    '"executor": "llm", "accepted": true}\n')
+    for _ in range(2):  # a crash between the write and its event makes the engine record the attempt again
+        record_outcome(path, plan_id="p1", fork_id="1", step_id="step_001", executor="llm", accepted=False, attempt=2,
+                       model="openai/m", kind="fix .py single", outcome="executor_failed", predicted=0.75)
+    with path.open("a") as handle:
+        handle.write('{"executor": "llm", "accepted": "yes"}\n{"torn": ')
+    record_outcome(path, plan_id="p1", fork_id="1", step_id="step_002", executor="llm", accepted=True, attempt=1)
+    old, failed, accepted = read_outcomes(path)
+    assert (old.model, old.kind, old.attempt, old.outcome) == (None, None, None, "accepted")
+    assert (failed.attempt, failed.outcome, failed.predicted, failed.model) == (2, "executor_failed", 0.75, "openai/m")
+    assert accepted.step_id == "step_002"  # the torn line cost only itself
+    assert read_history(path, "llm") == (2, 3)
+    with pytest.raises(ValueError, match="unknown outcome"):
+        record_outcome(path, plan_id="p", fork_id="1", step_id="s", executor="llm", accepted=False, outcome="meh")
+
+
+def test_outcomes_of_a_fork_log_cover_every_attempt() -> None:
+    from conductor.confidence import attempt_outcomes, predicted_score
+    from conductor.models import Event
+
+    def event(seq: int, type_: str, **data: object) -> Event:
+        return Event(seq=seq, ts="2026-11-22T10:00:00Z", type=type_, data=data, prev="sha256:" + "0" * 64,
+                     hash="sha256:" + "0" * 64)
+
+    events = [event(0, "confidence.scored", step_id="step_001", score=0.82, level="high", reasons=[]),
+              event(1, "task.lease_expired", step_id="step_001", attempt=1),
+              event(2, "task.failed", step_id="step_001", attempt=2, reason="timeout", message="ran 300 s"),
+              event(3, "step.verified", step_id="step_001", attempt=3, accepted=False),
+              event(4, "task.failed", step_id="step_001", attempt=3, reason="verification_rejected"),
+              event(5, "step.verified", step_id="step_001", attempt=4, accepted=True),
+              event(6, "task.lease_expired", step_id="step_002", attempt=1),
+              event(7, "task.failed", step_id="step_002", attempt=1, reason="lease_expired")]
+    assert [(s, a, o) for s, a, o, _ in attempt_outcomes(events)] == [
+        ("step_001", 1, "lease_expired"), ("step_001", 2, "executor_failed"), ("step_001", 3, "rejected"),
+        ("step_001", 4, "accepted"), ("step_002", 1, "lease_expired")]
+    assert predicted_score(events, "step_001") == 0.82 and predicted_score(events, "step_002") is None
+
+
+def test_appends_from_parallel_processes_and_threads_all_land_whole(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    from conductor.confidence import read_outcomes
+
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"executor": "llm", "accepted": tr')  # a torn line a crash left behind
+    script = ("import sys; from pathlib import Path; from conductor.confidence import record_outcome\n"
+              "for i in range(50):\n"
+              "    record_outcome(Path(sys.argv[1]), plan_id=sys.argv[2], fork_id='1', step_id=f'step_{i:03d}',\n"
+              "                   executor='llm', accepted=i % 2 == 0, attempt=1, model='openai/m' * 40)\n")
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(path), f"proc{n}"]) for n in range(3)]
+
+    def write(name: str) -> None:
+        for i in range(50):
+            record_outcome(path, plan_id=name, fork_id="1", step_id=f"step_{i:03d}", executor="command",
+                           accepted=True, attempt=1)
+
+    threads = [threading.Thread(target=write, args=(f"thread{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(p.wait(timeout=120) == 0 for p in processes)
+    outcomes = read_outcomes(path)
+    assert len(outcomes) == 300
+    assert {o.plan_id for o in outcomes} == {"proc0", "proc1", "proc2", "thread0", "thread1", "thread2"}
+    assert len(path.read_text().splitlines()) == 301  # the torn line was closed, not merged with a record
