@@ -61,6 +61,8 @@ MAX_ATTEMPTS = 100
 """Attempts per step before it fails."""
 MAX_LEASE_SECONDS = 86_400
 """One day: the longest lease (and heartbeat); a dead holder's task waits at most this long."""
+MAX_PLANNING_SECONDS = 86_400
+"""One day: the longest handoff planning waits for an agent's plan."""
 MAX_POLL_SECONDS = 3_600.0
 """Fallback re-check interval of watchers."""
 MAX_COMMAND_SECONDS = 86_400
@@ -82,6 +84,10 @@ class PlannerConfig(_Section):
     provider: Provider = "openai"
     model: str = Field(default="gpt-4.1-mini", min_length=1)
     forks: int = Field(default=3, ge=1, le=MAX_FORKS, description="strategies asked for by `explore`")
+    kind: Literal["llm", "handoff"] = Field(
+        default="llm", description="llm: Conductor asks the model; handoff: an agent answers a planning task")
+    handoff_timeout_seconds: int = Field(
+        default=3_600, gt=0, le=MAX_PLANNING_SECONDS, description="how long handoff planning waits for an acceptable plan")
 
 
 class ExecutorConfig(_Section):

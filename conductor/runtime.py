@@ -111,13 +111,19 @@ def runner_factory(project: Project, *, no_cache: bool = False) -> RunnerFactory
 
 
 def new_plan(
-    project: Project, *, goal: str | None, plan_file: Path | None, forks: int, no_cache: bool = False
+    project: Project, *, goal: str | None, plan_file: Path | None, forks: int, no_cache: bool = False,
+    on_planning: Callable[[Any], None] = lambda task: None,
 ) -> Plan:
-    """Plan ``goal`` (with the LLM planner, or from ``plan_file``) and write the plan to disk.
+    """Plan ``goal`` (with the LLM planner, an agent's answer to a planning task when ``planner.kind`` is
+    ``handoff``, or from ``plan_file``) and write the plan to disk.
+
+    Args:
+        on_planning: receives the published ``PlanningTask`` (handoff planning only), e.g. to tell the user.
 
     Raises:
         ConfigError: no goal, or an invalid plan file.
         CredentialsMissing / BackendError: the planner's provider failed.
+        PlanningFailed: handoff planning got no acceptable plan (every attempt rejected, or the timeout).
     """
     from conductor.planner import plan_from_file, plan_with_llm
 
@@ -128,6 +134,8 @@ def new_plan(
     if not goal:
         raise ConfigError("no goal given (pass a goal, or --plan FILE)")
     planner = project.config.planner
+    if planner.kind == "handoff":
+        return _plan_by_handoff(project, goal=goal, forks=forks, on_planning=on_planning)
     client = _client(project, provider=planner.provider, model=planner.model, no_cache=no_cache)
     calls: list[dict[str, Any]] = []
     plan = plan_with_llm(client, goal=goal, forks=forks, root=project.layout.root,
@@ -136,6 +144,27 @@ def new_plan(
     log = plan_log(project.layout, sealed.plan_id)
     for call in calls:
         log.append("llm.call", call)
+    return sealed
+
+
+def _plan_by_handoff(project: Project, *, goal: str, forks: int, on_planning: Callable[[Any], None]) -> Plan:
+    """Handoff planning (``conductor.handoff.planning``): the accepted plan, written, with ``planning.accepted``
+    in its log."""
+    from conductor.handoff.planning import plan_by_handoff
+
+    config = project.config
+    plan, round_ = plan_by_handoff(
+        project.layout, goal=goal, strategies=forks, policy=project.policy, verification=config.verification.commands,
+        max_attempts=config.executor.max_attempts, lease_seconds=config.executor.lease_seconds,
+        timeout_seconds=config.planner.handoff_timeout_seconds, poll_seconds=config.executor.poll_seconds,
+        on_published=on_planning)
+    sealed = create_plan(project.layout, plan, ignore=list(config.workspace.ignore), project_policy=project.policy)
+    assert round_.accepted is not None
+    attempt, verdict = round_.accepted
+    plan_log(project.layout, sealed.plan_id).append("planning.accepted", {
+        "attempt": attempt, "holder": verdict.holder, "answer_sha256": verdict.answer_sha256,
+        "verdict_checksum": verdict.checksum, "forks": len(sealed.forks),
+        "rejected_attempts": [r.attempt for r in round_.rejections]})
     return sealed
 
 

@@ -31,6 +31,13 @@ def _run_options(func):  # type: ignore[no-untyped-def]
     return func
 
 
+def _planner_options(func):  # type: ignore[no-untyped-def]
+    func = click.option("--planner-timeout", "planner_timeout", type=click.IntRange(1, 86_400), default=None,
+                        help="Seconds handoff planning waits for an acceptable plan (default: config, 3600).")(func)
+    return click.option("--planner", "planner_kind", type=click.Choice(["llm", "handoff"]), default=None,
+                        help="Who plans: the LLM, or an agent answering a planning task (default: config.yaml).")(func)
+
+
 def _overrides(provider, model, executor_kind, executor_command, forks=None):  # type: ignore[no-untyped-def]
     values = {"planner.provider": provider, "planner.model": model, "executor.kind": executor_kind,
               "executor.command": executor_command, "planner.forks": forks}
@@ -46,6 +53,7 @@ def _overrides(provider, model, executor_kind, executor_command, forks=None):  #
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A hand-written plan (YAML/JSON) instead of the LLM planner.")
 @click.option("--forks", type=click.IntRange(1, 16), default=None, help="Strategies to explore (default: config, 3).")
+@_planner_options
 @_run_options
 def explore(goal, plan_file, forks, **options) -> int:  # type: ignore[no-untyped-def]
     """Plan several distinct strategies for GOAL, run each as a fork, rank them, apply the best."""
@@ -56,6 +64,7 @@ def explore(goal, plan_file, forks, **options) -> int:  # type: ignore[no-untype
 @click.argument("goal", required=False)
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A hand-written plan (YAML/JSON); its first strategy is used.")
+@_planner_options
 @_run_options
 def build(goal, plan_file, **options) -> int:  # type: ignore[no-untyped-def]
     """Plan one strategy for GOAL and run it."""
@@ -63,23 +72,36 @@ def build(goal, plan_file, **options) -> int:  # type: ignore[no-untyped-def]
 
 
 def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, model, executor_kind,  # type: ignore[no-untyped-def]
-                  executor_command, auto_approve, no_apply, no_wait, no_cache, keep_workspaces, as_json) -> int:
+                  executor_command, auto_approve, no_apply, no_wait, no_cache, keep_workspaces, as_json,
+                  planner_kind=None, planner_timeout=None) -> int:
     from conductor.runtime import new_plan, runner_factory
 
-    project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command, forks))
+    overrides = _overrides(provider, model, executor_kind, executor_command, forks)
+    overrides.update({"planner.kind": planner_kind, "planner.handoff_timeout_seconds": planner_timeout})
+    project = open_project(project_dir, overrides)
     if plan_file is not None:
         from conductor.planner import load_plan_file
 
         load_plan_file(plan_file)  # a bad plan file is reported before a missing API key
     factory = runner_factory(project, no_cache=no_cache)  # fails on a missing API key before anything is written
     count = 1 if single else (forks or project.config.planner.forks)
-    plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count, no_cache=no_cache)
+    plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count, no_cache=no_cache,
+                    on_planning=lambda task: _planning_published(task, as_json))
     if not as_json:
         from conductor.cli.render import printable
 
         click.echo(f"plan {plan.plan_id}: {len(plan.forks)} fork(s) for: {printable(plan.goal)}", err=True)
     return _execute(project, plan, factory, auto_approve=auto_approve, no_apply=no_apply, no_wait=no_wait, keep=keep_workspaces,
                     as_json=as_json)
+
+
+def _planning_published(task, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    if not as_json:
+        from conductor.cli.render import printable
+
+        click.echo(printable(f"planning task published for plan {task.plan_id} (attempt {task.attempt}); waiting until "
+                             f"{task.deadline} for an agent: `conductor task claim`, or the MCP tool get_planning_task"),
+                   err=True)
 
 
 @click.command()
