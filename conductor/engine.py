@@ -21,7 +21,7 @@ from pathlib import Path
 
 from conductor.attempts import prepare_retry, prepare_workspace, remove_plan_workspaces, state_store
 from conductor.audit import AuditLog
-from conductor.confidence import read_history, record_outcome, score_step
+from conductor.confidence import kind_of, learn, predicted_score, read_outcomes, score_step
 from conductor.config import Config
 from conductor.errors import MergeConflict, StateConflict
 from conductor.executors.base import StepRunner, execute_claim
@@ -33,6 +33,7 @@ from conductor.handoff.publish import publish_task
 from conductor.handoff.reaper import reap_expired
 from conductor.handoff.watcher import FolderWatcher
 from conductor.layout import VERDICT_SUFFIX, ForkLayout, ProjectLayout
+from conductor.lessons import learn_from_events, learn_from_verdict, task_constraints
 from conductor.models import (
     Confidence,
     Event,
@@ -185,6 +186,12 @@ class Engine:
     def _executor_kind(self) -> str:
         return self.config.executor.kind
 
+    def _executor_model(self) -> str | None:
+        """``provider/model`` of an ``llm`` executor (what the confidence history groups by), else None."""
+        if self.config.executor.kind != "llm":
+            return None
+        return f"{self.config.executor_provider}/{self.config.executor_model}"
+
     # --- one pass -------------------------------------------------------------------------------
 
     def process_once(self) -> dict[str, dict[str, str]]:
@@ -265,9 +272,9 @@ class Engine:
         if scored is not None:  # scored once: an approved step runs with the confidence it was approved at
             confidence = Confidence.model_validate({k: v for k, v in scored.data.items() if k != "step_id"})
         else:
-            accepted, total = read_history(self.layout.history_file, self._executor_kind())
-            confidence = score_step(estimate=step.confidence_estimate, allowed_files=step.allowed_files,
-                                    accepted=accepted, total=total)
+            learned = learn(read_outcomes(self.layout.history_file), executor=self._executor_kind(),
+                            model=self._executor_model(), kind=kind_of(step))
+            confidence = score_step(estimate=step.confidence_estimate, allowed_files=step.allowed_files, learned=learned)
         if scored is None:
             view.append("confidence.scored", {"step_id": step.step_id, **confidence.model_dump(mode="json")})
             view.append("policy.merged", {"step_id": step.step_id, "effective": policy.effective.model_dump(mode="json"),
@@ -284,7 +291,8 @@ class Engine:
         task = Task(
             task_id=step.step_id, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id, attempt=1,
             title=step.title, instruction=step.instruction, allowed_files=step.allowed_files,
-            protected_patterns=effective.protected_patterns, constraints=effective.global_constraints,
+            protected_patterns=effective.protected_patterns,
+            constraints=task_constraints(self.layout, effective.global_constraints, step.allowed_files),
             depends_on=step.depends_on, workspace=self.layout.relative(folder), base_commit=base,
             timeout_seconds=effective.timeout_seconds, max_diff_lines=effective.max_diff_lines,
             max_diff_bytes=effective.max_diff_bytes,
@@ -372,9 +380,8 @@ class Engine:
             "verdict_checksum": verdict.checksum,
         })
         crash_point("verify.after_logged")
-        executor = self._executor_kind()
-        record_outcome(self.layout.history_file, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id,
-                       step_id=step.step_id, executor=executor, accepted=verdict.accepted)
+        learn_from_verdict(self.layout, verdict, step, executor=self._executor_kind(), model=self._executor_model(),
+                           predicted=predicted_score(view.events, step.step_id))
         if verdict.accepted and verdict.commit is not None:
             state_store(self.layout).set_ref(f"plans/{self.plan.plan_id}/forks/{view.spec.fork_id}", verdict.commit)
             if self.signer is not None:
@@ -394,17 +401,16 @@ class Engine:
         if view.has("fork.finished"):
             return
         values = set(states.values())
+        if values == {ACCEPTED} or (values <= {ACCEPTED, FAILED, BLOCKED} and FAILED in values):
+            # Every attempt counts in the confidence history, also those that never reached the verifier
+            # (expired leases, executor failures); recorded before fork.finished, so a crash records them again.
+            learn_from_events(self.layout, self.plan.plan_id, view.spec.fork_id, view.spec.steps, view.events,
+                              executor=self._executor_kind(), model=self._executor_model())
         if values == {ACCEPTED}:
             view.append("fork.finished", {"fork_id": view.spec.fork_id, "status": "succeeded"})
         elif values <= {ACCEPTED, FAILED, BLOCKED} and FAILED in values:
             failed = [s for s, v in states.items() if v == FAILED]
             view.append("fork.finished", {"fork_id": view.spec.fork_id, "status": "failed", "failed_steps": failed})
-            # Steps the executor itself failed (or whose lease ran out) never reached the verifier: they
-            # count in the confidence history too, or the success rate would only ever see verdicts.
-            for step_id in failed:
-                if not view.has("step.verified", step_id=step_id):
-                    record_outcome(self.layout.history_file, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id,
-                                   step_id=step_id, executor=self._executor_kind(), accepted=False)
 
     # --- the loop -------------------------------------------------------------------------------
 
