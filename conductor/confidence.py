@@ -83,7 +83,7 @@ def step_role(title: str, allowed_files: Sequence[str] = ()) -> str:
     names = [PurePosixPath(entry.rstrip("/")).name.lower() for entry in allowed_files]
     if names and all(n.startswith("test") or n.endswith(("_test.py", ".test.js", ".test.ts", ".spec.ts")) for n in names):
         return "test"
-    if names and all(n.endswith((".md", ".rst", ".txt")) for n in names):
+    if names and all(n.endswith((".md", ".rst", ".adoc")) for n in names):
         return "docs"
     return "general"
 

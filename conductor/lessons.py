@@ -18,8 +18,8 @@ conflict). Every text field is redacted (:func:`conductor.redact.redact`) and bo
 When a step is published, :func:`lessons_for` picks the lessons relevant to it — a lesson's files are
 covered by the step's ``allowed_files`` (4 points), a protected pattern the lesson hit matches one of
 them (3), they share a folder (2), or a failing command of the lesson names one of them (1) — best
-first, the most recent first among equals, at most :data:`MAX_LESSONS` of them and
-:data:`MAX_LESSON_CHARS` characters in all. Their ``text`` lines start with :data:`LESSON_PREFIX`.
+first, the most recent first among equals, a mistake repeated by several attempts once, at most
+:data:`MAX_LESSONS` of them and :data:`MAX_LESSON_CHARS` characters in all. Their ``text`` lines start with :data:`LESSON_PREFIX`.
 """
 
 from __future__ import annotations
@@ -213,23 +213,27 @@ def _same_area(files: Sequence[str], entries: Sequence[str]) -> bool:
 
 def _names(entry: str, command: str) -> bool:
     stem = PurePosixPath(entry).stem
-    return entry in command or (len(stem) >= 3 and re.search(rf"\b{re.escape(stem)}\b", command) is not None)
+    # "test_app.py" names "app.py": an underscore separates words here.
+    word = rf"(?<![A-Za-z0-9]){re.escape(stem)}(?![A-Za-z0-9])"
+    return entry in command or (len(stem) >= 3 and re.search(word, command) is not None)
 
 
 def lessons_for(
     path: Path, allowed_files: Sequence[str], *, limit: int = MAX_LESSONS, max_chars: int = MAX_LESSON_CHARS
 ) -> list[dict[str, Any]]:
     """The lessons of ``path`` relevant to a task with ``allowed_files``: most relevant first, then most
-    recent; at most ``limit`` lessons and ``max_chars`` characters of ``text`` in all; no text twice."""
+    recent; at most ``limit`` lessons and ``max_chars`` characters of ``text`` in all; a mistake that
+    several attempts repeated (same kind and detail) once, the most recent."""
     scored = [(relevance(lesson, allowed_files), index, lesson)
               for index, lesson in enumerate(read_lessons(path)[-MAX_SCAN:])]
-    chosen, texts, used = [], set(), 0
+    chosen, seen, used = [], set(), 0
     for _score, _, lesson in sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], -s[1])):
         text = lesson["text"]
-        if text in texts or used + len(text) > max_chars:
+        same = (lesson.get("kind"), lesson.get("detail"))  # one mistake repeated by several attempts
+        if same in seen or used + len(text) > max_chars:
             continue
         chosen.append(lesson)
-        texts.add(text)
+        seen.add(same)
         used += len(text)
         if len(chosen) == limit:
             break
