@@ -148,6 +148,17 @@ def _rejection(events: list[Event]) -> dict[str, Any] | None:
     return None
 
 
+def _lessons(layout: ProjectLayout, plan_id: str, fork_id: str, step_id: str, found: Any) -> dict[str, Any]:
+    """``{"received": [constraint lines], "taught": [lesson objects]}``: the lessons of earlier rejections
+    the step's task carries, and those its own rejected attempts left (``conductor.lessons``)."""
+    from conductor.lessons import lessons_of_step, received_lessons
+
+    task = _read_json(found[1]) if found else None
+    constraints = task.get("constraints", []) if isinstance(task, dict) else []
+    return {"received": received_lessons(constraints if isinstance(constraints, list) else []),
+            "taught": lessons_of_step(layout.lessons_file, plan_id, fork_id, step_id)}
+
+
 def explain_step(
     layout: ProjectLayout, plan_id: str, step_id: str, fork_id: str | None = None, *, trust: Any = None,
 ) -> list[dict[str, Any]]:
@@ -196,6 +207,7 @@ def explain_step(
             "explanation": explanation.read_text("utf-8", errors="replace") if explanation.exists() else None,
             "events": [{"seq": e.seq, "ts": e.ts, "type": e.type, "data": e.data} for e in mine],
             "rejection": _rejection(mine),
+            "lessons": _lessons(layout, plan_id, spec.fork_id, step_id, found),
             "signatures": _signatures(fork, folder, step_id, result, trust) if trust is not None else None,
         })
     if not stories:

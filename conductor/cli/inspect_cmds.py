@@ -149,6 +149,12 @@ def _print_story(story) -> None:  # type: ignore[no-untyped-def]
         else:
             signers = ", ".join(checked["signed_by"]) or "unsigned"
             out.print(f"[bold]{safe(name)}[/]: signed by {safe(signers)}; {len(checked['subjects'])} subjects")
+    lessons = story.get("lessons") or {}
+    for line in lessons.get("received", []):
+        out.print(f"[bold]lesson received[/]: {safe(line, multiline=True)}")
+    for lesson in lessons.get("taught", []):
+        out.print(f"[bold]lesson taught[/] (attempt {safe(lesson.get('attempt'))}, {safe(lesson.get('kind'))}): "
+                  f"{safe(lesson.get('detail'), multiline=True)} [dim]files {safe(', '.join(lesson.get('files', [])))}[/]")
     if story["explanation"]:
         # Markdown parses no rich markup, but passes escape sequences through; links are shown, not hidden.
         out.print(Markdown(printable(story["explanation"], multiline=True), hyperlinks=False))
