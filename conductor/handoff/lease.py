@@ -99,8 +99,16 @@ def claim_task(
     holder: str,
     lease_seconds: float,
     on_event: EventSink = _no_events,
+    pid: int | None = None,
+    bounded_by_timeout: bool = False,
 ) -> Claim | None:
     """Try to claim ``task_id`` from ``pending/``.
+
+    Args:
+        pid: the lease's ``pid``: None = this process; 0 = no process, a lease held by time alone (the
+            ``conductor task`` CLI: the reaper never treats it as a dead holder, only its ``expires_at``
+            and the task's timeout count).
+        bounded_by_timeout: the lease never reaches past the claim plus the task's ``timeout_seconds``.
 
     Returns:
         The claim, or None when another executor won the race or the task file was rejected (a tampered
@@ -127,11 +135,11 @@ def claim_task(
         attempt=task.attempt,
         fencing_token=task.attempt,
         holder=holder,
-        pid=os.getpid(),
+        pid=os.getpid() if pid is None else pid,
         host=HOST,
         acquired_at=now,
         renewed_at=now,
-        expires_at=_time_after(lease_seconds),
+        expires_at=_time_after(min(lease_seconds, task.timeout_seconds) if bounded_by_timeout else lease_seconds),
     )
     lease, lease_data = _write_lease(fork, lease)
     crash_point("claim.after_lease")

@@ -5,6 +5,12 @@ back to ``pending/`` with ``attempt + 1`` (a new checksum); after ``max_attempts
 with reason ``lease_expired``. A holder on this host whose process is gone is treated as expired at once,
 so ``conductor resume`` after a kill -9 does not wait out the lease; the command such a holder left
 running (the process group its lease records) is killed first.
+
+A lease whose ``pid`` is 0 (``conductor task claim``) has no process: only its time counts. Every
+external holder is also held to the step's ``timeout_seconds``: an attempt still held ``timeout_seconds``
++ ``lease_seconds`` after its claim is over whatever its lease says (the extra lease length lets an
+executor that enforces the timeout itself, as ``conductor worker`` does, report it). Conductor's own
+in-process executors (holder ``conductor-engine@…``) bound their own time and are exempt.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from conductor.proc import kill_orphans
 
 
 ORPHAN_GRACE_SECONDS = 1.0  # SIGTERM → SIGKILL for a dead holder's command (done before the fork lock is taken)
+ENGINE_HOLDER_PREFIX = "conductor-engine@"  # the engine's in-process executors: not held to timeout_seconds here
+UNKNOWN_HOLDER = "unknown"  # task.lease_expired's holder when no readable lease names one
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class Reaped:
     outcome: str  # "requeued" | "failed"
     holder: str | None
     killed: tuple[int, ...] = ()  # pids of the dead holder's command that were killed
+    reason: str = ""  # why the lease was over (see expiry_reason)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -64,12 +73,47 @@ def _pid_alive(pid: int) -> bool:
 
 
 def lease_expired(lease: Lease | None, *, task_mtime: float, now: datetime, lease_seconds: float) -> bool:
-    """Is a lease over? A task without a readable lease gets ``lease_seconds`` from its claim (ctime)."""
+    """Is a lease over? A task without a readable lease gets ``lease_seconds`` from its claim (ctime).
+    (The step's timeout is not considered here: see :func:`expiry_reason`.)"""
+    return expiry_reason(lease, claimed_at=task_mtime, now=now, lease_seconds=lease_seconds) is not None
+
+
+def expiry_reason(
+    lease: Lease | None,
+    *,
+    claimed_at: float,
+    now: datetime,
+    lease_seconds: float,
+    timeout_seconds: Callable[[], int | None] = lambda: None,
+) -> str | None:
+    """Why a lease is over, or None while it holds.
+
+    Args:
+        claimed_at: the claim's time (epoch seconds): the task file's ctime, which the claim's rename set.
+        timeout_seconds: the task's ``timeout_seconds`` (None if unknown); called only when it can matter.
+
+    Returns:
+        ``"no_lease"`` (none readable, ``lease_seconds`` after the claim), ``"holder_died"`` (its pid on this
+        host is gone), ``"timeout"`` (past the step's timeout: ``expires_at`` reached at or after it, or
+        ``timeout_seconds`` + ``lease_seconds`` after the claim whatever ``expires_at`` says),
+        ``"not_renewed"`` (``expires_at`` reached), or None.
+    """
+    elapsed = now.timestamp() - claimed_at
     if lease is None:
-        return now.timestamp() - task_mtime > lease_seconds
-    if lease.host == HOST and lease.pid != os.getpid() and not _pid_alive(lease.pid):
-        return True
-    return parse_time(lease.expires_at) <= now
+        return "no_lease" if elapsed > lease_seconds else None
+    if lease.host == HOST and lease.pid > 0 and lease.pid != os.getpid() and not _pid_alive(lease.pid):
+        return "holder_died"
+    expired = parse_time(lease.expires_at) <= now
+    try:  # the earlier of the rename and the lease's own word: neither can push the deadline out
+        elapsed = max(elapsed, now.timestamp() - parse_time(lease.acquired_at).timestamp())
+    except ValueError:
+        pass
+    if lease.holder.startswith(ENGINE_HOLDER_PREFIX) or (not expired and elapsed <= lease_seconds):
+        return "not_renewed" if expired else None
+    timeout = timeout_seconds()
+    if timeout is not None and elapsed >= timeout + (0 if expired else lease_seconds):
+        return "timeout"
+    return "not_renewed" if expired else None
 
 
 def reap_expired(
@@ -130,7 +174,7 @@ def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float
     except FileNotFoundError:
         return None  # completed meanwhile
     lease = read_lease(fork, task_id)
-    if not lease_expired(lease, task_mtime=ctime, now=now, lease_seconds=lease_seconds):
+    if _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds) is None:
         return None
     try:
         workspace: str | None = read_document(path, Task).workspace
@@ -158,26 +202,51 @@ def _reap_one(
     except FileNotFoundError:
         return None  # completed meanwhile
     lease = read_lease(fork, task_id)
-    if not lease_expired(lease, task_mtime=ctime, now=now, lease_seconds=lease_seconds):
+    reason = _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds)
+    if reason is None:
         return None
     try:
         task = read_document(path, Task)
     except IntegrityError as exc:
         killed = _killed(fork, look, lease, None)
         reject_task_file(fork, task_id, path, exc, holder="conductor-reaper", on_event=on_event)
-        return Reaped(task_id, 0, "failed", lease.holder if lease else None, killed)
+        return Reaped(task_id, 0, "failed", lease.holder if lease else None, killed, reason)
     holder = lease.holder if lease else None
     killed = _killed(fork, look, lease, task.workspace)
-    data: dict[str, object] = {"step_id": task_id, "attempt": task.attempt, "holder": holder}
+    data: dict[str, object] = {"step_id": task_id, "attempt": task.attempt, "holder": holder or UNKNOWN_HOLDER,
+                               "reason": reason}
     if killed:
         data["killed"] = list(killed)
     on_event("task.lease_expired", data)
     crash_point("reaper.after_expired_event")
-    if task.attempt >= max_attempts:
-        _fail_exhausted(fork, task, holder, on_event)
-        return Reaped(task_id, task.attempt, "failed", holder, killed)
+    if task.attempt >= (task.max_attempts or max_attempts):  # the step's own budget (policy), shared with repairs
+        _fail_exhausted(fork, task, holder, on_event, reason=reason)
+        return Reaped(task_id, task.attempt, "failed", holder, killed, reason)
     requeue_task(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason="lease_expired")
-    return Reaped(task_id, task.attempt, "requeued", holder, killed)
+    return Reaped(task_id, task.attempt, "requeued", holder, killed, reason)
+
+
+def _reason(path: Path, lease: Lease | None, ctime: float, *, now: datetime, lease_seconds: float) -> str | None:
+    return expiry_reason(lease, claimed_at=ctime, now=now, lease_seconds=lease_seconds,
+                         timeout_seconds=lambda: _task_timeout(path))
+
+
+_timeouts: dict[tuple[str, int, int, int], int] = {}  # (path, inode, ctime_ns, size) -> timeout_seconds
+
+
+def _task_timeout(path: Path) -> int | None:
+    """The ``timeout_seconds`` of the task file at ``path`` (None if unreadable); a task held past its
+    lease length is read once per pass, so the value is kept while the file is unchanged."""
+    try:
+        info = path.stat()
+        key = (str(path), info.st_ino, info.st_ctime_ns, info.st_size)
+        if key not in _timeouts:
+            if len(_timeouts) > 4096:
+                _timeouts.clear()
+            _timeouts[key] = read_document(path, Task).timeout_seconds
+        return _timeouts[key]
+    except (FileNotFoundError, IntegrityError):
+        return None
 
 
 def _killed(fork: ForkLayout, look: _Look, lease: Lease | None, workspace: str | None) -> tuple[int, ...]:
@@ -208,8 +277,8 @@ def kill_orphaned_command(fork: ForkLayout, lease: Lease | None, *, workspace: s
         workspace: the task's ``workspace`` (relative to the project root), or None if the task file is
             unreadable (then only a group proven by ``pgid_start`` is killed).
     """
-    if lease is None or lease.host != HOST or lease.pid == os.getpid() or _pid_alive(lease.pid):
-        return []
+    if lease is None or lease.host != HOST or lease.pid <= 0 or lease.pid == os.getpid() or _pid_alive(lease.pid):
+        return []  # (pid 0: a lease held by time alone has no process to kill)
     marker = workspace_marker(fork.project.root / workspace) if workspace is not None else None
     if lease.pgid is None and marker is None:
         return []
@@ -294,9 +363,13 @@ def finish_parked(
     return finished
 
 
-def _fail_exhausted(fork: ForkLayout, task: Task, holder: str | None, on_event: EventSink) -> None:
+def _fail_exhausted(fork: ForkLayout, task: Task, holder: str | None, on_event: EventSink, *,
+                    reason: str = "not_renewed") -> None:
     now = utc_now()
-    message = f"lease expired on attempt {task.attempt} of {task.attempt}; no attempts left"
+    if reason == "timeout":
+        message = f"attempt {task.attempt} of {task.attempt} ran past its timeout of {task.timeout_seconds} s; no attempts left"
+    else:
+        message = f"lease expired ({reason}) on attempt {task.attempt} of {task.attempt}; no attempts left"
     result = Result(
         task_id=task.task_id,
         plan_id=task.plan_id,
@@ -306,7 +379,7 @@ def _fail_exhausted(fork: ForkLayout, task: Task, holder: str | None, on_event: 
         task_checksum=task.checksum or "",
         status="failed",
         executor=ExecutorInfo(id=holder or "unknown", kind="unknown"),
-        summary="the executor stopped renewing its lease",
+        summary="the attempt ran past its timeout" if reason == "timeout" else "the executor stopped renewing its lease",
         error=ErrorInfo(kind="lease_expired", message=message),
         started_at=now,
         finished_at=now,
