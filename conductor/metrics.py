@@ -5,15 +5,21 @@ Sources:
     * the state folders of each fork (``pending/``, ``in_progress/``, ``completed/``, ``failed/``):
       the number of ``*.task.json`` files in each, i.e. where every step is now;
     * each fork's ``audit.log``: an attempt is a ``(step_id, attempt)`` pair. Its duration runs from
-      ``task.claimed`` to its first ``task.completed`` or ``task.failed``; its outcome is its *last*
-      terminal event, so an engine that logs ``task.failed`` after a rejected completion counts a
-      failure. ``success_rate = completed / (completed + failed)`` over attempts with an outcome;
+      ``task.claimed`` to its first ``task.completed`` or ``task.failed`` (for an external executor,
+      which writes no events, the ``duration_seconds`` of the ``task.failed`` the engine logs from its
+      result); its outcome is its *last* terminal event — ``task.completed``, ``task.failed``, or the
+      verifier's ``step.verified`` (accepted: completed, rejected: failed) — so the verifier's word
+      overrides the executor's, and an external executor's accepted steps count as completed although it
+      logged no ``task.completed``. ``success_rate = completed / (completed + failed)`` over attempts
+      with an outcome;
     * the plan-level ``audit.log``: ``llm.call`` events of planning.
 
 Definitions:
     * ``retries``: attempts numbered above 1 that were published or claimed (each is one retry,
       whatever caused it); ``lease_expirations`` counts ``task.lease_expired`` events separately;
     * ``verification_rejections``: ``step.verified`` events with ``accepted`` false;
+    * ``task_rejections``: ``task.rejected`` events (a claimer refused a tampered or malformed task file
+      unexecuted); not an outcome of an execution, so not in ``success_rate``;
     * percentiles are nearest-rank: the p-th percentile of N sorted values is the value at rank
       ``ceil(p / 100 * N)`` (1-based), so it is always an observed duration.
 
@@ -26,7 +32,7 @@ Output (``handoff/metrics.json``)::
 
     <tally> = {"tasks": {state: n}, "attempts": {"completed": n, "failed": n}, "success_rate": x | null,
                "duration_seconds": {"count", "mean", "p50", "p95"}, "retries", "lease_expirations",
-               "verification_rejections", "llm": <llm>}
+               "verification_rejections", "task_rejections", "llm": <llm>}
     <llm>   = {"calls", "input_tokens", "output_tokens", "cost_usd"}
 
 Durations, means and costs are rounded to microseconds; a log that fails to parse is listed under
@@ -113,6 +119,7 @@ class _Tally:
     retries: int = 0
     lease_expirations: int = 0
     verification_rejections: int = 0
+    task_rejections: int = 0
     llm: _Llm = field(default_factory=_Llm)
 
     def merge(self, other: _Tally) -> None:
@@ -124,6 +131,7 @@ class _Tally:
         self.retries += other.retries
         self.lease_expirations += other.lease_expirations
         self.verification_rejections += other.verification_rejections
+        self.task_rejections += other.task_rejections
         self.llm.merge(other.llm)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +144,7 @@ class _Tally:
             "retries": self.retries,
             "lease_expirations": self.lease_expirations,
             "verification_rejections": self.verification_rejections,
+            "task_rejections": self.task_rejections,
             "llm": self.llm.to_dict(),
         }
 
@@ -211,19 +220,34 @@ def _fold_events(tally: _Tally, events: list[Event]) -> None:
         if event.type == "task.claimed":
             claimed.setdefault(key, parse_time(event.ts))
         elif event.type in _TERMINAL:
-            if key in claimed and key not in outcome:
-                # timedelta arithmetic keeps microseconds exact (epoch floats would not)
-                tally.durations.append((parse_time(event.ts) - claimed[key]).total_seconds())
+            if key not in outcome:
+                duration = _duration(event, claimed.get(key))
+                if duration is not None:
+                    tally.durations.append(duration)
             outcome[key] = _TERMINAL[event.type]
         elif event.type == "task.lease_expired":
             tally.lease_expirations += 1
-        elif event.type == "step.verified" and event.data.get("accepted") is False:
-            tally.verification_rejections += 1
+        elif event.type == "step.verified":
+            accepted = event.data.get("accepted") is True
+            outcome[key] = "completed" if accepted else "failed"
+            tally.verification_rejections += 0 if accepted else 1
+        elif event.type == "task.rejected":
+            tally.task_rejections += 1
         elif event.type == "llm.call":
             tally.llm.add_call(event.data)
     tally.retries = len(retried)
     tally.completed = sum(1 for value in outcome.values() if value == "completed")
     tally.failed = sum(1 for value in outcome.values() if value == "failed")
+
+
+def _duration(event: Event, claimed: datetime | None) -> float | None:
+    """Seconds from the claim to ``event``; without a claim (an external executor's failure, logged by
+    the engine), the ``duration_seconds`` the event carries; else None."""
+    if claimed is not None:
+        # timedelta arithmetic keeps microseconds exact (epoch floats would not)
+        return (parse_time(event.ts) - claimed).total_seconds()
+    value = event.data.get("duration_seconds")
+    return _number(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _events(path: Path, layout: ProjectLayout, errors: list[dict[str, str]]) -> list[Event]:

@@ -1,7 +1,10 @@
 """Ranking the forks of a plan by evidence, and applying the winner to the project.
 
-Order (best first): every step verified; the verification commands pass on the fork's final state;
-fewer changed lines; fewer LLM tokens; then the fork id. A fork that is not fully verified never wins.
+Order (best first): every step verified (the fork succeeded); the verification commands pass on the
+fork's final state; for forks that did not succeed, more steps verified, then a larger share of their
+steps verified (1/2 before 1/3, and 1/2 before 0/3 whatever their diffs); fewer changed lines; fewer LLM
+tokens; then the fork id. A fork that is not fully verified never wins. Among forks that succeeded the
+number of steps does not count: a strategy split into more steps is not better for it.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ class ForkEvidence:
     tokens: int
 
     def sort_key(self) -> tuple:
+        succeeded = self.status == "succeeded"
+        # Progress only orders forks that failed: every fork that succeeded verified all its steps.
+        progress = (0, 0.0) if succeeded else (-self.steps_verified, -self.steps_verified / max(self.steps_total, 1))
         # fork ids are numbers as text: compare by length first so fork 10 follows fork 2
-        return (self.status != "succeeded", not self.checks_passed, self.changed_lines, self.tokens,
+        return (not succeeded, not self.checks_passed, *progress, self.changed_lines, self.tokens,
                 len(self.fork_id), self.fork_id)
 
     def to_dict(self) -> dict:

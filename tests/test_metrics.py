@@ -79,6 +79,7 @@ def test_fork_metrics_are_exact(tmp_path: Path) -> None:
         "retries": 1,
         "lease_expirations": 1,
         "verification_rejections": 1,
+        "task_rejections": 0,
         "llm": {"calls": 2, "input_tokens": 150, "output_tokens": 25, "cost_usd": 0.01},
     }
     assert metrics["generated_at"] == NOW and metrics["errors"] == []

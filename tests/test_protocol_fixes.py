@@ -23,8 +23,17 @@ def _json(project: Path, *args: str, code: int = 0) -> object:
     return json.loads(done.stdout)
 
 
+def _one_attempt(project: Path) -> None:
+    """Make a failed or rejected attempt final (no retry), so its task file stays in failed/."""
+    config = project / ".conductor" / "config.yaml"
+    text = config.read_text()
+    assert "max_attempts: 3" in text
+    config.write_text(text.replace("max_attempts: 3", "max_attempts: 1", 1))
+
+
 def _tamper_and_reject(project: Path, executor: Path) -> Path:
     """Tamper fork 1's pending task, let the external executor reject it (and run fork 2's), resume."""
+    _one_attempt(project)
     task_file = handoff_dir(project) / "fork_1" / "pending" / "step_001.task.json"
     task_file.write_text(task_file.read_text().replace("sed -i", "rm -f greet.py; sed -i"))
     run_executor(project, executor)
@@ -67,6 +76,25 @@ def test_an_external_rejection_is_audited_and_replay_explain_verify_agree(projec
 
 
 @pytest.mark.slow
+def test_with_retries_the_views_still_agree_after_a_rejection(project: Path, executor: Path) -> None:
+    """Whatever the engine does after a rejection (retry it, or fail the step), the log and the folders
+    tell one story, and verify passes."""
+    task_file = handoff_dir(project) / "fork_1" / "pending" / "step_001.task.json"
+    task_file.write_text(task_file.read_text().replace("sed -i", "rm -f greet.py; sed -i"))
+    run_executor(project, executor)
+    conductor(project, "resume", "--executor", "handoff", "--no-wait")
+    assert len(_json(project, "events", "--type", "task.rejected")) == 1
+    replayed = _json(project, "replay")
+    assert replayed["problems"] == [] and replayed["behind"] == []
+    step = replayed["state"]["forks"]["1"]["steps"]["step_001"]
+    found = [state for state in ("pending", "failed") if (task_file.parent.parent / state / task_file.name).exists()]
+    assert found == [step["state"]]
+    (story,) = _json(project, "explain", "step_001", "--fork", "1")
+    assert story["state"] == step["state"]
+    assert _json(project, "verify", "--no-witness")["ok"] is True
+
+
+@pytest.mark.slow
 def test_a_rejection_no_event_records_fails_verify(project: Path) -> None:
     """A task file in failed/ that nobody's rejection accounts for (moved there by hand) is a finding."""
     fork = handoff_dir(project) / "fork_1"
@@ -83,6 +111,7 @@ def test_conductor_worker_rejection_is_one_task_rejected_event(project: Path) ->
     fork = handoff_dir(project) / "fork_1"
     task_file = fork / "pending" / "step_001.task.json"
     task_file.write_text(task_file.read_text().replace('"attempt": 1,', '"attempt": 1, "attempt": 1,'))
+    _one_attempt(project)
     worked = conductor(project, "worker", "--burst", "--command", "true")
     assert worked.returncode == 0, worked.stderr
     conductor(project, "resume", "--executor", "handoff", "--no-wait")  # fork 2's task ran `true`: whatever its fate
@@ -97,3 +126,100 @@ def test_conductor_worker_rejection_is_one_task_rejected_event(project: Path) ->
     assert replayed["problems"] == []
     verified = _json(project, "verify", "--no-witness")
     assert verified["ok"] is True and len(verified["notices"]) == 1
+
+
+# --- handoff-metrics counts what the verifier accepted ------------------------------------------
+
+
+@pytest.mark.slow
+def test_handoff_metrics_count_an_external_executors_verified_steps(project: Path, executor: Path) -> None:
+    for _ in range(4):  # fork 1's second step is published once its first is verified
+        run_executor(project, executor)
+        resumed = conductor(project, "resume", "--executor", "handoff", "--no-wait", "--json")
+        if resumed.returncode != 11:
+            break
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    totals = _json(project, "handoff-metrics")["totals"]
+    assert totals["attempts"] == {"completed": 3, "failed": 0}
+    assert totals["success_rate"] == 1.0
+    assert totals["tasks"]["completed"] == 3 and totals["task_rejections"] == 0
+    table = conductor(project, "handoff-metrics")
+    assert "success_rate" in table.stdout and "1.0" in table.stdout
+
+
+@pytest.mark.slow
+def test_handoff_metrics_after_an_external_rejection(project: Path, executor: Path) -> None:
+    _tamper_and_reject(project, executor)
+    plan = next(iter(_json(project, "handoff-metrics")["plans"].values()))
+    rejected, accepted = plan["forks"]["1"], plan["forks"]["2"]
+    assert rejected["task_rejections"] == 1 and rejected["success_rate"] is None  # nothing was executed
+    assert accepted["attempts"] == {"completed": 1, "failed": 0} and accepted["success_rate"] == 1.0
+
+
+def test_an_external_executors_failure_counts_as_a_failed_attempt(project: Path, tmp_path: Path) -> None:
+    """An executor that fails a task by its own result: the engine logs task.failed from that result,
+    and the metrics count it (with the result's duration)."""
+    _one_attempt(project)
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_EXECUTOR)
+    run_executor(project, script)
+    conductor(project, "resume", "--executor", "handoff", "--no-wait")
+    failed = [e for e in _json(project, "events", "--type", "task.failed") if e["log"] == "fork 1"]
+    assert [(e["data"]["reason"], e["data"]["executor"], e["data"]["duration_seconds"]) for e in failed] == [
+        ("command_failed", "failer@x", 2.5)]
+    fork = next(iter(_json(project, "handoff-metrics")["plans"].values()))["forks"]["1"]
+    assert fork["attempts"] == {"completed": 0, "failed": 1} and fork["success_rate"] == 0.0
+    assert fork["duration_seconds"]["count"] == 1 and fork["duration_seconds"]["mean"] == 2.5
+    replayed = _json(project, "replay")
+    assert replayed["state"]["forks"]["1"]["steps"]["step_001"]["state"] == "failed"
+    assert replayed["problems"] == [] and replayed["behind"] == []
+
+
+# Fails fork 1's first task by the protocol (claim, result, rename), using Conductor's own sealing only
+# to stay short: the point is what the engine does with it.
+FAILING_EXECUTOR = '''
+import json, os, sys
+from pathlib import Path
+from conductor.canonical import seal
+root = Path(sys.argv[1])
+(fork,) = root.glob(".conductor/handoff/plan_*/fork_1")
+pending = fork / "pending" / "step_001.task.json"
+claimed = fork / "in_progress" / pending.name
+os.rename(pending, claimed)
+task = json.loads(claimed.read_text())
+result = {"schema": "conductor.result/v1", "task_id": "step_001", "plan_id": task["plan_id"], "fork_id": "1",
+          "attempt": 1, "fencing_token": 1, "task_checksum": task["checksum"], "status": "failed",
+          "executor": {"id": "failer@x", "kind": "failer"}, "files_changed": [], "summary": "gave up",
+          "error": {"kind": "command_failed", "message": "tests failed"},
+          "started_at": "2026-01-01T00:00:00.000000Z", "finished_at": "2026-01-01T00:00:02.500000Z",
+          "usage": {"input_tokens": 0, "output_tokens": 0, "cost_usd": None}}
+(fork / "failed" / "step_001.result.json").write_text(json.dumps(seal(result), indent=2))
+os.rename(claimed, fork / "failed" / pending.name)
+'''
+
+
+# --- ranking ------------------------------------------------------------------------------------
+
+
+def _evidence(fork_id: str, status: str, verified: int, total: int, *, checks: bool = False, lines: int = 10,
+              tokens: int = 0):  # type: ignore[no-untyped-def]
+    from conductor.ranking import ForkEvidence
+
+    return ForkEvidence(fork_id=fork_id, strategy=f"s{fork_id}", status=status, steps_verified=verified,
+                        steps_total=total, checks_passed=checks, changed_lines=lines, changed_files=1, tokens=tokens)
+
+
+def test_ranking_puts_more_verified_steps_first() -> None:
+    from conductor.ranking import rank
+
+    forks = [
+        _evidence("1", "failed", 0, 3, lines=0),       # nothing done: an empty diff is no merit
+        _evidence("2", "failed", 1, 2, lines=50),
+        _evidence("3", "failed", 1, 3, lines=5),
+        _evidence("4", "failed", 2, 5, lines=500),     # more steps verified beats a larger share
+        _evidence("5", "succeeded", 2, 2, checks=False, lines=1),
+        _evidence("6", "succeeded", 1, 1, checks=True, lines=40),
+        _evidence("7", "succeeded", 3, 3, checks=True, lines=30),  # more steps is no merit once all passed
+        _evidence("10", "failed", 1, 2, lines=50),     # a tie with fork 2 but for the id: 2 before 10
+    ]
+    assert [e.fork_id for e in rank(forks)] == ["7", "6", "5", "4", "2", "10", "3", "1"]
