@@ -101,43 +101,43 @@ command: the worker completes the task for you.
        conductor task claim --json
 
    It prints `task_id`, `plan_id`, `fork_id`, `attempt`, `instruction`, `workspace` (an absolute path),
-   `allowed_files`, `constraints` and `deadline`. To choose, run `conductor task list --json` first,
-   then `conductor task claim TASK_ID --json`.
+   `allowed_files`, `constraints`, `checks` and `deadline`. Exit code 9 means there is nothing to claim.
+   To choose a task, run `conductor task list --json` first, then `conductor task claim TASK --json`.
 2. Work **only inside `workspace`** (`cd` into it): it is a checkout of the fork's current state with a
    `.git` of its own (`git status` and `git diff` there show your changes). Change only paths that match
    `allowed_files` (gitignore-style patterns at the workspace root); never the project folder itself,
    never another workspace. Follow every line of `constraints`.
-3. Run the checks before completing: the project's tests and linters, inside the workspace.
-4. Complete it:
+3. Run the `checks` (the commands Conductor runs afterwards) and the project's tests inside the
+   workspace before completing.
+4. Complete it (TASK is the `task_id`, or `PLAN/FORK/STEP` when several plans are running):
 
-       conductor task complete TASK_ID --summary "one line: what you did"
+       conductor task complete TASK --summary "one line: what you did"
 
    Conductor works out the changed files itself. Add `--explanation-file NOTES.md` to attach a
-   Markdown account for the reviewer. If you did the work and it does not pass, complete it with
-   `conductor task complete TASK_ID --status failed --summary "why"`.
-5. If you cannot do the task, give it back (another attempt is offered to the queue):
+   Markdown account for the reviewer.
+5. If you cannot do the task, give it back; it is offered again as a new attempt:
 
-       conductor task release TASK_ID --reason "why"
+       conductor task release TASK --reason "why"
 
-6. A long task must be finished before `deadline`; `conductor task heartbeat TASK_ID` extends the
-   lease (every `conductor task` call on the task does). After the deadline the task is re-queued and
-   your work is dropped.
+   `conductor task complete TASK --status failed --summary "why"` instead gives the step up for good.
+6. Finish before `deadline`. `conductor task heartbeat TASK` renews the lease (so does every
+   `conductor task` call on the task); after the deadline the task is re-queued and your work dropped.
 
 ### Planning
 
-A planning task asks for a plan instead of code: its `instruction` holds the goal, how many strategies
-are wanted, the plan's JSON Schema and facts about the project. Write the plan as a JSON file that
-follows that schema and answer with:
+`conductor explore --planner handoff` publishes a planning task named `planning`: its `instruction`
+holds the goal, how many strategies are wanted, the plan's JSON Schema and facts about the project.
+Write the plan as a YAML or JSON file that follows that schema and answer with:
 
-    conductor task complete TASK_ID --plan-file plan.json
+    conductor task complete planning --plan PLAN --plan-file plan.yaml
 
 A plan that fails the schema or the policy is rejected with the reasons and offered again.
 
 ### Through MCP
 
 If your client has the Conductor MCP server (`conductor mcp`, stdio), use its tools instead of the shell:
-they do the same as `conductor task` (list, claim, show, heartbeat, complete, release) and need no access
-to Conductor's files.
+they do what `conductor task` does (list, claim, show, heartbeat, complete, release, submit a plan) and
+need no access to Conductor's files.
 
 ### Never
 
