@@ -301,3 +301,19 @@ def test_the_commands_run_in_a_fresh_project(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 9, (run.stdout, run.stderr)
     assert "Exit code 9 means there is nothing to claim" in INSTRUCTIONS
+
+
+def test_the_commands_of_docs_agents_md_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `conductor …` line of a code block in docs/agents.md, and each worker template of its table."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "agents.md").read_text("utf-8")
+    lines = [line for block in re.findall(r"^```[a-z]*\n(.*?)^```", doc, re.S | re.M) for line in block.splitlines()
+             if line.startswith("conductor ")]
+    templates = re.findall(r"^\| [^|]+ \| `((?:claude|codex|gemini|aider) [^`]+)` \|", doc, re.M)
+    assert len(templates) == 4 and all('"$CONDUCTOR_INSTRUCTION"' in t for t in templates)
+    assert any(line.startswith("conductor worker --command ") for line in lines)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plan.yaml").write_text("x\n", "utf-8")
+    for line in [*lines, *(f"conductor worker --command {shlex.quote(t)} --burst" for t in templates)]:
+        command, path, args = resolve(shlex.split(line, comments=True))
+        check_options(command, path, args)
+        command.make_context(path[-1], list(args))
