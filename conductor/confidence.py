@@ -429,3 +429,69 @@ def _history_reason(learned: Learned, weight: float) -> str:
         return f"{own.label} {counts}, weight {weight:.2f}"
     broader = ", ".join(f"{g.label} {g.accepted}/{g.total}" for g in learned.groups[-2::-1])
     return f"history of {own.label}: {counts} (backs off to {broader}), weight {weight:.2f}"
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+_LEVEL_RANGES = (("low", 0.0, MEDIUM), ("medium", MEDIUM, HIGH), ("high", HIGH, 1.0))
+
+
+def _bucket(rows: list[tuple[float, bool]], low: float, high: float, **label: Any) -> dict[str, Any]:
+    count = len(rows)
+    return {**label, "range": [low, high], "count": count,
+            "mean_predicted": round(sum(p for p, _ in rows) / count, 4) if count else None,
+            "observed_rate": round(sum(y for _, y in rows) / count, 4) if count else None}
+
+
+def calibration(outcomes: Iterable[Outcome], *, bins: int = 10) -> dict[str, Any]:
+    """How well past scores predicted outcomes: a reliability table and the Brier score.
+
+    Each outcome recorded with the score its step was published with (``predicted``) is one forecast
+    ``p`` of the event "this attempt is accepted" (``y`` = 1) or not (``y`` = 0); every attempt counts,
+    repairs and expired leases included. The Brier score is ``mean((p − y)²)`` (Brier 1950: 0 is perfect;
+    always forecasting 0.5 scores 0.25). The reference is the climatological forecast, the base rate
+    ``ȳ`` for everyone, whose Brier score is ``ȳ(1 − ȳ)``; the skill score is ``1 − brier / reference``.
+    The reliability table (the numbers of a reliability diagram, DeGroot & Fienberg 1983) groups the
+    forecasts into ``bins`` equal-width buckets (a score of exactly 1 falls into the last) and into the
+    three confidence levels; a well-calibrated scorer's observed rate matches its mean forecast.
+
+    Args:
+        outcomes: from :func:`read_outcomes`; those without ``predicted`` are only counted.
+        bins: number of equal-width buckets over [0, 1], 1 to 100.
+
+    Returns:
+        ``{"forecasts": n, "without_prediction": m, "base_rate": ȳ|None, "brier": b|None,
+        "reference_brier": r|None, "skill": s|None, "outcomes": {outcome: n of the forecasts},
+        "buckets": [{"range": [lo, hi], "count", "mean_predicted", "observed_rate"}],
+        "levels": [{"level", "range", "count", "mean_predicted", "observed_rate"}]}``; figures rounded to
+        4 decimals, None where there is nothing to average.
+
+    Raises:
+        ValueError: ``bins`` is outside 1..100.
+    """
+    if not 1 <= bins <= 100:
+        raise ValueError(f"bins must be between 1 and 100, not {bins}")
+    outcomes = list(outcomes)
+    rows = [(o.predicted, o.accepted) for o in outcomes if o.predicted is not None]
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome.predicted is not None:
+            counts[outcome.outcome] = counts.get(outcome.outcome, 0) + 1
+    n = len(rows)
+    base = sum(y for _, y in rows) / n if n else None
+    brier = sum((p - y) ** 2 for p, y in rows) / n if n else None
+    reference = base * (1 - base) if base is not None else None
+    skill = 1 - brier / reference if brier is not None and reference else None
+    width = 1 / bins
+    # Scores have 3 decimals: bucket on thousandths, so 0.3 is in [0.3, 0.4) despite 0.3 * 10 = 2.9999…
+    index = [min(int(round(p * 1000)) * bins // 1000, bins - 1) for p, _ in rows]
+    buckets = [_bucket([row for row, i in zip(rows, index, strict=True) if i == b], round(b * width, 4),
+                       round((b + 1) * width, 4)) for b in range(bins)]
+    levels = [_bucket([(p, y) for p, y in rows if level_for(p) == name], low, high, level=name)
+              for name, low, high in _LEVEL_RANGES]
+    return {"forecasts": n, "without_prediction": len(outcomes) - n,
+            "base_rate": round(base, 4) if base is not None else None,
+            "brier": round(brier, 4) if brier is not None else None,
+            "reference_brier": round(reference, 4) if reference is not None else None,
+            "skill": round(skill, 4) if skill is not None else None,
+            "outcomes": dict(sorted(counts.items())), "buckets": buckets, "levels": levels}

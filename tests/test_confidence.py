@@ -189,3 +189,23 @@ def test_appends_from_parallel_processes_and_threads_all_land_whole(tmp_path: Pa
     assert len(outcomes) == 300
     assert {o.plan_id for o in outcomes} == {"proc0", "proc1", "proc2", "thread0", "thread1", "thread2"}
     assert len(path.read_text().splitlines()) == 301  # the torn line was closed, not merged with a record
+
+
+def test_the_back_off_example_of_the_docs_is_right() -> None:
+    import json
+    import re
+
+    from conductor.confidence import Outcome, learn, step_kind
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "confidence.md").read_text("utf-8")
+    match = re.search(r"<!-- confidence-hierarchy-example -->\n```json\n(.*?)\n```\n", doc, re.S)
+    assert match
+    example = json.loads(match.group(1))
+    history = [Outcome(example["executor"], group["accepted"], group["model"], group["kind"], attempt=1,
+                       step_id=f"{group['model']}-{i}") for group in example["history"] for i in range(group["count"])]
+    learned = learn(history, executor=example["executor"], model=example["model"],
+                    kind=step_kind(example["title"], example["allowed_files"]))
+    confidence = score_step(estimate=example["estimate"], allowed_files=example["allowed_files"], learned=learned)
+    assert (confidence.score, confidence.level) == (example["score"], example["level"])
+    assert confidence.score < example["estimate"]
+    assert json.dumps(confidence.reasons, ensure_ascii=False) in doc

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("conductor.cli.history_cmds:keys", "Show the signing key id and the trusted keys."),
     "policy": ("conductor.cli.inspect_cmds:policy", "Show the effective policy and where each value came from."),
     "handoff-metrics": ("conductor.cli.inspect_cmds:handoff_metrics", "Write and show handoff metrics.json."),
+    "confidence": ("conductor.cli.confidence_cmds:confidence", "Show how well past confidence scores predicted outcomes."),
 }
 
 
