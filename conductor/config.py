@@ -72,6 +72,10 @@ MAX_LLM_TIMEOUT_SECONDS = 3_600.0
 MAX_LLM_RETRIES = 20
 MAX_USD_PER_MILLION = 10_000.0
 """Price bound per million tokens, far above any price today; it keeps reported costs finite."""
+MAX_OUTPUT_TOKENS = 1_000_000
+"""Answer tokens one request may ask for, above any model's output limit today."""
+MAX_BUDGET_USD = 1_000_000.0
+MAX_BUDGET_TOKENS = 10**12
 
 
 class _Section(BaseModel):
@@ -125,6 +129,13 @@ class VerificationConfig(_Section):
     timeout_seconds: int = Field(default=600, gt=0, le=MAX_COMMAND_SECONDS)
 
 
+class ModelPrice(_Section):
+    """The price of one model, USD per million tokens."""
+
+    input_usd_per_million: float = Field(ge=0.0, le=MAX_USD_PER_MILLION, allow_inf_nan=False)
+    output_usd_per_million: float = Field(ge=0.0, le=MAX_USD_PER_MILLION, allow_inf_nan=False)
+
+
 class LlmConfig(_Section):
     """LLM client settings shared by planner and executor."""
 
@@ -137,6 +148,30 @@ class LlmConfig(_Section):
         default=None, ge=0.0, le=MAX_USD_PER_MILLION, allow_inf_nan=False, description="price of input tokens")
     output_usd_per_million: float | None = Field(
         default=None, ge=0.0, le=MAX_USD_PER_MILLION, allow_inf_nan=False, description="price of output tokens")
+    prices: dict[Annotated[str, StringConstraints(min_length=1)], ModelPrice] = Field(
+        default_factory=dict, description="model name -> its price; a model not listed has the two prices above")
+    max_output_tokens: int = Field(
+        default=16_384, ge=1, le=MAX_OUTPUT_TOKENS, description="answer tokens a request asks for at most; "
+        "the worst case a budget reserves")
+
+    def price_of(self, model: str) -> tuple[float | None, float | None]:
+        """``(input, output)`` USD per million tokens of ``model``: its ``prices`` entry, else the global pair."""
+        listed = self.prices.get(model)
+        if listed is not None:
+            return listed.input_usd_per_million, listed.output_usd_per_million
+        return self.input_usd_per_million, self.output_usd_per_million
+
+
+class BudgetConfig(_Section):
+    """Limits of LLM spending (``conductor.llm.ledger``); null is no limit. Tokens count input + output.
+
+    ``--budget-usd`` / ``--budget-tokens`` override the plan limits for one plan (and are remembered by it).
+    """
+
+    plan_usd: float | None = Field(default=None, gt=0.0, le=MAX_BUDGET_USD, allow_inf_nan=False)
+    plan_tokens: int | None = Field(default=None, gt=0, le=MAX_BUDGET_TOKENS)
+    fork_usd: float | None = Field(default=None, gt=0.0, le=MAX_BUDGET_USD, allow_inf_nan=False)
+    fork_tokens: int | None = Field(default=None, gt=0, le=MAX_BUDGET_TOKENS)
 
 
 class WorkspaceConfig(_Section):
@@ -176,6 +211,7 @@ class Config(_Section):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     verification: VerificationConfig = Field(default_factory=VerificationConfig)
     llm: LlmConfig = Field(default_factory=LlmConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     workspace: WorkspaceConfig = Field(default_factory=WorkspaceConfig)
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
     trust: TrustConfig = Field(default_factory=TrustConfig)
@@ -263,7 +299,7 @@ def env_variables() -> dict[str, tuple[str, str]]:
     names = {}
     for section in Config.model_fields:
         for key, info in _section_model(section).model_fields.items():
-            if not _is_list(info.annotation):
+            if not _is_list(info.annotation) and typing.get_origin(info.annotation) is not dict:
                 names[f"{ENV_PREFIX}{section}_{key}".upper()] = (section, key)
     return names
 
@@ -290,7 +326,7 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict
 def _unknown_variable(name: str, known: Mapping[str, tuple[str, str]]) -> str:
     section_prefix = name[: name.index("_", len(ENV_PREFIX)) + 1]
     candidates = sorted(n for n in known if n.startswith(section_prefix))
-    return f"{name}: not a config variable (known: {', '.join(candidates)}; lists are set in config.yaml)"
+    return f"{name}: not a config variable (known: {', '.join(candidates)}; lists and maps are set in config.yaml)"
 
 
 def _env_value(section: str, key: str, value: str) -> str | None:

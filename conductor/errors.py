@@ -19,6 +19,7 @@ code  meaning
 11    Halted: the plan waits for approval or for an external executor
 12    GitError: git is missing, too old, or failed on Conductor's own repository
 13    SandboxUnavailable: sandbox.mode is required and no sandbox can be made here
+14    BudgetExceeded: an LLM call would not fit the budget; it was not made (resume with more)
 70    internal error (a bug; the traceback is written to a log file)
 130   interrupted (Ctrl-C)
 ====  =====================================================================
@@ -83,9 +84,19 @@ class KeyFileError(ConfigError):
 
 
 class BackendError(ConductorError):
-    """An LLM provider failed, timed out, or returned output that does not parse."""
+    """An LLM provider failed, timed out, or returned output that does not parse.
+
+    Attributes:
+        usage: the tokens the failed call used, when the provider answered (a refusal, an answer cut at
+            the token limit or one that does not match the schema is still billed); ``None`` when no
+            answer came (HTTP error, timeout, connection failure). A ``conductor.models.Usage``.
+    """
 
     exit_code = 6
+
+    def __init__(self, message: str, *, usage: object | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class CredentialsMissing(BackendError):
@@ -139,6 +150,23 @@ class SandboxUnavailable(ConductorError):
     """``sandbox.mode`` is ``required`` and no sandbox can be made on this machine (the message says why)."""
 
     exit_code = 13
+
+
+class BudgetExceeded(ConductorError):
+    """An LLM call's worst case (prompt bound + ``max_output_tokens``) does not fit what is left of a
+    budget; the call was not made and the step stays resumable (``conductor.llm.ledger``).
+
+    Attributes:
+        scope: ``"plan"`` or ``"fork"``; unit: ``"usd"`` or ``"tokens"``; limit: the budget;
+        used: spent plus held by calls in flight, before this call; needed: this call's worst case.
+    """
+
+    exit_code = 14
+
+    def __init__(self, message: str, *, scope: str = "plan", unit: str = "tokens", limit: float = 0.0,
+                 used: float = 0.0, needed: float = 0.0) -> None:
+        super().__init__(message)
+        self.scope, self.unit, self.limit, self.used, self.needed = scope, unit, limit, used, needed
 
 
 EXIT_INTERNAL = 70

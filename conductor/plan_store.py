@@ -51,6 +51,7 @@ def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str], project
         "plan_id": plan.plan_id,
         "goal": plan.goal,
         "planner": plan.planner.model_dump(mode="json"),
+        **({"executor": plan.executor.model_dump(mode="json")} if plan.executor is not None else {}),
         "forks": [f.fork_id for f in plan.forks],
         "base_commit": base,
         "plan_checksum": sealed.checksum,

@@ -358,6 +358,8 @@ UPPER_BOUNDS = {
     ("executor", "poll_seconds"): 3_600.0, ("verification", "timeout_seconds"): 86_400,
     ("llm", "timeout_seconds"): 3_600.0, ("llm", "max_retries"): 20, ("llm", "temperature"): 2.0,
     ("llm", "input_usd_per_million"): 10_000.0, ("llm", "output_usd_per_million"): 10_000.0,
+    ("llm", "max_output_tokens"): 1_000_000, ("budget", "plan_usd"): 1_000_000.0, ("budget", "fork_usd"): 1_000_000.0,
+    ("budget", "plan_tokens"): 10**12, ("budget", "fork_tokens"): 10**12,
 }
 
 

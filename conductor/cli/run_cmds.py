@@ -25,6 +25,10 @@ def _run_options(func):  # type: ignore[no-untyped-def]
                      help="Keep the attempt folders when the plan finishes (for inspection; `conductor gc` removes them)."),
         click.option("--no-cache", is_flag=True,
                      help="Call the LLM even where a recording of the same request exists (and record anew)."),
+        click.option("--budget-usd", "budget_usd", type=click.FloatRange(0, 1_000_000, min_open=True), default=None,
+                     help="LLM budget of the plan in USD (needs prices); the plan remembers it. Exit 14 when reached."),
+        click.option("--budget-tokens", "budget_tokens", type=click.IntRange(1, 10**12), default=None,
+                     help="LLM budget of the plan in input + output tokens; the plan remembers it."),
         json_option,
     ]):
         func = option(func)
@@ -73,8 +77,8 @@ def build(goal, plan_file, **options) -> int:  # type: ignore[no-untyped-def]
 
 def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, model, executor_kind,  # type: ignore[no-untyped-def]
                   executor_command, auto_approve, no_apply, no_wait, no_cache, keep_workspaces, as_json,
-                  planner_kind=None, planner_timeout=None) -> int:
-    from conductor.runtime import new_plan, runner_factory
+                  budget_usd=None, budget_tokens=None, planner_kind=None, planner_timeout=None) -> int:
+    from conductor.runtime import RunChoices, budget_limits, new_plan, runner_factory
 
     overrides = _overrides(provider, model, executor_kind, executor_command, forks)
     overrides.update({"planner.kind": planner_kind, "planner.handoff_timeout_seconds": planner_timeout})
@@ -83,10 +87,12 @@ def _plan_and_run(goal, plan_file, forks, *, single, project_dir, provider, mode
         from conductor.planner import load_plan_file
 
         load_plan_file(plan_file)  # a bad plan file is reported before a missing API key
-    factory = runner_factory(project, no_cache=no_cache)  # fails on a missing API key before anything is written
+    choices = RunChoices(provider=provider, model=model, budget_usd=budget_usd, budget_tokens=budget_tokens)
+    # fails on a missing API key (or a USD budget without a price) before anything is written
+    factory = runner_factory(project, no_cache=no_cache, budget=budget_limits(project, None, choices))
     count = 1 if single else (forks or project.config.planner.forks)
     plan = new_plan(project, goal=goal, plan_file=plan_file, forks=count, no_cache=no_cache,
-                    on_planning=lambda task: _planning_published(task, as_json))
+                    on_planning=lambda task: _planning_published(task, as_json), choices=choices)
     if not as_json:
         from conductor.cli.render import printable
 
@@ -108,13 +114,14 @@ def _planning_published(task, as_json: bool) -> None:  # type: ignore[no-untyped
 @click.argument("plan_id", required=False)
 @_run_options
 def resume(plan_id, project_dir, provider, model, executor_kind, executor_command, auto_approve,  # type: ignore[no-untyped-def]
-           no_apply, no_wait, no_cache, keep_workspaces, as_json) -> int:
-    """Continue PLAN_ID (default: the newest unfinished plan) after a crash, timeout or approval."""
-    from conductor.runtime import resume_plan, runner_factory
+           no_apply, no_wait, no_cache, keep_workspaces, as_json, budget_usd=None, budget_tokens=None) -> int:
+    """Continue PLAN_ID (default: the newest unfinished plan) after a crash, timeout, approval or budget halt,
+    with the plan's own executor model unless --provider/--model say otherwise."""
+    from conductor.runtime import RunChoices, prepare_resume
 
     project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command))
-    factory = runner_factory(project, no_cache=no_cache)
-    plan = resume_plan(project, plan_id)
+    choices = RunChoices(provider=provider, model=model, budget_usd=budget_usd, budget_tokens=budget_tokens)
+    project, plan, factory = prepare_resume(project, plan_id, choices, no_cache=no_cache)
     if not as_json:
         from conductor.cli.render import printable
 
@@ -131,13 +138,16 @@ def resume(plan_id, project_dir, provider, model, executor_kind, executor_comman
 @click.option("--plan-id", "plan_id", default=None, help="Plan id (default: the newest plan).")
 @_run_options
 def fork(from_step, parent_fork, instruction, plan_id, project_dir, provider, model, executor_kind,  # type: ignore[no-untyped-def]
-         executor_command, auto_approve, no_apply, no_wait, no_cache, keep_workspaces, as_json) -> int:
-    """Start a new fork of a plan from the workspace as it was after a step, and run the rest."""
-    from conductor.runtime import fork_plan, runner_factory
+         executor_command, auto_approve, no_apply, no_wait, no_cache, keep_workspaces, as_json, budget_usd=None,
+         budget_tokens=None) -> int:
+    """Start a new fork of a plan from the workspace as it was after a step, and run the rest (with the
+    plan's own executor model unless --provider/--model say otherwise)."""
+    from conductor.runtime import RunChoices, prepare_fork
 
     project = open_project(project_dir, _overrides(provider, model, executor_kind, executor_command))
-    factory = runner_factory(project, no_cache=no_cache)
-    record, plan = fork_plan(project, plan_id, from_step, fork_id=parent_fork, instruction=instruction)
+    choices = RunChoices(provider=provider, model=model, budget_usd=budget_usd, budget_tokens=budget_tokens)
+    project, record, plan, factory = prepare_fork(project, plan_id, from_step, fork_id=parent_fork,
+                                                  instruction=instruction, choices=choices, no_cache=no_cache)
     if not as_json:
         from conductor.cli.render import printable
 
@@ -163,12 +173,37 @@ def _execute(project, plan, factory, *, auto_approve, no_apply, no_wait, keep, a
     progress = lambda: None  # noqa: E731
     if not as_json and sys.stderr.isatty():
         live, progress = _live_status(project, plan.plan_id)
+    from conductor.errors import BudgetExceeded
+
     try:
         report = run_plan(project, plan, options, on_progress=progress, factory=factory)
+    except BudgetExceeded as exc:
+        if live is not None:
+            live.stop()
+            live = None
+        return _budget_halt(project, plan.plan_id, exc, as_json)
     finally:
         if live is not None:
             live.stop()
     return _report(project, report, as_json)
+
+
+def _budget_halt(project, plan_id: str, exc, as_json: bool) -> int:  # type: ignore[no-untyped-def]
+    """The run stopped at the LLM budget: calls in flight finished, the rest wait in pending/ (exit 14)."""
+    from conductor.redact import redact
+
+    if as_json:
+        echo_json({"plan_id": plan_id, "status": "halted", "reason": "budget", "message": redact(str(exc)),
+                   "budget": {"scope": exc.scope, "unit": exc.unit, "limit": exc.limit, "used": exc.used,
+                              "needed": exc.needed}})
+    else:
+        from conductor.cli.render import console, safe, status_table
+        from conductor.inspect import plan_status
+
+        out = console()
+        out.print(status_table(plan_status(project.layout, plan_id)))
+        out.print(f"[yellow]{safe(redact(str(exc)))}[/]")
+    return exc.exit_code
 
 
 def _live_status(project, plan_id):  # type: ignore[no-untyped-def]

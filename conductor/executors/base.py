@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 from conductor import __version__
 from conductor.attempts import attempt_changes, task_workspace
 from conductor.canonical import sha256_hex
-from conductor.errors import ConductorError, IntegrityError, LeaseLost
+from conductor.errors import BudgetExceeded, ConductorError, IntegrityError, LeaseLost
 from conductor.faults import crash_point
 from conductor.fsutil import StorageError
 from conductor.handoff.complete import complete_task
@@ -129,6 +129,8 @@ def execute_claim(
     Args:
         stop: when set (the worker was told to stop), the runner is asked to give up and the task is
             released back to ``pending/`` as a new attempt instead of being failed.
+            A runner that raises ``BudgetExceeded`` (its LLM call did not fit the budget and was not
+            made) has its task released the same way, and the error is re-raised.
         prepare_retry: gives a released task a fresh workspace (see ``conductor.attempts``).
         signer: the executor's Ed25519 key; the provenance envelope is unsigned without one.
 
@@ -155,8 +157,12 @@ def execute_claim(
             return True
         return heartbeat.lost is not None
 
+    over_budget: BudgetExceeded | None = None
     try:
         outcome = runner.run(task, workspace, StopCheck(should_stop, claim, lease_seconds))
+    except BudgetExceeded as exc:  # nothing was done: give the task back, never fail it
+        over_budget = exc
+        outcome = Outcome("failed", "over budget", str(exc))
     except ConductorError as exc:
         _raise_storage(exc)
         kind = type(exc).__name__
@@ -169,6 +175,9 @@ def execute_claim(
     if heartbeat.lost is not None and not isinstance(heartbeat.lost.__cause__, IntegrityError):
         on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(heartbeat.lost)})
         return None
+    if over_budget is not None:
+        _release(claim, prepare_retry, on_event)
+        raise over_budget
     if stop_seen.is_set():
         _release(claim, prepare_retry, on_event)
         return None

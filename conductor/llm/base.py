@@ -17,6 +17,10 @@ from conductor.models import Usage
 T = TypeVar("T", bound=BaseModel)
 
 TOKENS_PER_MILLION = 1_000_000
+DEFAULT_MAX_OUTPUT_TOKENS = 16_384
+"""Answer tokens asked for at most when the config says nothing: within the output limit of the common
+models (gpt-4o and gpt-4o-mini: 16,384; gpt-4.1: 32,768; Gemini 2.5: 65,536); a larger value is a 400
+from a model whose limit is lower."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class LLMSettings:
         temperature: sampling temperature; ``None`` leaves the provider's default.
         input_usd_per_million: price of one million input tokens, USD.
         output_usd_per_million: price of one million output tokens, USD.
+        max_output_tokens: answer tokens the model may write at most, sent with every request
+            (OpenAI ``max_completion_tokens``, or ``max_tokens`` for other OpenAI-compatible servers;
+            Gemini ``maxOutputTokens``); it makes a call's worst case, which budgets reserve, real.
     """
 
     provider: str
@@ -43,13 +50,14 @@ class LLMSettings:
     temperature: float | None = None
     input_usd_per_million: float | None = None
     output_usd_per_million: float | None = None
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
 
     def __post_init__(self) -> None:
         """Reject values no provider can use.
 
         Raises:
-            ConfigError: naming the setting, for an empty model, a timeout <= 0, negative retries
-                or a negative price.
+            ConfigError: naming the setting, for an empty model, a timeout <= 0, negative retries,
+                a negative price or ``max_output_tokens`` < 1.
         """
         problems = {
             "model": not self.model,
@@ -57,6 +65,7 @@ class LLMSettings:
             "max_retries": self.max_retries < 0,
             "input_usd_per_million": (self.input_usd_per_million or 0.0) < 0,
             "output_usd_per_million": (self.output_usd_per_million or 0.0) < 0,
+            "max_output_tokens": self.max_output_tokens < 1,
         }
         for name, bad in problems.items():
             if bad:

@@ -26,6 +26,7 @@ from google.genai import types
 
 from conductor.errors import BackendError, CredentialsMissing
 from conductor.llm.base import LLMReply, LLMSettings, T, describe_validation_error, one_line, usage_for
+from conductor.models import Usage
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
 # Backoff of retries, seconds: 0.5, 1, 2 … (+ up to 0.25 jitter), as the openai SDK does.
@@ -124,19 +125,15 @@ class GeminiClient:
         """
         started = time.monotonic()
         response = self._generate(system, prompt, schema)
-        text = self._answer_text(response)
+        usage = self._usage(response)
+        text = self._answer_text(response, usage)
         try:
             parsed = schema.model_validate_json(text)
         except pydantic.ValidationError as exc:
-            self._fail(describe_validation_error(exc, schema), exc)
-        metadata = response.usage_metadata
+            self._fail(describe_validation_error(exc, schema), exc, usage=usage)
         return LLMReply(
             parsed=parsed,
-            usage=usage_for(
-                self.settings,
-                metadata.prompt_token_count if metadata else 0,
-                metadata.candidates_token_count if metadata else 0,
-            ),
+            usage=usage,
             model=response.model_version or self.settings.model,
             raw_text=text,
             duration_seconds=time.monotonic() - started,
@@ -148,6 +145,7 @@ class GeminiClient:
             response_mime_type="application/json",
             response_schema=schema,
             temperature=self.settings.temperature,
+            max_output_tokens=self.settings.max_output_tokens,
         )
         try:
             return self._client.models.generate_content(model=self.settings.model, contents=prompt, config=config)
@@ -167,25 +165,33 @@ class GeminiClient:
             return f"timed out after {self.settings.timeout_seconds:g} s (tried {tries} times)"
         return f"cannot connect (tried {tries} times): {type(exc).__name__}: {exc}"
 
-    def _answer_text(self, response: types.GenerateContentResponse) -> str:
+    def _usage(self, response: types.GenerateContentResponse) -> Usage:
+        metadata = response.usage_metadata
+        if metadata is None:
+            return usage_for(self.settings, 0, 0)
+        # Thinking tokens (Gemini 2.5) are billed as output and count against maxOutputTokens.
+        output = (metadata.candidates_token_count or 0) + (metadata.thoughts_token_count or 0)
+        return usage_for(self.settings, metadata.prompt_token_count, output)
+
+    def _answer_text(self, response: types.GenerateContentResponse, usage: Usage) -> str:
         feedback = response.prompt_feedback
         if feedback is not None and feedback.block_reason is not None:
-            self._fail(f"the prompt was blocked ({_name(feedback.block_reason)})")
+            self._fail(f"the prompt was blocked ({_name(feedback.block_reason)})", usage=usage)
         if not response.candidates:
-            self._fail("the response holds no candidates")
+            self._fail("the response holds no candidates", usage=usage)
         finish = _name(response.candidates[0].finish_reason)
         if finish == "MAX_TOKENS":
-            self._fail("the answer was cut at the token limit (finishReason=MAX_TOKENS)")
+            self._fail("the answer was cut at the token limit (finishReason=MAX_TOKENS)", usage=usage)
         if finish not in COMPLETE_FINISH_REASONS:
-            self._fail(f"the model stopped without a complete answer (finishReason={finish})")
+            self._fail(f"the model stopped without a complete answer (finishReason={finish})", usage=usage)
         text = response.text
         if not text:
-            self._fail(f"the answer is empty (finishReason={finish})")
+            self._fail(f"the answer is empty (finishReason={finish})", usage=usage)
         return text
 
-    def _fail(self, reason: str, cause: BaseException | None = None) -> NoReturn:
+    def _fail(self, reason: str, cause: BaseException | None = None, *, usage: Usage | None = None) -> NoReturn:
         message = one_line(f"gemini model {self.settings.model!r} at {self.base_url}: {reason}", limit=500)
-        raise BackendError(message) from cause
+        raise BackendError(message, usage=usage) from cause
 
 
 def _name(value: object) -> str | None:

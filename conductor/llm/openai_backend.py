@@ -19,6 +19,7 @@ from openai.types.chat import ParsedChatCompletion, ParsedChoice
 
 from conductor.errors import BackendError, CredentialsMissing
 from conductor.llm.base import LLMReply, LLMSettings, T, describe_validation_error, one_line, usage_for
+from conductor.models import Usage
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Local servers ignore the key, but the SDK refuses to build a client without one.
@@ -91,21 +92,16 @@ class OpenAIClient:
         started = time.monotonic()
         completion = self._complete(system, prompt, schema)
         parsed, raw_text = self._answer(completion, schema)
-        usage = completion.usage
         return LLMReply(
             parsed=parsed,
-            usage=usage_for(
-                self.settings,
-                usage.prompt_tokens if usage else 0,
-                usage.completion_tokens if usage else 0,
-            ),
+            usage=self._usage(completion),
             model=completion.model or self.settings.model,
             raw_text=raw_text,
             duration_seconds=time.monotonic() - started,
         )
 
     def _complete(self, system: str, prompt: str, schema: type[T]) -> ParsedChatCompletion[T]:
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {self._max_tokens_parameter(): self.settings.max_output_tokens}
         if self.settings.temperature is not None:
             extra["temperature"] = self.settings.temperature
         try:
@@ -120,6 +116,11 @@ class OpenAIClient:
         except json.JSONDecodeError as exc:
             # The SDK leaks this raw on a 200 whose body is not JSON.
             self._fail(f"the server's response body is not JSON ({exc.msg} at char {exc.pos})", exc)
+        except (openai.LengthFinishReasonError, openai.ContentFilterFinishReasonError) as exc:
+            # An answer came and is billed, though unusable.
+            completion = getattr(exc, "completion", None)
+            self._fail(describe_sdk_error(exc, self.settings), exc,
+                       usage=self._usage(completion) if completion is not None else None)
         except openai.OpenAIError as exc:
             self._fail(describe_sdk_error(exc, self.settings), exc)
         except (TypeError, AttributeError, KeyError) as exc:
@@ -127,20 +128,31 @@ class OpenAIClient:
             # the chat-completion shape (``{}``, ``"choices": "x"``).
             self._fail(f"the server's response is not a chat completion ({type(exc).__name__}: {exc})", exc)
 
+    def _max_tokens_parameter(self) -> str:
+        # OpenAI deprecated max_tokens, and its reasoning models refuse it; Ollama, LM Studio and older
+        # llama.cpp and vLLM know only max_tokens.
+        return "max_completion_tokens" if self.base_url.rstrip("/") == DEFAULT_BASE_URL else "max_tokens"
+
     def _answer(self, completion: ParsedChatCompletion[T], schema: type[T]) -> tuple[T, str]:
+        usage = self._usage(completion)
         if not completion.choices:
-            self._fail("the response holds no choices")
+            self._fail("the response holds no choices", usage=usage)
         choice: ParsedChoice[T] = completion.choices[0]
         message = choice.message
         if message.refusal:
-            self._fail(f"the model refused: {message.refusal}")
+            self._fail(f"the model refused: {message.refusal}", usage=usage)
         if message.parsed is None:
-            self._fail(f"the answer is empty (finish_reason={choice.finish_reason}), expected {schema.__name__}")
+            self._fail(f"the answer is empty (finish_reason={choice.finish_reason}), expected {schema.__name__}",
+                       usage=usage)
         return message.parsed, message.content or ""
 
-    def _fail(self, reason: str, cause: BaseException | None = None) -> NoReturn:
+    def _usage(self, completion: Any) -> Usage:
+        usage = completion.usage
+        return usage_for(self.settings, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+
+    def _fail(self, reason: str, cause: BaseException | None = None, *, usage: Usage | None = None) -> NoReturn:
         message = one_line(f"openai model {self.settings.model!r} at {self.base_url}: {reason}", limit=500)
-        raise BackendError(message) from cause
+        raise BackendError(message, usage=usage) from cause
 
 
 def describe_sdk_error(exc: openai.OpenAIError, settings: LLMSettings) -> str:

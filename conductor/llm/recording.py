@@ -21,7 +21,10 @@ write wins. A recording that is not strict JSON, fails its checksum or does not 
 
 Cost accounting: a replayed reply (``LLMReply.cached``) carries the recorded usage (tokens and cost are
 facts of the recorded call), and the ``llm.call`` audit event says ``"cached": true``; totals of new
-spending must skip those events.
+spending must skip those events. ``max_output_tokens`` is not in the key either: it only cuts an answer
+short, and a cut answer is a failure, never recorded. The cost ledger (``conductor.llm.ledger``) sits in
+front of this client: it asks :meth:`RecordingClient.replay` first, so a replay is never charged to a
+budget.
 """
 
 from __future__ import annotations
@@ -245,6 +248,19 @@ class RecordingClient:
             if replay is not None:
                 return replay
             return self._call(request, key, system=system, prompt=prompt, schema=schema)
+
+    def replay(self, *, system: str, prompt: str, schema: type[T]) -> LLMReply[T] | None:
+        """The recorded answer of this request, or ``None`` when a call is needed (none recorded, an
+        answer the schema's validators now reject, or ``refresh``). Never calls the provider.
+
+        Raises:
+            IntegrityError: the recording of this request is damaged (the message names the file).
+            OSError: the recording cannot be read.
+        """
+        if self.refresh:
+            return None
+        key = recorded_request(self.settings, system=system, prompt=prompt, schema=schema).key()
+        return self._replay(key, schema)
 
     def _lock(self, key: str) -> threading.Lock:
         with self._locks_guard:
