@@ -45,7 +45,7 @@ LOCK_TIMEOUT_SECONDS = 60.0
 _TAIL_CHUNK = 8192
 
 EVENT_TYPES: dict[str, tuple[str, ...]] = {
-    "plan.created": ("plan_id", "goal", "planner", "forks", "base_commit?", "plan_checksum"),
+    "plan.created": ("plan_id", "goal", "planner", "executor?", "forks", "base_commit?", "plan_checksum"),
     "fork.created": (
         "plan_id", "fork_id", "plan_checksum", "strategy", "steps", "commit", "parent?", "reused_steps?",
         "fork_checksum?",
@@ -78,6 +78,9 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "plan.resumed": ("pid",),
     "sandbox.unavailable": ("mode", "reason"),
     "plan.forked": ("fork_id", "parent", "instruction", "pid"),
+    "plan.models_overridden": ("role", "recorded", "used", "by"),
+    "budget.set": ("plan_usd", "plan_tokens", "by"),
+    "budget.exceeded": ("step_id?", "attempt?", "purpose", "scope", "unit", "limit", "used", "needed", "message"),
     "plan.finished": ("status", "winner", "applied"),
     "recovery.repaired": ("what", "path", "detail"),
     "recovery.audit_truncated": ("bytes", "sha256", "saved_as"),

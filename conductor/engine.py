@@ -328,7 +328,7 @@ class Engine:
                 execute_claim(self.layout, claim, runner, ignore=self.ignore,
                               lease_seconds=self.config.executor.lease_seconds,
                               heartbeat_seconds=self.config.executor.heartbeat_seconds, on_event=log.append,
-                              signer=self.signer)
+                              signer=self.signer, prepare_retry=lambda task: prepare_retry(self.layout, task))
         finally:
             self._wake()
 

@@ -230,6 +230,15 @@ class PlannerInfo(Contract):
     source: str | None = Field(default=None, description="plan file path, for kind=file")
 
 
+class ExecutorChoice(Contract):
+    """The executor a plan was started with. ``resume``, ``fork --from`` and repairs call the same provider
+    and model unless a flag overrides them (an override is logged as ``plan.models_overridden``)."""
+
+    kind: Literal["llm", "command", "handoff"]
+    provider: str | None = Field(default=None, description="for kind=llm: openai | gemini")
+    model: str | None = Field(default=None, description="for kind=llm: the model name sent to the provider")
+
+
 class Plan(Contract):
     """``plan.json``: the goal, its forks and the plan-level policy. Written once, checksummed."""
 
@@ -238,6 +247,9 @@ class Plan(Contract):
     goal: str
     created_at: str
     planner: PlannerInfo
+    executor: ExecutorChoice | None = Field(
+        default=None, description="the executor the plan was started with; absent in plans made before it was "
+        "recorded (they continue with config.yaml's)")
     policy: PolicyLayer = Field(default_factory=PolicyLayer)
     forks: list[ForkSpec] = Field(min_length=1)
     base_commit: ObjectId | None = Field(

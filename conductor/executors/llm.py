@@ -13,11 +13,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from conductor.errors import UnsafePath
+from conductor.errors import BudgetExceeded, UnsafePath
 from conductor.executors.base import Outcome, executor_info
 from conductor.fsutil import atomic_write
 from conductor.handoff.lease import EventSink, _no_events
 from conductor.llm.base import LLMClient
+from conductor.llm.ledger import call_scope
 from conductor.models import ErrorInfo, Task
 from conductor.paths import check_relpath, resolve_inside
 from conductor.policy import matches_allowed
@@ -88,9 +89,25 @@ class LLMRunner:
         self.info = executor_info("llm", f"llm:{settings.provider}/{settings.model}", model=settings.model)
 
     def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
-        reply = self.client.generate(
-            system=SYSTEM_PROMPT, prompt=render_prompt(task, _allowed_contents(task, workspace)), schema=StepAnswer
-        )
+        """Ask the model and write its files.
+
+        Raises:
+            BudgetExceeded: the call does not fit the LLM budget and was not made (``budget.exceeded`` is
+                logged); ``execute_claim`` gives the task back instead of failing it.
+        """
+        try:
+            # The ledger files the call (and checks the budget) under this step's plan, fork and attempt.
+            with call_scope(plan_id=task.plan_id, fork_id=task.fork_id, step_id=task.task_id, attempt=task.attempt,
+                            purpose="step"):
+                reply = self.client.generate(
+                    system=SYSTEM_PROMPT, prompt=render_prompt(task, _allowed_contents(task, workspace)),
+                    schema=StepAnswer,
+                )
+        except BudgetExceeded as exc:
+            self.on_event("budget.exceeded", {
+                "step_id": task.task_id, "attempt": task.attempt, "purpose": "step", "scope": exc.scope,
+                "unit": exc.unit, "limit": exc.limit, "used": exc.used, "needed": exc.needed, "message": str(exc)})
+            raise
         self.on_event("llm.call", {
             "purpose": "step",
             "step_id": task.task_id,
