@@ -60,10 +60,12 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "approval.requested": ("step_id", "score"),
     "approval.granted": ("step_id", "by"),
     "task.claimed": ("step_id", "attempt", "holder", "pid", "host"),
-    "task.lease_expired": ("step_id", "attempt", "holder", "killed?"),
+    "task.lease_expired": ("step_id", "attempt", "holder", "reason?", "killed?"),
+    "task.released": ("step_id", "attempt", "holder", "reason"),
     "task.completed": ("step_id", "attempt", "executor", "duration_seconds"),
     "task.failed": ("step_id", "attempt", "reason", "message"),
     "task.abandoned": ("step_id", "attempt", "reason"),
+    "task.retried": ("step_id", "attempt", "next_attempt", "outcome", "reasons", "files"),
     "task.rejected": ("step_id", "attempt", "kind", "message", "by", "task_checksum"),
     "step.verified": (
         "step_id", "attempt", "accepted", "reasons", "diff_lines", "files", "checks", "verification",
@@ -84,6 +86,14 @@ EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "plan.finished": ("status", "winner", "applied"),
     "recovery.repaired": ("what", "path", "detail"),
     "recovery.audit_truncated": ("bytes", "sha256", "saved_as"),
+    "planning.published": ("plan_id", "attempt", "goal", "strategies", "checksum", "previous_rejections"),
+    "planning.claimed": ("attempt", "holder", "pid"),
+    "planning.answered": ("attempt", "holder", "answer_sha256"),
+    "planning.released": ("attempt", "holder", "reason"),
+    "planning.lease_expired": ("attempt", "holder", "why"),
+    "planning.rejected": ("attempt", "holder", "reasons", "answer_sha256"),
+    "planning.accepted": ("attempt", "holder", "answer_sha256", "verdict_checksum", "forks", "rejected_attempts"),
+    "planning.failed": ("attempt", "reason", "message"),
 }
 """Event type → the ``data`` keys the runtime writes (``?`` = optional). Documentation, not a gate:
 :meth:`AuditLog.append` accepts any type matching the ``Event`` pattern."""

@@ -23,12 +23,12 @@ from conductor.attempts import prepare_retry, prepare_workspace, remove_plan_wor
 from conductor.audit import AuditLog
 from conductor.confidence import kind_of, learn, predicted_score, read_outcomes, score_step
 from conductor.config import Config
-from conductor.errors import MergeConflict, StateConflict
+from conductor.errors import ConductorError, MergeConflict, StateConflict
 from conductor.executors.base import StepRunner, execute_claim
 from conductor.faults import crash_point
 from conductor.handoff.documents import read_document
 from conductor.handoff.failures import settled_since_publish, unlogged_failure
-from conductor.handoff.lease import claim_task, holder_name
+from conductor.handoff.lease import claim_task, fork_lock, holder_name
 from conductor.handoff.publish import publish_task
 from conductor.handoff.reaper import reap_expired
 from conductor.handoff.watcher import FolderWatcher
@@ -44,6 +44,15 @@ from conductor.models import (
     Task,
     Verdict,
     utc_now,
+)
+from conductor.repair import (
+    EVIDENCE_SUFFIX,
+    archive_attempt,
+    archive_path,
+    forbidden_constraint,
+    is_archived,
+    previous_attempts,
+    read_evidence,
 )
 from conductor.plan_store import base_commit, ensure_forks, fork_log, plan_log, policy_layers
 from conductor.policy import MergedPolicy, evaluate_changes, merge_policies
@@ -66,6 +75,7 @@ RunnerFactory = Callable[[AuditLog], StepRunner]
 WAITING, AWAITING_APPROVAL, PENDING, IN_PROGRESS, COMPLETED, ACCEPTED, FAILED, BLOCKED = (
     "waiting", "awaiting_approval", "pending", "in_progress", "completed", "accepted", "failed", "blocked",
 )
+REPAIRING = "repairing"  # a failed attempt is being archived and retried (conductor.repair)
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,12 @@ class Engine:
         return merge_policies(policy_layers(self.plan, self.project_policy))
 
     def merged_policy(self, step: StepSpec) -> MergedPolicy:
-        return merge_policies(policy_layers(self.plan, self.project_policy, step))
+        return merge_policies(policy_layers(self.plan, self.project_policy, step), defaults=self._policy_defaults)
+
+    @property
+    def _policy_defaults(self) -> dict[str, int]:
+        """config.yaml's ``executor.max_attempts`` is the project's default ``behavior.max_attempts``."""
+        return {"max_attempts": self.config.executor.max_attempts}
 
     def _executor_kind(self) -> str:
         return self.config.executor.kind
@@ -240,6 +255,8 @@ class Engine:
             state = self._state_of(view, step, states)
             if state == COMPLETED:
                 state = self._verify(view, step)
+            if state in (FAILED, REPAIRING):
+                state = self._repair(view, step)
             if state == WAITING and all(states.get(d) == ACCEPTED for d in step.depends_on):
                 state = self._publish(view, step)
             if state == PENDING:
@@ -252,6 +269,8 @@ class Engine:
         found = view.fork.find_task(step.step_id)
         if found is None and step.step_id in view.reused:
             return ACCEPTED
+        if found is None and self._archived_unpublished(view, step):
+            return REPAIRING
         if found is None:
             if any(states.get(d) in (FAILED, BLOCKED) for d in step.depends_on):
                 return BLOCKED
@@ -287,23 +306,28 @@ class Engine:
             view.append("approval.granted", {"step_id": step.step_id, "by": "--auto-approve"})
         base = view.head
         folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, 1, base)
+        task = self._new_task(view, step, policy, confidence, attempt=1, base=base, folder=folder)
+        sealed = publish_task(view.fork, task)
+        crash_point("publish.before_event")
+        view.append("task.published", {"step_id": step.step_id, "attempt": 1, "checksum": sealed.checksum,
+                                       "base_commit": base})
+        return PENDING
+
+    def _new_task(self, view: _ForkView, step: StepSpec, policy: MergedPolicy, confidence: Confidence, *,
+                  attempt: int, base: str, folder: Path) -> Task:
         effective = policy.effective
-        task = Task(
-            task_id=step.step_id, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id, attempt=1,
+        return Task(
+            task_id=step.step_id, plan_id=self.plan.plan_id, fork_id=view.spec.fork_id, attempt=attempt,
             title=step.title, instruction=step.instruction, allowed_files=step.allowed_files,
             protected_patterns=effective.protected_patterns,
             constraints=task_constraints(self.layout, effective.global_constraints, step.allowed_files),
             depends_on=step.depends_on, workspace=self.layout.relative(folder), base_commit=base,
             timeout_seconds=effective.timeout_seconds, max_diff_lines=effective.max_diff_lines,
             max_diff_bytes=effective.max_diff_bytes,
-            sandbox_mode=effective.sandbox_mode, network=effective.network,
-            policy_digest=policy.digest, confidence=confidence, created_at=utc_now(),
+            sandbox_mode=effective.sandbox_mode, network=effective.network, ignore=self.ignore,
+            policy_digest=policy.digest, confidence=confidence, max_attempts=effective.max_attempts,
+            created_at=utc_now(),
         )
-        sealed = publish_task(view.fork, task)
-        crash_point("publish.before_event")
-        view.append("task.published", {"step_id": step.step_id, "attempt": 1, "checksum": sealed.checksum,
-                                       "base_commit": base})
-        return PENDING
 
     def _dispatch(self, view: _ForkView, step: StepSpec) -> None:
         if self.runner_factory is None:
@@ -397,6 +421,95 @@ class Engine:
         published = view.last("task.published", step_id=step.step_id)
         return int(published.data.get("attempt", 1)) if published else 1
 
+    # --- self-repair (conductor.repair) ---------------------------------------------------------
+
+    def _archived_unpublished(self, view: _ForkView, step: StepSpec) -> bool:
+        """A crash mid-repair: the step's last published attempt is archived and its retry not yet out."""
+        published = view.last("task.published", step_id=step.step_id)
+        return published is not None and is_archived(view.fork, step.step_id, int(published.data.get("attempt", 1)))
+
+    def _repair(self, view: _ForkView, step: StepSpec) -> str:
+        """Retry a step whose last attempt failed or was rejected, while its attempts last: archive that
+        attempt with its evidence, log ``task.retried``, publish attempt + 1 from the same base with the
+        evidence of every earlier attempt. Every move is idempotent, so a crash anywhere is finished by
+        the next pass (``conductor.repair``)."""
+        if step.step_id in view.reused or view.has("fork.finished"):
+            return FAILED
+        future = self._inflight.get((view.spec.fork_id, step.step_id))
+        if future is not None and not future.done():
+            return REPAIRING  # its executor thread is still committing (and logging) the failure
+        attempt = self._completed_attempt(view, step)
+        if attempt >= self.merged_policy(step).effective.max_attempts:
+            return FAILED
+        if view.fork.find_task(step.step_id) is not None and not settled_since_publish(view.events, step.step_id):
+            return REPAIRING  # the failure is logged first (by its executor, or by the next pass)
+        with fork_lock(view.fork):
+            view.refresh()
+            found = view.fork.find_task(step.step_id)
+            if found is not None and found[0] != "failed":
+                return REPAIRING  # moved meanwhile: the next pass looks again
+            if found is not None:
+                archive_attempt(self.layout, view.fork, step.step_id, attempt, ignore=self.ignore)
+            elif not is_archived(view.fork, step.step_id, attempt):
+                return FAILED  # nothing to retry from: recovery's agreement check names the disagreement
+            crash_point("repair.after_archive")
+            if not view.has("task.retried", step_id=step.step_id, attempt=attempt):
+                evidence = read_evidence(archive_path(view.fork, step.step_id, attempt, EVIDENCE_SUFFIX))
+                view.append("task.retried", {
+                    "step_id": step.step_id, "attempt": attempt, "next_attempt": attempt + 1,
+                    "outcome": evidence.outcome if evidence else "failed",
+                    "reasons": evidence.reasons if evidence else [], "files": evidence.files if evidence else [],
+                })
+            crash_point("repair.before_publish")
+            sealed = publish_task(view.fork, self._retry_task(view, step, attempt))
+            crash_point("repair.after_publish")
+            view.append("task.published", {"step_id": step.step_id, "attempt": sealed.attempt, "checksum": sealed.checksum,
+                                           "base_commit": sealed.base_commit, "reason": "repair"})
+        return PENDING
+
+    def _retry_task(self, view: _ForkView, step: StepSpec, attempt: int) -> Task:
+        """Attempt + 1 of ``step``: the archived attempt's task (so whatever it carried is kept) with a new
+        folder at the same base, the evidence of attempts 1..``attempt``, and a constraint per path an
+        earlier attempt was rejected for touching. A task file that is not the one published (tampered,
+        even if resealed) is never a template: the newest that is, else one rebuilt from the plan."""
+        published = {e.data.get("attempt"): e.data.get("checksum") for e in view.events
+                     if e.type == "task.published" and e.data.get("step_id") == step.step_id}
+        template = None
+        for number in range(attempt, 0, -1):
+            try:
+                candidate = read_document(archive_path(view.fork, step.step_id, number, ".task.json"), Task)
+            except (ConductorError, OSError):
+                continue
+            if candidate.checksum == published.get(number) and candidate.attempt == number:
+                template = candidate  # Conductor's own task as published, not one an executor resealed
+                break
+        policy = self.merged_policy(step)
+        base = template.base_commit if template is not None else self._first_base(view, step)
+        folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, attempt + 1, base)
+        if template is None:
+            scored = view.last("confidence.scored", step_id=step.step_id)
+            confidence = Confidence.model_validate({k: v for k, v in scored.data.items() if k != "step_id"}) \
+                if scored is not None else Confidence(score=0.5, level="medium", reasons=["rebuilt for a retry"])
+            template = self._new_task(view, step, policy, confidence, attempt=attempt + 1, base=base, folder=folder)
+        previous = previous_attempts(view.fork, step.step_id, attempt, view.events)
+        constraints = list(template.constraints)
+        for path in (p for evidence in previous for p in evidence.forbidden):
+            if forbidden_constraint(path) not in constraints:
+                constraints.append(forbidden_constraint(path))
+        return template.model_copy(update={
+            "attempt": attempt + 1, "workspace": self.layout.relative(folder), "previous_attempts": previous,
+            "constraints": constraints, "max_attempts": policy.effective.max_attempts, "created_at": utc_now(),
+            "checksum": None,
+        })
+
+    def _first_base(self, view: _ForkView, step: StepSpec) -> str:
+        """The base every attempt of ``step`` shares, from the log (the fork's head if none recorded it)."""
+        for event in view.events:
+            if event.type == "task.published" and event.data.get("step_id") == step.step_id \
+                    and isinstance(event.data.get("base_commit"), str):
+                return event.data["base_commit"]
+        return view.head
+
     def _finish_fork(self, view: _ForkView, states: dict[str, str]) -> None:
         if view.has("fork.finished"):
             return
@@ -441,7 +554,8 @@ class Engine:
         # After a pass, a WAITING step waits on a dependency that is active or awaiting approval: only
         # active states (an executor or the verifier has work) keep the loop going.
         values = [v for fork in states.values() for v in fork.values()]
-        if COMPLETED in values or (self.runner_factory is not None and (PENDING in values or IN_PROGRESS in values)):
+        active = COMPLETED in values or REPAIRING in values
+        if active or (self.runner_factory is not None and (PENDING in values or IN_PROGRESS in values)):
             return None
         if PENDING in values or IN_PROGRESS in values:
             if self.options.wait:

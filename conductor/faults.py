@@ -78,6 +78,12 @@ CRASH_POINTS: dict[str, str] = {
     "verify.after_reject_verdict": "rejection verdict written in failed/, sidecars and task not yet moved",
     "verify.before_reject_move": "rejection: sidecars moved to failed/, the task file not yet (not committed)",
     "verify.after_logged": "step.verified logged, step.merged / task.failed not yet",
+    # self-repair (conductor.repair): a failed attempt archived and retried
+    "repair.after_evidence": "a failed attempt's evidence written to attempts/, its files still in failed/",
+    "repair.before_task_archive": "a failed attempt's sidecars moved to attempts/, its task file not yet",
+    "repair.after_archive": "a failed attempt archived, task.retried not yet logged",
+    "repair.before_publish": "task.retried logged, the retry not yet published",
+    "repair.after_publish": "the retry published to pending/, task.published not yet logged",
     # the end of a plan
     "rank.after_ranked": "plan.ranked logged, the winner not yet applied",
     "apply.after_intent": "apply intent recorded, no project file changed yet",

@@ -148,6 +148,34 @@ def _rejection(events: list[Event]) -> dict[str, Any] | None:
     return None
 
 
+def _attempts(layout: ProjectLayout, fork: Any, step_id: str, found: Any, result: Any) -> list[dict[str, Any]]:
+    """The step's attempts, oldest first: each archived one (``conductor.repair.history``: what it tried,
+    why it was rejected) and the current one (``archived: false``, from the folders)."""
+    from conductor.repair import history
+
+    attempts = history(layout, fork, step_id)
+    task = _read_json(found[1]) if found else None
+    if isinstance(task, dict) and isinstance(task.get("attempt"), int):
+        verdict = _read_json(fork.sidecar(found[0], step_id, VERDICT_SUFFIX))
+        verdict = verdict if isinstance(verdict, dict) else None
+        result = result if isinstance(result, dict) else None
+        outcome = {"pending": "pending", "in_progress": "in progress", "completed": "awaiting verification"}.get(found[0])
+        if verdict is not None:
+            outcome = "accepted" if verdict.get("accepted") else "rejected"
+        elif found[0] == "failed":
+            outcome = "failed"
+        attempts.append({
+            "attempt": task["attempt"], "archived": False, "outcome": outcome,
+            "reasons": list(verdict.get("reasons", [])) if verdict else
+            [f"{result['error'].get('kind')}: {result['error'].get('message')}"]
+            if result and isinstance(result.get("error"), dict) else [],
+            "summary": result.get("summary", "") if result else "",
+            "files": [c.get("path") for c in (verdict or result or {}).get("files_changed", []) if isinstance(c, dict)],
+            "executor": (result.get("executor") or {}).get("id") if result else None,
+        })
+    return attempts
+
+
 def _lessons(layout: ProjectLayout, plan_id: str, fork_id: str, step_id: str, found: Any) -> dict[str, Any]:
     """``{"received": [constraint lines], "taught": [lesson objects]}``: the lessons of earlier rejections
     the step's task carries, and those its own rejected attempts left (``conductor.lessons``)."""
@@ -168,7 +196,9 @@ def explain_step(
     publication), the effective policy and where each value came from, the confidence and its reasons,
     the claims and leases (events, and the live lease if the task is in progress), the result, the
     verdict with its checks and verification evidence, the ``task.rejected`` event if a claimer refused
-    the newest attempt's task file (``rejection``), the executor's explanation, and the signatures
+    the newest attempt's task file (``rejection``), every attempt of the step, archived ones first
+    (``attempts``: outcome, reasons, summary, files; see ``conductor.repair``), the lessons its task
+    received and those it taught (``lessons``: ``conductor.lessons``), the executor's explanation, and the signatures
     checked on ``provenance.json`` and ``attestation.json`` against ``trust`` (a ``TrustStore``; None
     skips that check).
 
@@ -209,6 +239,7 @@ def explain_step(
             "rejection": _rejection(mine),
             "lessons": _lessons(layout, plan_id, spec.fork_id, step_id, found),
             "signatures": _signatures(fork, folder, step_id, result, trust) if trust is not None else None,
+            "attempts": _attempts(layout, fork, step_id, found, result),
         })
     if not stories:
         raise NotFound(f"no step {step_id!r} in plan {plan_id}" + (f" fork {fork_id}" if fork_id else ""))

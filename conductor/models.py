@@ -94,6 +94,8 @@ MAX_DIFF_BYTES_BOUND = 1 << 34
 """The largest ``behavior.max_diff_bytes`` (16 GiB)."""
 MAX_STEP_TIMEOUT_SECONDS = 86_400
 """The largest ``behavior.timeout_seconds`` (one day per attempt)."""
+MAX_ATTEMPTS_BOUND = 100
+"""The largest ``behavior.max_attempts`` (as ``executor.max_attempts`` in config.yaml)."""
 
 
 class Behavior(Contract):
@@ -106,6 +108,9 @@ class Behavior(Contract):
     max_diff_bytes: int | None = Field(
         default=None, ge=0, le=MAX_DIFF_BYTES_BOUND,
         description="bytes of new content (added and modified files, symlink targets), per step")
+    max_attempts: int | None = Field(
+        default=None, ge=1, le=MAX_ATTEMPTS_BOUND,
+        description="attempts per step: repairs of rejected attempts and re-queues of expired leases share them")
 
 
 SandboxMode = Literal["required", "auto", "off"]
@@ -140,6 +145,7 @@ class EffectivePolicy(Contract):
     max_diff_bytes: int = 2 * 1024 * 1024
     sandbox_mode: SandboxMode = "auto"
     network: bool = False
+    max_attempts: int = 3
 
 
 # --- plan ---------------------------------------------------------------------------------------
@@ -288,6 +294,36 @@ class Confidence(Contract):
     reasons: list[str] = Field(default_factory=list)
 
 
+MAX_OUTPUT_TAIL_BYTES = 4 * 1024
+"""Bytes of a failing command's output (its tail) a previous attempt carries."""
+MAX_DIFF_EVIDENCE_BYTES = 8 * 1024
+"""Bytes of a rejected attempt's diff a previous attempt carries."""
+
+
+class PreviousAttempt(Contract):
+    """The evidence of one earlier attempt of a step, carried by every later attempt's task file.
+
+    Built by Conductor when it archives a rejected or failed attempt (``conductor.repair``); bounded and
+    redacted: ``output_tail`` ≤ 4 KiB, ``diff`` ≤ 8 KiB, secrets replaced by ``[REDACTED]``.
+    """
+
+    attempt: int = Field(ge=1)
+    outcome: Literal["rejected", "failed", "malformed", "lease_expired"] = Field(
+        description="rejected: by Conductor's verifier; failed: the executor reported failure; malformed: its "
+        "result or task file could not be trusted (checksum, schema, mismatch); lease_expired: its holder "
+        "stopped renewing the lease")
+    reasons: list[str] = Field(default_factory=list, description="why it was rejected, one line each")
+    summary: str = Field(default="", description="the executor's own one-line summary")
+    files: list[str] = Field(default_factory=list, description="paths it changed (Conductor's capture when it "
+                             "has one, else the executor's report)")
+    failed_command: str | None = Field(default=None, description="the first verification command that failed")
+    output_tail: str = Field(default="", description="the last bytes (≤ 4 KiB) of that command's output")
+    diff: str = Field(default="", description="its change as a unified diff against base_commit (≤ 8 KiB)")
+    diff_truncated: bool = False
+    forbidden: list[str] = Field(default_factory=list, description="paths it changed that the policy does not "
+                                 "allow (outside allowed_files, or protected): a repair must leave them alone")
+
+
 class Task(Contract):
     """``<step>.task.json``: one attempt of one step, as handed to an executor. Checksummed."""
 
@@ -311,8 +347,16 @@ class Task(Contract):
     sandbox_mode: SandboxMode = Field(default="auto", description="how launched commands are contained: "
                                       "required | auto | off (docs/security.md)")
     network: bool = Field(default=False, description="whether launched commands may reach the network")
+    ignore: list[str] = Field(
+        default_factory=list, description="gitignore-style patterns (config.yaml workspace.ignore) Conductor "
+        "leaves out of what an attempt changed; files_changed entries matching them are not counted")
     policy_digest: Checksum
     confidence: Confidence
+    max_attempts: int | None = Field(
+        default=None, ge=1, le=MAX_ATTEMPTS_BOUND, description="the step's attempt budget (policy "
+        "behavior.max_attempts); None: the reaper's executor.max_attempts")
+    previous_attempts: list[PreviousAttempt] = Field(
+        default_factory=list, description="evidence of every earlier attempt of this step, oldest first")
     created_at: str
     checksum: Checksum | None = None
 
@@ -334,7 +378,8 @@ class Lease(Contract):
     attempt: int = Field(ge=1)
     fencing_token: int = Field(ge=1)
     holder: str
-    pid: int
+    pid: int = Field(description="a process that lives as long as the work; 0: none, the lease is held by time "
+                     "alone (conductor task): only expires_at and the step's timeout end it")
     host: str
     acquired_at: str
     renewed_at: str

@@ -36,9 +36,11 @@ from conductor.yamlutil import read_yaml_document, validate_document
 DEFAULT_MAX_DIFF_LINES = 500
 DEFAULT_TIMEOUT_SECONDS = 300
 DEFAULT_MAX_DIFF_BYTES = 2 * 1024 * 1024
+DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_SOURCE = "default"
+CONFIG_SOURCE = "config"
 _LIMIT_DEFAULTS = {"max_diff_lines": DEFAULT_MAX_DIFF_LINES, "timeout_seconds": DEFAULT_TIMEOUT_SECONDS,
-                   "max_diff_bytes": DEFAULT_MAX_DIFF_BYTES}
+                   "max_diff_bytes": DEFAULT_MAX_DIFF_BYTES, "max_attempts": DEFAULT_MAX_ATTEMPTS}
 
 
 def load_policy(path: Path) -> PolicyLayer:
@@ -91,11 +93,15 @@ class MergedPolicy:
         return self.sources.get(f"protected_patterns[{index}]", DEFAULT_SOURCE)
 
 
-def merge_policies(layers: Sequence[tuple[str, PolicyLayer]]) -> MergedPolicy:
+def merge_policies(
+    layers: Sequence[tuple[str, PolicyLayer]], *, defaults: Mapping[str, int] | None = None
+) -> MergedPolicy:
     """Merge policy layers tighten-only, first layer authoritative.
 
     Args:
         layers: ``(name, layer)`` pairs in order, e.g. ``[("project", p), ("plan", q), ("step", r)]``.
+        defaults: limits that replace the built-in defaults when no layer sets them, with source
+            ``"config"``: the engine passes ``{"max_attempts": executor.max_attempts}`` (config.yaml).
 
     Returns:
         The merged policy. Limits no layer sets come from the defaults (500 diff lines, 300 seconds).
@@ -114,7 +120,7 @@ def merge_policies(layers: Sequence[tuple[str, PolicyLayer]]) -> MergedPolicy:
         for pattern in layer.file_rules.protected_patterns:
             if pattern not in patterns and _pattern_allowed(pattern, position, name, notes):
                 _add(patterns, pattern, f"protected_patterns[{len(patterns)}]", name, sources)
-    limits = {limit: _tightest(limit, layers, sources, notes) for limit in _LIMIT_DEFAULTS}
+    limits = {limit: _tightest(limit, layers, sources, notes, defaults or {}) for limit in _LIMIT_DEFAULTS}
     mode, network = _sandbox(layers, sources, notes)
     effective = EffectivePolicy(global_constraints=constraints, protected_patterns=patterns, **limits,
                                 sandbox_mode=mode, network=network)
@@ -160,9 +166,10 @@ def _pattern_allowed(pattern: str, position: int, layer: str, notes: list[str]) 
 
 
 def _tightest(
-    name: str, layers: Sequence[tuple[str, PolicyLayer]], sources: dict[str, str], notes: list[str]
+    name: str, layers: Sequence[tuple[str, PolicyLayer]], sources: dict[str, str], notes: list[str],
+    defaults: Mapping[str, int],
 ) -> int:
-    value, source = _LIMIT_DEFAULTS[name], DEFAULT_SOURCE
+    value, source = (defaults[name], CONFIG_SOURCE) if name in defaults else (_LIMIT_DEFAULTS[name], DEFAULT_SOURCE)
     for position, (layer_name, layer) in enumerate(layers):
         asked = getattr(layer.behavior, name)
         if asked is None:

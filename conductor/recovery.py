@@ -45,6 +45,11 @@ guessed. Quarantined files go to ``fork_<id>/quarantine/<UTC time>.<reason>.<sta
 deleted but temp files and dead leases. Every repair is an audit event (``recovery.repaired``
 ``{what, path, detail}`` in the fork's log, or the plan's log for plan- and project-level repairs).
 
+Self-repair (``conductor.repair``) moves a failed attempt's files to ``fork_<id>/attempts/``, no state
+folder; a crash in the middle leaves the task in ``failed/`` or archived with no retry out yet, which the
+engine's next pass finishes: the agreement check takes the outcome events of an archived or superseded
+attempt as history.
+
 Cost: each log is parsed once per process (:meth:`conductor.audit.AuditLog.events` reads only what was
 appended since), each state folder is listed once per pass, and a task file is read only when the log
 does not account for it: a file in ``completed/`` or ``failed/`` whose step's last published attempt has a
@@ -91,6 +96,7 @@ from conductor.layout import (
 from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict, parse_time, utc_now
 from conductor.plan_store import plan_log
 from conductor.ranking import APPLY_INTENT_SCHEMA, apply_intent_file, finish_apply
+from conductor.repair import is_archived
 
 TEMP_GRACE_SECONDS = 60.0
 """A temp file this old is abandoned whoever wrote it (a durable write takes milliseconds)."""
@@ -724,9 +730,15 @@ def _seen_as(fork: ForkLayout, state: str | None, task_id: str, held: int | None
 
 
 def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -> None:
-    """Raise StateConflict naming every event the folders contradict (no crash can cause these)."""
+    """Raise StateConflict naming every event the folders contradict (no crash can cause these).
+
+    An outcome of an attempt that was retried since (a later attempt is published), or that is being
+    retried (archived under ``attempts/``, its retry not yet published: ``conductor.repair``), is history:
+    its task file has moved on by design.
+    """
     problems: list[str] = []
     last_published: dict[str, Event] = {}
+    newest = {e.data.get("step_id"): e.data.get("attempt") for e in events if e.type == "task.published"}
     for event in events:
         task_id, attempt = event.data.get("step_id"), event.data.get("attempt")
         if not isinstance(task_id, str):
@@ -735,6 +747,10 @@ def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -
             last_published[task_id] = event
             continue
         if event.type not in ("task.completed", "task.failed", "step.merged"):
+            continue
+        if event.type != "step.merged" and isinstance(attempt, int) and (
+                (isinstance(newest.get(task_id), int) and attempt < newest[task_id])
+                or is_archived(fork, task_id, attempt)):
             continue
         found = tasks.folders.where(task_id)
         state = found[0] if found else None
@@ -753,6 +769,8 @@ def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -
                             "with no accepted verdict beside it")
     for task_id, event in last_published.items():
         found = tasks.folders.where(task_id)
+        if found is None and isinstance(event.data.get("attempt"), int) and is_archived(fork, task_id, event.data["attempt"]):
+            continue  # a repair archived it and crashed before publishing the retry: the engine's next pass does
         if found is None:
             problems.append(f"seq {event.seq} task.published {task_id} attempt {event.data.get('attempt')}, "
                             "but its task file is in no state folder")

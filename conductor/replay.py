@@ -58,6 +58,7 @@ def timeline(layout: ProjectLayout, plan: Plan) -> list[Entry]:
 @dataclass
 class StepState:
     state: str = "waiting"  # waiting | awaiting_approval | pending | in_progress | completed | accepted | failed | reused
+    # | retrying (a failed attempt archived, its retry not yet published)
     attempt: int | None = None
     holder: str | None = None
     confidence: str | None = None
@@ -152,7 +153,13 @@ def _count_llm(state: PlanState, data: dict[str, Any]) -> None:
 
 
 def _apply_step(step: StepState, type_: str, data: dict[str, Any]) -> None:
-    if type_ == "confidence.scored":
+    attempt = data.get("attempt")
+    if type_ in ("task.completed", "task.failed") and isinstance(attempt, int) and isinstance(step.attempt, int) \
+            and attempt < step.attempt:
+        return  # a late word on an attempt already retried: history
+    if type_ == "task.retried":
+        step.state, step.reasons = "retrying", [str(r) for r in data.get("reasons", [])]
+    elif type_ == "confidence.scored":
         step.confidence = data.get("level")
     elif type_ == "approval.requested":
         step.state = "awaiting_approval"

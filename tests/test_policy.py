@@ -85,7 +85,7 @@ def test_no_layers_gives_defaults() -> None:
     assert merged.effective.max_diff_lines == DEFAULT_MAX_DIFF_LINES == 500
     assert merged.effective.timeout_seconds == DEFAULT_TIMEOUT_SECONDS == 300
     assert merged.sources == {"max_diff_lines": "default", "timeout_seconds": "default", "max_diff_bytes": "default",
-                              "sandbox.mode": "default", "sandbox.network": "default"}
+                              "max_attempts": "default", "sandbox.mode": "default", "sandbox.network": "default"}
     assert (merged.effective.sandbox_mode, merged.effective.network) == ("auto", False)
     assert merged.notes == []
 
@@ -138,6 +138,7 @@ def test_step_tightens_further_and_sources_name_layers() -> None:
         "max_diff_lines": "step",
         "timeout_seconds": "project",
         "max_diff_bytes": "default",
+        "max_attempts": "default",
         "sandbox.mode": "default",
         "sandbox.network": "default",
     }

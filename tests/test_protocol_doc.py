@@ -210,8 +210,20 @@ def test_the_minimal_executor_rejects_a_bad_task_unexecuted(project: Path, execu
     assert (project / task["workspace"] / "greet.py").read_text() == 'print("Helo, world")\n'  # never executed
     resumed = conductor(project, "resume", "--executor", "handoff", "--no-wait", "--json")
     report = json.loads(resumed.stdout)
-    assert resumed.returncode == 0 and report["applied_fork"] == "2"
-    assert [row["status"] for row in report["ranking"]] == ["succeeded", "failed"]
+    # A rejected task file is a failed attempt: the step is re-offered as attempt 2 with the evidence.
+    assert report["waiting_for_executor"] == [{"fork_id": "1", "step_id": "step_001"}], resumed.stdout
+    retry = json.loads((fork / "pending" / "step_001.task.json").read_text())
+    assert retry["attempt"] == 2 and retry["base_commit"] == task["base_commit"]
+    (evidence,) = retry["previous_attempts"]
+    assert evidence["attempt"] == 1 and evidence["outcome"] == "malformed", evidence
+    assert any(kind in reason for reason in evidence["reasons"])
+    assert (fork / "attempts" / "step_001.a1.task.json").is_file() and not (fork / "failed" / "step_001.task.json").exists()
+    for _ in range(2):  # attempt 2 of step_001, then step_002
+        run_executor(project, executor)
+        resumed = conductor(project, "resume", "--executor", "handoff", "--no-wait", "--json")
+    report = json.loads(resumed.stdout)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [row["status"] for row in report["ranking"]] == ["succeeded", "succeeded"]
 
 
 def _schema(name: str) -> dict:

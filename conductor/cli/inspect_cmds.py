@@ -84,6 +84,31 @@ def explain(step_id, plan_id, fork_id, project_dir, as_json) -> int:  # type: ig
     return 0
 
 
+def _print_attempts(out, attempts) -> None:  # type: ignore[no-untyped-def]
+    """Attempt by attempt: what it tried (files, summary) and why it was rejected. Printed only when the
+    step was retried (a single attempt is the result and verdict below)."""
+    from conductor.cli.render import safe
+
+    if len(attempts) < 2:
+        return
+    for attempt in attempts:
+        current = "" if attempt.get("archived") else " (current)"
+        out.print(f"[bold]attempt {safe(attempt.get('attempt'))}{current}[/]: {safe(attempt.get('outcome'))}"
+                  + (f" by {safe(attempt['executor'])}" if attempt.get("executor") else ""))
+        if attempt.get("summary"):
+            out.print(f"  tried: {safe(attempt['summary'], multiline=True)}")
+        out.print(f"  files: {safe(', '.join(attempt.get('files') or []) or '(none)')}")
+        for reason in attempt.get("reasons") or []:
+            out.print(f"  why: {safe(reason, multiline=True)}")
+        if attempt.get("forbidden"):
+            out.print(f"  forbidden: {safe(', '.join(attempt['forbidden']))}")
+        if attempt.get("failed_command"):
+            tail = (attempt.get("output_tail") or "").rstrip().splitlines()[-5:]
+            out.print(f"  failing check: {safe(attempt['failed_command'])}")
+            for line in tail:
+                out.print(f"    | {safe(line)}")
+
+
 def _print_story(story) -> None:  # type: ignore[no-untyped-def]
     from rich.markdown import Markdown
 
@@ -126,6 +151,7 @@ def _print_story(story) -> None:  # type: ignore[no-untyped-def]
         data = {k: v for k, v in event["data"].items() if k != "step_id"}
         out.print(f"  {safe(event['ts'][11:23])}  [cyan]{safe(event['type'])}[/]  "
                   f"{safe(json.dumps(data, ensure_ascii=False)[:400])}")
+    _print_attempts(out, story.get("attempts", []))
     if story["result"]:
         result = story["result"]
         out.print(f"[bold]result[/]: {safe(result.get('status'))} by {safe(result.get('executor', {}).get('id'))}: "

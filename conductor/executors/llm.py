@@ -76,7 +76,39 @@ def render_prompt(task: Task, contents: dict[str, str]) -> str:
         lines += [f"### {path}", "```", text, "```"]
     if not contents:
         lines.append("(none of the allowed files exist yet)")
+    lines += render_evidence(task)
     return "\n".join(lines)
+
+
+def render_evidence(task: Task) -> list[str]:
+    """The prompt's section on earlier attempts of this step that were rejected (none on attempt 1).
+
+    Attempts are numbered among the rejected ones only, and attempts whose lease expired are left out:
+    neither the real attempt numbers nor a crash in between change the prompt, so a resumed or forked
+    plan asks the same question and replays its recording.
+    """
+    rejected = [p for p in task.previous_attempts if p.outcome != "lease_expired"]
+    if not rejected:
+        return []
+    lines = ["", "## Earlier attempts at this step were rejected",
+             "Each started from the same files you see above; none of their changes were kept. "
+             "Find out from this evidence what went wrong and do not repeat it."]
+    for number, attempt in enumerate(rejected, start=1):
+        lines += ["", f"### Rejected attempt {number} ({attempt.outcome})"]
+        lines += [f"- {reason}" for reason in attempt.reasons]
+        if attempt.summary:
+            lines.append(f"Its summary: {attempt.summary}")
+        if attempt.files:
+            lines.append("Files it changed: " + ", ".join(attempt.files))
+        if attempt.forbidden:
+            lines.append("It changed files it may not touch; leave these alone: " + ", ".join(attempt.forbidden))
+        if attempt.failed_command:
+            lines += [f"Failing check: `{attempt.failed_command}`; the end of its output:", "```",
+                      attempt.output_tail.rstrip("\n"), "```"]
+        if attempt.diff:
+            cut = " (cut short)" if attempt.diff_truncated else ""
+            lines += [f"Its change{cut}:", "```diff", attempt.diff.rstrip("\n"), "```"]
+    return lines
 
 
 class LLMRunner:

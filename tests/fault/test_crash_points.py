@@ -44,6 +44,7 @@ EXPECTED_REPAIR = {
     "verify.before_reject_move": "rejection_finished",
     "verify.after_logged": "event_restored",
     "reaper.after_republish": "event_restored",
+    "repair.after_publish": "event_restored",
     "apply.after_intent": "apply_finished",
     "apply.after_file": "apply_finished",
     "apply.after_files": "apply_finished",
