@@ -609,8 +609,7 @@ def heartbeat(
     holder = holder or default_holder(environ)
     settings = _settings(layout, environ)
     held = _held(layout, task_id, plan_id=plan_id, fork_id=fork_id, holder=holder, attempt=attempt, settings=settings)
-    left = (held.deadline - datetime.now(UTC)).total_seconds()
-    renew_lease(held.claim, lease_seconds=max(0.001, min(settings.lease_seconds, left)))
+    renew_lease(held.claim, lease_seconds=settings.lease_seconds, not_after=held.deadline)
     return _view(layout, held.claim.fork, "in_progress", held.claim.task.task_id, settings)
 
 

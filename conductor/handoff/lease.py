@@ -307,7 +307,8 @@ def _seen(seen: tuple[Any, bytes] | None, model: object, data: bytes) -> bool:
     return seen is not None and seen[0] is model and seen[1] == data
 
 
-def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None) -> Lease:
+def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None,
+                not_after: datetime | None = None) -> Lease:
     """Extend the lease of ``claim`` by ``lease_seconds`` from now (the heartbeat).
 
     The new lease is written and fsynced before the fork lock is taken; under the lock there is only the
@@ -317,11 +318,15 @@ def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None) 
         pgid: the process group the work now runs in (its leader must not have been reaped yet, so its
             id is not recycled): recorded with the leader's start identity (``pgid``, ``pgid_start``), so a
             reaper can kill the group if this process dies. Later renewals keep it.
+        not_after: the lease never reaches past this instant (a claim's deadline).
 
     Raises:
         LeaseLost: the task was reclaimed; the caller must stop working on it.
     """
-    update: dict[str, Any] = {"renewed_at": utc_now(), "expires_at": _time_after(lease_seconds)}
+    expires = datetime.now(UTC) + timedelta(seconds=lease_seconds)
+    if not_after is not None:
+        expires = min(expires, not_after)
+    update: dict[str, Any] = {"renewed_at": utc_now(), "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
     if pgid is not None:
         update.update(pgid=pgid, pgid_start=process_start(pgid))
     path, base = claim.fork.lease_file(claim.task.task_id), claim.lease
