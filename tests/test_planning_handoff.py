@@ -36,7 +36,7 @@ from conductor.handoff.planning import (
 from conductor.layout import ProjectLayout
 from conductor.models import PolicyLayer
 from conductor.project import init_project
-from tests.e2e.project import cli_env, make_project, spawn
+from tests.e2e.project import cli_env, conductor, make_project, spawn
 
 GOOD = {"strategies": [
     {"name": "fix", "description": "fix the operator", "steps": [
@@ -239,33 +239,43 @@ def test_layout_paths(project: ProjectLayout) -> None:
 # --- the real CLI ---------------------------------------------------------------------------------
 
 
-def _wait_for(predicate, timeout: float = 120.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def test_explore_with_the_handoff_planner_rejects_then_accepts(tmp_path: Path) -> None:
+def test_explore_with_the_handoff_planner_answered_through_conductor_task(tmp_path: Path) -> None:
+    """The agent's side through the real CLI only: `conductor task claim` offers the planning task first,
+    `conductor task complete planning --plan-file F` answers it (exit 1 and the reasons when rejected)."""
     root = make_project(tmp_path / "proj")
     layout = ProjectLayout(root)
+    env = cli_env(CONDUCTOR_HOLDER="cli-agent")
     process = spawn(root, "explore", "Fix add so the tests pass", "--planner", "handoff", "--executor", "handoff",
-                    "--forks", "2", "--no-wait", "--planner-timeout", "300", env=cli_env())
+                    "--forks", "2", "--no-wait", "--planner-timeout", "300", env=env)
     try:
-        plan_id = _wait_for(lambda: planning_tasks(layout) and planning_tasks(layout)[0]["plan_id"])
-        assert claim_planning(layout, plan_id, holder="test-agent", lease_seconds=60) is not None
-        bad = {"strategies": [{"name": "escape", "steps": [{"instruction": "x", "allowed_files": ["../../etc/passwd"]}]}],
-               "polcy": {}}
-        answer_planning(layout, plan_id, holder="test-agent", answer=json.dumps(bad).encode(), fmt="json")
-        verdict = _wait_for(lambda: read_verdict(layout, plan_id, 1))
-        assert not verdict.accepted and verdict.next_attempt == 2
-        assert any("polcy" in r for r in verdict.reasons), verdict.reasons
-        task, state = show_planning(layout, plan_id)
-        assert (task.attempt, state) == (2, "pending") and task.previous_rejections[0].reasons == verdict.reasons
-        answer_planning(layout, plan_id, holder="test-agent", answer=yaml.safe_dump(GOOD).encode(), fmt="yaml")
+        claimed = conductor(root, "task", "claim", "planning", "--wait", "120", "--json", env=env)
+        assert claimed.returncode == 0, claimed.stderr
+        task = json.loads(claimed.stdout)
+        assert (task["kind"], task["task_id"], task["attempt"], task["holder"]) == ("planning", "planning", 1, "cli-agent")
+        assert task["strategies"] == 2 and task["goal"] == "Fix add so the tests pass"
+        plan_id = task["plan_id"]
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"polcy": {}, "strategies": [
+            {"name": "escape", "steps": [{"instruction": "x", "allowed_files": ["../../etc/passwd"]}]}]}))
+        answered = conductor(root, "task", "complete", "planning", "--plan-file", str(bad), env=env)
+        assert answered.returncode == 1, answered.stderr
+        assert f"plan {plan_id}, planning attempt 1: rejected" in answered.stdout
+        assert "polcy: unknown key" in answered.stdout and "next: attempt 2 waits" in answered.stdout
+        verdict = read_verdict(layout, plan_id, 1)
+        assert verdict is not None and not verdict.accepted and verdict.next_attempt == 2
+        again = conductor(root, "task", "claim", "--json", env=env)  # no TASK: the planning task is offered first
+        assert again.returncode == 0, again.stderr
+        task = json.loads(again.stdout)
+        assert task["attempt"] == 2 and task["previous_rejections"][0]["reasons"] == verdict.reasons
+        shown = conductor(root, "task", "show", "planning", env=env)
+        assert shown.returncode == 0 and "attempt 1 was rejected:" in shown.stdout, shown.stderr
+        good = tmp_path / "plan.yaml"
+        good.write_text(yaml.safe_dump(GOOD))
+        answered = conductor(root, "task", "complete", "planning", "--plan", plan_id, "--plan-file", str(good), "--json",
+                             env=env)
+        assert answered.returncode == 0, answered.stderr
+        assert json.loads(answered.stdout) == {"kind": "planning", "task_id": "planning", "plan_id": plan_id,
+                                               "attempt": 2, "verdict": "accepted", "reasons": [], "next_attempt": None}
         out, err = process.communicate(timeout=180)
     finally:
         if process.poll() is None:
@@ -277,10 +287,24 @@ def test_explore_with_the_handoff_planner_rejects_then_accepts(tmp_path: Path) -
     assert plan["planner"] == {"kind": "handoff", "model": None, "provider": None,
                                "source": f".conductor/handoff/planning_{plan_id}/completed/a2.answer.yaml"}
     assert [f["strategy"]["name"] for f in plan["forks"]] == ["fix", "rewrite"]
-    assert read_verdict(layout, plan_id, 2).accepted  # type: ignore[union-attr]
     plan_events = [json.loads(line) for line in (layout.plan_dir(plan_id) / "audit.log").read_text().splitlines()]
-    accepted = [e for e in plan_events if e["type"] == "planning.accepted"]
-    assert len(accepted) == 1 and accepted[0]["data"]["rejected_attempts"] == [1] and accepted[0]["data"]["attempt"] == 2
+    assert [e["type"] for e in plan_events][:2] == ["plan.created", "planning.accepted"]
+    assert plan_events[1]["data"]["rejected_attempts"] == [1] and plan_events[1]["data"]["holder"] == "cli-agent"
     for log in (layout.plan_dir(plan_id) / "audit.log", PlanningLayout(layout, plan_id).dir / "audit.log"):
         assert verify_chain(log).ok
     assert os.listdir(layout.fork(plan_id, "1").state_dir("pending")) == ["step_001.task.json"]
+    # nothing left to answer: a late answer is refused, writing nothing
+    late = conductor(root, "task", "complete", "planning", "--plan", plan_id, "--plan-file", str(good), env=env)
+    assert late.returncode == 9 and "no planning task waits" in late.stderr
+
+
+def test_explore_with_the_handoff_planner_fails_clearly_when_nobody_answers(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "proj")
+    run = conductor(root, "build", "Fix add", "--planner", "handoff", "--executor", "handoff", "--planner-timeout", "1")
+    assert run.returncode == 8, run.stderr
+    assert "handoff planning of plan" in run.stderr and "no acceptable plan within 1 s" in run.stderr
+    layout = ProjectLayout(root)
+    assert layout.plan_ids() == []
+    (plan_id,) = [p.name.removeprefix("planning_") for p in layout.handoff_dir.glob("planning_*")]
+    verdict = read_verdict(layout, plan_id, 1)
+    assert verdict is not None and verdict.reasons == ["timeout: no acceptable plan within 1 s"]

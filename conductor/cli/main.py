@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fork": ("conductor.cli.run_cmds:fork", "Start a new fork from the workspace as it was after a step."),
     "approve": ("conductor.cli.project_cmds:approve", "Approve a low-confidence step that waits for review."),
     "worker": ("conductor.cli.worker_cmd:worker", "Run tasks from the handoff folder with any command."),
+    "mcp": ("conductor.cli.mcp_cmd:mcp", "Serve tasks, planning and workspaces to an MCP client over stdio."),
     "status": ("conductor.cli.inspect_cmds:status", "Show plans, forks and steps by state."),
     "events": ("conductor.cli.inspect_cmds:events", "List a plan's audit events."),
     "explain": ("conductor.cli.inspect_cmds:explain", "Tell the story of one step."),

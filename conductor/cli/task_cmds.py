@@ -82,6 +82,11 @@ def claim(task_id: str | None, plan_id: str | None, fork_id: str | None, holder:
     """Claim the next pending task (or TASK) and print what to do and where. Exit 9: nothing to claim."""
     from conductor.handoff import agent
 
+    if task_id in (None, PLANNING) and fork_id is None:
+        offered = _claim_planning(_layout(project_dir), plan_id, holder, wait_seconds, named=task_id == PLANNING)
+        if offered is not None:
+            _print_planning(offered.to_json(), as_json)
+            return 0
     claimed = agent.claim(_layout(project_dir), plan_id=plan_id, fork_id=fork_id, task_id=task_id, holder=holder,
                           wait_seconds=wait_seconds)
     if as_json:
@@ -106,6 +111,9 @@ def show(task_id: str, plan_id: str | None, fork_id: str | None, holder: str | N
     """Show TASK in whatever state it is (renews the lease when you hold it)."""
     from conductor.handoff import agent
 
+    if task_id == PLANNING:
+        _print_planning(_show_planning(_layout(project_dir), plan_id, holder), as_json)
+        return 0
     shown = agent.show(_layout(project_dir), task_id, plan_id=plan_id, fork_id=fork_id, holder=holder)
     if as_json:
         echo_json(shown.to_json())
@@ -137,6 +145,9 @@ def heartbeat(task_id: str, plan_id: str | None, fork_id: str | None, holder: st
     """Renew your lease of TASK (never past its deadline)."""
     from conductor.handoff import agent
 
+    if task_id == PLANNING:
+        _print_planning(_show_planning(_layout(project_dir), plan_id, holder, renew=True), as_json)
+        return 0
     renewed = agent.heartbeat(_layout(project_dir), task_id, plan_id=plan_id, fork_id=fork_id, holder=holder,
                               attempt=attempt)
     if as_json:
@@ -157,6 +168,8 @@ def heartbeat(task_id: str, plan_id: str | None, fork_id: str | None, holder: st
 @click.option("--signing-key", "signing_key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Your own Ed25519 key (PKCS#8 PEM, 0600) to sign the provenance (default: "
                    "$CONDUCTOR_SIGNING_KEY_FILE, else unsigned).")
+@click.option("--plan-file", "plan_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="TASK planning only: the plan (YAML, or JSON for a .json name; '-' reads YAML from stdin).")
 @plan_option
 @fork_option
 @holder_option
@@ -164,7 +177,7 @@ def heartbeat(task_id: str, plan_id: str | None, fork_id: str | None, holder: st
 @project_option
 @json_option
 def complete(task_id: str, summary: str, explanation_file: Path | None, status: str, signing_key: Path | None,
-             plan_id: str | None, fork_id: str | None, holder: str | None, attempt: int | None,
+             plan_file: Path | None, plan_id: str | None, fork_id: str | None, holder: str | None, attempt: int | None,
              project_dir: Path | None, as_json: bool) -> int:
     """Complete TASK with what its workspace holds now; Conductor then verifies it.
 
@@ -174,6 +187,8 @@ def complete(task_id: str, summary: str, explanation_file: Path | None, status: 
     from conductor.handoff import agent
 
     layout = _layout(project_dir)
+    if task_id == PLANNING or plan_file is not None:
+        return _answer_planning(layout, task_id, plan_file, plan_id, holder, as_json)
     explanation = _read_explanation(explanation_file)
     done = agent.complete(layout, task_id, plan_id=plan_id, fork_id=fork_id, status=status, summary=summary,
                           explanation=explanation, holder=holder, attempt=attempt,
@@ -210,6 +225,17 @@ def release(task_id: str, reason: str, plan_id: str | None, fork_id: str | None,
     attempt, the step fails instead)."""
     from conductor.handoff import agent
 
+    if task_id == PLANNING:
+        from conductor.handoff.planning import planning_target, release_planning
+
+        layout, who = _layout(project_dir), _holder(holder)
+        target = planning_target(layout, plan_id, who)
+        attempt = release_planning(layout, target, holder=who, reason=reason or "released by its holder")
+        if as_json:
+            echo_json({"kind": "planning", "task_id": PLANNING, "plan_id": target, "attempt": attempt, "state": "pending"})
+        else:
+            click.echo(f"released the planning task of plan {_p(target)}: attempt {attempt} is pending again")
+        return 0
     released = agent.release(_layout(project_dir), task_id, plan_id=plan_id, fork_id=fork_id, reason=reason,
                              holder=holder, attempt=attempt)
     if as_json:
@@ -220,6 +246,115 @@ def release(task_id: str, reason: str, plan_id: str | None, fork_id: str | None,
     else:
         click.echo(f"released {_p(released.ref)} on its last allowed attempt ({released.attempt}): the step failed")
     return 0
+
+
+# --- planning tasks (conductor.handoff.planning) -----------------------------------------------
+
+PLANNING = "planning"
+PLANNING_VERDICT_WAIT = 30.0
+
+
+def _holder(holder: str | None) -> str:
+    from conductor.handoff.agent import default_holder
+
+    return holder or default_holder()
+
+
+def _claim_planning(layout: Any, plan_id: str | None, holder: str | None, wait_seconds: float, *, named: bool) -> Any:
+    """Claim a waiting planning task (of ``plan_id``), waiting up to ``wait_seconds`` when ``named``; None if none."""
+    import time
+
+    from conductor.errors import NotFound
+    from conductor.handoff.planning import claim_planning, configured_lease_seconds, pending_planning
+
+    until = time.monotonic() + (wait_seconds if named else 0.0)
+    while True:
+        waiting = [p for p, _ in pending_planning(layout) if plan_id in (None, p)]
+        if waiting:
+            claimed = claim_planning(layout, waiting[0], holder=_holder(holder),
+                                     lease_seconds=configured_lease_seconds(layout))
+            if claimed is not None:
+                return claimed
+        elif time.monotonic() >= until:
+            if named:
+                raise NotFound("nothing to claim: no planning task waits" + (f" for plan {plan_id}" if plan_id else ""))
+            return None
+        else:
+            time.sleep(0.2)
+
+
+def _show_planning(layout: Any, plan_id: str | None, holder: str | None, *, renew: bool = False) -> dict[str, Any]:
+    from conductor.handoff.planning import (
+        configured_lease_seconds,
+        held_planning,
+        planning_target,
+        planning_tasks,
+        show_planning,
+    )
+
+    who = _holder(holder)
+    target = planning_target(layout, plan_id, who)
+    if renew or any(r["plan_id"] == target and r["holder"] == who for r in planning_tasks(layout)):
+        return held_planning(layout, target, holder=who, lease_seconds=configured_lease_seconds(layout)).to_json()
+    task, state = show_planning(layout, target)
+    return {"kind": PLANNING, "task_id": PLANNING, "plan_id": task.plan_id, "attempt": task.attempt, "state": state,
+            "goal": task.goal, "strategies": task.strategies, "instruction": task.instruction,
+            "previous_rejections": [r.model_dump(mode="json") for r in task.previous_rejections],
+            "facts": task.facts.model_dump(mode="json"), "plan_schema": task.plan_schema, "deadline": task.deadline}
+
+
+def _print_planning(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"planning task of plan {_p(data['plan_id'])} (attempt {data['attempt']})"
+               + (f", held by {_p(data['holder'])} until {data['lease_expires_at']}" if data.get("holder") else ""))
+    click.echo(f"goal:           {_p(data['goal'])}")
+    click.echo(f"strategies:     {data['strategies']} wanted")
+    if data.get("task_file"):
+        click.echo(f"task file:      {_p(data['task_file'])} (plan_schema, facts: files, languages, checks, policy)")
+    for rejection in data.get("previous_rejections", []):
+        click.echo(f"attempt {rejection['attempt']} was rejected:")
+        for reason in rejection["reasons"]:
+            click.echo(f"  - {_p(reason)}")
+    click.echo("instruction:")
+    for line in _p(data["instruction"]).splitlines():
+        click.echo(f"  {line}")
+    click.echo(f"next: write a plan file, then `conductor task complete planning --plan {_p(data['plan_id'])} "
+               "--plan-file FILE`")
+
+
+def _answer_planning(layout: Any, task_id: str, plan_file: Path | None, plan_id: str | None, holder: str | None,
+                     as_json: bool) -> int:
+    """``complete planning --plan-file F``: answer, wait for the verdict; exit 1 when it is rejected."""
+    from conductor.handoff.planning import submit_plan
+
+    if task_id != PLANNING or plan_file is None:
+        raise click.UsageError("--plan-file answers the planning task: `conductor task complete planning --plan-file F`")
+    if str(plan_file) == "-":
+        data, fmt = sys.stdin.buffer.read(), "yaml"
+    else:
+        try:
+            data = plan_file.read_bytes()
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            from conductor.errors import NotFound
+
+            raise NotFound(f"{plan_file}: no such plan file") from exc
+        fmt = "json" if plan_file.suffix.lower() == ".json" else "yaml"
+    outcome = submit_plan(layout, plan_id, holder=_holder(holder), answer=data, fmt=fmt,
+                          wait_seconds=PLANNING_VERDICT_WAIT)
+    if as_json:
+        echo_json(outcome)
+    else:
+        click.echo(f"plan {_p(outcome['plan_id'])}, planning attempt {outcome['attempt']}: {outcome['verdict']}")
+        for reason in outcome["reasons"]:
+            click.echo(f"  - {_p(reason)}")
+        if outcome["verdict"] == "rejected" and outcome["next_attempt"]:
+            click.echo(f"next: attempt {outcome['next_attempt']} waits: `conductor task claim planning` shows the reasons; "
+                       "fix the plan and answer again")
+        elif outcome["verdict"] == "pending":
+            click.echo("next: Conductor has not judged it yet: `conductor task show planning` (is `conductor explore` running?)")
+    return 1 if outcome["verdict"] == "rejected" else 0
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -442,10 +442,11 @@ def answer_planning(project: ProjectLayout, plan_id: str, *, holder: str, answer
         target = layout.dir / "completed" / f"a{attempt}.answer.{fmt}"
         commit_temp(write_temp(target, answer), target)
         fsync_dir(target.parent)  # the answer is durable before the commit point
+        # logged before the commit point, so the judge, woken by the rename, finds who answered
+        layout.audit_log.append("planning.answered", {"attempt": attempt, "holder": holder, "answer_sha256": sha256_hex(answer)})
         rename_file(layout.task_file("in_progress", attempt), layout.task_file("completed", attempt))
         layout.lease_file(attempt).unlink(missing_ok=True)
     sync_rename(layout.task_file("in_progress", attempt), layout.task_file("completed", attempt))
-    layout.audit_log.append("planning.answered", {"attempt": attempt, "holder": holder, "answer_sha256": sha256_hex(answer)})
     return attempt
 
 
@@ -791,3 +792,67 @@ def plan_by_handoff(
                            project_policy=policy, max_attempts=max_attempts, lease_seconds=lease_seconds,
                            timeout_seconds=timeout_seconds, poll_seconds=poll_seconds)
     return round_.run(on_published=on_published), round_
+
+
+# --- what `conductor task` and `conductor mcp` call -----------------------------------------------
+
+
+def configured_lease_seconds(project: ProjectLayout, environ: Mapping[str, str] = os.environ) -> float:
+    """``executor.lease_seconds`` of the project's config: the lease of a planning claim, renewed by every call."""
+    from conductor.project import load_project
+
+    return float(load_project(project, environ)[0].executor.lease_seconds)
+
+
+def planning_target(project: ProjectLayout, plan_id: str | None, holder: str) -> str:
+    """The plan id a planning call without ``plan_id`` means: the planning task ``holder`` holds, else the
+    only one live.
+
+    Raises:
+        NotFound: no live planning task (or ``plan_id`` has none), or several (name one).
+    """
+    if plan_id is not None:
+        if not PlanningLayout(project, plan_id).dir.is_dir():
+            raise NotFound(f"no planning task for plan {plan_id!r}")
+        return plan_id
+    rows = planning_tasks(project)
+    mine = [r["plan_id"] for r in rows if r["holder"] == holder]
+    if len(mine) == 1:
+        return mine[0]
+    if len(rows) == 1:
+        return rows[0]["plan_id"]
+    if not rows:
+        raise NotFound("no planning task waits for a plan")
+    raise NotFound(f"several planning tasks ({', '.join(r['plan_id'] for r in rows)}): name the plan")
+
+
+def held_planning(project: ProjectLayout, plan_id: str, *, holder: str, lease_seconds: float) -> PlanningClaim:
+    """Renew ``holder``'s claim of the planning task of ``plan_id`` and return it (what ``show`` prints).
+
+    Raises:
+        NotFound, LeaseLost: as :func:`renew_planning`.
+    """
+    lease = renew_planning(project, plan_id, holder=holder, lease_seconds=lease_seconds)
+    layout = PlanningLayout(project, plan_id)
+    return PlanningClaim(layout, read_document(layout.task_file("in_progress", lease.attempt), PlanningTask), lease)
+
+
+def submit_plan(project: ProjectLayout, plan_id: str | None, *, holder: str, answer: bytes, fmt: str,
+                wait_seconds: float) -> dict[str, Any]:
+    """Answer the planning task and wait up to ``wait_seconds`` for Conductor's verdict.
+
+    Returns:
+        ``{"kind": "planning", "plan_id", "attempt", "verdict": "accepted" | "rejected" | "pending",
+        "reasons", "next_attempt"}``.
+
+    Raises:
+        ConfigError, NotFound, LeaseLost: as :func:`answer_planning` (nothing is written).
+    """
+    target = planning_target(project, plan_id, holder)
+    attempt = answer_planning(project, target, holder=holder, answer=answer, fmt=fmt)
+    verdict = wait_for_verdict(project, target, attempt, timeout=max(0.0, wait_seconds))
+    outcome: dict[str, Any] = {"kind": "planning", "task_id": PLANNING_TASK_ID, "plan_id": target, "attempt": attempt}
+    if verdict is None:
+        return {**outcome, "verdict": "pending", "reasons": [], "next_attempt": None}
+    return {**outcome, "verdict": "accepted" if verdict.accepted else "rejected", "reasons": list(verdict.reasons),
+            "next_attempt": verdict.next_attempt}

@@ -1,0 +1,152 @@
+"""`conductor mcp` driven by the MCP SDK's own stdio client: plan (handoff planning) and execute a whole
+explore with no file access by the client — every read and edit goes through the MCP workspace tools.
+
+`conductor explore --planner handoff --executor handoff` runs as one subprocess and waits; `conductor mcp`
+runs as another, started by the SDK's `stdio_client` (which passes on only HOME, PATH, SHELL, TERM, USER,
+LOGNAME and what `env` adds). The test counts the tool calls each step took.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from conductor.layout import ProjectLayout
+from tests.e2e.project import FIXED_CALC, TEST_CALC, all_chains_verify, cli_env, make_project, spawn
+
+TIMEOUT = 240
+
+PLAN = {"strategies": [{"name": "fix-then-test", "description": "fix the operator, then add a test", "steps": [
+    {"id": "fix", "title": "Fix add", "instruction": "In calc.py, make add return a + b.", "allowed_files": ["calc.py"],
+     "confidence": 0.95},
+    {"id": "test", "title": "Test add", "instruction": "Add test_more.py testing add(1, 1) == 2.",
+     "allowed_files": ["test_more.py"], "depends_on": ["fix"], "confidence": 0.95},
+]}]}
+MORE_TEST = "from calc import add\n\n\ndef test_one_and_one():\n    assert add(1, 1) == 2\n"
+
+
+class Session:
+    """An MCP client session that counts its tool calls and turns tool errors into values."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls = 0
+
+    async def __call__(self, name: str, **arguments: Any) -> dict[str, Any]:
+        self.calls += 1
+        result = await self.client.call_tool(name, arguments, read_timeout_seconds=TIMEOUT)
+        if result.is_error:
+            return {"error": " ".join(getattr(block, "text", "") for block in result.content)}
+        assert result.structured_content is not None, result
+        return result.structured_content
+
+
+async def _drive(root: Path) -> dict[str, Any]:
+    from mcp import Client, StdioServerParameters
+
+    params = StdioServerParameters(command=sys.executable, args=["-m", "conductor", "mcp", "-C", str(root)],
+                                   env={"CONDUCTOR_HOLDER": "mcp-test-agent"}, cwd=str(root.parent))
+    report: dict[str, Any] = {"calls_per_step": {}}
+    if True:
+        async with Client(params, read_timeout_seconds=TIMEOUT) as client:
+            call = Session(client)
+            names = {tool.name for tool in (await client.list_tools()).tools}
+            assert {"claim_task", "complete_task", "read_file", "write_file", "get_planning_task", "submit_plan",
+                    "status", "list_tasks", "heartbeat", "release_task", "show_task", "list_files", "delete_file"} <= names
+            # -- plan: a first answer outside policy is rejected with reasons, the second is accepted
+            task = await call("get_planning_task", wait_seconds=120)
+            assert task.get("kind") == "planning", task
+            assert task["attempt"] == 1 and task["strategies"] == 1 and "Fix add" in task["goal"]
+            assert "calc.py" in task["facts"]["files"] and task["facts"]["policy"]["protected_patterns"] == ["*.lock"]
+            assert "strategies" in task["plan_schema"]["properties"]
+            locked = {"strategies": [{"name": "lock", "steps": [{"instruction": "bump", "allowed_files": ["poetry.lock"]}]}]}
+            verdict = await call("submit_plan", plan=locked, wait_seconds=120)
+            assert verdict["verdict"] == "rejected" and verdict["next_attempt"] == 2, verdict
+            assert "'poetry.lock' is protected by the policy" in verdict["reasons"][0]
+            task = await call("get_planning_task", wait_seconds=60)
+            assert task["attempt"] == 2 and task["previous_rejections"][0]["reasons"] == verdict["reasons"]
+            verdict = await call("submit_plan", plan=PLAN, wait_seconds=120)
+            assert verdict["verdict"] == "accepted", verdict
+            plan_id = verdict["plan_id"]
+            report["planning_calls"] = call.calls
+            # -- execute: two steps, only through the workspace tools
+            before = call.calls
+            step = await call("claim_task", wait_seconds=120)
+            assert step.get("kind") == "step" and step["task_id"] == "step_001", step
+            assert step["allowed_files"] == ["calc.py"] and step["plan_id"] == plan_id
+            source = await call("read_file", task_id=step["ref"], path="calc.py")
+            written = await call("write_file", task_id=step["ref"], path="calc.py",
+                                 content=source["content"].replace("a - b", "a + b"))
+            assert written == {"path": "calc.py", "bytes": len(FIXED_CALC), "created": False}
+            done = await call("complete_task", task_id=step["ref"], summary="add returns a + b")
+            assert done["status"] == "completed" and done["warnings"] == [], done
+            assert [c["path"] for c in done["files_changed"]] == ["calc.py"]
+            report["calls_per_step"]["step_001"] = call.calls - before
+            # the confinement, played as an attacker (not counted)
+            before = call.calls
+            step = await call("claim_task", wait_seconds=120)
+            assert step["task_id"] == "step_002", step
+            refused = {
+                "outside allowed_files": await call("write_file", task_id=step["ref"], path="test_calc.py", content="x"),
+                "absolute": await call("write_file", task_id=step["ref"], path="/etc/passwd", content="x"),
+                "dotdot": await call("read_file", task_id=step["ref"], path="../../../../calc.py"),
+                ".git": await call("write_file", task_id=step["ref"], path=".git/hooks/pre-commit", content="x"),
+                "git disguised": await call("read_file", task_id=step["ref"], path=".GIT/config"),
+                "not held": await call("read_file", task_id=f"{plan_id}/1/step_001", path="calc.py"),
+            }
+            for what, answer in refused.items():
+                assert "error" in answer, (what, answer)
+            assert "outside this task's allowed_files" in refused["outside allowed_files"]["error"]
+            attacks = call.calls - before - 1
+            listed = await call("list_files", task_id=step["ref"])
+            assert {f["path"] for f in listed["files"]} >= {"calc.py", "test_calc.py"}
+            assert not any(f["path"].startswith(".git/") for f in listed["files"])
+            written = await call("write_file", task_id=step["ref"], path="test_more.py", content=MORE_TEST)
+            assert written["created"] is True
+            done = await call("complete_task", task_id=step["ref"], summary="a test of add(1, 1)")
+            assert done["status"] == "completed", done
+            report["calls_per_step"]["step_002"] = call.calls - before - attacks
+            # -- status as a tool and as resources
+            status = await call("status", plan_id=plan_id)
+            assert status["plan"]["plan_id"] == plan_id
+            resource = await client.read_resource(f"conductor://plans/{plan_id}/forks/1")
+            fork = json.loads(resource.contents[0].text)
+            assert fork["fork_id"] == "1" and [s["step_id"] for s in fork["steps"]] == ["step_001", "step_002"]
+            report["plan_id"] = plan_id
+            report["calls"] = call.calls
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_mcp_client_plans_and_executes_a_whole_explore(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "proj")
+    explore = spawn(root, "explore", "Fix add so the tests pass", "--planner", "handoff", "--executor", "handoff",
+                    "--forks", "1", "--planner-timeout", "600", "--json", env=cli_env())
+    try:
+        report = anyio.run(_drive, root)
+        out, err = explore.communicate(timeout=TIMEOUT)
+    finally:
+        if explore.poll() is None:
+            explore.kill()
+            explore.communicate()
+    assert explore.returncode == 0, err
+    result = json.loads(out)
+    assert result["status"] == "succeeded" and result["plan_id"] == report["plan_id"]
+    assert result["applied_fork"] == "1" and sorted(result["applied_files"]) == ["calc.py", "test_more.py"]
+    assert (root / "calc.py").read_text() == FIXED_CALC
+    assert (root / "test_more.py").read_text() == MORE_TEST and (root / "test_calc.py").read_text() == TEST_CALC
+    assert all_chains_verify(root)
+    layout = ProjectLayout(root)
+    plan = json.loads((layout.plan_dir(report["plan_id"]) / "plan.json").read_text())
+    assert plan["planner"]["kind"] == "handoff"
+    # the counts the issue asks for: 3 calls for a step whose file content the instruction fully determines
+    # (claim, write, complete), 4 when the agent must read a file first (claim, read, write, complete)
+    assert report["calls_per_step"] == {"step_001": 4, "step_002": 4}, report
+    assert report["planning_calls"] == 4  # get, submit (rejected), get, submit (accepted)
+    print(f"\nMCP tool calls: planning {report['planning_calls']} (one rejection), per step {report['calls_per_step']}")
