@@ -209,3 +209,41 @@ def test_the_back_off_example_of_the_docs_is_right() -> None:
     assert (confidence.score, confidence.level) == (example["score"], example["level"])
     assert confidence.score < example["estimate"]
     assert json.dumps(confidence.reasons, ensure_ascii=False) in doc
+
+
+@pytest.mark.slow
+def test_a_real_llm_plan_is_scored_by_its_model_and_kind_of_step_and_records_its_outcome(tmp_path: Path) -> None:
+    import json
+
+    from conductor.confidence import read_outcomes
+    from tests.e2e.project import FIXED_CALC, cli_env, conductor, make_project
+    from tests.helpers.llm_server import scripted_llm_server
+
+    plan = {"strategies": [{"name": "fix", "description": "", "steps": [
+        {"id": "fix", "title": "Fix add", "instruction": "FIX: make add() add", "allowed_files": ["calc.py"],
+         "depends_on": [], "confidence": 0.9}]}]}
+    with scripted_llm_server() as llm:
+        llm.reply("# Goal", plan)
+        llm.reply("FIX:", {"summary": "fix", "explanation": "use +",
+                           "edits": [{"path": "calc.py", "action": "write", "content": FIXED_CALC}]})
+        root = make_project(tmp_path / "proj", config={"planner": {"provider": "openai", "model": "m-1"},
+                                                       "llm": {"openai_base_url": llm.openai_base_url}})
+        history = root / ".conductor" / "history.jsonl"
+        for i in range(5):  # this model failed five steps of the same kind before
+            record_outcome(history, plan_id="earlier", fork_id="1", step_id=f"step_{i + 1:03d}", executor="llm",
+                           accepted=False, attempt=1, model="openai/m-1", kind="fix .py single", predicted=0.9)
+        record_outcome(history, plan_id="earlier", fork_id="1", step_id="step_009", executor="llm", accepted=True,
+                       attempt=1, model="openai/other", kind="fix .py single", predicted=0.9)
+        run = conductor(root, "build", "Fix add", "--json", env=cli_env(OPENAI_API_KEY="sk-test-not-real"))
+
+    assert run.returncode == 0, run.stderr
+    plan_id = json.loads(run.stdout)["plan_id"]
+    story = json.loads(conductor(root, "explain", "step_001", "--json").stdout)[0]
+    confidence = story["confidence"]
+    assert confidence["score"] < 0.9 and confidence["level"] == "medium"
+    assert confidence["reasons"][1].startswith("history of llm · openai/m-1 · fix .py single: 0/5 accepted")
+    assert "llm 1/6" in confidence["reasons"][1]
+    newest = read_outcomes(history)[-1]
+    assert (newest.plan_id, newest.model, newest.kind, newest.attempt, newest.outcome) == (
+        plan_id, "openai/m-1", "fix .py single", 1, "accepted")
+    assert newest.predicted == confidence["score"]
