@@ -185,3 +185,37 @@ def test_after_a_protected_file_rejection_the_next_plans_task_in_that_area_carri
     story = conductor(root, "explain", "step_001").stdout
     assert "lesson" in story.lower() and "deps/poetry.lock" in story
     all_chains_verify(root)
+
+
+def test_a_finished_forks_log_records_every_missing_outcome_and_executor_failure_lessons_once(tmp_path: Path) -> None:
+    from conductor.confidence import read_outcomes
+    from conductor.layout import ProjectLayout
+    from conductor.lessons import learn_from_events, learn_from_verdict
+    from conductor.models import Event, StepSpec
+
+    def event(seq: int, type_: str, **data: object) -> Event:
+        return Event(seq=seq, ts="2026-11-26T10:00:00Z", type=type_, data=data, prev="sha256:" + "0" * 64,
+                     hash="sha256:" + "0" * 64)
+
+    layout = ProjectLayout(tmp_path)
+    step = StepSpec(step_id="step_001", title="Refactor the parser", instruction="Split parse()",
+                    allowed_files=["src/parser.py"])
+    events = [event(0, "confidence.scored", step_id="step_001", score=0.77, level="medium", reasons=[]),
+              event(1, "task.lease_expired", step_id="step_001", attempt=1),
+              event(2, "task.failed", step_id="step_001", attempt=2, reason="timeout", message=f"killed, key {SECRET}"),
+              event(3, "step.verified", step_id="step_001", attempt=3, accepted=True),
+              event(4, "task.published", step_id="step_002", attempt=1)]  # not a step of these: skipped
+    # Attempt 3's verdict was recorded at once, as the engine does.
+    learn_from_verdict(layout, _verdict(task_id="step_001", attempt=3, accepted=True), step, executor="llm",
+                       model="gemini/flash", predicted=0.77)
+    assert learn_from_events(layout, "p1", "1", [step], events, executor="llm", model="gemini/flash") == 2
+    assert learn_from_events(layout, "p1", "1", [step], events, executor="llm", model="gemini/flash") == 0
+    outcomes = read_outcomes(layout.history_file)
+    assert [(o.attempt, o.outcome, o.predicted, o.kind) for o in outcomes] == [
+        (3, "accepted", 0.77, "refactor .py single"), (1, "lease_expired", 0.77, "refactor .py single"),
+        (2, "executor_failed", 0.77, "refactor .py single")]
+    (lesson,) = read_lessons(layout.lessons_file)
+    assert (lesson["kind"], lesson["attempt"], lesson["files"], lesson["checks"]) == (
+        "executor_failure", 2, ["src/parser.py"], ["timeout"])
+    assert SECRET not in layout.lessons_file.read_text()
+    assert [entry["step_id"] for entry in lessons_for(layout.lessons_file, ["src/lexer.py"])] == ["step_001"]
