@@ -14,7 +14,10 @@ redone on resume (a redone commit gets a new id, harmless: nothing recorded the 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from pathspec import GitIgnoreSpec
 
 from conductor.attempts import attempt_changes, state_store, task_workspace
 from conductor.errors import GitError, IntegrityError, MergeConflict, UnsafePath
@@ -114,9 +117,10 @@ def verify_step(
     decision = evaluate_changes(policy, task.allowed_files, changes, symlinks=store.symlinks(tree) if changes else {})
     reasons, checks = list(decision.reasons), list(decision.checks)
     reasons += _unsafe_links(store, tree, changes)
-    reported = _reported_check(result, changes)
+    ignored = ignore_matcher(settings.ignore)
+    reported = _reported_check(result, changes, ignored)
     checks.append(reported)
-    provenance_check = _provenance_check(fork, task_id, result, changes, settings)
+    provenance_check = _provenance_check(fork, task_id, result, changes, settings, ignored)
     checks.append(provenance_check)
     if not provenance_check.passed and (settings.require_signatures or not provenance_check.detail.startswith("unsigned:")):
         reasons.append(f"provenance: {provenance_check.detail}")
@@ -167,20 +171,35 @@ def _unsafe_links(store, tree: str, changes: list[FileChange]) -> list[str]:
     return reasons
 
 
-def _reported_check(result: Result, changes: list[FileChange]) -> Check:
-    reported = {c.path for c in result.files_changed}
+def ignore_matcher(ignore: list[str]) -> Callable[[str], bool]:
+    """Whether a workspace path matches a ``workspace.ignore`` pattern (gitignore syntax, as the capture
+    applies them): such a path is never part of what an attempt changed."""
+    if not ignore:
+        return lambda path: False
+    return GitIgnoreSpec.from_lines(ignore).match_file
+
+
+def _reported_check(result: Result, changes: list[FileChange], ignored: Callable[[str], bool]) -> Check:
+    """The executor's ``files_changed`` against the captured changes. Reported paths matching
+    ``workspace.ignore`` are left out first: the capture leaves them out too, so an executor that truthfully
+    reports a cache file it wrote (``__pycache__/x.pyc``) is not contradicted."""
+    reported = {c.path for c in result.files_changed if not ignored(c.path)}
+    dropped = sorted({c.path for c in result.files_changed} - reported)
     observed = {c.path for c in changes}
+    note = f"; not counted (workspace.ignore): {dropped}" if dropped else ""
     if reported == observed:
-        return Check(name="reported_changes_match", passed=True)
-    detail = f"executor reported {sorted(reported)}, workspace shows {sorted(observed)}"
+        return Check(name="reported_changes_match", passed=True, detail=note.removeprefix("; "))
+    detail = f"executor reported {sorted(reported)}, workspace shows {sorted(observed)}{note}"
     return Check(name="reported_changes_match", passed=False, detail=detail)
 
 
 def _provenance_check(
-    fork: ForkLayout, task_id: str, result: Result, changes: list[FileChange], settings: VerifySettings
+    fork: ForkLayout, task_id: str, result: Result, changes: list[FileChange], settings: VerifySettings,
+    ignored: Callable[[str], bool],
 ) -> Check:
     """The executor's provenance: a DSSE envelope whose statement names the result and the changed files
-    with their true digests, signed by a key trusted for the executor (or unsigned, unless required)."""
+    with their true digests, signed by a key trusted for the executor (or unsigned, unless required).
+    Subjects matching ``workspace.ignore`` are not compared: they are never captured nor merged."""
     path = fork.sidecar("completed", task_id, PROVENANCE_SUFFIX)
     if not path.exists():
         return Check(name="provenance", passed=False, detail="unsigned: no provenance file")
@@ -194,7 +213,7 @@ def _provenance_check(
         else [result_name]
     truth = {c.path: c.sha256 for c in changes}
     wrong += [name for name, hex_digest in read.subjects.items()
-              if name != result_name and truth.get(name) != hex_digest]
+              if name != result_name and not ignored(name) and truth.get(name) != hex_digest]
     if wrong:
         return Check(name="provenance", passed=False,
                      detail=f"subject digests do not match the files: {', '.join(sorted(wrong))}")

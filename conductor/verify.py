@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from conductor.handoff.lease import rejected_content_checksums
 from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict
 from conductor.plan_store import FORK_RECORD, check_plan_pinned, fork_records
 from conductor.provenance import read_provenance
+from conductor.verifier import ignore_matcher
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def verify_project(
     trust = TrustStore.for_project(layout.keys_dir, config.trust, layout.conductor_dir,
                                    own_key=own.public_key if own is not None else None)
     checker = _Checker(layout, trust, config.trust.require_signatures, witness)
+    checker.ignore = list(config.workspace.ignore)
     for plan_id in plan_ids if plan_ids is not None else layout.plan_ids():
         checker.plan(plan_id)
     if witness is not None and plan_ids is None:
@@ -125,6 +127,7 @@ class _Checker:
         self.layout, self.trust, self.require, self.witness = layout, trust, require_signatures, witness
         self.project = project_id(layout.conductor_dir)
         self.report = VerifyReport()
+        self.ignore: list[str] = []  # config.yaml's workspace.ignore: for tasks that do not carry their own
 
     def vanished_plans(self) -> None:
         """A plan deleted whole, checkpoints and all, leaves nothing to check, except what the witness
@@ -266,9 +269,11 @@ class _Checker:
             return
         self.report.count("results")
         tree = verdict.tree if verdict is not None else None
+        # Paths matching workspace.ignore are never captured: an executor may truthfully report them.
+        ignored = ignore_matcher(task.ignore or self.ignore)
         if tree is not None:
-            self.changes(result_path, tree, result.files_changed)
-        self.provenance(fork, state, task_id, result, tree)
+            self.changes(result_path, tree, [c for c in result.files_changed if not ignored(c.path)])
+        self.provenance(fork, state, task_id, result, tree, ignored)
         attested = fork.sidecar(state, task_id, ATTESTATION_SUFFIX).exists()
         if state == "completed" and (attested or (verdict is not None and verdict.accepted)):
             self.attestation(fork, task_id, verdict)
@@ -324,7 +329,8 @@ class _Checker:
                 self.add(where, f"{change.path}: recorded {change.change} with sha256 "
                                 f"{(expected or 'none')[:12]}…, the attempt's captured tree has {now}")
 
-    def provenance(self, fork: ForkLayout, state: str, task_id: str, result: Result, tree: str | None) -> None:
+    def provenance(self, fork: ForkLayout, state: str, task_id: str, result: Result, tree: str | None,
+                   ignored: Callable[[str], bool]) -> None:
         path = fork.sidecar(state, task_id, PROVENANCE_SUFFIX)
         if not path.exists():
             if self.require:
@@ -336,7 +342,8 @@ class _Checker:
         except (ConductorError, OSError) as exc:
             self._error(path, exc)
             return
-        self.subjects(path, read.subjects, fork.state_dir(state), tree, beside={f"{task_id}{RESULT_SUFFIX}"})
+        subjects = {name: digest for name, digest in read.subjects.items() if not ignored(name)}
+        self.subjects(path, subjects, fork.state_dir(state), tree, beside={f"{task_id}{RESULT_SUFFIX}"})
 
     def attestation(self, fork: ForkLayout, task_id: str, verdict: Verdict | None) -> None:
         path = fork.sidecar("completed", task_id, ATTESTATION_SUFFIX)

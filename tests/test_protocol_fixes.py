@@ -223,3 +223,68 @@ def test_ranking_puts_more_verified_steps_first() -> None:
         _evidence("10", "failed", 1, 2, lines=50),     # a tie with fork 2 but for the id: 2 before 10
     ]
     assert [e.fork_id for e in rank(forks)] == ["7", "6", "5", "4", "2", "10", "3", "1"]
+
+
+# --- workspace.ignore: reported ignored files are not a lie -------------------------------------
+
+CACHE_PLAN = """\
+goal: Fix the greeting
+strategies:
+  - name: python
+    steps:
+      - id: fix
+        instruction: >-
+          python3 -c "import pathlib, py_compile; p = pathlib.Path('greet.py');
+          p.write_text(p.read_text().replace('Helo', 'Hello')); py_compile.compile('greet.py')"
+        allowed_files: [greet.py]
+        confidence: 0.6
+"""
+
+
+@pytest.mark.slow
+def test_an_executor_reporting_an_ignored_cache_file_is_not_contradicted(tmp_path: Path, executor: Path) -> None:
+    root = tmp_path / "cache-project"
+    root.mkdir()
+    assert conductor(root, "init").returncode == 0
+    (root / "greet.py").write_text('print("Helo, world")\n')
+    (root / "plan.yaml").write_text(CACHE_PLAN)
+    conductor(root, "explore", "--plan", "plan.yaml", "--executor", "handoff", "--no-wait")
+    (task_file,) = handoff_dir(root).glob("fork_1/pending/step_001.task.json")
+    task = json.loads(task_file.read_text())
+    assert "__pycache__/" in task["ignore"] and "*.pyc" in task["ignore"]  # the executor can know them
+    assert task["confidence"]["level"] == "medium"  # where a mismatch of reported files rejects the step
+
+    run_executor(root, executor)  # the documented executor reports every file it saw change, the .pyc too
+    fork = handoff_dir(root) / "fork_1"
+    reported = [c["path"] for c in json.loads((fork / "completed" / "step_001.result.json").read_text())["files_changed"]]
+    assert "greet.py" in reported and any(p.startswith("__pycache__/") for p in reported)
+
+    resumed = _json(root, "resume", "--executor", "handoff", "--no-wait")
+    assert resumed["status"] == "succeeded" and resumed["applied_fork"] == "1"
+    verdict = json.loads((fork / "completed" / "step_001.verdict.json").read_text())
+    check = next(c for c in verdict["checks"] if c["name"] == "reported_changes_match")
+    assert check["passed"] is True and "workspace.ignore" in check["detail"]
+    assert [c["path"] for c in verdict["files_changed"]] == ["greet.py"]
+    assert not (root / "__pycache__").exists()  # ignored files are never merged
+    verified = _json(root, "verify", "--no-witness")
+    assert verified["ok"] is True, verified["findings"]
+
+
+def test_reported_files_matching_no_ignore_pattern_still_count() -> None:
+    """Only ignore patterns excuse a reported path: a file the executor claims but did not change, or
+    one it hid, still fails the check."""
+    from conductor.models import ExecutorInfo, FileChange, Result
+    from conductor.verifier import _reported_check, ignore_matcher
+
+    def change(path: str) -> FileChange:
+        return FileChange(path=path, change="added", sha256="0" * 64, lines_added=1, lines_removed=0)
+
+    result = Result(task_id="step_001", plan_id="p", fork_id="1", attempt=1, fencing_token=1,
+                    task_checksum="sha256:" + "0" * 64, status="completed", executor=ExecutorInfo(id="x", kind="x"),
+                    files_changed=[change("a.py"), change("__pycache__/a.cpython-311.pyc"), change("b.py")],
+                    summary="", started_at="2026-01-01T00:00:00.000000Z", finished_at="2026-01-01T00:00:00.000000Z")
+    ignored = ignore_matcher(["__pycache__/", "*.pyc"])
+    assert _reported_check(result, [change("a.py"), change("b.py")], ignored).passed
+    failed = _reported_check(result, [change("a.py")], ignored)
+    assert not failed.passed and "b.py" in failed.detail
+    assert not _reported_check(result, [change("a.py"), change("b.py")], ignore_matcher([])).passed
