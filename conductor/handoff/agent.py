@@ -662,7 +662,8 @@ def complete(
     held = _held(layout, task_id, plan_id=plan_id, fork_id=fork_id, holder=holder, attempt=attempt, settings=settings)
     task = held.claim.task
     changes, warnings, capture_error = _changes(layout, task, settings)
-    summary = redact(_one_line(summary) or _one_line(explanation or "") or _default_summary(changes, result_status))
+    summary = redact(_one_line(summary) or _one_line(explanation or "").lstrip("#").strip()
+                     or _default_summary(changes, result_status))
     error = None
     if capture_error is not None:
         result_status, error = "failed", ErrorInfo(kind="workspace_error", message=redact(capture_error))
