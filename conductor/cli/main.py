@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "policy": ("conductor.cli.inspect_cmds:policy", "Show the effective policy and where each value came from."),
     "handoff-metrics": ("conductor.cli.inspect_cmds:handoff_metrics", "Write and show handoff metrics.json."),
     "confidence": ("conductor.cli.confidence_cmds:confidence", "Show how well past confidence scores predicted outcomes."),
+    "cost": ("conductor.cli.cost_cmd:cost", "Show LLM spending by plan, fork, step and model, and what replays saved."),
 }
 
 
@@ -89,7 +90,8 @@ def cli() -> None:
 
     Exit codes: 0 ok, 1 plan did not succeed, 2 usage, 3 config, 4 policy, 5 integrity,
     6 LLM backend, 7 missing API key, 8 executor, 9 not found, 10 state conflict, 11 halted,
-    70 internal error, 130 interrupted. See docs/cli.md.
+    12 git, 13 no sandbox, 14 LLM budget reached, 70 internal error, 74 disk refused a write,
+    130 interrupted. See docs/cli.md.
     """
 
 
