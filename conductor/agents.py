@@ -119,7 +119,8 @@ command: the worker completes the task for you.
 
        conductor task release TASK --reason "why"
 
-   `conductor task complete TASK --status failed --summary "why"` instead gives the step up for good.
+   If you did the work and it fails, `conductor task complete TASK --status failed --summary "why"`
+   records a failed attempt instead; Conductor retries the step with that evidence while attempts remain.
 6. Finish before `deadline`. `conductor task heartbeat TASK` renews the lease (so does every
    `conductor task` call on the task); after the deadline the task is re-queued and your work dropped.
 
