@@ -142,8 +142,9 @@ need no access to Conductor's files.
 
 ### Never
 
-- Never read or write anything under `.conductor/` (task files, leases, audit logs, keys, scratch): only
-  the `conductor` commands touch it.
+- Never read or write anything under `.conductor/` (task files, leases, audit logs, keys, other
+  workspaces) except inside the one workspace you were given, which lies below `.conductor/scratch/`:
+  only the `conductor` commands touch the rest.
 - Never change files outside the workspace or outside `allowed_files`, and never commit to the project.
 - Never create another git repository inside the workspace, and leave no process writing into it after
   you completed the task.
