@@ -247,3 +247,35 @@ def test_a_real_llm_plan_is_scored_by_its_model_and_kind_of_step_and_records_its
     assert (newest.plan_id, newest.model, newest.kind, newest.attempt, newest.outcome) == (
         plan_id, "openai/m-1", "fix .py single", 1, "accepted")
     assert newest.predicted == confidence["score"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["write:ENOSPC:1@history.jsonl", "fsync:EIO:2@history.jsonl"])
+def test_a_disk_error_while_recording_an_outcome_stops_the_run_and_resume_records_it_once(tmp_path: Path, fault: str) -> None:
+    import json
+
+    from conductor.confidence import read_outcomes
+    from tests.e2e.project import FIXED_CALC, cli_env, conductor, make_project
+
+    root = make_project(tmp_path / "proj", config={
+        "executor": {"kind": "command", "command": 'sh -c "$CONDUCTOR_INSTRUCTION"', "poll_seconds": 0.5}})
+    (root / "fix.py").write_text(f"open('calc.py', 'w').write({FIXED_CALC!r})\n")
+    (root / "plan.yaml").write_text(
+        "goal: Fix add\nstrategies:\n  - name: fix\n    steps:\n"
+        "      - id: fix\n        title: Fix add\n        instruction: python3 fix.py\n        allowed_files: [calc.py]\n"
+        "        confidence: 0.9\n"
+        "      - id: again\n        title: Fix add again\n        instruction: python3 fix.py\n"
+        "        allowed_files: [calc.py]\n        depends_on: [fix]\n        confidence: 0.9\n")
+    history = root / ".conductor" / "history.jsonl"
+
+    failed = conductor(root, "explore", "--plan", "plan.yaml", "--json", env=cli_env(CONDUCTOR_FAULT=fault))
+    assert failed.returncode == 74, failed.stderr
+    assert "injected by CONDUCTOR_FAULT" in failed.stderr
+    text = history.read_text() if history.exists() else ""
+    assert all(json.loads(line) for line in text.splitlines())  # nothing torn is left behind
+    resumed = conductor(root, "resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    outcomes = read_outcomes(history)
+    assert sorted((o.step_id, o.attempt, o.outcome) for o in outcomes) == [
+        ("step_001", 1, "accepted"), ("step_002", 1, "accepted")]
+    assert len(history.read_text().splitlines()) == 2  # recorded once each, the failed write cut back off
