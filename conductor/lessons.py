@@ -41,6 +41,7 @@ from conductor.confidence import (
 from conductor.errors import ConductorError
 from conductor.layout import ProjectLayout
 from conductor.models import Event, StepSpec, Verdict, utc_now
+from conductor.policy import matches_allowed, matches_protected
 from conductor.redact import redact
 
 LESSON_VERSION = 1
@@ -174,8 +175,6 @@ def lessons_of_step(path: Path, plan_id: str, fork_id: str, step_id: str) -> lis
 
 def relevance(lesson: dict[str, Any], allowed_files: Sequence[str]) -> int:
     """How relevant ``lesson`` is to a task with ``allowed_files`` (0: not at all; see the module docstring)."""
-    from conductor.policy import matches_allowed, matches_protected
-
     files = [f for f in lesson.get("files", []) if isinstance(f, str)]
     literals = [entry for entry in allowed_files if not _WILDCARD.search(entry) and not entry.endswith("/")]
     score = 0
