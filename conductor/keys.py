@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from conductor.config import TrustConfig
-from conductor.errors import KeyFileError
+from conductor.errors import ConductorError, KeyFileError
 from conductor.fsutil import TEMP_PREFIX, atomic_write, fsync_dir, write_all
 
 SIGNING_KEY_FILE = "signing.key"
@@ -331,6 +331,19 @@ def load_public_key(source: Path | bytes) -> Ed25519PublicKey:
 # --- trust --------------------------------------------------------------------------------------
 
 
+def _trust_entry_line(base_dir: Path, index: int) -> str:
+    """``<config.yaml>:<line>`` of ``trust.keys[index].public_key`` (the file alone when no line is known)."""
+    from conductor.yamlutil import display_path, read_yaml_document
+
+    config = base_dir / "config.yaml"
+    try:
+        document = read_yaml_document(config)
+    except (ConductorError, OSError):
+        return display_path(config)
+    line = document.lines.get(("trust", "keys", index, "public_key")) or document.lines.get(("trust", "keys", index))
+    return f"{document.source}:{line}" if line else document.source
+
+
 @dataclass(frozen=True)
 class TrustedPublicKey:
     """One trusted key: its id, the key, the executor-id patterns it may sign for, where it came from."""
@@ -367,7 +380,8 @@ class TrustStore:
                 kept in the project (a file an executor might have replaced).
 
         Raises:
-            KeyFileError: a configured key file is missing, malformed or not Ed25519 (naming it).
+            KeyFileError: a configured key file is missing, malformed or not Ed25519, naming the file, the
+                entry (``trust.keys[i].public_key``) and its line in ``base_dir/config.yaml``.
         """
         store = cls()
         own = Path(keys_dir) / PUBLIC_KEY_FILE
@@ -375,11 +389,16 @@ class TrustStore:
             store.add(own_key, OWN_IDENTITIES, source="the project's signing key")
         elif own.exists():
             store.add(load_public_key(own), OWN_IDENTITIES, source=str(own))
-        for entry in trust_config.keys:
+        for index, entry in enumerate(trust_config.keys):
             path = Path(entry.public_key).expanduser()
             if not path.is_absolute():
                 path = Path(base_dir) / path
-            store.add(load_public_key(path), entry.executors, source=str(path))
+            try:
+                public_key = load_public_key(path)
+            except KeyFileError as exc:
+                raise KeyFileError(f"{_trust_entry_line(Path(base_dir), index)}: trust.keys[{index}].public_key "
+                                   f"{entry.public_key!r} cannot be used: {exc}") from exc
+            store.add(public_key, entry.executors, source=str(path))
         return store
 
     def add(self, public_key: Ed25519PublicKey, executors: Iterable[str] = (ANY_EXECUTOR,), *, source: str = "") -> str:

@@ -233,12 +233,27 @@ def new_plan(
         CredentialsMissing / BackendError: the planner's provider failed.
         PlanningFailed: handoff planning got no acceptable plan (every attempt rejected, or the timeout).
         BudgetExceeded: the planner's call does not fit the budget (nothing is written).
+        KeyFileError: a ``trust.keys`` public key is missing or unusable (naming it and its config line;
+            nothing is written).
     """
     choices = choices or RunChoices()
+    check_trusted_keys(project)  # a key that cannot be loaded stops the run before plan.json exists
     sealed = _make_plan(project, goal=goal, plan_file=plan_file, forks=forks, no_cache=no_cache,
                         on_planning=on_planning, choices=choices)
     _record_budget(project, sealed.plan_id, choices)
     return sealed
+
+
+def check_trusted_keys(project: Project) -> None:
+    """Load every ``trust.keys`` public key of config.yaml, as the verifier will.
+
+    Raises:
+        KeyFileError: a key file is missing, malformed or not Ed25519, naming the file, the entry and
+            its line in config.yaml.
+    """
+    from conductor.keys import TrustStore
+
+    TrustStore.for_project(project.layout.keys_dir, project.config.trust, project.layout.conductor_dir)
 
 
 def _make_plan(project: Project, *, goal: str | None, plan_file: Path | None, forks: int, no_cache: bool,

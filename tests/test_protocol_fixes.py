@@ -288,3 +288,30 @@ def test_reported_files_matching_no_ignore_pattern_still_count() -> None:
     failed = _reported_check(result, [change("a.py")], ignored)
     assert not failed.passed and "b.py" in failed.detail
     assert not _reported_check(result, [change("a.py"), change("b.py")], ignore_matcher([])).passed
+
+
+# --- a trusted key that cannot be loaded stops the run before plan.json -------------------------
+
+
+@pytest.mark.parametrize("content", [None, b"not a key\n"])
+def test_a_missing_trusted_key_fails_before_the_plan_is_written(tmp_path: Path, content: bytes | None) -> None:
+    from conductor.errors import KeyFileError
+
+    root = tmp_path / "keys-project"
+    root.mkdir()
+    assert conductor(root, "init").returncode == 0
+    (root / "plan.yaml").write_text("goal: g\nstrategies:\n  - name: s\n    steps:\n"
+                                    "      - id: a\n        instruction: touch a.txt\n        allowed_files: [a.txt]\n")
+    config = root / ".conductor" / "config.yaml"
+    text = config.read_text()
+    assert "  keys: []" in text
+    config.write_text(text.replace("  keys: []", "  keys:\n    - public_key: keys/ci-worker.pub\n"
+                                                  "      executors: [ci-*]"))
+    line = config.read_text().splitlines().index("    - public_key: keys/ci-worker.pub") + 1
+    if content is not None:
+        (root / ".conductor" / "keys" / "ci-worker.pub").write_bytes(content)
+    done = conductor(root, "explore", "--plan", "plan.yaml", "--executor", "handoff", "--no-wait")
+    assert done.returncode == KeyFileError.exit_code, done.stdout + done.stderr
+    assert f"config.yaml:{line}: trust.keys[0].public_key 'keys/ci-worker.pub'" in done.stderr
+    assert "ci-worker.pub" in done.stderr.split("cannot be used:", 1)[1]
+    assert not list((root / ".conductor" / "handoff").glob("plan_*"))  # nothing written
