@@ -17,6 +17,7 @@ Where each agent reads its instructions (checked against each tool's documentati
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -216,8 +217,6 @@ def test_init_agent_in_a_real_process_prints_what_it_wrote(tmp_path: Path) -> No
     run = subprocess.run([sys.executable, "-m", "conductor", "init", "-C", str(tmp_path), "--agent", "cursor", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    import json
-
     report = json.loads(run.stdout)
     assert report["agent_files"] == [{"agent": "cursor", "path": ".cursor/rules/conductor.mdc", "action": "created"}]
     again = subprocess.run([sys.executable, "-m", "conductor", "init", "-C", str(tmp_path), "--agent", "cursor"],
@@ -317,3 +316,64 @@ def test_the_commands_of_docs_agents_md_parse(tmp_path: Path, monkeypatch: pytes
         command, path, args = resolve(shlex.split(line, comments=True))
         check_options(command, path, args)
         command.make_context(path[-1], list(args))
+
+
+PLAN = """\
+goal: Fix the greeting
+strategies:
+  - name: sed
+    steps:
+      - id: fix
+        instruction: Replace Helo by Hello in greet.py
+        allowed_files: [greet.py]
+        confidence: 0.9
+      - id: test
+        instruction: Add test_greet.py that imports greet
+        allowed_files: [test_greet.py]
+        depends_on: [fix]
+        confidence: 0.9
+"""
+
+
+def run(project: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    assert args[0] == "conductor"
+    return subprocess.run([sys.executable, "-m", "conductor", *args[1:]], cwd=project, capture_output=True, text=True,
+                          timeout=180)
+
+
+@pytest.mark.slow
+def test_an_agent_following_the_written_file_executes_a_step(tmp_path: Path) -> None:
+    """The claim, complete and release lines of CLAUDE.md, run as written (TASK filled in), drive a real plan."""
+    project = tmp_path / "project"
+    project.mkdir()
+    assert init(project, "claude-code") == 0
+    (project / "greet.py").write_text('print("Helo, world")\n')
+    (project / "plan.yaml").write_text(PLAN)
+    published = run(project, ["conductor", "explore", "--plan", "plan.yaml", "--executor", "handoff", "--no-wait"])
+    assert published.returncode == 11, published.stdout + published.stderr
+    blocks, _ = commands_in((project / "CLAUDE.md").read_text("utf-8"))
+    claim_line = next(b for b in blocks if b.startswith("conductor task claim"))
+    complete_line = next(b for b in blocks if b.startswith("conductor task complete TASK"))
+    release_line = next(b for b in blocks if b.startswith("conductor task release"))
+
+    claimed = run(project, shlex.split(claim_line))
+    assert claimed.returncode == 0, claimed.stderr
+    task = json.loads(claimed.stdout)
+    for field in ("task_id", "plan_id", "fork_id", "attempt", "instruction", "workspace", "allowed_files",
+                  "constraints", "checks", "deadline"):
+        assert field in task, field
+    workspace = Path(task["workspace"])
+    assert workspace.is_absolute() and (workspace / "greet.py").is_file()
+    (workspace / "greet.py").write_text('print("Hello, world")\n')  # the agent's own work
+    done = run(project, [part.replace("TASK", task["ref"]) for part in shlex.split(complete_line)])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    resumed = run(project, ["conductor", "resume", "--executor", "handoff", "--no-wait", "--json"])
+    assert json.loads(resumed.stdout)["waiting_for_executor"] == [{"fork_id": "1", "step_id": "step_002"}], resumed.stdout
+    second = json.loads(run(project, shlex.split(claim_line)).stdout)
+    assert second["task_id"] == "step_002"
+    assert (Path(second["workspace"]) / "greet.py").read_text() == 'print("Hello, world")\n'  # step 1 merged
+    released = run(project, [part.replace("TASK", second["ref"]) for part in shlex.split(release_line)])
+    assert released.returncode == 0, released.stdout + released.stderr
+    listed = json.loads(run(project, ["conductor", "task", "list", "--json"]).stdout)
+    assert [(t["task_id"], t["state"], t["attempt"]) for t in listed["tasks"]] == [("step_002", "pending", 2)]
