@@ -263,6 +263,9 @@ def test_explore_with_the_handoff_planner_answered_through_conductor_task(tmp_pa
         assert "polcy: unknown key" in answered.stdout and "next: attempt 2 waits" in answered.stdout
         verdict = read_verdict(layout, plan_id, 1)
         assert verdict is not None and not verdict.accepted and verdict.next_attempt == 2
+        listed = json.loads(conductor(root, "task", "list", "--json", env=env).stdout)
+        assert [(r["plan_id"], r["state"], r["attempt"]) for r in listed["planning"]] == [(plan_id, "pending", 2)]
+        assert listed["tasks"] == []
         again = conductor(root, "task", "claim", "--json", env=env)  # no TASK: the planning task is offered first
         assert again.returncode == 0, again.stderr
         task = json.loads(again.stdout)
@@ -280,7 +283,7 @@ def test_explore_with_the_handoff_planner_answered_through_conductor_task(tmp_pa
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
+            process.communicate()
     assert process.returncode == 11, err  # planned; the steps wait for an external executor (--no-wait)
     assert "planning task published" in err
     plan = json.loads((layout.plan_dir(plan_id) / "plan.json").read_text())
@@ -308,3 +311,28 @@ def test_explore_with_the_handoff_planner_fails_clearly_when_nobody_answers(tmp_
     (plan_id,) = [p.name.removeprefix("planning_") for p in layout.handoff_dir.glob("planning_*")]
     verdict = read_verdict(layout, plan_id, 1)
     assert verdict is not None and verdict.reasons == ["timeout: no acceptable plan within 1 s"]
+
+
+def test_a_planning_task_whose_conductor_died_is_withdrawn_not_offered(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "proj")
+    layout = ProjectLayout(root)
+    process = spawn(root, "explore", "Fix add", "--planner", "handoff", "--executor", "handoff", env=cli_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not planning_tasks(layout):
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        (row,) = planning_tasks(layout)
+        process.kill()  # as a crash would: no withdrawal of its own
+        process.communicate()
+        assert claim_planning(layout, holder="late-agent", lease_seconds=60) is None
+        assert planning_tasks(layout) == []
+        verdict = read_verdict(layout, row["plan_id"], 1)
+        assert verdict is not None and verdict.reasons == [
+            f"abandoned: the conductor process waiting for it (pid {process.pid}) is gone"]
+        log = PlanningLayout(layout, row["plan_id"]).audit_log.events()
+        assert (log[-1].type, log[-1].data["reason"]) == ("planning.failed", "abandoned")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

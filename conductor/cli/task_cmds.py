@@ -55,13 +55,21 @@ def task() -> None:
 def list_(states: tuple[str, ...], plan_id: str | None, fork_id: str | None, project_dir: Path | None, as_json: bool) -> int:
     """List tasks, oldest plan first, then fork, then step."""
     from conductor.handoff.agent import ACTIVE_STATES, list_tasks
+    from conductor.handoff.planning import planning_tasks
 
-    tasks = list_tasks(_layout(project_dir), plan_id=plan_id, fork_id=fork_id, states=states or ACTIVE_STATES)
+    layout, wanted = _layout(project_dir), states or ACTIVE_STATES
+    planning = [r for r in planning_tasks(layout) if r["state"] in wanted and plan_id in (None, r["plan_id"])
+                and fork_id is None]
+    only_planning = plan_id is not None and plan_id not in layout.plan_ids() and bool(planning)
+    tasks = [] if only_planning else list_tasks(layout, plan_id=plan_id, fork_id=fork_id, states=wanted)
     if as_json:
-        echo_json({"tasks": [t.to_json() for t in tasks]})
+        echo_json({"tasks": [t.to_json() for t in tasks], "planning": planning})
         return 0
-    if not tasks:
-        click.echo("no task " + " or ".join(states or ACTIVE_STATES))
+    if not tasks and not planning:
+        click.echo("no task " + " or ".join(wanted))
+    for row in planning:
+        held = f"  held by {_p(row['holder'])} until {row['lease_expires_at']}" if row["holder"] else ""
+        click.echo(f"planning (plan {_p(row['plan_id'])})  {row['state']}  attempt {row['attempt']}{held}  {_p(row['goal'])}")
     for item in tasks:
         held = f"  held by {_p(item.holder)} until {item.lease_expires_at}" if item.state == "in_progress" else ""
         click.echo(f"{_p(item.ref)}  {item.state}  attempt {item.attempt}{held}  {_p(item.title)}".rstrip())

@@ -99,6 +99,14 @@ class Rejection(Contract):
     reasons: list[str]
 
 
+class Waiter(Contract):
+    """The Conductor process that waits for the answer: when it is gone, nobody will judge one."""
+
+    pid: int = Field(ge=1)
+    host: str
+    start: str | None = Field(default=None, description="'<boot_id>:<starttime>' of the process (Linux), against pid reuse")
+
+
 class PlanningTask(Contract):
     """``a<n>.planning.json``: attempt n of a planning task. Written by Conductor only. Checksummed."""
 
@@ -114,6 +122,7 @@ class PlanningTask(Contract):
     facts: ProjectFacts
     previous_rejections: list[Rejection] = Field(default_factory=list)
     deadline: str = Field(description="when Conductor stops waiting for an answer")
+    waiter: Waiter | None = Field(default=None, description="the process that judges answers")
     created_at: str
     checksum: Checksum | None = None
 
@@ -231,6 +240,13 @@ def planning_ids(project: ProjectLayout) -> list[str]:
     return sorted(p.name[len(PLANNING_PREFIX):] for p in folder.glob(f"{PLANNING_PREFIX}*") if p.is_dir())
 
 
+def _this_process() -> Waiter:
+    from conductor.handoff.lease import HOST
+    from conductor.proc import process_start
+
+    return Waiter(pid=os.getpid(), host=HOST, start=process_start(os.getpid()))
+
+
 def _time_after(seconds: float) -> str:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -261,28 +277,78 @@ class PlanningClaim:
                 "task_file": str(self.layout.task_file("in_progress", self.task.attempt))}
 
 
+def _abandoned(task: PlanningTask) -> str | None:
+    """Why nobody will judge an answer to ``task`` any more, or None: its deadline passed, or the process
+    that waits for it (on this host) is gone."""
+    from conductor.handoff.lease import HOST
+    from conductor.proc import process_start
+
+    if _expired(task.deadline):
+        return f"its deadline {task.deadline} passed"
+    waiter = task.waiter
+    if waiter is None or waiter.host != HOST:
+        return None  # another host's process cannot be checked from here: the deadline decides
+    if waiter.start is not None:
+        gone = process_start(waiter.pid) != waiter.start  # None once gone; another value if the pid was reused
+    else:
+        gone = not _pid_alive(waiter.pid)
+    return f"the conductor process waiting for it (pid {waiter.pid}) is gone" if gone else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _live_task(layout: PlanningLayout) -> tuple[str, int, PlanningTask | None] | None:
+    """The live attempt and its task (None when the file does not read back: a claim rejects it); one nobody
+    will judge any more is withdrawn (``planning.failed``, reason ``abandoned``) and None returned."""
+    live = layout.live()
+    if live is None:
+        return None
+    state, attempt = live
+    try:
+        task = read_document(layout.task_file(state, attempt), PlanningTask)
+    except FileNotFoundError:
+        return None
+    except IntegrityError:
+        return state, attempt, None
+    why = _abandoned(task)
+    if why is None:
+        return state, attempt, task
+    with layout.lock():
+        if layout.live() == live and _finish_unanswered(layout, attempt, state, [f"abandoned: {why}"], holder=None):
+            layout.audit_log.append("planning.failed", {"attempt": attempt, "reason": "abandoned", "message": why})
+    return None
+
+
 def pending_planning(project: ProjectLayout) -> list[tuple[str, int]]:
-    """``(plan_id, attempt)`` of every planning task waiting in ``pending/``, oldest plan first."""
+    """``(plan_id, attempt)`` of every planning task waiting in ``pending/``, oldest plan first (tasks nobody
+    will judge any more are withdrawn on the way)."""
     found = []
     for plan_id in planning_ids(project):
-        attempts = PlanningLayout(project, plan_id).attempts("pending")
-        if attempts:
-            found.append((plan_id, attempts[-1]))
+        live = _live_task(PlanningLayout(project, plan_id))
+        if live is not None and live[0] == "pending":
+            found.append((plan_id, live[1]))
     return found
 
 
 def planning_tasks(project: ProjectLayout) -> list[dict[str, Any]]:
-    """A summary of every live planning task (pending or in progress): plan id, attempt, state, goal, holder."""
+    """A summary of every live planning task (pending or in progress): plan id, attempt, state, goal, holder.
+    Tasks nobody will judge any more (their deadline passed, or the waiting process died) are withdrawn."""
     rows = []
     for plan_id in planning_ids(project):
         layout = PlanningLayout(project, plan_id)
-        live = layout.live()
+        live = _live_task(layout)
         if live is None:
             continue
-        state, attempt = live
-        try:
-            task = read_document(layout.task_file(state, attempt), PlanningTask)
-        except (FileNotFoundError, IntegrityError):
+        state, attempt, task = live
+        if task is None:
             continue
         lease = _read_lease(layout, attempt) if state == "in_progress" else None
         rows.append({"kind": "planning", "task_id": PLANNING_TASK_ID, "plan_id": plan_id, "attempt": attempt,
@@ -628,7 +694,7 @@ class PlanningRound:
                             strategies=self.strategies,
                             instruction=planning_instruction(self.goal, self.strategies, self.layout.plan_id),
                             plan_schema=plan_schema(), facts=self.facts, previous_rejections=list(self.rejections),
-                            deadline=self._deadline_text, created_at=utc_now())
+                            deadline=self._deadline_text, waiter=_this_process(), created_at=utc_now())
         sealed = write_document(self.layout.task_file("pending", attempt), task, exclusive=True)
         self.layout.audit_log.append("planning.published", {
             "plan_id": self.layout.plan_id, "attempt": attempt, "goal": self.goal, "strategies": self.strategies,
