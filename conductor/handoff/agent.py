@@ -765,9 +765,9 @@ def release(
     Under the fork lock, after the fencing check: ``task.released {step_id, attempt, holder, reason}`` is
     appended to the fork's audit log, then the task is re-queued as attempt + 1 in a fresh workspace at
     the same ``base_commit`` (``task.published {reason: "released"}``); the released attempt's folder is
-    never reused (its writer may still be at work). A release uses up its attempt: on the last one
-    (``executor.max_attempts``) the step fails instead (``error.kind`` ``released``), so claiming and
-    releasing cannot loop forever.
+    never reused (its writer may still be at work). A release uses up its attempt: on the last one (the
+    task's ``max_attempts``, else ``executor.max_attempts``, as the reaper counts) the step fails instead
+    (``error.kind`` ``released``), so claiming and releasing cannot loop forever.
 
     Returns:
         The new pending attempt, or the failed task.
@@ -788,7 +788,7 @@ def release(
     with fork_lock(fork):
         assert_holder(held.claim)
         log.append("task.released", {"step_id": task.task_id, "attempt": task.attempt, "holder": holder, "reason": reason})
-        if task.attempt >= settings.max_attempts:
+        if task.attempt >= (task.max_attempts or settings.max_attempts):
             _fail_released(fork, task, holder, reason, log.append)
             return _agent_task(layout, fork, "failed", task, checks=settings.checks)
         retry = requeue_task(fork, task, prepare_retry=lambda t: prepare_retry(layout, t), on_event=log.append,
