@@ -29,6 +29,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -392,19 +393,24 @@ def claim(
         task_id, plan_id, fork_id = _split_ref(task_id, plan_id, fork_id)
     forks = _forks(layout, plan_id, fork_id)
     until = time.monotonic() + max(0.0, wait_seconds)
-    while True:
-        _reap(layout, forks, settings)
-        if task_id is not None:
-            got = _claim_named(layout, forks, task_id, holder, settings, plan_id, fork_id)
-        else:
-            got = _claim_next(layout, forks, holder, settings)
-        if got is not None:
-            return got
-        if time.monotonic() >= until:
-            what = task_id or "pending task"
-            raise NotFound(f"nothing to claim: no {what} in {_scope(plan_id, fork_id)}" + _busy(forks))
-        _wait_for_tasks(layout, until)
-        forks = _forks(layout, plan_id, fork_id)
+    with ExitStack() as stack:
+        watcher = None
+        while True:
+            _reap(layout, forks, settings)
+            if task_id is not None:
+                got = _claim_named(layout, forks, task_id, holder, settings, plan_id, fork_id)
+            else:
+                got = _claim_next(layout, forks, holder, settings)
+            if got is not None:
+                return got
+            if time.monotonic() >= until:
+                what = task_id or "pending task"
+                raise NotFound(f"nothing to claim: no {what} in {_scope(plan_id, fork_id)}" + _busy(forks))
+            if watcher is None:  # watching starts before the next listing, so no arrival is missed
+                watcher = stack.enter_context(_task_watcher(layout))
+            else:  # a task file arriving in pending/ wakes it; 1 s is the fallback poll
+                watcher.wait(max(0.0, min(1.0, until - time.monotonic())))
+            forks = _forks(layout, plan_id, fork_id)
 
 
 def _busy(forks: list[ForkLayout]) -> str:
@@ -412,12 +418,10 @@ def _busy(forks: list[ForkLayout]) -> str:
     return f" ({held} task(s) in progress)" if held else ""
 
 
-def _wait_for_tasks(layout: ProjectLayout, until: float) -> None:
-    """Sleep until a task file arrives in some ``pending/`` (or 1 s passes: the fallback poll)."""
+def _task_watcher(layout: ProjectLayout):  # type: ignore[no-untyped-def]
     from conductor.handoff.watcher import FolderWatcher, task_arrival
 
-    with FolderWatcher([layout.handoff_dir], relevant=task_arrival, kinds=("created", "moved")) as watcher:
-        watcher.wait(max(0.0, min(1.0, until - time.monotonic())))
+    return FolderWatcher([layout.handoff_dir], relevant=task_arrival, kinds=("created", "moved"))
 
 
 def _reap(layout: ProjectLayout, forks: list[ForkLayout], settings: _Settings) -> None:
@@ -449,7 +453,7 @@ def _claim_named(layout: ProjectLayout, forks: list[ForkLayout], task_id: str, h
                  plan_id: str | None, fork_id: str | None) -> AgentTask | None:
     found = [(fork, where[0]) for fork in forks if (where := fork.find_task(task_id)) is not None]
     if not found:
-        raise NotFound(f"no task {task_id} in {_scope(plan_id, fork_id)}")
+        return None  # not published (yet): claim() waits for it, or says so
     pending = [(fork, state) for fork, state in found if state == "pending"]
     if not pending:
         fork, state = _one(found, task_id, "is not pending but exists")

@@ -135,6 +135,15 @@ def test_claim_waits_for_a_task_to_be_published(handoff: Handoff) -> None:
     finally:
         timer.cancel()
     assert task.task_id == "step_003"
+    timer = threading.Timer(0.5, lambda: handoff.publish("step_002"))
+    timer.start()
+    try:  # a named task not published yet is waited for too
+        named = agent.claim(handoff.layout, task_id="step_002", holder=ME, wait_seconds=60)
+    finally:
+        timer.cancel()
+    assert named.task_id == "step_002"
+    with pytest.raises(NotFound, match="nothing to claim: no step_001 in any plan"):
+        agent.claim(handoff.layout, task_id="step_001", holder=ME, wait_seconds=0.3)
 
 
 def test_claim_rejects_a_tampered_task_unexecuted_and_takes_the_next(handoff: Handoff) -> None:
