@@ -126,13 +126,16 @@ command: the worker completes the task for you.
 
 ### Planning
 
-`conductor explore --planner handoff` publishes a planning task named `planning`: its `instruction`
-holds the goal, how many strategies are wanted, the plan's JSON Schema and facts about the project.
-Write the plan as a YAML or JSON file that follows that schema and answer with:
+With `conductor explore --planner handoff` Conductor asks for the plan instead of calling an LLM:
+`conductor task claim --json` then offers the planning task first, with `"kind": "planning"`,
+`task_id` `planning`, the `goal`, how many `strategies` are wanted, the `plan_schema`, `facts` about the
+project and any `previous_rejections`. Write the plan as a YAML file (JSON for a `.json` name) that
+follows `plan_schema` and answer with:
 
     conductor task complete planning --plan PLAN --plan-file plan.yaml
 
-A plan that fails the schema or the policy is rejected with the reasons and offered again.
+PLAN is the `plan_id` of the planning task. A plan that fails the schema or the policy is rejected with
+the reasons and offered again as a new attempt.
 
 ### Through MCP
 

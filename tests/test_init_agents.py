@@ -377,3 +377,39 @@ def test_an_agent_following_the_written_file_executes_a_step(tmp_path: Path) -> 
     assert released.returncode == 0, released.stdout + released.stderr
     listed = json.loads(run(project, ["conductor", "task", "list", "--json"]).stdout)
     assert [(t["task_id"], t["state"], t["attempt"]) for t in listed["tasks"]] == [("step_002", "pending", 2)]
+
+
+@pytest.mark.slow
+def test_an_agent_following_the_written_file_answers_a_planning_task(tmp_path: Path) -> None:
+    """With --planner handoff, the file's claim line gets the planning task and its planning line answers it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    assert init(project, "gemini") == 0
+    (project / "greet.py").write_text('print("Helo, world")\n')
+    blocks, _ = commands_in((project / "GEMINI.md").read_text("utf-8"))
+    claim_line = next(b for b in blocks if b.startswith("conductor task claim"))
+    answer_line = next(b for b in blocks if b.startswith("conductor task complete planning"))
+    explore = subprocess.Popen([sys.executable, "-m", "conductor", "explore", "Fix the greeting", "--planner", "handoff",
+                                "--planner-timeout", "600", "--executor", "handoff", "--no-wait", "--forks", "1"],
+                               cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # the planning task appears once explore has published it
+            claimed = run(project, shlex.split(claim_line))
+            if claimed.returncode != 9:
+                break
+            assert explore.poll() is None, explore.communicate()
+        assert claimed.returncode == 0, claimed.stdout + claimed.stderr
+        offer = json.loads(claimed.stdout)
+        assert offer["kind"] == "planning" and offer["task_id"] == "planning" and offer["plan_schema"]
+        (project / "plan.yaml").write_text(PLAN)
+        answered = run(project, [part.replace("PLAN", offer["plan_id"]) if part == "PLAN" else part
+                                 for part in shlex.split(answer_line)])
+        assert answered.returncode == 0, answered.stdout + answered.stderr
+        out, err = explore.communicate(timeout=180)
+        assert explore.returncode == 11, out + err  # planned; the steps wait for an executor
+    finally:
+        if explore.poll() is None:
+            explore.kill()
+            explore.communicate()
+    step = json.loads(run(project, shlex.split(claim_line)).stdout)
+    assert (step["plan_id"], step["task_id"]) == (offer["plan_id"], "step_001")
