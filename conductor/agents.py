@@ -1,20 +1,18 @@
 """Instruction files that tell an IDE agent how to work on a Conductor project (``conductor init --agent``).
 
 Each agent reads its project instructions from a file of its own; this module knows where, writes a
-Conductor section into that file and keeps everything else in it byte for byte:
+Conductor section into that file and keeps everything else in it byte for byte. Where each reads them,
+and the documentation that says so:
 
-========== ====================================== ==========================================================
-agent      file (relative to the project root)    source of the convention
-========== ====================================== ==========================================================
-claude-code ``CLAUDE.md``                          https://docs.anthropic.com/en/docs/claude-code/memory
-codex      ``AGENTS.md``                          https://developers.openai.com/codex/guides/agents-md
-cursor     ``.cursor/rules/conductor.mdc``        https://www.cursor.com/docs/rules (MDC front matter:
-                                                  ``description``, ``globs``, ``alwaysApply``)
-gemini     ``GEMINI.md``                          https://geminicli.com/docs/cli/gemini-md
-aider      ``CONVENTIONS.md`` + ``.aider.conf.yml`` https://aider.chat/docs/usage/conventions.html
-           ``read:`` entry                        (aider loads a conventions file only when told to)
-generic    ``AGENTS.md``                          https://agents.md/
-========== ====================================== ==========================================================
+- ``claude-code``: ``CLAUDE.md`` (https://docs.anthropic.com/en/docs/claude-code/memory)
+- ``codex``: ``AGENTS.md``, read from the git root down to the working folder
+  (https://developers.openai.com/codex/guides/agents-md)
+- ``cursor``: ``.cursor/rules/conductor.mdc``, an MDC rule whose front matter has ``description``,
+  ``globs`` and ``alwaysApply`` (https://www.cursor.com/docs/rules)
+- ``gemini``: ``GEMINI.md`` (https://geminicli.com/docs/cli/gemini-md)
+- ``aider``: ``CONVENTIONS.md``, which aider loads only when ``.aider.conf.yml`` lists it under ``read:``
+  (https://aider.chat/docs/usage/conventions.html, https://aider.chat/docs/config/aider_conf.html)
+- ``generic``: ``AGENTS.md`` (https://agents.md/)
 
 The section sits between :data:`BEGIN` and :data:`END` marker lines (HTML comments, invisible in
 rendered Markdown). Writing it again replaces only what is between the markers, so a second run changes
