@@ -6,8 +6,9 @@ contract. The tools are thin: each calls the function ``conductor task`` calls
 returns its JSON; a :class:`~conductor.errors.ConductorError` becomes an MCP ``ToolError`` carrying
 Conductor's message (the client sees ``is_error`` and the text).
 
-Because a client may have no file tools of its own, four tools read and write files inside the workspace
-of a task the caller holds: ``list_files``, ``read_file``, ``write_file``, ``delete_file``. Paths are
+Because a client may have no file tools (or shell) of its own, four tools read and write files inside the
+workspace of a task the caller holds — ``list_files``, ``read_file``, ``write_file``, ``delete_file`` —
+and ``run_checks`` runs the project's verification commands there, contained as the verifier runs them. Paths are
 relative to the workspace and confined to it (:func:`conductor.paths.resolve_inside`: no absolute path,
 no ``..``, no ``.git`` in any disguise, no symlink leading out). A write or delete outside the task's
 ``allowed_files``, or of a protected path, is refused up front (the verifier would reject the step), so a
@@ -46,7 +47,8 @@ Conductor hands out tasks; you execute them (or plan). Files are the contract, a
 Plan: get_planning_task (goal, facts, plan_schema, previous_rejections) then submit_plan (a plan object matching
 plan_schema); a rejected plan comes back as a new attempt with the reasons.
 Execute: claim_task -> read_file / write_file in the task's workspace (paths relative to it, only allowed_files)
--> complete_task (Conductor captures what changed and verifies it). release_task gives a task back.
+-> run_checks (optional: the verification commands) -> complete_task (Conductor captures what changed and
+verifies it). release_task gives a task back.
 """
 
 
@@ -100,9 +102,10 @@ class Workspace:
         root = self.root.resolve()
         entries: list[dict[str, Any]] = []
         truncated = False
-        for current, dirs, names in os.walk(base):
-            dirs[:] = sorted(d for d in dirs if d != ".git")
-            for name in sorted(names):
+        for current, dirs, names in os.walk(base):  # never follows a symlinked folder: it is listed as a link
+            links = [d for d in dirs if os.path.islink(os.path.join(current, d))]
+            dirs[:] = sorted(d for d in dirs if d != ".git" and d not in links)
+            for name in sorted(names + links):
                 path = Path(current) / name
                 if len(entries) >= MAX_LISTED:
                     truncated = True
@@ -143,11 +146,14 @@ class Workspace:
         if real.is_dir():
             raise UnsafePath(f"{normal!r} is a folder")
         existed = real.exists()
-        real.parent.mkdir(parents=True, exist_ok=True)
-        self.resolve(normal)  # the folders just made did not lead anywhere else
-        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        try:
+            real.parent.mkdir(parents=True, exist_ok=True)
+            self.resolve(normal)  # the folders just made did not lead anywhere else
+            fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise ConductorError(f"{normal!r}: cannot write: {exc.strerror or exc}") from exc
         return {"path": normal, "bytes": len(data), "created": not existed}
 
     def delete(self, path: str) -> dict[str, Any]:
@@ -291,6 +297,13 @@ def build_server(start: Path, *, environ: Mapping[str, str] = os.environ):  # ty
         """Delete a file of your task's workspace; only allowed_files."""
         return call(lambda: workspace(task_id, plan_id, fork_id).delete(path))
 
+    @server.tool()
+    def run_checks(task_id: str, plan_id: str | None = None, fork_id: str | None = None) -> dict[str, Any]:
+        """Run the project's verification commands in your task's workspace, as Conductor will after
+        complete_task (same sandbox), and return each one's exit code and output tail."""
+        return call(lambda: _run_checks(layout, agent.heartbeat(layout, task_id, plan_id=plan_id, fork_id=fork_id,
+                                                                 holder=holder, environ=environ), environ))
+
     # --- planning ---
 
     @server.tool()
@@ -377,6 +390,33 @@ def build_server(start: Path, *, environ: Mapping[str, str] = os.environ):  # ty
         return _json(planning.planning_tasks(layout))
 
     return server
+
+
+def _run_checks(layout: ProjectLayout, task: Any, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The verification commands in the held task's workspace, contained as the verifier contains them;
+    each limited to ``verification.timeout_seconds`` and to the time left before the task's deadline.
+
+    Raises:
+        SandboxUnavailable: the task requires a sandbox and none can be made here.
+    """
+    from datetime import UTC, datetime
+
+    from conductor.models import parse_time
+    from conductor.project import load_project
+    from conductor.sandbox import for_step
+    from conductor.verification import all_passed, run_verification
+
+    config = load_project(layout, environ)[0]
+    left = (parse_time(task.deadline) - datetime.now(UTC)).total_seconds() if task.deadline else float("inf")
+    timeout = max(1.0, min(float(config.verification.timeout_seconds), left))
+    workspace = Path(task.workspace)
+    sandbox = for_step(writable=(workspace,), keys_dir=layout.keys_dir, environ=os.environ,
+                       mode=task.extra.get("sandbox_mode", "auto"), network=bool(task.extra.get("network", False)))
+    evidence = run_verification(list(config.verification.commands), workspace, timeout_seconds=timeout,
+                                sandbox=sandbox, env_names=config.executor.env)
+    return {"ref": task.ref, "passed": all_passed(evidence),
+            "checks": [{"command": e.command, "exit_code": e.exit_code, "timed_out": e.timed_out,
+                        "sandboxed": e.sandboxed, "output_tail": e.output_tail} for e in evidence]}
 
 
 def _resource(get: Callable[[], T]) -> T:

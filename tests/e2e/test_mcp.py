@@ -16,7 +16,9 @@ from typing import Any
 import anyio
 import pytest
 
+from conductor.errors import ConductorError, UnsafePath
 from conductor.layout import ProjectLayout
+from conductor.mcp_server import Workspace
 from tests.e2e.project import FIXED_CALC, TEST_CALC, all_chains_verify, cli_env, make_project, spawn
 
 TIMEOUT = 240
@@ -57,7 +59,8 @@ async def _drive(root: Path) -> dict[str, Any]:
             call = Session(client)
             names = {tool.name for tool in (await client.list_tools()).tools}
             assert {"claim_task", "complete_task", "read_file", "write_file", "get_planning_task", "submit_plan",
-                    "status", "list_tasks", "heartbeat", "release_task", "show_task", "list_files", "delete_file"} <= names
+                    "status", "list_tasks", "heartbeat", "release_task", "show_task", "list_files", "delete_file",
+                    "run_checks"} <= names
             # -- plan: a first answer outside policy is rejected with reasons, the second is accepted
             task = await call("get_planning_task", wait_seconds=120)
             assert task.get("kind") == "planning", task
@@ -83,6 +86,9 @@ async def _drive(root: Path) -> dict[str, Any]:
             written = await call("write_file", task_id=step["ref"], path="calc.py",
                                  content=source["content"].replace("a - b", "a + b"))
             assert written == {"path": "calc.py", "bytes": len(FIXED_CALC), "created": False}
+            checks = await call("run_checks", task_id=step["ref"])  # the test suite, before completing
+            assert checks["passed"] is True and checks["checks"][0]["exit_code"] == 0, checks
+            assert "1 passed" in checks["checks"][0]["output_tail"]
             done = await call("complete_task", task_id=step["ref"], summary="add returns a + b")
             assert done["status"] == "completed" and done["warnings"] == [], done
             assert [c["path"] for c in done["files_changed"]] == ["calc.py"]
@@ -102,10 +108,10 @@ async def _drive(root: Path) -> dict[str, Any]:
             for what, answer in refused.items():
                 assert "error" in answer, (what, answer)
             assert "outside this task's allowed_files" in refused["outside allowed_files"]["error"]
-            attacks = call.calls - before - 1
             listed = await call("list_files", task_id=step["ref"])
             assert {f["path"] for f in listed["files"]} >= {"calc.py", "test_calc.py"}
             assert not any(f["path"].startswith(".git/") for f in listed["files"])
+            attacks = call.calls - before - 1
             written = await call("write_file", task_id=step["ref"], path="test_more.py", content=MORE_TEST)
             assert written["created"] is True
             done = await call("complete_task", task_id=step["ref"], summary="a test of add(1, 1)")
@@ -145,8 +151,49 @@ def test_an_mcp_client_plans_and_executes_a_whole_explore(tmp_path: Path) -> Non
     layout = ProjectLayout(root)
     plan = json.loads((layout.plan_dir(report["plan_id"]) / "plan.json").read_text())
     assert plan["planner"]["kind"] == "handoff"
-    # the counts the issue asks for: 3 calls for a step whose file content the instruction fully determines
-    # (claim, write, complete), 4 when the agent must read a file first (claim, read, write, complete)
-    assert report["calls_per_step"] == {"step_001": 4, "step_002": 4}, report
+    # the counts the issue asks for: 3 calls for a step whose new content the instruction fully determines
+    # (claim, write, complete); 5 for one that reads a file first and runs the checks before completing
+    assert report["calls_per_step"] == {"step_001": 5, "step_002": 3}, report
     assert report["planning_calls"] == 4  # get, submit (rejected), get, submit (accepted)
     print(f"\nMCP tool calls: planning {report['planning_calls']} (one rejection), per step {report['calls_per_step']}")
+
+
+def test_the_workspace_tools_are_confined_to_the_workspace(tmp_path: Path) -> None:
+    """The attacker's paths: absolute, '..', .git in disguise, symlinks out (file and folder), a link name
+    outside allowed_files to an allowed target, a write through a file where a folder should be."""
+    root, outside = tmp_path / "ws", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret\n")
+    (root / "app.py").write_text("print(1)\n")
+    (root / "poetry.lock").write_text("locked\n")
+    (root / ".git").mkdir()
+    (root / "leak.txt").symlink_to(outside / "secret.txt")
+    (root / "out").symlink_to(outside, target_is_directory=True)
+    (root / "alias.py").symlink_to(root / "app.py")
+    ws = Workspace(root, ["app.py", "src/", "leak.txt", "out/", "alias.py", "poetry.lock", "app.py/x"], ["*.lock"])
+    for path in ("/etc/passwd", "../outside/secret.txt", "src/../../outside/x", ".git/config", ".GIT/config",
+                 "git~1/config", "leak.txt", "out/secret.txt"):
+        with pytest.raises(UnsafePath):
+            ws.read(path, 0, 100)
+        with pytest.raises(UnsafePath):
+            ws.write(path, "x")
+    assert (outside / "secret.txt").read_text() == "secret\n" and sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+    with pytest.raises(UnsafePath, match="outside this task's allowed_files"):
+        ws.write("other.py", "x")
+    with pytest.raises(UnsafePath, match="protected by the policy"):
+        ws.write("poetry.lock", "x")
+    ws_strict = Workspace(root, ["alias.py"], [])
+    with pytest.raises(UnsafePath, match="'app.py' is outside"):  # the link's target is judged too
+        ws_strict.write("alias.py", "x")
+    with pytest.raises(ConductorError, match="cannot write"):
+        ws.write("app.py/x", "x")  # a file where a folder should be: an error, not a crash
+    assert ws.write("src/pkg/mod.py", "x = 1\n") == {"path": "src/pkg/mod.py", "bytes": 6, "created": True}
+    assert ws.read("src/pkg/mod.py", 0, 100)["content"] == "x = 1\n"
+    assert ws.read("app.py", 2, 3) == {"path": "app.py", "size": 9, "offset": 2, "content": "int", "truncated": True}
+    # deleting a symlink removes the link, never its target outside
+    assert ws.delete("leak.txt") == {"path": "leak.txt", "deleted": True}
+    assert not (root / "leak.txt").is_symlink() and (outside / "secret.txt").exists()
+    listed = ws.list(".")
+    assert ".git" not in {p["path"].split("/")[0] for p in listed["files"]}
+    assert {"path": "out", "symlink": str(outside)} in listed["files"]
