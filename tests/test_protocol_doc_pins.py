@@ -118,3 +118,19 @@ def test_external_release_is_documented_where_pending_is_forbidden() -> None:
     rules = section("11")
     assert "conductor task release" in rules
     assert "conductor task release" in section("8")
+
+
+def test_every_task_field_is_in_the_task_table() -> None:
+    from conductor.models import Task
+
+    rows = set(re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)? \|", section("2.1"), re.M))
+    documented = {name for pair in rows for name in pair if name}
+    fields = {info.alias or name for name, info in Task.model_fields.items()}  # schema_ is written "schema"
+    assert fields <= documented, sorted(fields - documented)
+
+
+def test_ignored_paths_are_described_as_the_verifier_treats_them() -> None:
+    seven = section("7")
+    assert "`workspace.ignore`" in seven and "`ignore` field" in seven
+    verifier = (ROOT / "conductor/verifier.py").read_text("utf-8")
+    assert "not counted (workspace.ignore)" in verifier and "not counted (workspace.ignore)" in seven
