@@ -138,8 +138,9 @@ the reasons and offered again as a new attempt.
 ### Through MCP
 
 If your client has the Conductor MCP server (`conductor mcp`, stdio), use its tools instead of the shell:
-they do what `conductor task` does (list, claim, show, heartbeat, complete, release, submit a plan) and
-need no access to Conductor's files.
+`claim_task`, then `read_file` / `write_file` in the task's workspace (or your own file tools there),
+`run_checks`, and `complete_task`; `release_task` gives a task back, `heartbeat` renews it;
+`get_planning_task` and `submit_plan` answer a planning task. The same rules apply.
 
 ### Never
 

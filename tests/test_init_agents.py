@@ -413,3 +413,12 @@ def test_an_agent_following_the_written_file_answers_a_planning_task(tmp_path: P
             explore.communicate()
     step = json.loads(run(project, shlex.split(claim_line)).stdout)
     assert (step["plan_id"], step["task_id"]) == (offer["plan_id"], "step_001")
+
+
+def test_the_mcp_tools_the_text_names_exist() -> None:
+    section = INSTRUCTIONS[INSTRUCTIONS.index("### Through MCP"):INSTRUCTIONS.index("### Never")]
+    named = set(re.findall(r"`([a-z_]+)`", section))
+    assert {"claim_task", "complete_task", "release_task", "submit_plan"} <= named
+    source = (Path(__file__).resolve().parent.parent / "conductor" / "mcp_server.py").read_text("utf-8")
+    defined = set(re.findall(r"@server\.tool\(\)\n    def ([a-z_]+)\(", source))  # the server's tool functions
+    assert named <= defined, sorted(named - defined)
