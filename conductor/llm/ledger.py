@@ -353,21 +353,24 @@ def _check(fold: _Fold, scope: CallScope, cost: Cost, limits: BudgetLimits) -> N
         spent, held = fold.used(scope.plan_id, scope.fork_id, per_fork=per_fork)
         name = f"plan {scope.plan_id}" if not per_fork else f"fork {scope.fork_id} of plan {scope.plan_id}"
         if token_limit is not None and spent.tokens + held.tokens + cost.tokens > token_limit:
-            raise _exceeded(name, where, "tokens", token_limit, spent.tokens, held.tokens, cost.tokens)
+            raise _exceeded(name, where, "tokens", token_limit, spent.tokens, held.tokens, cost.tokens, scope.purpose)
         if usd_limit is not None and spent.usd + held.usd + (cost.usd or 0.0) > usd_limit:
-            raise _exceeded(name, where, "usd", usd_limit, spent.usd, held.usd, cost.usd or 0.0)
+            raise _exceeded(name, where, "usd", usd_limit, spent.usd, held.usd, cost.usd or 0.0, scope.purpose)
 
 
-def _exceeded(name: str, where: str, unit: str, limit: float, spent: float, held: float, needed: float) -> BudgetExceeded:
+def _exceeded(name: str, where: str, unit: str, limit: float, spent: float, held: float, needed: float,
+              purpose: str | None) -> BudgetExceeded:
     def show(value: float) -> str:
         return f"{value:,.0f} tokens" if unit == "tokens" else f"${value:.6f}".rstrip("0").rstrip(".")
 
     flag = "--budget-tokens" if unit == "tokens" else "--budget-usd"
     hint = (f"continue with `conductor resume {flag} N` (N at least {show(spent + held + needed)})" if where == "plan"
             else f"raise budget.fork_{unit} in config.yaml, then `conductor resume`")
+    if purpose == "plan":  # no plan exists yet to resume
+        hint = f"plan again with {flag} of at least {show(spent + held + needed)}"
+    waits = "nothing was written" if purpose == "plan" else "the step waits"
     message = (f"LLM budget of {name} exceeded: {show(spent)} spent + {show(held)} held by calls in flight + "
-               f"{show(needed)} this call's worst case > {show(limit)}; the call was not made, and the step "
-               f"waits: {hint}")
+               f"{show(needed)} this call's worst case > {show(limit)}; the call was not made, and {waits}: {hint}")
     return BudgetExceeded(message, scope=where, unit=unit, limit=limit, used=spent + held, needed=needed)
 
 

@@ -110,3 +110,13 @@ def test_a_usd_budget_without_a_price_is_refused_before_anything_is_written(tmp_
     assert run.returncode == 3, run.stderr
     assert "llm.prices.gpt-4.1-mini" in run.stderr
     assert ProjectLayout(root).plan_ids() == []
+
+
+def test_a_planner_call_over_budget_is_not_made_and_no_plan_is_written(tmp_path: Path) -> None:
+    # Port 9 (discard) would refuse the connection: a call made would be exit 6, not 14.
+    root = make_project(tmp_path / "proj", config={"llm": {"openai_base_url": "http://127.0.0.1:9/v1"}})
+    run = conductor(root, "build", "Fix add", "--budget-tokens", "1000", env=cli_env(OPENAI_API_KEY="sk-test"))
+    assert run.returncode == 14, run.stderr
+    assert "LLM budget of plan" in run.stderr and "the call was not made" in run.stderr
+    assert ProjectLayout(root).plan_ids() == []
+    assert not (root / ".conductor" / "ledger.jsonl").exists()
