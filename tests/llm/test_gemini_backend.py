@@ -173,3 +173,26 @@ def test_scripted_server_also_answers_v1beta(scripted_llm: ScriptedLLM) -> None:
     assert json.loads(answer["candidates"][0]["content"]["parts"][0]["text"]) == ANSWER
     assert answer["usageMetadata"]["promptTokenCount"] == 3
     assert only_request(scripted_llm).model == "gemini-beta"
+
+
+def test_max_output_tokens_is_sent_and_thinking_tokens_count_as_output(scripted_llm: ScriptedLLM) -> None:
+    body = {"candidates": [{"content": {"role": "model", "parts": [{"text": json.dumps(ANSWER)}]},
+                            "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 30, "thoughtsTokenCount": 70}}
+    scripted_llm.raw("plan it", json.dumps(body))
+
+    reply = _ask(_client(scripted_llm, max_output_tokens=321))
+
+    assert only_request(scripted_llm).body["generationConfig"]["maxOutputTokens"] == 321
+    # Thinking tokens are billed as output and count against maxOutputTokens.
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (12, 100)
+
+
+def test_an_answer_cut_at_the_limit_reports_what_it_used(scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.reply("plan it", ANSWER, finish_reason="length", input_tokens=40, output_tokens=321)
+
+    with pytest.raises(BackendError, match="MAX_TOKENS") as caught:
+        _ask(_client(scripted_llm, max_output_tokens=321))
+
+    usage = caught.value.usage
+    assert (usage.input_tokens, usage.output_tokens) == (40, 321)  # type: ignore[attr-defined]

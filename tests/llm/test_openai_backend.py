@@ -181,3 +181,24 @@ def test_organization_and_project_come_from_environ(scripted_llm: ScriptedLLM) -
 
     headers = only_request(scripted_llm).headers
     assert (headers["openai-organization"], headers["openai-project"]) == ("org-1", "p-2")
+
+
+def test_max_tokens_is_sent_to_a_compatible_server_and_max_completion_tokens_to_openai(scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.reply("plan it", ANSWER)
+
+    _ask(_client(scripted_llm, max_output_tokens=321))
+
+    body = only_request(scripted_llm).body
+    assert body["max_tokens"] == 321 and "max_completion_tokens" not in body
+    official = OpenAIClient(LLMSettings("openai", MODEL), environ={"OPENAI_API_KEY": KEY})
+    assert official._max_tokens_parameter() == "max_completion_tokens"  # OpenAI's reasoning models refuse max_tokens
+
+
+def test_an_answer_cut_at_the_limit_reports_what_it_used(scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.reply("plan it", ANSWER, finish_reason="length", input_tokens=40, output_tokens=321)
+
+    with pytest.raises(BackendError, match="token limit") as caught:
+        _ask(_client(scripted_llm))
+
+    usage = caught.value.usage
+    assert (usage.input_tokens, usage.output_tokens) == (40, 321)  # type: ignore[attr-defined]
