@@ -130,10 +130,10 @@ class Workspace:
         with open(real, "rb") as handle:
             handle.seek(max(0, offset))
             data = handle.read(limit)
-        try:
-            content = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UnsafePath(f"{normal!r} is not UTF-8 text (a binary file): read_file returns text only") from None
+        content = _utf8_prefix(data, whole=max(0, offset) + len(data) >= size)
+        if content is None:
+            raise UnsafePath(f"{normal!r} is not UTF-8 text (a binary file): read_file returns text only")
+        data = content.encode("utf-8")  # a character cut by the limit is left for the next read
         end = max(0, offset) + len(data)
         return {"path": normal, "size": size, "offset": max(0, offset), "content": content, "truncated": end < size}
 
@@ -171,6 +171,20 @@ class Workspace:
         except FileNotFoundError:
             raise UnsafePath(f"{normal!r} does not exist in the workspace") from None
         return {"path": normal, "deleted": True}
+
+
+def _utf8_prefix(data: bytes, *, whole: bool) -> str | None:
+    """``data`` as text; when it is not the file's end, up to 3 trailing bytes of a cut character are dropped.
+    None when it is not UTF-8."""
+    for cut in range(0 if whole else 4):
+        try:
+            return (data[: len(data) - cut] if cut else data).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    try:
+        return data.decode("utf-8") if whole else None
+    except UnicodeDecodeError:
+        return None
 
 
 def build_server(start: Path, *, environ: Mapping[str, str] = os.environ):  # type: ignore[no-untyped-def]

@@ -191,6 +191,13 @@ def test_the_workspace_tools_are_confined_to_the_workspace(tmp_path: Path) -> No
     assert ws.write("src/pkg/mod.py", "x = 1\n") == {"path": "src/pkg/mod.py", "bytes": 6, "created": True}
     assert ws.read("src/pkg/mod.py", 0, 100)["content"] == "x = 1\n"
     assert ws.read("app.py", 2, 3) == {"path": "app.py", "size": 9, "offset": 2, "content": "int", "truncated": True}
+    (root / "src" / "café.txt").write_text("café\n")  # 'é' is 2 bytes: a read cut inside it stops before it
+    assert ws.read("src/café.txt", 0, 4) == {"path": "src/café.txt", "size": 6, "offset": 0, "content": "caf",
+                                             "truncated": True}
+    assert ws.read("src/café.txt", 3, 100)["content"] == "é\n"
+    (root / "blob.bin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UnsafePath, match="not UTF-8"):
+        ws.read("blob.bin", 0, 100)
     # deleting a symlink removes the link, never its target outside
     assert ws.delete("leak.txt") == {"path": "leak.txt", "deleted": True}
     assert not (root / "leak.txt").is_symlink() and (outside / "secret.txt").exists()
