@@ -247,8 +247,21 @@ def _write_text(path: Path, text: str, existed: bool) -> None:
     atomic_write(path, text.encode("utf-8"), mode=mode)
 
 
+def _through_link(root: Path, relative: str) -> Path:
+    """The file to write for ``relative``: itself, or what it links to (a ``CLAUDE.md -> AGENTS.md`` link is
+    common and must stay a link). A link that leads out of the project is refused."""
+    path = root / relative
+    if not path.is_symlink():
+        return path
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise ConfigError(f"{relative}: a symlink to {real}, outside the project; add the Conductor section there "
+                          "by hand, or replace the link with a file")
+    return real
+
+
 def _write_section(root: Path, target: AgentTarget) -> WrittenFile:
-    path = root / target.path
+    path = _through_link(root, target.path)
     existing = _read_text(path, target.path)
     if existing is None:
         _write_text(path, target.front_matter + section_text(), existed=False)
@@ -268,7 +281,7 @@ _READ_LINE = re.compile(r"^read[ \t]*:(?P<value>[^\n#]*?)[ \t]*(?P<comment>#[^\n
 
 def _aider_read_entry(root: Path) -> WrittenFile:
     """Make ``.aider.conf.yml``'s top-level ``read:`` include CONVENTIONS.md, editing only that entry."""
-    path = root / AIDER_CONFIG
+    path = _through_link(root, AIDER_CONFIG)
     existing = _read_text(path, AIDER_CONFIG)
     if existing is None:
         _write_text(path, f"read: {AIDER_CONVENTIONS}\n", existed=False)

@@ -422,3 +422,22 @@ def test_the_mcp_tools_the_text_names_exist() -> None:
     source = (Path(__file__).resolve().parent.parent / "conductor" / "mcp_server.py").read_text("utf-8")
     defined = set(re.findall(r"@server\.tool\(\)\n    def ([a-z_]+)\(", source))  # the server's tool functions
     assert named <= defined, sorted(named - defined)
+
+
+def test_a_symlinked_instruction_file_stays_a_link(tmp_path: Path) -> None:
+    (tmp_path / "AGENTS.md").write_text("# Shared rules\n", "utf-8")
+    (tmp_path / "CLAUDE.md").symlink_to("AGENTS.md")  # a common setup: one file for several agents
+    assert init(tmp_path, "claude-code", "codex") == 0
+    assert (tmp_path / "CLAUDE.md").is_symlink() and os.readlink(tmp_path / "CLAUDE.md") == "AGENTS.md"
+    text = (tmp_path / "AGENTS.md").read_text("utf-8")
+    assert text.startswith("# Shared rules\n") and text.count(BEGIN) == 1
+
+
+def test_a_symlink_out_of_the_project_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.md"
+    outside.write_text("theirs\n", "utf-8")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "GEMINI.md").symlink_to(outside)
+    assert init(project, "gemini") == ConfigError.exit_code
+    assert outside.read_text("utf-8") == "theirs\n" and (project / "GEMINI.md").is_symlink()
