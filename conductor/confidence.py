@@ -31,7 +31,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -179,21 +180,76 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
             fsync_dir(path.parent)
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every JSON object line of ``path`` in order; a missing file is empty, other lines are skipped."""
+@dataclass(frozen=True)
+class _Parsed:
+    """What one process has parsed of an append-only JSON-lines file: its items up to ``offset`` (just
+    after the last complete line), for the file with this device and inode."""
+
+    dev: int
+    ino: int
+    offset: int
+    items: tuple[Any, ...]
+
+
+_parsed: dict[tuple[str, Any], _Parsed] = {}
+_parsed_lock = threading.Lock()
+
+
+def _appended(path: Path, convert: Callable[[dict[str, Any]], Any]) -> list[Any]:
+    """``convert`` of every JSON object line of ``path`` (None results and other lines skipped), in order.
+
+    Both files are append-only, so a process parses only the lines added since its last call; a file
+    that was replaced or shrank (deleted, rewritten, a failed append cut back) is parsed again whole.
+    A last line without its newline (being written, or torn) waits for the next call.
+    """
+    key = (str(path), convert)
     try:
-        text = path.read_text("utf-8", errors="replace")
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
+        with _parsed_lock:
+            _parsed.pop(key, None)
         return []
-    records = []
-    for line in text.splitlines():
+    try:
+        stat = os.fstat(fd)
+        with _parsed_lock:
+            known = _parsed.get(key)
+        if known is None or (known.dev, known.ino) != (stat.st_dev, stat.st_ino) or stat.st_size < known.offset:
+            known = _Parsed(stat.st_dev, stat.st_ino, 0, ())
+        chunks, position = [], known.offset
+        while position < stat.st_size:
+            chunk = os.pread(fd, stat.st_size - position, position)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            position += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    complete = data.rfind(b"\n") + 1
+    items = list(known.items)
+    for line in data[:complete].decode("utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict):
-            records.append(entry)
-    return records
+        item = convert(entry) if isinstance(entry, dict) else None
+        if item is not None:
+            items.append(item)
+    with _parsed_lock:
+        _parsed[key] = _Parsed(known.dev, known.ino, known.offset + complete, tuple(items))
+    return items
+
+
+def _record(entry: dict[str, Any]) -> dict[str, Any]:
+    return entry
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every JSON object line of ``path`` in order; a missing file is empty, other lines are skipped.
+
+    The dicts are shared with later calls of this process: do not change them.
+    """
+    return _appended(path, _record)
 
 
 def _outcome(entry: dict[str, Any]) -> Outcome | None:
@@ -221,10 +277,7 @@ def read_outcomes(path: Path) -> list[Outcome]:
     has no attempt and is never merged with another. Lines that do not parse are skipped.
     """
     outcomes, seen = [], set()
-    for entry in read_records(path):
-        outcome = _outcome(entry)
-        if outcome is None:
-            continue
+    for outcome in _appended(path, _outcome):
         if outcome.attempt is not None:
             key = (outcome.plan_id, outcome.fork_id, outcome.step_id, outcome.attempt)
             if key in seen:
@@ -339,13 +392,14 @@ class Learned:
 
 
 def _levels(executor: str, model: str | None, kind: str | None) -> list[tuple[str, Any]]:
-    """(label, predicate on an Outcome) for each group of the hierarchy, broadest first."""
-    levels: list[tuple[str, Any]] = [("all", lambda o: True), (executor, lambda o: o.executor == executor)]
+    """(label, test) for each group of the hierarchy, broadest first; an outcome in a group passes the
+    tests of every level up to it."""
+    levels: list[tuple[str, Any]] = [("all", None), (executor, lambda o: o.executor == executor)]
     if model is not None:
-        levels.append((f"{executor} · {model}", lambda o: o.executor == executor and o.model == model))
+        levels.append((f"{executor} · {model}", lambda o: o.model == model))
     if kind is not None:
         levels.append((f"{executor}" + (f" · {model}" if model else "") + f" · {kind}",
-                       lambda o: o.executor == executor and o.model == model and o.kind == kind))
+                       lambda o: o.model == model and o.kind == kind))
     return levels
 
 
@@ -364,21 +418,27 @@ def learn(outcomes: Iterable[Outcome], *, executor: str, model: str | None = Non
         The groups broadest first, each with its own (inclusive) counts and the estimate and evidence
         reached at that level; the last is the step's group.
     """
-    outcomes = list(outcomes)
     levels = _levels(executor, model, kind)
-    members = [[o for o in outcomes if member(o)] for _, member in levels]
+    tests = [test for _, test in levels[1:]]
+    ring_accepted, ring_total = [0] * len(levels), [0] * len(levels)
+    for outcome in outcomes:
+        depth = 0
+        for test in tests:
+            if not test(outcome):
+                break
+            depth += 1
+        ring_total[depth] += 1
+        ring_accepted[depth] += outcome.accepted
     groups: list[GroupRate] = []
     for index, (label, _) in enumerate(levels):
-        narrower = levels[index + 1][1] if index + 1 < len(levels) else None
-        ring = [o for o in members[index] if narrower is None or not narrower(o)]
-        a, n = sum(o.accepted for o in ring), len(ring)
+        a, n = ring_accepted[index], ring_total[index]
         if not groups:
             estimate, evidence = (a + 1) / (n + 2), float(n)
         else:
             broader = groups[-1]
             estimate = (a + PRIOR_STRENGTH * broader.estimate) / (n + PRIOR_STRENGTH)
             evidence = n + PRIOR_STRENGTH * broader.evidence / (broader.evidence + PRIOR_STRENGTH)
-        groups.append(GroupRate(label, sum(o.accepted for o in members[index]), len(members[index]), estimate, evidence))
+        groups.append(GroupRate(label, sum(ring_accepted[index:]), sum(ring_total[index:]), estimate, evidence))
     return Learned(groups)
 
 

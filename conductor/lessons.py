@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pathspec import GitIgnoreSpec
+
 from conductor.confidence import (
     append_record,
     attempt_outcomes,
@@ -41,7 +43,7 @@ from conductor.confidence import (
 from conductor.errors import ConductorError
 from conductor.layout import ProjectLayout
 from conductor.models import Event, StepSpec, Verdict, utc_now
-from conductor.policy import matches_allowed, matches_protected
+from conductor.policy import matches_protected, validate_allowed_files
 from conductor.redact import redact
 
 LESSON_VERSION = 1
@@ -175,39 +177,58 @@ def lessons_of_step(path: Path, plan_id: str, fork_id: str, step_id: str) -> lis
 
 def relevance(lesson: dict[str, Any], allowed_files: Sequence[str]) -> int:
     """How relevant ``lesson`` is to a task with ``allowed_files`` (0: not at all; see the module docstring)."""
-    files = [f for f in lesson.get("files", []) if isinstance(f, str)]
-    literals = [entry for entry in allowed_files if not _WILDCARD.search(entry) and not entry.endswith("/")]
-    score = 0
-    try:
-        if any(matches_allowed(path, allowed_files) for path in files):
-            score += 4
-        if any(matches_protected(entry, [p]) for p in lesson.get("patterns", []) if isinstance(p, str) for entry in literals):
+    return _TaskFiles(allowed_files).relevance(lesson)
+
+
+class _TaskFiles:
+    """A task's ``allowed_files``, compiled once for scoring every lesson against them."""
+
+    def __init__(self, allowed_files: Sequence[str]) -> None:
+        self.entries = list(allowed_files)
+        self.literals = [e for e in self.entries if not _WILDCARD.search(e) and not e.endswith("/")]
+        self.areas = {_area(e) for e in self.entries} - {""}
+        self.protected: dict[str, bool] = {}  # pattern -> whether it protects one of the literal entries
+        try:
+            self.spec: GitIgnoreSpec | None = GitIgnoreSpec.from_lines(["/" + e for e in validate_allowed_files(self.entries)])
+        except (ConductorError, ValueError, TypeError):
+            self.spec = None  # an unsafe or broken entry: the file test matches nothing
+
+    def covers(self, path: str) -> bool:
+        # A lesson's paths were safe workspace paths when recorded; one edited into the file only scores.
+        return self.spec is not None and self.spec.match_file(path)
+
+    def hit_by(self, pattern: str) -> bool:
+        if pattern not in self.protected:
+            try:
+                self.protected[pattern] = any(matches_protected(entry, [pattern]) for entry in self.literals)
+            except ConductorError:
+                self.protected[pattern] = False  # a broken pattern matches nothing
+        return self.protected[pattern]
+
+    def relevance(self, lesson: dict[str, Any]) -> int:
+        files = [f for f in lesson.get("files", []) if isinstance(f, str)]
+        score = 4 if any(self.covers(path) for path in files) else 0
+        if any(self.hit_by(p) for p in lesson.get("patterns", []) if isinstance(p, str)):
             score += 3
-    except ConductorError:
-        pass  # an unsafe entry or a broken pattern matches nothing
-    if _same_area(files, allowed_files):
-        score += 2
-    commands = " ".join(c for c in lesson.get("commands", []) if isinstance(c, str))
-    if commands and any(_names(entry, commands) for entry in literals):
-        score += 1
-    return score
+        if _same_area({_area(f) for f in files} - {""}, self.areas):
+            score += 2
+        commands = " ".join(c for c in lesson.get("commands", []) if isinstance(c, str))
+        if commands and any(_names(entry, commands) for entry in self.literals):
+            score += 1
+        return score
 
 
 def _area(entry: str) -> str:
     """The folder an entry lives in (the part before any wildcard): ``src/app.py``, ``src/`` and
     ``src/**/*.py`` are all in ``src``; a top-level file is in ``""``."""
     static = _WILDCARD.split(entry, 1)[0]
-    if static.endswith("/"):
-        return static.rstrip("/")
-    parent = PurePosixPath(static).parent.as_posix()
-    return "" if parent == "." else parent
+    return static.rstrip("/") if static.endswith("/") else static.rpartition("/")[0]
 
 
-def _same_area(files: Sequence[str], entries: Sequence[str]) -> bool:
-    """Whether a file and an entry live in the same folder, or one's folder holds the other's (the top
-    level is no common area: it would relate every pair of top-level files)."""
-    ours, theirs = {_area(f) for f in files} - {""}, {_area(e) for e in entries} - {""}
-    return any(a == b or a.startswith(b + "/") or b.startswith(a + "/") for a in ours for b in theirs)
+def _same_area(ours: set[str], theirs: set[str]) -> bool:
+    """Whether two sets of folders share one, or one holds another (the top level, ``""``, is left out
+    by the callers: it would relate every pair of top-level files)."""
+    return bool(ours & theirs) or any(a.startswith(b + "/") or b.startswith(a + "/") for a in ours for b in theirs)
 
 
 def _names(entry: str, command: str) -> bool:
@@ -223,8 +244,8 @@ def lessons_for(
     """The lessons of ``path`` relevant to a task with ``allowed_files``: most relevant first, then most
     recent; at most ``limit`` lessons and ``max_chars`` characters of ``text`` in all; a mistake that
     several attempts repeated (same kind and detail) once, the most recent."""
-    scored = [(relevance(lesson, allowed_files), index, lesson)
-              for index, lesson in enumerate(read_lessons(path)[-MAX_SCAN:])]
+    task = _TaskFiles(allowed_files)
+    scored = [(task.relevance(lesson), index, lesson) for index, lesson in enumerate(read_lessons(path)[-MAX_SCAN:])]
     chosen, seen, used = [], set(), 0
     for _score, _, lesson in sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], -s[1])):
         text = lesson["text"]
