@@ -279,3 +279,31 @@ def test_a_disk_error_while_recording_an_outcome_stops_the_run_and_resume_record
     assert sorted((o.step_id, o.attempt, o.outcome) for o in outcomes) == [
         ("step_001", 1, "accepted"), ("step_002", 1, "accepted")]
     assert len(history.read_text().splitlines()) == 2  # recorded once each, the failed write cut back off
+
+
+def test_the_incremental_reader_sees_appends_replacements_and_lines_still_being_written(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conductor.confidence import read_outcomes
+
+    path = tmp_path / "history.jsonl"
+    record_outcome(path, plan_id="p", fork_id="1", step_id="step_001", executor="llm", accepted=True, attempt=1)
+    assert len(read_outcomes(path)) == 1
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from conductor.confidence import "
+                    "record_outcome; record_outcome(Path(sys.argv[1]), plan_id='p', fork_id='1', step_id='step_002', "
+                    "executor='llm', accepted=False, attempt=1)", str(path)], check=True, timeout=120)
+    assert [o.step_id for o in read_outcomes(path)] == ["step_001", "step_002"]  # another process's append
+    line = path.read_text().splitlines()[0].replace("step_001", "step_003")
+    with path.open("a") as handle:
+        handle.write(line[:20])  # a line being written: not yet an outcome
+    assert len(read_outcomes(path)) == 2
+    with path.open("a") as handle:
+        handle.write(line[20:] + "\n")
+    assert [o.step_id for o in read_outcomes(path)][-1] == "step_003"
+    path.unlink()  # forgetting the history, then starting again
+    assert read_outcomes(path) == []
+    record_outcome(path, plan_id="q", fork_id="1", step_id="step_009", executor="command", accepted=True, attempt=1)
+    assert [(o.plan_id, o.step_id) for o in read_outcomes(path)] == [("q", "step_009")]
+    path.write_text("")  # emptied in place (same file, shorter): read again from the start
+    assert read_outcomes(path) == []
