@@ -54,9 +54,9 @@ def events(plan_id, fork_id, step_id, types, project_dir, as_json) -> int:  # ty
     if as_json:
         echo_json(rows)
         return 0
-    from conductor.cli.render import console, events_table
+    from conductor.cli.render import console, events_table, is_pipe
 
-    console().print(events_table(rows))
+    console().print(events_table(rows, limit=None if is_pipe() else 240))
     return 0
 
 
@@ -112,7 +112,7 @@ def _print_attempts(out, attempts) -> None:  # type: ignore[no-untyped-def]
 def _print_story(story) -> None:  # type: ignore[no-untyped-def]
     from rich.markdown import Markdown
 
-    from conductor.cli.render import console, printable, safe
+    from conductor.cli.render import console, printable, safe, summarise_event
 
     out = console()
     step = story["step"]
@@ -148,10 +148,14 @@ def _print_story(story) -> None:  # type: ignore[no-untyped-def]
         if event["type"] in ("task.claimed", "task.lease_expired", "task.abandoned", "task.published",
                              "policy.merged", "confidence.scored"):
             continue
-        data = {k: v for k, v in event["data"].items() if k != "step_id"}
+        # A readable summary, whole: never a JSON text cut mid-object (`explain --json` has every value).
         out.print(f"  {safe(event['ts'][11:23])}  [cyan]{safe(event['type'])}[/]  "
-                  f"{safe(json.dumps(data, ensure_ascii=False)[:400])}")
+                  f"{safe(summarise_event(event['type'], event['data']))}")
     _print_attempts(out, story.get("attempts", []))
+    if story.get("rejection"):
+        rejection = story["rejection"]
+        out.print(f"[bold]task file rejected[/] by {safe(rejection.get('by'))} ({safe(rejection.get('kind'))}), "
+                  f"never executed: {safe(rejection.get('message'), multiline=True)}")
     if story["result"]:
         result = story["result"]
         out.print(f"[bold]result[/]: {safe(result.get('status'))} by {safe(result.get('executor', {}).get('id'))}: "

@@ -8,12 +8,15 @@ must not be able to send escape sequences to the terminal or style its text as C
 
 from __future__ import annotations
 
+import re
+import sys
 import unicodedata
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 # Control (Cc), format (Cf: bidi overrides, zero-width and tag characters), surrogate, private-use and
 # line/paragraph separator characters: none prints as itself, several steer the terminal.
@@ -25,8 +28,60 @@ STATE_STYLE = {
 }
 
 
+PIPE_WIDTH = 1_000_000
+"""Columns a console writing to a pipe or file lays out for: in effect, lines never wrap."""
+
+_TRAILING_SPACES = re.compile(r"[ ]+$", re.M)
+
+
+def is_pipe(stderr: bool = False) -> bool:
+    """Whether stdout (or stderr) goes somewhere other than a terminal: a pipe, a file, a test's capture."""
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):  # closed or replaced by an object without isatty
+        return True
+
+
+class PipeConsole(Console):
+    """A console for agents and scripts that read plain stdout (issue 10, part 6).
+
+    Nothing wraps at 80 columns or is cut with an ellipsis: the layout width is :data:`PIPE_WIDTH`, so a
+    table row is one line however long its cells. Tables lose their box drawing (columns are separated by
+    spaces, the header stays), rules become ``== title ==`` lines, Markdown is printed as its source text,
+    and trailing spaces are dropped.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(width=PIPE_WIDTH, soft_wrap=True, **kwargs)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        with self.capture() as captured:
+            super().print(*(_unboxed(o) for o in objects), **kwargs)
+        self.file.write(_TRAILING_SPACES.sub("", captured.get()))
+        self.file.flush()
+
+    def rule(self, title: Any = "", **kwargs: Any) -> None:  # type: ignore[override]
+        self.print(f"== {title} ==" if title else "==")
+
+
+def _unboxed(renderable: Any) -> Any:
+    if type(renderable).__name__ == "Markdown" and isinstance(getattr(renderable, "markup", None), str):
+        # Markdown is already plain text: laid out 10^6 columns wide, headings would be centred in it.
+        return Text(renderable.markup)
+    if isinstance(renderable, Table):
+        renderable.box, renderable.show_edge, renderable.pad_edge = None, False, False
+        renderable.padding = (0, 1)
+        for column in renderable.columns:
+            column.no_wrap, column.overflow = True, "ignore"
+    return renderable
+
+
 def console(stderr: bool = False) -> Console:
+    """The console commands print to: a :class:`PipeConsole` when the stream is not a terminal."""
     # emoji=False: ':warning:' in a goal or title must not turn into a picture either.
+    if is_pipe(stderr):
+        return PipeConsole(stderr=stderr, highlight=False, emoji=False)
     return Console(stderr=stderr, highlight=False, emoji=False)
 
 
@@ -112,6 +167,8 @@ def summarise_event(event_type: str, data: dict[str, Any]) -> str:
         effective = data.get("effective", {})
         return (f"max_diff_lines={effective.get('max_diff_lines')} timeout={effective.get('timeout_seconds')}s "
                 f"protected={effective.get('protected_patterns')}")
+    if event_type == "task.rejected":
+        return f"task file rejected unexecuted by {data.get('by')} ({data.get('kind')}): {data.get('message')}"
     if event_type == "confidence.scored":
         return f"{data.get('level')} {data.get('score')} ({'; '.join(data.get('reasons', []))})"
     if event_type == "llm.call":
@@ -126,14 +183,17 @@ def summarise_event(event_type: str, data: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def events_table(rows: list[dict[str, Any]]) -> Table:
+def events_table(rows: list[dict[str, Any]], limit: int | None = 240) -> Table:
+    """The events as a table; ``details`` longer than ``limit`` characters are cut with ``…`` (None: whole)."""
     table = Table(show_lines=False)
     for name in ("#", "time", "log", "seq", "type", "step", "details"):
         table.add_column(name, overflow="fold")
     for row in rows:
         details = summarise_event(row["type"], row["data"])
+        if limit is not None and len(details) > limit:
+            details = details[: limit - 1] + "…"
         table.add_row(safe(row["index"]), safe(row["ts"][11:23]), safe(row["log"]), safe(row["seq"]),
-                      safe(row["type"]), safe(row["data"].get("step_id", "")), safe(details[:240]))
+                      safe(row["type"]), safe(row["data"].get("step_id", "")), safe(details))
     return table
 
 
