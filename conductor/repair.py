@@ -22,11 +22,14 @@ agreement check accepts both (``conductor.recovery``). Archive names hold the at
 attempt is archived once and never overwritten.
 
 Bounds: the output tail is the last 4 KiB, the diff the first 8 KiB (cut at a line end), both with
-secrets redacted (``conductor.redact``) and the attempt folder's absolute path replaced by ``.``.
+secrets redacted (``conductor.redact``) and the attempt folder's absolute path replaced by ``.`` (run
+times in the output are masked too): evidence, and so a repair prompt, is the same on a re-run, which
+``fork --from`` and ``resume`` need to replay recorded repair calls.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -222,10 +225,19 @@ def _unrooted(text: str, workspace: Path | None) -> str:
     return text.replace(str(workspace), ".") if workspace is not None else text
 
 
+_DURATION = re.compile(r"\b(in|took) \d+(?:\.\d+)?\s?(s|ms|sec|seconds)\b")
+
+
+def _timeless(text: str) -> str:
+    """Mask run times (pytest's ``1 failed in 0.03s``, unittest's ``Ran 1 test in 0.001s``): they differ on
+    every run, and a repair prompt that differs only there would miss its recording on a re-run."""
+    return _DURATION.sub(r"\1 <time>", text)
+
+
 def _failing_command(verdict: Verdict | None, workspace: Path | None) -> tuple[str | None, str]:
     for evidence in verdict.verification if verdict is not None else []:
         if evidence.exit_code != 0:
-            output = _unrooted(evidence.output_tail, workspace)
+            output = _timeless(_unrooted(evidence.output_tail, workspace))
             return evidence.command, _tail(redact(output), MAX_OUTPUT_TAIL_BYTES)
     return None, ""
 
