@@ -55,6 +55,11 @@ MAX_SCAN = 2000  # only the newest lessons of the file are considered
 _TEXT_CHARS, _DETAIL_CHARS, _INSTRUCTION_CHARS, _ITEM_CHARS, _ITEMS = 400, 240, 160, 200, 10
 _POLICY_CHECKS = frozenset({"paths_safe", "within_allowed_files", "outside_protected_patterns", "diff_size"})
 _EXECUTOR_REASONS = ("checksum_mismatch", "invalid_result", "result_mismatch", "workspace_error")
+_REJECTED_ADVICE = (
+    ("medium confidence", "Report exactly the files you changed."),
+    ("merge_conflict", "Another step changed the same lines meanwhile: change only what this step needs."),
+    ("provenance", "Sign the result's provenance with a key the project trusts."),
+)
 _PATTERN = re.compile(r"matches protected pattern '((?:[^'\\]|\\.)*)'")
 _WILDCARD = re.compile(r"[*?\[]")
 
@@ -126,8 +131,10 @@ def lesson_from_verdict(verdict: Verdict, *, instruction: str, allowed_files: Se
     if any(r.startswith(_EXECUTOR_REASONS) for r in verdict.reasons):
         return _lesson(**common, kind="executor_failure", files=changed or list(allowed_files), checks=failed,
                        detail="; ".join(verdict.reasons), advice="Answer with a complete, well-formed result for this task.")
+    advice = next((text for prefix, text in _REJECTED_ADVICE if any(r.startswith(prefix) for r in verdict.reasons)),
+                  "Avoid what got this attempt rejected.")
     return _lesson(**common, kind="rejected", files=changed or list(allowed_files), checks=failed,
-                   detail="; ".join(verdict.reasons), advice="Report exactly the files you changed.")
+                   detail="; ".join(verdict.reasons), advice=advice)
 
 
 def lesson_from_failure(

@@ -219,3 +219,17 @@ def test_a_finished_forks_log_records_every_missing_outcome_and_executor_failure
         "executor_failure", 2, ["src/parser.py"], ["timeout"])
     assert SECRET not in layout.lessons_file.read_text()
     assert [entry["step_id"] for entry in lessons_for(layout.lessons_file, ["src/lexer.py"])] == ["step_001"]
+
+
+def test_other_rejections_get_advice_that_fits_them() -> None:
+    medium = lesson_from_verdict(_verdict(reasons=["medium confidence: executor reported ['a.py'], workspace shows ['b.py']"],
+                                          checks=[Check(name="reported_changes_match", passed=False)]),
+                                 instruction="x", allowed_files=["a.py"])
+    conflict = lesson_from_verdict(_verdict(reasons=["merge_conflict: a.py changed on both sides"]), instruction="x",
+                                   allowed_files=["a.py"])
+    assert medium is not None and conflict is not None
+    assert (medium["kind"], conflict["kind"]) == ("rejected", "rejected")
+    assert medium["text"].endswith("Report exactly the files you changed.") and medium["checks"] == ["reported_changes_match"]
+    assert conflict["text"].endswith("change only what this step needs.") and conflict["files"] == ["a.py"]
+    broken = lesson_from_verdict(_verdict(reasons=["invalid_result: no result file"]), instruction="x", allowed_files=["a.py"])
+    assert broken is not None and broken["kind"] == "executor_failure"
