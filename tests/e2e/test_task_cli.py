@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import yaml
 from conductor.audit import AuditLog
 from conductor.errors import LeaseLost, NotFound, StateConflict
 from conductor.layout import ProjectLayout
-from tests.e2e.project import FIXED_CALC, all_chains_verify, conductor, make_project, spawn
+from tests.e2e.project import FIXED_CALC, all_chains_verify, cli_env, conductor, make_project, spawn
 
 TEST_MORE = "from calc import add\n\n\ndef test_zero():\n    assert add(0, 0) == 0\n"
 
@@ -87,8 +88,10 @@ def test_a_whole_explore_driven_only_through_conductor_task(tmp_path: Path) -> N
             for check in task["checks"]:  # the project's verification commands, run where Conductor will
                 run = subprocess.run(check, shell=True, cwd=workspace, capture_output=True, text=True, timeout=300)
                 assert run.returncode == 0, run.stdout + run.stderr
-            completed = conductor(root, "task", "complete", task["ref"], "--summary", f"did {task['title']}", "--json",
-                                  timeout=300)
+            # from inside the workspace, where the agent's shell now is: the project is found by walking up
+            completed = subprocess.run([sys.executable, "-m", "conductor", "task", "complete", task["ref"], "--summary",
+                                        f"did {task['title']}", "--json"], cwd=workspace, env=cli_env(),
+                                       capture_output=True, text=True, timeout=300)
             calls += 1
             assert completed.returncode == 0, completed.stderr
             outcome = json.loads(completed.stdout)
