@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "approve": ("conductor.cli.project_cmds:approve", "Approve a low-confidence step that waits for review."),
     "worker": ("conductor.cli.worker_cmd:worker", "Run tasks from the handoff folder with any command."),
     "mcp": ("conductor.cli.mcp_cmd:mcp", "Serve tasks, planning and workspaces to an MCP client over stdio."),
+    "task": ("conductor.cli.task_cmds:task", "Claim, renew, complete or release a handoff task (for agents and scripts)."),
     "status": ("conductor.cli.inspect_cmds:status", "Show plans, forks and steps by state."),
     "events": ("conductor.cli.inspect_cmds:events", "List a plan's audit events."),
     "explain": ("conductor.cli.inspect_cmds:explain", "Tell the story of one step."),
