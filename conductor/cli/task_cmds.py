@@ -326,7 +326,9 @@ def _print_planning(data: dict[str, Any], as_json: bool) -> None:
         for reason in rejection["reasons"]:
             click.echo(f"  - {_p(reason)}")
     click.echo("instruction:")
-    for line in _p(data["instruction"]).splitlines():
+    from conductor.cli.render import printable
+
+    for line in printable(data["instruction"], multiline=True).splitlines():
         click.echo(f"  {line}")
     click.echo(f"next: write a plan file, then `conductor task complete planning --plan {_p(data['plan_id'])} "
                "--plan-file FILE`")
