@@ -373,6 +373,18 @@ def test_release_audits_and_offers_a_new_attempt_in_a_fresh_workspace(handoff: H
         agent.release(handoff.layout, "step_001", holder=ME)  # not in progress any more
 
 
+def test_an_executor_of_its_own_can_release_through_conductor_task(handoff: Handoff) -> None:
+    """A hand-written executor (its own lease, its own pid) gives a task back the documented way."""
+    handoff.publish("step_001", timeout_seconds=300)
+    claim = claim_task(handoff.fork, "step_001", holder="mini@here:42", lease_seconds=60)
+    assert claim is not None and claim.lease.pid > 0
+    with pytest.raises(LeaseLost):
+        agent.release(handoff.layout, "step_001", holder="mini@here:42", attempt=2)  # not the attempt it holds
+    back = agent.release(handoff.layout, "step_001", holder="mini@here:42", attempt=1, reason="cannot run node")
+    assert (back.state, back.attempt) == ("pending", 2)
+    assert _events(handoff, "task.released")[0]["holder"] == "mini@here:42"
+
+
 def test_releasing_the_last_attempt_fails_the_step(handoff: Handoff) -> None:
     _config(handoff, max_attempts=2)
     handoff.publish("step_001")
