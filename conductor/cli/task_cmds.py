@@ -102,8 +102,9 @@ def claim(task_id: str | None, plan_id: str | None, fork_id: str | None, holder:
         return 0
     click.echo(f"claimed {_p(claimed.ref)} (attempt {claimed.attempt}) for {_p(claimed.holder)}")
     _print_task(claimed)
-    click.echo(f'next: work only in the workspace, then `conductor task complete {_p(claimed.ref)} --summary "…"` '
-               f"(or `conductor task release {_p(claimed.ref)}` to give it back)")
+    pinned = f"{_p(claimed.ref)} --attempt {claimed.attempt}"
+    click.echo(f'next: work only in the workspace, then `conductor task complete {pinned} --summary "…"` '
+               f"(or `conductor task release {pinned}` to give it back)")
     return 0
 
 
