@@ -21,6 +21,7 @@ from conductor.errors import NotFound
 from conductor.layout import ProjectLayout
 from conductor.models import Event, Plan
 from conductor.plan_store import load_plan
+from conductor.repair import is_archived
 
 _FOLDER_RANK = {None: 0, "pending": 1, "in_progress": 2, "completed": 3, "failed": 3}
 
@@ -246,6 +247,9 @@ def check_against_folders(layout: ProjectLayout, state: PlanState, behind: list[
             found = layout_fork.find_task(step_id)
             folder = found[0] if found else None
             problem = _disagreement(step, folder)
+            if problem is not None and folder is None and isinstance(step.attempt, int) \
+                    and is_archived(layout_fork, step_id, step.attempt):
+                problem = None  # a repair archived it and its retry is not out yet (conductor.repair)
             if problem is None and found is not None and step.attempt is not None and not step.rejected:
                 problem = _attempt_disagreement(found[1], step.attempt)
             if problem:
