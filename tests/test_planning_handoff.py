@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -83,6 +84,11 @@ def test_the_published_task_carries_goal_schema_facts_and_a_checksum(project: Pr
     assert task.facts.verification_commands == ["pytest -q"]
     assert task.facts.policy.protected_patterns == ["*.lock"]
     assert task.plan_schema["properties"]["strategies"]["type"] == "array"
+    # the schema an agent gets describes the plans Conductor accepts
+    jsonschema.Draft202012Validator.check_schema(task.plan_schema)
+    jsonschema.validate(GOOD, task.plan_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"strategies": [{"name": "x", "steps": [{"instruction": "y", "allowed": []}]}]}, task.plan_schema)
     assert "conductor task complete planning" in task.instruction
     # A task file edited by hand fails its checksum: the agent's claim refuses it and it fails, audited.
     document = json.loads(path.read_text())
