@@ -353,7 +353,8 @@ def test_every_numeric_setting_has_a_lower_and_an_upper_bound_and_floats_are_fin
 
 # The documented upper bound of every number in config.yaml (docs/cli.md, "Configuration").
 UPPER_BOUNDS = {
-    ("planner", "forks"): 16, ("planner", "handoff_timeout_seconds"): 86_400, ("executor", "parallel"): 64, ("executor", "max_attempts"): 100,
+    ("planner", "forks"): 16, ("planner", "handoff_timeout_seconds"): 86_400, ("executor", "parallel"): 64,
+    ("executor", "max_attempts"): 100,
     ("executor", "lease_seconds"): 86_400, ("executor", "heartbeat_seconds"): 86_400,
     ("executor", "poll_seconds"): 3_600.0, ("verification", "timeout_seconds"): 86_400,
     ("llm", "timeout_seconds"): 3_600.0, ("llm", "max_retries"): 20, ("llm", "temperature"): 2.0,
