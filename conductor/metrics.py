@@ -18,8 +18,8 @@ Definitions:
     * ``retries``: attempts numbered above 1 that were published or claimed (each is one retry,
       whatever caused it); ``lease_expirations`` counts ``task.lease_expired`` events separately;
     * ``verification_rejections``: ``step.verified`` events with ``accepted`` false;
-    * ``task_rejections``: ``task.rejected`` events (a claimer refused a tampered or malformed task file
-      unexecuted); not an outcome of an execution, so not in ``success_rate``;
+    * ``task_rejections``: attempts with a ``task.rejected`` event (a claimer refused a tampered or
+      malformed task file unexecuted); not an outcome of an execution, so not in ``success_rate``;
     * percentiles are nearest-rank: the p-th percentile of N sorted values is the value at rank
       ``ceil(p / 100 * N)`` (1-based), so it is always an observed duration.
 
@@ -213,6 +213,7 @@ def _fold_events(tally: _Tally, events: list[Event]) -> None:
     claimed: dict[tuple[str, int], datetime] = {}
     outcome: dict[tuple[str, int], str] = {}
     retried: set[tuple[str, int]] = set()
+    rejected: set[tuple[str, int]] = set()  # one per attempt, should two processes both log it
     for event in events:
         key = (str(event.data.get("step_id")), int(_number(event.data.get("attempt"))))
         if event.type in ("task.published", "task.claimed") and key[1] > 1:
@@ -232,10 +233,11 @@ def _fold_events(tally: _Tally, events: list[Event]) -> None:
             outcome[key] = "completed" if accepted else "failed"
             tally.verification_rejections += 0 if accepted else 1
         elif event.type == "task.rejected":
-            tally.task_rejections += 1
+            rejected.add(key)
         elif event.type == "llm.call":
             tally.llm.add_call(event.data)
     tally.retries = len(retried)
+    tally.task_rejections = len(rejected)
     tally.completed = sum(1 for value in outcome.values() if value == "completed")
     tally.failed = sum(1 for value in outcome.values() if value == "failed")
 

@@ -151,3 +151,24 @@ def test_write_metrics_writes_the_file_durably(tmp_path: Path) -> None:
 )
 def test_nearest_rank_percentile(values: list[float], p: float, expected: float | None) -> None:
     assert percentile(values, p) == expected
+
+
+def test_verified_outcomes_count_for_an_executor_that_logs_nothing(tmp_path: Path) -> None:
+    """An external executor writes no events: the verifier's step.verified is the attempt's outcome, a
+    failure the engine logged for it carries its duration, and a rejected task file is no execution."""
+    layout = ProjectLayout(tmp_path)
+    log = _Log(layout.fork("p1", "x").audit_log)
+    log.at(0, "task.published", step_id="step_001", attempt=1)
+    log.at(5, "step.verified", step_id="step_001", attempt=1, accepted=True)
+    log.at(6, "task.published", step_id="step_002", attempt=1)
+    log.at(9, "step.verified", step_id="step_002", attempt=1, accepted=False)
+    log.at(9.5, "task.failed", step_id="step_002", attempt=1, reason="verification_rejected")
+    log.at(10, "task.published", step_id="step_003", attempt=1)
+    log.at(20, "task.failed", step_id="step_003", attempt=1, reason="command_failed", duration_seconds=7.25)
+    log.at(21, "task.published", step_id="step_004", attempt=1)
+    log.at(22, "task.rejected", step_id="step_004", attempt=1, kind="checksum_mismatch")
+    log.at(22.5, "task.rejected", step_id="step_004", attempt=1, kind="checksum_mismatch")  # logged twice
+    fork = compute_metrics(layout, now=NOW)["plans"]["p1"]["forks"]["x"]
+    assert fork["attempts"] == {"completed": 1, "failed": 2} and fork["success_rate"] == 0.333333
+    assert fork["duration_seconds"]["count"] == 1 and fork["duration_seconds"]["mean"] == 7.25
+    assert fork["task_rejections"] == 1 and fork["verification_rejections"] == 1
