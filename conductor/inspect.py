@@ -138,6 +138,20 @@ def _signatures(fork: Any, folder: str, step_id: str, result: Any, trust: Any) -
     return checked
 
 
+def _content_checksum(path: Any) -> str | None:
+    """The checksum of a task file's content (section 3), whatever its ``checksum`` field claims: a
+    tampered file keeps the published value in that field. None when the file does not parse."""
+    from conductor.canonical import compute_checksum
+
+    document = _read_json(path)
+    if not isinstance(document, dict):
+        return None
+    try:
+        return compute_checksum(document)
+    except ConductorError:
+        return None
+
+
 def _rejection(events: list[Event]) -> dict[str, Any] | None:
     """The ``task.rejected`` event of the newest attempt (its data, with ``seq`` and ``ts``), or None."""
     for event in reversed(events):
@@ -192,8 +206,9 @@ def explain_step(
 ) -> list[dict[str, Any]]:
     """The whole decision trail of one step in each fork (or one fork).
 
-    Each story holds: the task as published (with its checksum, and the checksum the log recorded at
-    publication), the effective policy and where each value came from, the confidence and its reasons,
+    Each story holds: the task as it is now (``task``, and ``task_content_checksum``, the checksum of its
+    content, which a tampered file no longer matches whatever its ``checksum`` field says) and the
+    checksum the log recorded at publication, the effective policy and where each value came from, the confidence and its reasons,
     the claims and leases (events, and the live lease if the task is in progress), the result, the
     verdict with its checks and verification evidence, the ``task.rejected`` event if a claimer refused
     the newest attempt's task file (``rejection``), every attempt of the step, archived ones first
@@ -226,6 +241,7 @@ def explain_step(
             "fork_id": spec.fork_id, "strategy": spec.strategy.name, "step": step.model_dump(mode="json"),
             "state": step_state(layout, plan_id, spec.fork_id, step_id, events),
             "task": _read_json(found[1]) if found else None,
+            "task_content_checksum": _content_checksum(found[1]) if found else None,
             "published_checksum": last.get("task.published", {}).get("checksum"),
             "policy": last.get("policy.merged"),
             "confidence": last.get("confidence.scored"),

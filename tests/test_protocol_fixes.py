@@ -61,6 +61,12 @@ def test_an_external_rejection_is_audited_and_replay_explain_verify_agree(projec
     (story,) = _json(project, "explain", "step_001", "--fork", "1")
     assert story["state"] == "failed"
     assert story["rejection"]["kind"] == "checksum_mismatch" and story["rejection"]["by"] == data["by"]
+    # The tampered file still claims the published checksum in its field; its content does not match it.
+    assert story["task"]["checksum"] == story["published_checksum"] != story["task_content_checksum"]
+    told = conductor(project, "explain", "step_001", "--fork", "1").stdout
+    assert "DIFFERS FROM the published" in told and "task file rejected by mini@" in told
+    (good,) = _json(project, "explain", "step_001", "--fork", "2")
+    assert good["task_content_checksum"] == good["published_checksum"]
 
     verified = _json(project, "verify", "--no-witness")
     assert verified["ok"] is True, verified["findings"]

@@ -122,9 +122,12 @@ def _print_story(story) -> None:  # type: ignore[no-untyped-def]
     out.print(f"[bold]allowed files[/]: {safe(', '.join(step['allowed_files']) or '(none)')}")
     if story["task"]:
         task = story["task"]
-        same = "matches" if task.get("checksum") == story["published_checksum"] else "DIFFERS FROM"
-        out.print(f"[bold]task[/]: attempt {safe(task.get('attempt'))}, checksum {safe(task.get('checksum'))} "
-                  f"({same} the published {safe(story['published_checksum'])})")
+        # Judge the content, not the checksum field: a tampered file keeps the published value there.
+        content = story.get("task_content_checksum")
+        same = "matches" if content is not None and content == story["published_checksum"] else "DIFFERS FROM"
+        claimed = "" if content == task.get("checksum") else f", though its checksum field says {safe(task.get('checksum'))}"
+        out.print(f"[bold]task[/]: attempt {safe(task.get('attempt'))}, content checksum {safe(content)} "
+                  f"({same} the published {safe(story['published_checksum'])}{claimed})")
     if story["policy"]:
         policy = story["policy"]
         out.print(f"[bold]policy[/] {safe(policy.get('digest'))}:")
