@@ -588,7 +588,7 @@ def _held(layout: ProjectLayout, task_id: str, *, plan_id: str | None, fork_id: 
     if (now or datetime.now(UTC)) >= deadline:
         raise LeaseLost(f"{ref}: attempt {task.attempt} ran out of time at {_stamp(deadline)} "
                         f"(timeout_seconds {task.timeout_seconds}); Conductor re-queues it")
-    held = Claim(fork=fork, task=task, lease=lease, task_seen=None, lease_seen=None)
+    held = Claim(fork=fork, task=task, lease=lease, task_seen=(task, data), lease_seen=None)
     return _Held(layout, held, deadline, settings)
 
 
@@ -684,7 +684,8 @@ def complete(
         started_at=held.claim.lease.acquired_at, finished_at=utc_now(),
     )
     complete_task(held.claim, result, explanation=explanation_text,
-                  provenance=_provenance(task, result, changes, info, signer), on_event=_log(held.claim.fork).append)
+                  provenance=_provenance(task, held.claim.task_seen[1], result, changes, info, signer),
+                  on_event=_log(held.claim.fork).append)
     state = "completed" if result_status == "completed" else "failed"
     view = _agent_task(layout, held.claim.fork, state, task, checks=settings.checks)
     return AgentCompletion(task=view, status=result_status, summary=summary, files_changed=tuple(changes),
@@ -739,17 +740,28 @@ def _default_explanation(task: Task, summary: str, changes: Sequence[FileChange]
     return "\n".join(lines) + "\n"
 
 
-def _provenance(task: Task, result: Any, changes: Sequence[FileChange], info: Any, signer: Any) -> bytes:
-    from conductor.canonical import sha256_hex
+def _provenance(task: Task, task_bytes: bytes, result: Any, changes: Sequence[FileChange], info: Any,
+                signer: Any) -> bytes:
+    """The provenance envelope, stating the task document exactly as its file holds it.
+
+    The model's dump would add every field a newer Conductor defaults (a task published before an upgrade
+    lacks them), and its recomputed checksum would no longer be the one published: the file's own
+    document, whose checksum was verified when it was read, is what was executed.
+    """
+    from conductor.canonical import sha256_hex, strict_loads
     from conductor.handoff.documents import sealed_bytes
     from conductor.provenance import build_statement, envelope_for
 
     _, result_bytes = sealed_bytes(result)
     statement = build_statement(
-        task=task, result_digest_hex=sha256_hex(result_bytes), result_name=f"{task.task_id}{RESULT_SUFFIX}",
-        changed=list(changes), executor=info, started_at=result.started_at, finished_at=result.finished_at,
-        usage=result.usage, policy_digest=task.policy_digest,
+        task=task.model_copy(update={"checksum": None}), result_digest_hex=sha256_hex(result_bytes),
+        result_name=f"{task.task_id}{RESULT_SUFFIX}", changed=list(changes), executor=info,
+        started_at=result.started_at, finished_at=result.finished_at, usage=result.usage,
+        policy_digest=task.policy_digest,
     )
+    definition = statement["predicate"]["buildDefinition"]
+    definition["externalParameters"]["task"] = strict_loads(task_bytes)
+    definition["internalParameters"]["task_checksum"] = task.checksum
     return envelope_for(statement, signer)
 
 

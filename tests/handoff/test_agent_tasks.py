@@ -197,6 +197,36 @@ def test_complete_signs_with_the_agents_own_key(handoff: Handoff, tmp_path: Path
     assert read.signed_by == [key.key_id] == [done.signed_by]
 
 
+def test_a_task_published_by_an_older_conductor_completes_stating_its_own_document(handoff: Handoff) -> None:
+    """A task file without the fields a newer Task model defaults (published before an upgrade) is still
+    completed, and the provenance states the document exactly as published, with its own checksum."""
+    from pydantic_core import PydanticUndefined
+
+    from conductor.canonical import compute_checksum
+
+    handoff.publish("step_001")
+    path = handoff.task_path("pending", "step_001")
+    document = json.loads(path.read_text())
+    defaults = {name: f.default if f.default is not PydanticUndefined else f.default_factory()  # type: ignore[misc]
+                for name, f in type(handoff.read_task("pending", "step_001")).model_fields.items()
+                if f.default is not PydanticUndefined or f.default_factory is not None}
+    older = {k: v for k, v in document.items() if k == "schema" or k not in defaults or v != defaults[k]}
+    older = {k: v for k, v in older.items() if k != "checksum"}
+    assert len(older) < len(document) - 1  # some defaulted fields are gone
+    older["checksum"] = compute_checksum(older)
+    path.write_text(json.dumps(older, indent=2) + "\n")
+
+    agent.claim(handoff.layout, holder=ME)
+    done = agent.complete(handoff.layout, "step_001", holder=ME)
+
+    assert done.status == "completed"
+    read = read_provenance(handoff.fork.sidecar("completed", "step_001", ".provenance.json"), TrustStore(),
+                           executor_id=ME, require_signature=False)
+    definition = read.statement["predicate"]["buildDefinition"]
+    assert definition["externalParameters"]["task"] == older
+    assert definition["internalParameters"]["task_checksum"] == older["checksum"]
+
+
 def test_a_change_outside_allowed_files_is_completed_with_a_warning(handoff: Handoff) -> None:
     handoff.publish("step_001")
     task = agent.claim(handoff.layout, holder=ME)
