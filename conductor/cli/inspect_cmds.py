@@ -231,7 +231,7 @@ def policy(step_id, fork_id, plan_id, project_dir, as_json) -> int:  # type: ign
 
                 raise NotFound(f"no step {step_id!r} in plan {plan.plan_id}")
             layers.append(("step", steps[0].policy))
-    merged = merge_policies(layers)
+    merged = merge_policies(layers, defaults={"max_attempts": project.config.executor.max_attempts})
     effective = merged.effective.model_dump(mode="json")
     if as_json:
         echo_json({"effective": effective, "sources": merged.sources, "notes": merged.notes, "digest": merged.digest})
