@@ -135,3 +135,32 @@ def test_replay_and_metrics_tables_too(project: Path) -> None:
     assert not any(char in replayed for char in "│─")
     metrics = conductor(project, "handoff-metrics").stdout
     assert _line_with(metrics, "success_rate").split() == ["success_rate", "0.5"]
+
+
+def test_a_terminal_keeps_rich_tables_and_a_pipe_gets_plain_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.markdown import Markdown
+
+    from conductor.cli import render
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert not render.is_pipe() and not isinstance(render.console(), render.PipeConsole)
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", piped)
+    out = render.console()
+    assert render.is_pipe() and isinstance(out, render.PipeConsole)
+    out.print(render.status_table({"plan_id": "p", "goal": "g" * 300, "status": "running", "forks": [
+        {"fork_id": "1", "strategy": "s", "status": "running",
+         "steps": [{"step_id": "step_001", "title": TITLE * 3, "state": "pending", "attempt": 1, "confidence": "high"}]}]}))
+    out.print(Markdown("# Heading\n\nA paragraph [red]not markup[/red] \x1b[31m"))
+    out.rule("the end")
+    lines = piped.getvalue().splitlines()
+    assert lines[0] == "plan p — " + "g" * 300 + " [running]"
+    assert lines[1].split() == ["fork", "strategy", "step", "state", "attempt", "confidence"]
+    assert lines[2].startswith("1 (running)  s ") and (TITLE * 3) in lines[2] and lines[2].endswith("high")
+    assert lines[3:] == ["# Heading", "", "A paragraph [red]not markup[/red] \\x1b[31m", "== the end =="]

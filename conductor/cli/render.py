@@ -68,7 +68,7 @@ class PipeConsole(Console):
 def _unboxed(renderable: Any) -> Any:
     if type(renderable).__name__ == "Markdown" and isinstance(getattr(renderable, "markup", None), str):
         # Markdown is already plain text: laid out 10^6 columns wide, headings would be centred in it.
-        return Text(renderable.markup)
+        return Text(printable(renderable.markup, multiline=True))
     if isinstance(renderable, Table):
         renderable.box, renderable.show_edge, renderable.pad_edge = None, False, False
         renderable.padding = (0, 1)
