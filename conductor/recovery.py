@@ -587,6 +587,8 @@ class _TaskFiles:
                 self._last[key[0]] = key[1]
             elif event.type in _SETTLING:
                 self._settled.add(key)
+            elif event.type == "task.rejected":  # the rejected file may claim any attempt: the log's is settled
+                self._settled.add((key[0], self._last.get(key[0])))
         self._read: dict[str, Task | None] = {}
         self._vouched: dict[str, int | None] = {}
 
@@ -606,7 +608,11 @@ class _TaskFiles:
             path = None if found is None else self.fork.task_file(found[0], task_id)
             if found is not None and found[1]:
                 path = self.fork.task_file("in_progress", task_id).with_name(f"{task_id}{TASK_SUFFIX}{PARKED_SUFFIX}")
-            self._read[task_id] = None if path is None else _read_task(path)
+            task = None if path is None else _read_task(path)
+            # A file naming another step, plan or fork is not this task, however well sealed (6.2): nothing
+            # is restored from it.
+            identity = (self.fork.plan_id, self.fork.fork_id, task_id)
+            self._read[task_id] = task if task is None or (task.plan_id, task.fork_id, task.task_id) == identity else None
         return self._read[task_id]
 
     def attempt(self, task_id: str) -> int | None:

@@ -321,3 +321,31 @@ def test_a_missing_trusted_key_fails_before_the_plan_is_written(tmp_path: Path, 
     assert f"config.yaml:{line}: trust.keys[0].public_key 'keys/ci-worker.pub'" in done.stderr
     assert "ci-worker.pub" in done.stderr.split("cannot be used:", 1)[1]
     assert not list((root / ".conductor" / "handoff").glob("plan_*"))  # nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("claimer", ["conductor worker", "external executor"])
+def test_recovery_does_not_take_a_rejected_files_attempt_as_a_lost_publication(
+        project: Path, executor: Path, claimer: str) -> None:
+    """The attacker reseals a pending task with another fork's identity and attempt 7: the claimer
+    rejects it (invalid_task). Recovery on resume must not then log 'task.published attempt 7' as if
+    Conductor had published what the attacker wrote."""
+    from conductor.canonical import seal
+
+    _one_attempt(project)
+    fork = handoff_dir(project) / "fork_1"
+    task_file = fork / "pending" / "step_001.task.json"
+    task_file.write_text(json.dumps(seal({**json.loads(task_file.read_text()), "fork_id": "2", "attempt": 7})))
+    if claimer == "conductor worker":
+        assert conductor(project, "worker", "--burst", "--command", "true").returncode == 0
+    else:
+        run_executor(project, executor)
+    conductor(project, "resume", "--executor", "handoff", "--no-wait")
+    published = [e["data"] for e in _json(project, "events", "--type", "task.published") if e["log"] == "fork 1"]
+    assert [(p["step_id"], p["attempt"]) for p in published] == [("step_001", 1)]
+    (rejection,) = _json(project, "events", "--type", "task.rejected")
+    assert rejection["data"]["kind"] == "invalid_task"
+    replayed = _json(project, "replay")
+    assert replayed["problems"] == [] and replayed["state"]["forks"]["1"]["steps"]["step_001"]["state"] == "failed"
+    verified = _json(project, "verify", "--no-witness")
+    assert verified["ok"] is True, verified["findings"]
