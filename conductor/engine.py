@@ -248,8 +248,8 @@ class Engine:
             found = view.fork.find_task(step.step_id)
             if found is not None and found[0] in ("completed", "failed"):
                 self._log_unlogged_verdict(view, step, FAILED if found[0] == "failed" else ACCEPTED)
-            if found is not None and found[0] == "failed":
-                self._log_unlogged_failure(view, step)
+            if found is not None and found[0] == "failed" and not self._running(view, step):
+                self._log_unlogged_failure(view, step)  # (an executor thread still running logs its own)
         states: dict[str, str] = {}
         for step in view.spec.steps:
             state = self._state_of(view, step, states)
@@ -428,6 +428,11 @@ class Engine:
         published = view.last("task.published", step_id=step.step_id)
         return published is not None and is_archived(view.fork, step.step_id, int(published.data.get("attempt", 1)))
 
+    def _running(self, view: _ForkView, step: StepSpec) -> bool:
+        """Is this engine's executor thread for the step still at work (committing, logging)?"""
+        future = self._inflight.get((view.spec.fork_id, step.step_id))
+        return future is not None and not future.done()
+
     def _repair(self, view: _ForkView, step: StepSpec) -> str:
         """Retry a step whose last attempt failed or was rejected, while its attempts last: archive that
         attempt with its evidence, log ``task.retried``, publish attempt + 1 from the same base with the
@@ -435,8 +440,7 @@ class Engine:
         the next pass (``conductor.repair``)."""
         if step.step_id in view.reused or view.has("fork.finished"):
             return FAILED
-        future = self._inflight.get((view.spec.fork_id, step.step_id))
-        if future is not None and not future.done():
+        if self._running(view, step):
             return REPAIRING  # its executor thread is still committing (and logging) the failure
         attempt = self._completed_attempt(view, step)
         if attempt >= self.merged_policy(step).effective.max_attempts:

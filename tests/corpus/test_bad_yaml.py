@@ -50,7 +50,7 @@ CASES: dict[str, tuple[str, str | bytes, Callable[[Path], object], str]] = {
                            ":1: file_rule: unknown key (known: global_constraints, file_rules, behavior, sandbox)"),
     "policy_unknown_nested_key": ("policy.yaml", "behavior:\n  max_diff_line: 5\n", load_policy,
                                   ":2: behavior.max_diff_line: unknown key (known: max_diff_lines, timeout_seconds, "
-                                  "max_diff_bytes)"),
+                                  "max_diff_bytes, max_attempts)"),
     "policy_wrong_type": ("policy.yaml", "behavior:\n  max_diff_lines: lots\n", load_policy,
                           ":2: behavior.max_diff_lines: Input should be a valid integer"),
     "policy_quoted_number": ("policy.yaml", "behavior:\n  max_diff_lines: '100'\n", load_policy,
