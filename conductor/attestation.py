@@ -11,7 +11,8 @@ commands and their output digests, the policy verdict, and the fork's commit aft
 from __future__ import annotations
 
 from conductor.fsutil import atomic_write, file_sha256
-from conductor.handoff.documents import read_document
+from conductor.canonical import strict_loads
+from conductor.handoff.documents import parse_document, read_document, read_limited
 from conductor.handoff.lease import HOST
 from conductor.keys import SigningKey
 from conductor.layout import (
@@ -38,10 +39,12 @@ def write_attestation(layout: ProjectLayout, fork: ForkLayout, verdict: Verdict,
         OSError: a file cannot be read or written.
     """
     task_id = verdict.task_id
-    task = read_document(fork.task_file("completed", task_id), Task)
+    task_bytes = read_limited(fork.task_file("completed", task_id))
+    task = parse_document(task_bytes, Task, source=fork.task_file("completed", task_id))
     result = read_document(fork.sidecar("completed", task_id, RESULT_SUFFIX), Result)
     files = [(f"{task_id}{suffix}", file_sha256(fork.sidecar("completed", task_id, suffix)))
              for suffix in EVIDENCE_SUFFIXES if fork.sidecar("completed", task_id, suffix).exists()]
     statement = build_attestation(task=task, verdict=verdict, result=result, files=files,
-                                  workspace_commit=commit, verifier_id=f"{VERIFIER_ID}@{HOST}")
+                                  workspace_commit=commit, verifier_id=f"{VERIFIER_ID}@{HOST}",
+                                  task_document=strict_loads(task_bytes))
     atomic_write(fork.sidecar("completed", task_id, ATTESTATION_SUFFIX), envelope_for(statement, signer))

@@ -29,7 +29,7 @@ docs/provenance.md for verifying both without Conductor.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,11 +63,15 @@ def build_statement(
     usage: Usage | None = None,
     verification: Sequence[CommandEvidence] = (),
     policy_digest: str | None = None,
+    task_document: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the in-toto Statement v1 (SLSA Provenance v1 predicate) of one step attempt.
 
     Args:
         task: the task as published; its checksum is recomputed and, if present, checked.
+        task_document: the task file's document exactly as read, when the caller has it: stated instead of
+            ``task``'s dump, which would add the fields a newer Conductor defaults to a task published
+            before an upgrade (and so change its checksum).
         result_digest_hex: lowercase hex SHA-256 of the result file's bytes.
         result_name: the result file's name, e.g. ``"step_001.result.json"``.
         changed: the files actually changed (ground truth from hashing); deleted files and files
@@ -86,7 +90,7 @@ def build_statement(
         ChecksumMismatch: the task's recorded checksum does not match its content.
         InvalidDocument: a digest is not 64 lowercase hex characters.
     """
-    task_document = task.to_document()
+    task_document = dict(task_document) if task_document is not None else task.to_document()
     task_checksum = _task_checksum(task_document)
     return {
         "_type": STATEMENT_TYPE,
@@ -263,6 +267,7 @@ def build_attestation(
     files: Sequence[tuple[str, str]],
     workspace_commit: str,
     verifier_id: str,
+    task_document: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Conductor's own statement about one accepted step (``<step>.attestation.json``, DSSE-signed).
 
@@ -272,13 +277,14 @@ def build_attestation(
     ``conductor checkout``). The attempt's base commit is its one resolved dependency.
     The SLSA predicate records the task checksum, the effective policy digest, plan/fork/step ids and
     attempt, the executor's identity, model and token usage, the verification commands with exit codes
-    and output digests, the policy verdict and its checks, and start/finish times.
+    and output digests, the policy verdict and its checks, and start/finish times. ``task_document``: as
+    :func:`build_statement`.
 
     Raises:
         ChecksumMismatch: the task's recorded checksum does not match its content.
         InvalidDocument: a digest is not 64 lowercase hex characters.
     """
-    task_document = task.to_document()
+    task_document = dict(task_document) if task_document is not None else task.to_document()
     subjects = [_descriptor(c.path, c.sha256) for c in verdict.files_changed
                 if c.change != "deleted" and c.sha256 is not None]
     subjects += [_descriptor(name, hex_digest) for name, hex_digest in files]

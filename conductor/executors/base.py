@@ -11,11 +11,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from conductor import __version__
 from conductor.attempts import attempt_changes, task_workspace
-from conductor.canonical import sha256_hex
+from conductor.canonical import sha256_hex, strict_loads
 from conductor.errors import BudgetExceeded, ConductorError, IntegrityError, LeaseLost
 from conductor.faults import crash_point
 from conductor.fsutil import StorageError
@@ -257,6 +257,7 @@ def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, s
         finished_at=finished,
         usage=outcome.usage,
         policy_digest=task.policy_digest,
+        task_document=_task_document(claim),
     )
     return complete_task(
         claim,
@@ -270,3 +271,12 @@ def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, s
 def executor_info(kind: str, identity: str, model: str | None = None) -> ExecutorInfo:
     """An ``ExecutorInfo`` stamped with this Conductor version."""
     return ExecutorInfo(id=identity, kind=kind, version=f"conductor-runtime {__version__}", model=model)
+
+
+def _task_document(claim: Claim) -> dict[str, Any] | None:
+    """The claimed task file's document exactly as read (checksum verified at the claim), if still paired
+    with the claim's task."""
+    if claim.task_seen is None or claim.task_seen[0] is not claim.task:
+        return None
+    document = strict_loads(claim.task_seen[1])
+    return document if isinstance(document, dict) else None

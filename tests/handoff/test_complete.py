@@ -349,3 +349,43 @@ def test_a_task_file_tampered_with_during_execution_fails_the_task_not_the_worke
     assert project.where()["failed"] == ["step_001"]
     stored = project.read_result("failed", "step_001")
     assert stored.error is not None and stored.error.kind == "checksum_mismatch"
+
+
+def test_a_task_published_before_an_upgrade_is_executed_and_attested_as_published(tmp_path: Path) -> None:
+    """A task file without the fields a newer Task model defaults: the engine's own completion and the
+    attestation state the document as the file holds it (its dump would add the defaults and no longer
+    match the published checksum: exit 5 at completion)."""
+    from pydantic_core import PydanticUndefined
+
+    from conductor.attestation import write_attestation
+    from conductor.keys import TrustStore, generate_signing_key
+    from conductor.models import Task, Verdict
+    from conductor.provenance import read_provenance
+
+    handoff = make_handoff(tmp_path / "project", steps=1)
+    handoff.publish("step_001")
+    path = handoff.task_path("pending", "step_001")
+    document = json.loads(path.read_text())
+    defaulted = {name for name, f in Task.model_fields.items()
+                 if (f.default is not PydanticUndefined and document.get(f.alias or name) == f.default)
+                 or (f.default_factory is not None and document.get(name) == f.default_factory())}  # type: ignore[call-arg]
+    older = {k: v for k, v in document.items() if k not in defaulted | {"checksum"}}
+    assert len(older) < len(document) - 1, defaulted  # some defaulted fields are gone
+    older["checksum"] = compute_checksum(older)
+    path.write_text(json.dumps(older, indent=2) + "\n")
+
+    claim = _claim(handoff)
+    runner = CommandRunner("echo new > a.txt", layout=handoff.layout)
+    execute_claim(handoff.layout, claim, runner, ignore=[], lease_seconds=60, heartbeat_seconds=5)
+
+    provenance = handoff.fork.sidecar("completed", "step_001", ".provenance.json")
+    read = read_provenance(provenance, TrustStore(), executor_id=runner.info.id, require_signature=False)
+    assert read.statement["predicate"]["buildDefinition"]["externalParameters"]["task"] == older
+    result = handoff.read_result("completed", "step_001")
+    verdict = Verdict(task_id="step_001", plan_id=result.plan_id, fork_id=result.fork_id, attempt=1, accepted=True,
+                      policy_digest=claim.task.policy_digest, files_changed=result.files_changed, diff_lines=1,
+                      decided_at=utc_now())
+    write_attestation(handoff.layout, handoff.fork, verdict, handoff.head, generate_signing_key(tmp_path / "keys"))
+    attestation = json.loads(handoff.fork.sidecar("completed", "step_001", ".attestation.json").read_text())
+    statement = json.loads(base64.b64decode(attestation["payload"]))
+    assert statement["predicate"]["buildDefinition"]["internalParameters"]["task_checksum"] == older["checksum"]
