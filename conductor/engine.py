@@ -24,7 +24,7 @@ from conductor.audit import AuditLog
 from conductor.confidence import kind_of, learn, predicted_score, read_outcomes, score_step
 from conductor.config import Config
 from conductor.errors import ConductorError, MergeConflict, StateConflict
-from conductor.executors.base import StepRunner, execute_claim
+from conductor.executors.base import GIVEN_BACK, StepRunner, execute_claim
 from conductor.faults import crash_point
 from conductor.handoff.documents import read_document
 from conductor.handoff.failures import settled_since_publish, unlogged_failure
@@ -433,6 +433,12 @@ class Engine:
         future = self._inflight.get((view.spec.fork_id, step.step_id))
         return future is not None and not future.done()
 
+    def _attempt_budget(self, view: _ForkView, step: StepSpec) -> int:
+        """The step's ``max_attempts``, plus one for each attempt given back before any work was done."""
+        given_back = sum(1 for e in view.events if e.type == "task.published"
+                         and e.data.get("step_id") == step.step_id and e.data.get("reason") == GIVEN_BACK)
+        return self.merged_policy(step).effective.max_attempts + given_back
+
     def _repair(self, view: _ForkView, step: StepSpec) -> str:
         """Retry a step whose last attempt failed or was rejected, while its attempts last: archive that
         attempt with its evidence, log ``task.retried``, publish attempt + 1 from the same base with the
@@ -443,7 +449,7 @@ class Engine:
         if self._running(view, step):
             return REPAIRING  # its executor thread is still committing (and logging) the failure
         attempt = self._completed_attempt(view, step)
-        if attempt >= self.merged_policy(step).effective.max_attempts:
+        if attempt >= self._attempt_budget(view, step):
             return FAILED
         if view.fork.find_task(step.step_id) is not None and not settled_since_publish(view.events, step.step_id):
             return REPAIRING  # the failure is logged first (by its executor, or by the next pass)
@@ -502,7 +508,7 @@ class Engine:
                 constraints.append(forbidden_constraint(path))
         return template.model_copy(update={
             "attempt": attempt + 1, "workspace": self.layout.relative(folder), "previous_attempts": previous,
-            "constraints": constraints, "max_attempts": policy.effective.max_attempts, "created_at": utc_now(),
+            "constraints": constraints, "max_attempts": self._attempt_budget(view, step), "created_at": utc_now(),
             "checksum": None,
         })
 

@@ -353,8 +353,9 @@ class Task(Contract):
     policy_digest: Checksum
     confidence: Confidence
     max_attempts: int | None = Field(
-        default=None, ge=1, le=MAX_ATTEMPTS_BOUND, description="the step's attempt budget (policy "
-        "behavior.max_attempts); None: the reaper's executor.max_attempts")
+        # Above the policy's bound: each attempt given back before any work (reason "given_back") adds one.
+        default=None, ge=1, le=10 * MAX_ATTEMPTS_BOUND, description="the step's attempt budget (policy "
+        "behavior.max_attempts, plus one per attempt given back unworked); None: the reaper's executor.max_attempts")
     previous_attempts: list[PreviousAttempt] = Field(
         default_factory=list, description="evidence of every earlier attempt of this step, oldest first")
     created_at: str

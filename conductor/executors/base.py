@@ -128,7 +128,8 @@ def execute_claim(
 
     Args:
         stop: when set (the worker was told to stop), the runner is asked to give up and the task is
-            released back to ``pending/`` as a new attempt instead of being failed.
+            given back to ``pending/`` as a new attempt (``reason: "given_back"``, not counted against
+            the step's ``max_attempts``) instead of being failed.
             A runner that raises ``BudgetExceeded`` (its LLM call did not fit the budget and was not
             made) has its task released the same way, and the error is re-raised.
         prepare_retry: gives a released task a fresh workspace (see ``conductor.attempts``).
@@ -214,13 +215,24 @@ def _reject_altered(claim: Claim, exc: IntegrityError, runner: StepRunner, on_ev
             claim.fork.lease_file(claim.task.task_id).unlink(missing_ok=True)
 
 
+GIVEN_BACK = "given_back"
+"""``task.published``'s reason for an attempt Conductor gave back before any work was done (the worker was
+told to stop, or the budget refused the LLM call): it does not use up one of the step's attempts."""
+
+
 def _release(claim: Claim, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink) -> None:
+    def retry(task: Task) -> Task:
+        task = prepare_retry(task) if prepare_retry is not None else task
+        # The attempt number must grow (it is the fencing token), so the budget grows with it instead.
+        budget = claim.task.max_attempts
+        return task if budget is None else task.model_copy(update={"max_attempts": budget + 1})
+
     with fork_lock(claim.fork):
         try:
             assert_holder(claim)
         except LeaseLost:
             return
-        requeue_task(claim.fork, claim.task, prepare_retry=prepare_retry, on_event=on_event, reason="released")
+        requeue_task(claim.fork, claim.task, prepare_retry=retry, on_event=on_event, reason=GIVEN_BACK)
 
 
 def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, started: str, on_event: EventSink,

@@ -389,3 +389,33 @@ def test_a_task_published_before_an_upgrade_is_executed_and_attested_as_publishe
     attestation = json.loads(handoff.fork.sidecar("completed", "step_001", ".attestation.json").read_text())
     statement = json.loads(base64.b64decode(attestation["payload"]))
     assert statement["predicate"]["buildDefinition"]["internalParameters"]["task_checksum"] == older["checksum"]
+
+
+def test_an_attempt_given_back_unworked_does_not_use_up_the_steps_attempts(tmp_path: Path) -> None:
+    """The budget refusing the LLM call (or the worker told to stop) gives the task back as attempt + 1,
+    a new fencing token, with one more attempt in its budget: a plan halted on its budget twice still has
+    every repair the policy allows. An expired lease of that attempt is then retried, not failed."""
+    from conductor.audit import AuditLog
+    from conductor.errors import BudgetExceeded
+    from conductor.executors.base import GIVEN_BACK
+
+    class _OverBudget:
+        info = ExecutorInfo(id="llm:test/m", kind="llm")
+
+        def run(self, task, workspace, should_stop):  # type: ignore[no-untyped-def]
+            raise BudgetExceeded("over budget")
+
+    handoff = make_handoff(tmp_path / "project", steps=1)
+    handoff.publish("step_001", max_attempts=2)
+    log = AuditLog(handoff.fork.audit_log)
+    with pytest.raises(BudgetExceeded):
+        execute_claim(handoff.layout, _claim(handoff), _OverBudget(), ignore=[], lease_seconds=60, heartbeat_seconds=5,
+                      on_event=log.append, prepare_retry=lambda task: prepare_retry(handoff.layout, task))
+
+    retry = handoff.read_task("pending", "step_001")
+    assert (retry.attempt, retry.max_attempts) == (2, 3)
+    assert [e.data.get("reason") for e in log.events() if e.type == "task.published"] == [GIVEN_BACK]
+    _claim(handoff)
+    reap_expired(handoff.fork, max_attempts=2, lease_seconds=60, now=datetime.now(UTC) + timedelta(seconds=3600),
+                 on_event=log.append, prepare_retry=lambda task: prepare_retry(handoff.layout, task))
+    assert handoff.read_task("pending", "step_001").attempt == 3  # 2 < 3: retried, where 2 of 2 would have failed

@@ -159,7 +159,7 @@ def test_a_stop_signal_kills_the_command_and_its_grandchildren_and_releases_the_
     assert still == []
     assert handoff.where() == {"pending": ["step_001"], "in_progress": [], "completed": [], "failed": []}
     assert handoff.read_task("pending", "step_001").attempt == original.attempt + 1
-    assert [e["reason"] for e in _events(handoff, "task.published")] == ["released"]
+    assert [e["reason"] for e in _events(handoff, "task.published")] == ["given_back"]
 
 
 @pytest.mark.timeout(60)
