@@ -443,7 +443,7 @@ def plan_document(targets: Sequence[Sequence[str]]) -> dict[str, Any]:
 
 
 CONFIG_EDITS = (
-    (r"(?m)^(  kind: )llm\b", r"\1command"),
+    (r"(?ms)^(executor:\n.*?^  kind: )llm\b", r"\1command"),  # the executor's kind, not the planner's
     (r"(?m)^(  command: )null\b", "\\1'sh -c \"$CONDUCTOR_INSTRUCTION\"'"),
     (r"(?m)^(  commands: )\[\]", r"\1[]"),
 )

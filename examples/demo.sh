@@ -23,7 +23,7 @@ python - <<'PY'
 import pathlib, re
 config = pathlib.Path(".conductor/config.yaml")
 text = config.read_text()
-text = re.sub(r"(?m)^  kind: llm ", "  kind: command ", text)
+text = re.sub(r"(?ms)^(executor:\n.*?^  kind: )llm ", r"\1command ", text, count=1)  # the executor's kind
 text = re.sub(r"(?m)^  command: null ", "  command: 'sh -c \"$CONDUCTOR_INSTRUCTION\"' ", text)
 text = re.sub(r"(?m)^  commands: \[\] ", "  commands: ['python -m pytest -q -p no:cacheprovider'] ", text)
 config.write_text(text)

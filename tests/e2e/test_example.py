@@ -43,3 +43,20 @@ def test_slugify_example_explores_three_strategies_offline(tmp_path: Path) -> No
     story = json.loads(conductor(root, "explain", "step_001", "--fork", "3", "--json").stdout)
     assert story[0]["verdict"]["reasons"] == ["requirements.lock: matches protected pattern '*.lock' (project)"]
     all_chains_verify(root)
+
+
+def test_the_demo_scripts_config_edits_give_the_config_it_means(tmp_path: Path) -> None:
+    """examples/demo.sh edits the commented template with regular expressions: they must hit the executor's
+    keys (and only those) of the template `conductor init` writes today."""
+    from conductor.config import load_config
+
+    script = (EXAMPLE.parent / "demo.sh").read_text()
+    edit = script.split("python - <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    root = tmp_path / "project"
+    root.mkdir()
+    assert conductor(root, "init").returncode == 0
+    subprocess.run([sys.executable, "-c", edit], cwd=root, check=True)
+    config = load_config(root / ".conductor" / "config.yaml")
+    assert (config.executor.kind, config.planner.kind) == ("command", "llm")
+    assert config.executor.command == 'sh -c "$CONDUCTOR_INSTRUCTION"'
+    assert config.verification.commands == ["python -m pytest -q -p no:cacheprovider"]
