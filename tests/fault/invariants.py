@@ -39,9 +39,10 @@ def state_problems(root: Path, *, finished: bool = False, recovered: bool = True
     Args:
         finished: the plan should have ended (no parked re-queue, no lease may be left).
         recovered: a recovery pass has run since the last crash or failure. Without one, these kinds of
-            damage are expected and left out: a torn last audit line, and a completed task whose sidecars
-            an interrupted rejection already moved to ``failed/`` (neither is a partial file; recovery
-            repairs both), and a lease left beside a task that has already moved on.
+            damage are expected and left out: a torn last audit line, a completed task whose sidecars
+            an interrupted rejection already moved to ``failed/``, a failed task whose sidecars an
+            interrupted repair already moved to ``attempts/`` (none is a partial file; recovery or the next
+            pass finishes each), and a lease left beside a task that has already moved on.
     """
     layout = ProjectLayout(root)
     problems = [f"temp file left: {p.relative_to(root)}" for p in _temps(root)]
@@ -81,8 +82,10 @@ def _fork_problems(layout: ProjectLayout, fork_dir: Path, *, finished: bool, rec
             problems.append(f"{fork_dir.name}/{task_id} is in {len(states)} state folders: {states}")
         state = states[0]
         rejecting = state == "completed" and (fork_dir / "failed" / f"{task_id}.verdict.json").exists()
+        # A repair moves a failed attempt's sidecars to attempts/ first and its task file last (conductor.repair).
+        archiving = state == "failed" and _archiving(fork_dir, task_id)
         needed = {"completed": (".result.json", ".provenance.json"), "failed": (".result.json",)}.get(state, ())
-        for suffix in () if rejecting and not recovered else needed:
+        for suffix in () if (rejecting or archiving) and not recovered else needed:
             if not (fork_dir / state / f"{task_id}{suffix}").exists():
                 problems.append(f"{fork_dir.name}/{state}/{task_id} has no {suffix}")
     for lease in sorted((fork_dir / "in_progress").glob("*.lease.json")) if (fork_dir / "in_progress").is_dir() else []:
@@ -90,6 +93,15 @@ def _fork_problems(layout: ProjectLayout, fork_dir: Path, *, finished: bool, rec
         if finished or (recovered and "in_progress" not in where.get(task_id, [])):
             problems.append(f"lease without its in-progress task: {lease}")
     return problems
+
+
+def _archiving(fork_dir: Path, task_id: str) -> bool:
+    """Is the failed task's own attempt half archived (its result already in ``attempts/``)?"""
+    try:
+        attempt = read_document(fork_dir / "failed" / f"{task_id}.task.json", Task).attempt
+    except (ConductorError, OSError):
+        return False
+    return (fork_dir / "attempts" / f"{task_id}.a{attempt}.result.json").exists()
 
 
 def _document_problems(path: Path) -> list[str]:
