@@ -394,6 +394,17 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (``kill(pid, 0)``; one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def process_start(pid: int) -> str | None:
     """The start identity of process ``pid``: ``"<boot_id>:<starttime>"``, which a recycled pid never shares.
 

@@ -79,7 +79,7 @@ from conductor.errors import ChecksumMismatch, GitError, IntegrityError, MergeCo
 from conductor.fsutil import TEMP_NAME, TEMP_PREFIX, durable_rename, fsync_dir, remove_durably
 from conductor.handoff.documents import read_document
 from conductor.handoff.lease import HOST, fork_lock
-from conductor.handoff.reaper import _pid_alive
+from conductor.proc import pid_alive
 from conductor.layout import (
     ATTESTATION_SUFFIX,
     EXPLANATION_SUFFIX,
@@ -293,7 +293,7 @@ class _Recovery:
         pid = int(match.group("pid")) if match else None
         if pid is not None and pid != os.getpid():
             # A live pid may be a writer still at work (a big copy can take minutes): never swept.
-            return None if _pid_alive(pid) else f"its writer (pid {pid} on {HOST}) is gone"
+            return None if pid_alive(pid) else f"its writer (pid {pid} on {HOST}) is gone"
         try:
             age = self.now - entry.stat(follow_symlinks=False).st_mtime
         except FileNotFoundError:
@@ -418,7 +418,7 @@ class _Recovery:
         except IntegrityError:
             age = self.now - path.stat().st_mtime
             return f"the lease is unreadable and {age:.0f} s old" if age >= self.grace_seconds else None
-        if lease.host == HOST and lease.pid != os.getpid() and not _pid_alive(lease.pid):
+        if lease.host == HOST and 0 < lease.pid != os.getpid() and not pid_alive(lease.pid):
             return f"its holder (pid {lease.pid}) is gone"
         if parse_time(lease.expires_at).timestamp() <= self.now:
             return "the lease expired"

@@ -281,7 +281,7 @@ def _abandoned(task: PlanningTask) -> str | None:
     """Why nobody will judge an answer to ``task`` any more, or None: its deadline passed, or the process
     that waits for it (on this host) is gone."""
     from conductor.handoff.lease import HOST
-    from conductor.proc import process_start
+    from conductor.proc import pid_alive, process_start
 
     if _expired(task.deadline):
         return f"its deadline {task.deadline} passed"
@@ -291,18 +291,8 @@ def _abandoned(task: PlanningTask) -> str | None:
     if waiter.start is not None:
         gone = process_start(waiter.pid) != waiter.start  # None once gone; another value if the pid was reused
     else:
-        gone = not _pid_alive(waiter.pid)
+        gone = not pid_alive(waiter.pid)
     return f"the conductor process waiting for it (pid {waiter.pid}) is gone" if gone else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _live_task(layout: PlanningLayout) -> tuple[str, int, PlanningTask | None] | None:

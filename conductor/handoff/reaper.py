@@ -44,7 +44,7 @@ from conductor.models import (
     parse_time,
     utc_now,
 )
-from conductor.proc import kill_orphans
+from conductor.proc import kill_orphans, pid_alive
 
 
 ORPHAN_GRACE_SECONDS = 1.0  # SIGTERM → SIGKILL for a dead holder's command (done before the fork lock is taken)
@@ -60,16 +60,6 @@ class Reaped:
     holder: str | None
     killed: tuple[int, ...] = ()  # pids of the dead holder's command that were killed
     reason: str = ""  # why the lease was over (see expiry_reason)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def lease_expired(lease: Lease | None, *, task_mtime: float, now: datetime, lease_seconds: float) -> bool:
@@ -101,7 +91,7 @@ def expiry_reason(
     elapsed = now.timestamp() - claimed_at
     if lease is None:
         return "no_lease" if elapsed > lease_seconds else None
-    if lease.host == HOST and lease.pid > 0 and lease.pid != os.getpid() and not _pid_alive(lease.pid):
+    if lease.host == HOST and lease.pid > 0 and lease.pid != os.getpid() and not pid_alive(lease.pid):
         return "holder_died"
     expired = parse_time(lease.expires_at) <= now
     try:  # the earlier of the rename and the lease's own word: neither can push the deadline out
@@ -277,7 +267,7 @@ def kill_orphaned_command(fork: ForkLayout, lease: Lease | None, *, workspace: s
         workspace: the task's ``workspace`` (relative to the project root), or None if the task file is
             unreadable (then only a group proven by ``pgid_start`` is killed).
     """
-    if lease is None or lease.host != HOST or lease.pid <= 0 or lease.pid == os.getpid() or _pid_alive(lease.pid):
+    if lease is None or lease.host != HOST or lease.pid <= 0 or lease.pid == os.getpid() or pid_alive(lease.pid):
         return []  # (pid 0: a lease held by time alone has no process to kill)
     marker = workspace_marker(fork.project.root / workspace) if workspace is not None else None
     if lease.pgid is None and marker is None:
