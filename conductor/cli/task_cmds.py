@@ -173,7 +173,8 @@ def heartbeat(task_id: str, plan_id: str | None, fork_id: str | None, holder: st
 @click.option("--explanation-file", "explanation_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               default=None, help="Markdown for the reviewer ('-' reads stdin; default: a summary of the changes).")
 @click.option("--status", type=click.Choice(["success", "failed"]), default="success", show_default=True,
-              help="failed: report that the attempt failed (say why in the explanation); Conductor retries the step with that evidence while its attempts last.")
+              help="failed: report that the attempt failed (say why in the explanation); Conductor retries "
+                   "the step with that evidence while its attempts last.")
 @click.option("--signing-key", "signing_key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Your own Ed25519 key (PKCS#8 PEM, 0600) to sign the provenance (default: "
                    "$CONDUCTOR_SIGNING_KEY_FILE, else unsigned).")
