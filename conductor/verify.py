@@ -8,7 +8,10 @@ checksum; a task in two state folders); every result's changed files against the
 Conductor captured it (in ``.conductor/git``, content re-hashed, so an altered object is caught); every
 ``provenance.json`` (a DSSE envelope: signature by a key trusted for its executor, subject digests
 against that tree) and every ``attestation.json`` (signed by the project key; subjects against the
-files and the fork's commit; that commit present and holding the attested content).
+files and the fork's commit; that commit present and holding the attested content). Every earlier attempt
+a repair archived under ``attempts/`` (``conductor.repair``): its task, result and verdict files
+(checksums; the task's against its ``task.published``), its sealed evidence, and a ``task.retried`` event
+in the log for it.
 
 A task file in ``failed/`` that does not read back (tampered, malformed) is a finding unless a
 ``task.rejected`` event since its last publication records its rejection and the content checksum it
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +236,42 @@ class _Checker:
                 self.task(fork, state, task_id, path, rejections.get(task_id) if state == "failed" else None)
         if events is not None:
             self.folders_agree_with_log(fork, seen, events)
+        self.archived_attempts(fork, events)
+
+    def archived_attempts(self, fork: ForkLayout, events: list[Event] | None) -> None:
+        """The earlier attempts a repair archived (``attempts/<step>.a<N>.*``): each was retried according
+        to the log, and its records still read back."""
+        from conductor.repair import ARCHIVE_DIR, EVIDENCE_SUFFIX, archive_path, read_evidence
+
+        folder = fork.dir / ARCHIVE_DIR
+        if not folder.is_dir():
+            return
+        retried = published = rejected = None
+        if events is not None:
+            retried = {(e.data.get("step_id"), e.data.get("attempt")) for e in events if e.type == "task.retried"}
+            published = {(e.data.get("step_id"), e.data.get("attempt")): e.data.get("checksum")
+                         for e in events if e.type == "task.published"}
+            rejected = {(e.data.get("step_id"), e.data.get("attempt")) for e in events if e.type == "task.rejected"}
+        for path in sorted(folder.glob(f"*{TASK_SUFFIX}")):
+            match = _ARCHIVED.fullmatch(path.name)
+            if match is None:
+                self.add(path, "not the name of an archived attempt (<step>.a<attempt>.task.json)")
+                continue
+            step, attempt = match.group(1), int(match.group(2))
+            self.report.count("archived_attempts")
+            if retried is not None and (step, attempt) not in retried:
+                self.add(path, f"archived, but the audit log records no task.retried of attempt {attempt}")
+            if rejected is None or (step, attempt) not in rejected:  # a refused task file was unreadable already
+                task = self.document(path, Task)
+                expected = published.get((step, attempt)) if published is not None else None
+                if task is not None and expected is not None and task.checksum != expected:
+                    self.add(path, f"checksum {str(task.checksum)[:19]}… is not the one task.published recorded "
+                                   f"({str(expected)[:19]}…)")
+            self.document(archive_path(fork, step, attempt, RESULT_SUFFIX), Result)
+            self.document(archive_path(fork, step, attempt, VERDICT_SUFFIX), Verdict)
+            evidence = archive_path(fork, step, attempt, EVIDENCE_SUFFIX)
+            if evidence.exists() and read_evidence(evidence) is None:
+                self.add(evidence, "altered or damaged: it no longer matches its checksum or its schema")
 
     def folders_agree_with_log(self, fork: ForkLayout, seen: dict[str, str], events: list[Event]) -> None:
         """A task the log merged lies in completed/, one the verifier rejected in failed/: a task file
@@ -403,6 +443,9 @@ class _Suffixed(Exception):
 
     def __init__(self, exc: BaseException, hint: str) -> None:
         super().__init__(f"{exc}{hint}")
+
+
+_ARCHIVED = re.compile(r"(.+)\.a([1-9][0-9]*)" + re.escape(TASK_SUFFIX))
 
 
 def _rejections(events: list[Event]) -> dict[str, Event]:

@@ -328,3 +328,35 @@ def test_a_malformed_result_is_a_failed_attempt_with_its_reason_and_is_retried(t
     story = json.loads(conductor(root, "explain", "step_001", "--json").stdout)[0]
     assert [(a["attempt"], a["outcome"]) for a in story["attempts"]] == [(1, "malformed"), (2, "accepted")]
     assert json.loads(conductor(root, "replay", "--json").stdout)["problems"] == []
+
+
+def test_verify_checks_the_attempts_a_repair_archived(tmp_path: Path) -> None:
+    """An archived attempt is a record like any other: verify reads it back, and names an altered result
+    or evidence file of it (exit 5)."""
+    seen = tmp_path / "seen.jsonl"
+    root = make_project(tmp_path / "proj", policy={"file_rules": {"protected_patterns": ["*.lock"]},
+                                                   "sandbox": {"mode": "off"}})
+    (tmp_path / "fixer.py").write_text(FIXER)
+    (root / ".conductor" / "config.yaml").write_text(yaml.safe_dump({
+        **yaml.safe_load((root / ".conductor" / "config.yaml").read_text()),
+        "executor": {"kind": "command", "command": f"{sys.executable} {tmp_path / 'fixer.py'}", "poll_seconds": 0.5,
+                     "env": ["REPAIR_SEEN"]}}))
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "fix", "steps": [
+        {"id": "fix", "instruction": "fix add()", "allowed_files": ["calc.py"], "confidence": 0.9}]}]}))
+    assert conductor(root, "build", "--plan", str(plan), "--json", env=cli_env(REPAIR_SEEN=str(seen))).returncode == 0
+    witness = str(tmp_path / "witness.json")
+
+    clean = conductor(root, "verify", "--json", "--witness", witness)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert json.loads(clean.stdout)["checked"]["archived_attempts"] == 1
+
+    (archived,) = (root / ".conductor" / "handoff").glob("plan_*/fork_1/attempts/step_001.a1.result.json")
+    result = json.loads(archived.read_text())
+    archived.write_text(json.dumps({**result, "summary": "nothing to see here"}))
+    evidence = archived.with_name("step_001.a1.evidence.json")
+    evidence.write_text(evidence.read_text().replace("poetry.lock", "poetry.lokc"))
+    tampered = conductor(root, "verify", "--json", "--witness", witness)
+    assert tampered.returncode == 5
+    named = {finding["where"].rsplit("/", 1)[-1] for finding in json.loads(tampered.stdout)["findings"]}
+    assert named == {"step_001.a1.result.json", "step_001.a1.evidence.json"}, tampered.stdout
