@@ -121,6 +121,7 @@ def verify_project(
     checker.ignore = list(config.workspace.ignore)
     for plan_id in plan_ids if plan_ids is not None else layout.plan_ids():
         checker.plan(plan_id)
+    checker.planning(plan_ids)
     if witness is not None and plan_ids is None:
         checker.vanished_plans()
     return checker.report
@@ -191,6 +192,23 @@ class _Checker:
             fork = self.layout.fork(plan_id, fork_id)
             self.log(plan_id, f"fork_{fork_id}", fork.audit_log)
             self.fork(fork)
+
+    def planning(self, plan_ids: list[str] | None) -> None:
+        """The audit log of every handoff planning round (``planning_<plan>/``): its chain. Planning logs
+        have no checkpoints; their outcome is also in the plan's own log (``planning.accepted``)."""
+        from conductor.handoff.planning import PlanningLayout, planning_ids
+
+        for plan_id in planning_ids(self.layout):
+            if plan_ids is not None and plan_id not in plan_ids:
+                continue
+            path = PlanningLayout(self.layout, plan_id).audit_log.path
+            if not path.exists():
+                continue
+            self.report.count("planning_logs")
+            chain = verify_chain(path)
+            self.report.count("log_entries", chain.entries)
+            for problem in chain.problems:
+                self.add(path, problem)
 
     def log(self, plan_id: str, label: str, path: Path) -> None:
         if not path.exists():

@@ -305,6 +305,15 @@ def test_explore_with_the_handoff_planner_answered_through_conductor_task(tmp_pa
     # nothing left to answer: a late answer is refused, writing nothing
     late = conductor(root, "task", "complete", "planning", "--plan", plan_id, "--plan-file", str(good), env=env)
     assert late.returncode == 9 and "no planning task waits" in late.stderr
+    # verify reads the planning log too, and names an edited line of it
+    witness = str(tmp_path / "witness.json")
+    checked = json.loads(conductor(root, "verify", "--json", "--witness", witness, env=env).stdout)["checked"]
+    assert checked["planning_logs"] == 1
+    planning_log = PlanningLayout(layout, plan_id).dir / "audit.log"
+    planning_log.write_text(planning_log.read_text().replace('"holder":"cli-agent"', '"holder":"someone-else"', 1))
+    edited = conductor(root, "verify", "--json", "--witness", witness, env=env)
+    assert edited.returncode == 5
+    assert any(f["where"].endswith(f"planning_{plan_id}/audit.log") for f in json.loads(edited.stdout)["findings"])
 
 
 def test_explore_with_the_handoff_planner_fails_clearly_when_nobody_answers(tmp_path: Path) -> None:
