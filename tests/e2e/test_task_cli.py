@@ -121,8 +121,9 @@ def test_a_whole_explore_driven_only_through_conductor_task(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_an_agent_that_stops_renewing_loses_the_task_to_the_running_engine(tmp_path: Path) -> None:
+    # Long enough for the second attempt's claim-to-complete (two process starts) on a loaded machine.
     root = make_project(tmp_path / "proj", config={"executor": {"kind": "handoff", "poll_seconds": 0.2,
-                                                                "lease_seconds": 2, "heartbeat_seconds": 1}})
+                                                                "lease_seconds": 8, "heartbeat_seconds": 2}})
     plan = write_plan(root, [{"name": "only", "steps": [
         {"id": "fix", "instruction": "In calc.py, make add(a, b) return a + b.", "allowed_files": ["calc.py"],
          "confidence": 0.9}]}])
