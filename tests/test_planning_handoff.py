@@ -199,7 +199,7 @@ def test_nobody_answering_times_out_and_withdraws_the_task(project: ProjectLayou
 def test_leases_fence_answers_and_an_expired_one_is_re_offered(project: ProjectLayout) -> None:
     round_ = new_round(project, lease_seconds=1)
     round_.publish(1)
-    assert claim_planning(project, holder="agent-a", lease_seconds=0.2) is not None
+    assert claim_planning(project, holder="agent-a", lease_seconds=60) is not None  # long: fencing first
     with pytest.raises(LeaseLost, match="held by agent-a, not agent-b"):
         answer(project, GOOD, holder="agent-b")
     with pytest.raises(LeaseLost):
