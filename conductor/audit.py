@@ -261,8 +261,8 @@ class AuditLog:
     def append(self, type: str, data: Mapping[str, Any] | None = None) -> Event:
         """Append one event, chained to the current last line, and fsync it.
 
-        The line is written with a single ``os.write`` on an ``O_APPEND`` descriptor, so concurrent
-        readers see either the whole line or none of it.
+        The line is written with a single ``os.write`` on an ``O_APPEND`` descriptor under the log's
+        lock, so other writers never interleave with it.
 
         Args:
             type: dotted event type, e.g. ``"task.claimed"`` (see :data:`EVENT_TYPES`).
@@ -272,9 +272,12 @@ class AuditLog:
         Returns:
             The event as written, with its ``seq``, ``ts``, ``prev`` and ``hash``.
 
+        An unterminated last line still there under the lock (its writer died mid-write) is first cut
+        off, its bytes kept beside the log, and the cut recorded (``recovery.audit_truncated``).
+
         Raises:
-            AuditChainError: the log ends with a torn (unterminated) or invalid last line; nothing
-                is written, because appending would bury the damage.
+            AuditChainError: the log ends with an invalid (complete) last line; nothing is written,
+                because appending would bury the damage.
             InvalidDocument: ``data`` cannot be canonicalised, or ``type`` is not a dotted lowercase
                 name, or the clock gave no string.
             StateConflict: the lock stayed held by another process beyond the lock timeout.
@@ -282,6 +285,13 @@ class AuditLog:
         """
         # Round-trip the data so the hash covers exactly what a reader will parse back.
         payload = strict_loads(jcs_bytes(dict(data or {})), source="event data")
+        try:
+            return self._append(type, payload)
+        except _TornTail:
+            self._cut_dead_writers_tail()
+        return self._append(type, payload)
+
+    def _append(self, type: str, payload: dict[str, Any]) -> Event:
         known = _known(self.path)
         with known.lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,12 +339,33 @@ class AuditLog:
         Returns:
             The events in file order (a new list); ``[]`` if the file does not exist yet.
 
+        A torn last line is cut off as :meth:`append` does, once no writer holds the lock.
+
         Raises:
             AuditChainError: naming the line number of the first problem (and how many more there are).
         """
         known = _known(self.path)
+        try:
+            with known.lock:
+                return known.read(self.path)
+        except _TornTail:
+            self._cut_dead_writers_tail()
         with known.lock:
             return known.read(self.path)
+
+    def _cut_dead_writers_tail(self) -> TornTail | None:
+        """Cut off an unterminated last line that is still there under the log's lock, keep its bytes
+        beside the log and record the cut (``recovery.audit_truncated``, as recovery does).
+
+        Every append writes its line while it holds that lock, so a line still torn under it was left by a
+        writer that died mid-write: a SIGKILL can cut a ``write(2)`` at a page boundary. Returns None when
+        the line was completed meanwhile (a live writer was still at it).
+        """
+        torn = repair_torn_tail(self.path, lock_timeout=self._lock_timeout)
+        if torn is not None:
+            self._append("recovery.audit_truncated", {"bytes": torn.size, "sha256": torn.sha256,
+                                                      "saved_as": _project_relative(torn.saved_as)})
+        return torn
 
     def __iter__(self) -> Iterator[Event]:
         return iter(self.events())
@@ -354,6 +385,14 @@ class AuditLog:
         crash_point("audit.after_write")
 
 
+def _project_relative(path: Path) -> str:
+    """``path`` relative to the project root (the folder holding ``.conductor``), else its name."""
+    for parent in path.parents:
+        if parent.name == ".conductor":
+            return path.relative_to(parent.parent).as_posix()
+    return path.name
+
+
 def _cut_back(fd: int, before: os.stat_result | None) -> None:
     """Undo what a failed append wrote (a torn line on a full or failing disk), best effort.
 
@@ -368,6 +407,10 @@ def _cut_back(fd: int, before: os.stat_result | None) -> None:
             os.ftruncate(fd, before.st_size)
     except OSError:
         pass
+
+
+class _TornTail(AuditChainError):
+    """The log's only damage is an unterminated last line (see :meth:`AuditLog._cut_dead_writers_tail`)."""
 
 
 def _open_for_append(path: Path) -> tuple[int, bool]:
@@ -460,7 +503,8 @@ class _Known:
             self.view, self.chain = None, _ChainCheck()  # read it whole next time
             extra = len(problems) - 1
             more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
-            raise AuditChainError(f"{path}: {problems[0]}{more}")
+            error = _TornTail if torn and not extra else AuditChainError
+            raise error(f"{path}: {problems[0]}{more}")
         events = self.chain.events
         if lines:
             end = self.view.end + len(data)
@@ -523,7 +567,7 @@ def _read_last_line(fd: int, path: Path) -> bytes | None:
     if size == 0:
         return None
     if os.pread(fd, 1, size - 1) != b"\n":
-        raise AuditChainError(f"{path}: unterminated last line (torn write); recover the log before appending")
+        raise _TornTail(f"{path}: unterminated last line (torn write); recover the log before appending")
     end = size - 1  # the final newline
     buffer = b""
     position = end

@@ -252,12 +252,14 @@ def test_events_raises_naming_the_line(tmp_path: Path) -> None:
         AuditLog(_write(tmp_path / "audit.log", lines)).events()
 
 
-def test_append_refuses_to_extend_a_torn_log(tmp_path: Path) -> None:
+def test_append_first_cuts_a_torn_tail_its_dead_writer_left_keeping_the_bytes(tmp_path: Path) -> None:
     path = _write(tmp_path / "audit.log", [*_chain(3), b'{"seq":3,"ts"'])
-    before = path.read_bytes()
-    with pytest.raises(AuditChainError, match="torn write"):
-        AuditLog(path).append("plan.resumed", {})
-    assert path.read_bytes() == before
+    event = AuditLog(path).append("plan.resumed", {})
+    events = AuditLog(path).events()
+    assert [e.type for e in events][3:] == ["recovery.audit_truncated", "plan.resumed"] and event == events[-1]
+    (saved,) = tmp_path.glob("audit.log.torn-*")
+    assert saved.read_bytes() == b'{"seq":3,"ts"' and events[3].data["bytes"] == len(b'{"seq":3,"ts"')
+    assert events[3].data["saved_as"] == saved.name and verify_chain(path).ok
 
 
 def test_append_refuses_to_extend_an_edited_last_line(tmp_path: Path) -> None:
@@ -462,16 +464,21 @@ def test_damage_appended_after_a_read_is_reported_and_stays_reported(tmp_path: P
     log = AuditLog(path)
     assert len(log.events()) == 4
     with path.open("ab") as handle:
-        handle.write(_chain(5)[4][:-10])  # a torn line
+        handle.write(_chain(3)[2])  # a copy of line 3: the lines checked before still count
     for _ in range(2):
-        with pytest.raises(AuditChainError, match="line 5: unterminated last line"):
+        with pytest.raises(AuditChainError, match="line 5: duplicate of line 3"):
             log.events()
-    audit.repair_torn_tail(path)
+
+
+def test_a_torn_line_appended_after_a_read_is_cut_by_the_next_read(tmp_path: Path) -> None:
+    path = _write(tmp_path / "audit.log", _chain(4))
+    log = AuditLog(path)
     assert len(log.events()) == 4
     with path.open("ab") as handle:
-        handle.write(_chain(3)[2])  # a copy of line 3: the lines checked before still count
-    with pytest.raises(AuditChainError, match="line 5: duplicate of line 3"):
-        log.events()
+        handle.write(_chain(5)[4][:-10])  # what a writer killed mid-write leaves
+    events = log.events()
+    assert [e.type for e in events][4:] == ["recovery.audit_truncated"] and verify_chain(path).ok
+    assert len(list(tmp_path.glob("audit.log.torn-*"))) == 1
 
 
 # --- the fast check of a line agrees with the full one ------------------------------------------
