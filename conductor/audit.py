@@ -243,6 +243,7 @@ class AuditLog:
         *,
         clock: Callable[[], str] = utc_now,
         lock_timeout: float = LOCK_TIMEOUT_SECONDS,
+        cut_torn_tail: bool = False,
     ):
         """Open (lazily; nothing is touched until the first call) the log at ``path``.
 
@@ -250,10 +251,14 @@ class AuditLog:
             path: the ``audit.log`` file; it and its folder are created by the first append.
             clock: returns the RFC 3339 UTC ``ts`` of each new entry (tests inject a fixed clock).
             lock_timeout: seconds to wait for the cross-process lock before raising StateConflict.
+            cut_torn_tail: a torn last line that a dead writer left is cut off (and the cut recorded) by
+                :meth:`events` and :meth:`append` instead of raising — for the processes that run plans
+                (engine, worker, ``conductor task``); inspection commands leave the log as it is.
         """
         self.path = Path(path)
         self._clock = clock
         self._lock_timeout = lock_timeout
+        self._cut_torn_tail = cut_torn_tail
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
@@ -272,12 +277,13 @@ class AuditLog:
         Returns:
             The event as written, with its ``seq``, ``ts``, ``prev`` and ``hash``.
 
-        An unterminated last line still there under the lock (its writer died mid-write) is first cut
-        off, its bytes kept beside the log, and the cut recorded (``recovery.audit_truncated``).
+        With ``cut_torn_tail``, an unterminated last line still there under the lock (its writer died
+        mid-write) is first cut off, its bytes kept beside the log, and the cut recorded
+        (``recovery.audit_truncated``).
 
         Raises:
-            AuditChainError: the log ends with an invalid (complete) last line; nothing is written,
-                because appending would bury the damage.
+            AuditChainError: the log ends with an invalid last line (or, without ``cut_torn_tail``, a
+                torn one); nothing is written, because appending would bury the damage.
             InvalidDocument: ``data`` cannot be canonicalised, or ``type`` is not a dotted lowercase
                 name, or the clock gave no string.
             StateConflict: the lock stayed held by another process beyond the lock timeout.
@@ -288,6 +294,8 @@ class AuditLog:
         try:
             return self._append(type, payload)
         except _TornTail:
+            if not self._cut_torn_tail:
+                raise
             self._cut_dead_writers_tail()
         return self._append(type, payload)
 
@@ -339,7 +347,7 @@ class AuditLog:
         Returns:
             The events in file order (a new list); ``[]`` if the file does not exist yet.
 
-        A torn last line is cut off as :meth:`append` does, once no writer holds the lock.
+        With ``cut_torn_tail``, a torn last line is cut off as :meth:`append` does.
 
         Raises:
             AuditChainError: naming the line number of the first problem (and how many more there are).
@@ -349,6 +357,8 @@ class AuditLog:
             with known.lock:
                 return known.read(self.path)
         except _TornTail:
+            if not self._cut_torn_tail:
+                raise
             self._cut_dead_writers_tail()
         with known.lock:
             return known.read(self.path)

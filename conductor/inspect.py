@@ -49,11 +49,11 @@ def plan_status(layout: ProjectLayout, plan_id: str) -> dict[str, Any]:
         "counts": {state: n}, "steps": [{"step_id", "title", "state", "attempt", "confidence"}]}]}``
     """
     plan = load_plan(layout, plan_id)
-    plan_events = _safe_events(plan_log(layout, plan_id))
+    plan_events = _safe_events(plan_log(layout, plan_id, cut_torn_tail=False))
     finished = [e for e in plan_events if e.type == "plan.finished"]
     forks = []
     for spec in plan.forks:
-        events = _safe_events(fork_log(layout, plan_id, spec.fork_id))
+        events = _safe_events(fork_log(layout, plan_id, spec.fork_id, cut_torn_tail=False))
         steps = []
         for step in spec.steps:
             published = [e for e in events if e.type == "task.published" and e.data.get("step_id") == step.step_id]
@@ -229,7 +229,7 @@ def explain_step(
         if step is None:
             continue
         fork = layout.fork(plan_id, spec.fork_id)
-        events = _safe_events(fork_log(layout, plan_id, spec.fork_id))
+        events = _safe_events(fork_log(layout, plan_id, spec.fork_id, cut_torn_tail=False))
         found = fork.find_task(step_id)
         state = found[0] if found else None
         folder = state or "pending"

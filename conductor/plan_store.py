@@ -20,13 +20,14 @@ from conductor.models import ForkRecord, Plan, PolicyLayer, StepSpec
 FORK_RECORD = "fork.json"
 
 
-def plan_log(layout: ProjectLayout, plan_id: str) -> AuditLog:
-    """The plan-level audit log (planning, ranking, apply)."""
-    return AuditLog(layout.plan_dir(plan_id) / "audit.log")
+def plan_log(layout: ProjectLayout, plan_id: str, *, cut_torn_tail: bool = True) -> AuditLog:
+    """The plan-level audit log (planning, ranking, apply); ``cut_torn_tail`` as :class:`AuditLog` (on for
+    the code that runs plans)."""
+    return AuditLog(layout.plan_dir(plan_id) / "audit.log", cut_torn_tail=cut_torn_tail)
 
 
-def fork_log(layout: ProjectLayout, plan_id: str, fork_id: str) -> AuditLog:
-    return AuditLog(layout.fork(plan_id, fork_id).audit_log)
+def fork_log(layout: ProjectLayout, plan_id: str, fork_id: str, *, cut_torn_tail: bool = True) -> AuditLog:
+    return AuditLog(layout.fork(plan_id, fork_id).audit_log, cut_torn_tail=cut_torn_tail)
 
 
 def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str], project_policy: PolicyLayer | None = None) -> Plan:

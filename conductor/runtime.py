@@ -470,7 +470,7 @@ def approve_step(project: Project, step_id: str, *, plan_id: str | None, fork_id
 
 def audit_logs(layout: ProjectLayout, plan_id: str) -> list[tuple[str, AuditLog]]:
     """The plan's logs, labelled: ``("plan", …)`` then ``("fork 1", …)``…"""
-    logs = [("plan", plan_log(layout, plan_id))]
+    logs = [("plan", plan_log(layout, plan_id, cut_torn_tail=False))]
     for folder in sorted(layout.plan_dir(plan_id).glob("fork_*")):
         logs.append((f"fork {folder.name[5:]}", AuditLog(folder / "audit.log")))
     return logs

@@ -72,7 +72,7 @@ class Worker:
 
     def _log(self, fork: ForkLayout) -> AuditLog:
         if fork.audit_log not in self._logs:
-            self._logs[fork.audit_log] = AuditLog(fork.audit_log)
+            self._logs[fork.audit_log] = AuditLog(fork.audit_log, cut_torn_tail=True)
         return self._logs[fork.audit_log]
 
     def reap(self) -> None:

@@ -252,9 +252,17 @@ def test_events_raises_naming_the_line(tmp_path: Path) -> None:
         AuditLog(_write(tmp_path / "audit.log", lines)).events()
 
 
+def test_append_refuses_to_extend_a_torn_log_unless_told_to_cut_it(tmp_path: Path) -> None:
+    path = _write(tmp_path / "audit.log", [*_chain(3), b'{"seq":3,"ts"'])
+    before = path.read_bytes()
+    with pytest.raises(AuditChainError, match="torn write"):
+        AuditLog(path).append("plan.resumed", {})  # inspection: the log stays as it is
+    assert path.read_bytes() == before
+
+
 def test_append_first_cuts_a_torn_tail_its_dead_writer_left_keeping_the_bytes(tmp_path: Path) -> None:
     path = _write(tmp_path / "audit.log", [*_chain(3), b'{"seq":3,"ts"'])
-    event = AuditLog(path).append("plan.resumed", {})
+    event = AuditLog(path, cut_torn_tail=True).append("plan.resumed", {})
     events = AuditLog(path).events()
     assert [e.type for e in events][3:] == ["recovery.audit_truncated", "plan.resumed"] and event == events[-1]
     (saved,) = tmp_path.glob("audit.log.torn-*")
@@ -472,7 +480,7 @@ def test_damage_appended_after_a_read_is_reported_and_stays_reported(tmp_path: P
 
 def test_a_torn_line_appended_after_a_read_is_cut_by_the_next_read(tmp_path: Path) -> None:
     path = _write(tmp_path / "audit.log", _chain(4))
-    log = AuditLog(path)
+    log = AuditLog(path, cut_torn_tail=True)
     assert len(log.events()) == 4
     with path.open("ab") as handle:
         handle.write(_chain(5)[4][:-10])  # what a writer killed mid-write leaves

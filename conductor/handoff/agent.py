@@ -437,7 +437,7 @@ def _reap(layout: ProjectLayout, forks: list[ForkLayout], settings: _Settings) -
 def _log(fork: ForkLayout):  # type: ignore[no-untyped-def]
     from conductor.audit import AuditLog
 
-    return AuditLog(fork.audit_log)
+    return AuditLog(fork.audit_log, cut_torn_tail=True)
 
 
 def _claim_next(layout: ProjectLayout, forks: list[ForkLayout], holder: str, settings: _Settings) -> AgentTask | None:

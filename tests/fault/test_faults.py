@@ -205,7 +205,7 @@ def test_a_torn_tail_a_killed_writer_left_never_stops_another_process(tmp_path: 
     log.append("plan.resumed", {"pid": 1})
     with log.path.open("ab") as handle:
         handle.write(b'{"data":{"pid":2},"hash":"sha256:0')
-    code = ("import sys; from conductor.audit import AuditLog; log = AuditLog(sys.argv[1]); "
+    code = ("import sys; from conductor.audit import AuditLog; log = AuditLog(sys.argv[1], cut_torn_tail=True); "
             "print(len(log.events())); log.append('plan.resumed', {'pid': 3})")
     run = subprocess.run([sys.executable, "-c", code, str(log.path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
