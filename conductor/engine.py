@@ -25,6 +25,7 @@ from conductor.confidence import kind_of, learn, predicted_score, read_outcomes,
 from conductor.config import Config
 from conductor.errors import ConductorError, MergeConflict, StateConflict
 from conductor.executors.base import GIVEN_BACK, StepRunner, execute_claim
+from conductor.recovery import sweep_abandoned_temps
 from conductor.faults import crash_point
 from conductor.handoff.documents import read_document
 from conductor.handoff.failures import settled_since_publish, unlogged_failure
@@ -612,6 +613,9 @@ class Engine:
         else:
             report.message = "no fork was fully verified"
         crash_point("plan.before_finished")
+        for spec in self.plan.forks:  # what a worker killed mid-write left while the plan ran
+            view = _ForkView(self.layout, self.plan, spec)
+            sweep_abandoned_temps(view.fork, view.log)
         self.plan_log.append("plan.finished", {"status": report.status, "winner": winner.fork_id
                                                if report.status == "succeeded" else None,
                                                "applied": report.applied_fork is not None})

@@ -197,6 +197,22 @@ def recover_fork(
     return job.report.repairs
 
 
+def sweep_abandoned_temps(fork: ForkLayout, log: AuditLog, *, grace_seconds: float = TEMP_GRACE_SECONDS) -> list[Repair]:
+    """Pass 2 alone, for one fork while a plan runs: remove the temp files of the fork's folders whose
+    writer is gone (a worker killed mid-write leaves them; nothing else would until the next start), each
+    recorded as ``recovery.repaired`` ``temp_removed``.
+
+    Returns:
+        The temp files removed.
+    """
+    job = _Recovery(fork.project, exclusive=False, grace_seconds=grace_seconds, ignore=DEFAULT_WORKSPACE_IGNORE)
+    if fork.dir.is_dir():
+        job.sweep(fork.dir, log)
+        for state in STATES:
+            job.sweep(fork.state_dir(state), log)
+    return job.report.repairs
+
+
 def _finished(layout: ProjectLayout, plan_id: str) -> bool:
     return any(e.type == "plan.finished" for e in plan_log(layout, plan_id).events())
 

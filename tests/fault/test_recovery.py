@@ -525,3 +525,23 @@ def test_a_completed_task_file_the_log_does_not_account_for_is_still_checked(han
     log_of(handoff).append("task.published", {"step_id": "step_001", "attempt": 2, "checksum": "sha256:" + "2" * 64})
     with pytest.raises(StateConflict, match="completed/step_001.task.json holds attempt 1"):
         recover_project(handoff.layout)
+
+
+def test_a_running_plan_sweeps_the_temp_files_a_killed_writer_left(handoff: Handoff) -> None:
+    """The engine runs this for every fork before a plan finishes: a worker SIGKILLed between writing a
+    result's temp file and renaming it leaves the temp behind, and no process start follows to sweep it."""
+    from conductor.recovery import sweep_abandoned_temps
+
+    folder = handoff.fork.state_dir("completed")
+    folder.mkdir(parents=True, exist_ok=True)
+    dead = folder / f".tmp.step_001.result.json.{dead_pid()}.0123abcd"
+    live = folder / f".tmp.step_002.result.json.{os.getppid()}.0123abcd"  # a writer still at work
+    dead.write_text("{")
+    live.write_text("{")
+
+    repairs = sweep_abandoned_temps(handoff.fork, AuditLog(handoff.fork.audit_log))
+
+    assert not dead.exists() and live.exists()
+    assert [r.what for r in repairs] == ["temp_removed"]
+    assert [e.data["what"] for e in AuditLog(handoff.fork.audit_log).events() if e.type == "recovery.repaired"] == [
+        "temp_removed"]
