@@ -586,8 +586,9 @@ class _TaskFiles:
     """Where each task file is and, when the log cannot vouch for it, what it holds.
 
     A task file in ``completed/`` or ``failed/`` whose step's last published attempt has a completion,
-    failure or verdict event holds that attempt: no crash leaves anything else there (a step is final once
-    completed or failed), so it is not read again. Every other task file is read, once: the in-flight
+    failure or verdict event, and no event names a later attempt, holds that attempt, so it is not read
+    again. (A later attempt named by an event means a retry was published, its event lost in a crash, and
+    an executor went on with it: that file is read and its publication restored.) Every other task file is read, once: the in-flight
     ones and those the log does not account for. So recovery reads what may need repair, not the history.
     """
 
@@ -596,8 +597,14 @@ class _TaskFiles:
         self.published: set[tuple[Any, Any]] = set()
         self._last: dict[str, Any] = {}  # step -> the attempt of its last task.published event
         self._settled: set[tuple[Any, Any]] = set()
+        # step -> the highest attempt any event names: above the last published one when a retry's file was
+        # published but its event lost (a crash) and an executor then claimed and completed it.
+        self._highest: dict[str, int] = {}
         for event in events:
             key = (event.data.get("step_id"), event.data.get("attempt"))
+            for value in (event.data.get("attempt"), event.data.get("next_attempt")):
+                if isinstance(value, int) and value > self._highest.get(key[0], 0):
+                    self._highest[key[0]] = value
             if event.type == "task.published":
                 self.published.add(key)
                 self._last[key[0]] = key[1]
@@ -614,7 +621,8 @@ class _TaskFiles:
             found = self.folders.where(task_id)
             attempt = self._last.get(task_id)
             settled = found is not None and found[0] in ("completed", "failed") and (task_id, attempt) in self._settled
-            self._vouched[task_id] = attempt if settled and isinstance(attempt, int) else None
+            later = isinstance(attempt, int) and self._highest.get(task_id, 0) > attempt
+            self._vouched[task_id] = attempt if settled and isinstance(attempt, int) and not later else None
         return self._vouched[task_id]
 
     def task(self, task_id: str) -> Task | None:

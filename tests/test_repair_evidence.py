@@ -176,3 +176,26 @@ def test_a_crash_mid_repair_is_finished_by_resume_losing_and_duplicating_nothing
     assert [(e.attempt, e.outcome, e.failed_command is not None) for e in evidence] == [(1, "rejected", True)]
     assert not list(fork.state_dir("failed").iterdir())
     assert json.loads(conductor(root, "replay", "--json", env=env).stdout)["problems"] == []
+
+
+def test_a_retry_whose_publication_a_crash_left_unlogged_may_be_executed_before_recovery(tmp_path: Path) -> None:
+    """The engine dies after publishing a retry's file, before logging it; an executor already running
+    (here: `conductor task`, which runs no recovery) claims and completes that retry. Recovery must read the
+    completed file instead of trusting the log's last published attempt, restore the lost publication and
+    let the plan finish (it refused with exit 10: "task.completed attempt 2, but … (attempt 1)")."""
+    root, env = _project(tmp_path)
+    assert _build(root, env, CONDUCTOR_CRASH_AT="repair.after_publish").returncode == CRASH_EXIT_CODE
+    claimed = json.loads(conductor(root, "task", "claim", "--json", env=env).stdout)
+    assert claimed["attempt"] == 2
+    (Path(claimed["workspace"]) / "calc.py").write_text("def add(a, b):\n    return a + b\n")
+    assert conductor(root, "task", "complete", claimed["ref"], "--attempt", "2", env=env).returncode == 0
+
+    resumed = conductor(root, "resume", "--json", env=env)
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (root / "calc.py").read_text() == "def add(a, b):\n    return a + b\n"
+    layout = ProjectLayout(root)
+    (plan_id,) = layout.plan_ids()
+    events = AuditLog(layout.fork(plan_id, "1").audit_log).events()
+    assert [(e.data["attempt"], e.data.get("reason")) for e in events if e.type == "task.published"] == [
+        (1, None), (2, "recovered")]
