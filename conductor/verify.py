@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conductor.audit import AuditLog, verify_chain
+from conductor.audit import AuditLog, ChainReport, verify_chain
 from conductor.checkpoint import ORIGIN_PREFIX, audit_origin, note_files, verify_checkpoints, witnessed_origins
 from conductor.config import Config
 from conductor.attempts import state_store
@@ -202,22 +202,22 @@ class _Checker:
             if plan_ids is not None and plan_id not in plan_ids:
                 continue
             path = PlanningLayout(self.layout, plan_id).audit_log.path
-            if not path.exists():
-                continue
-            self.report.count("planning_logs")
-            chain = verify_chain(path)
-            self.report.count("log_entries", chain.entries)
-            for problem in chain.problems:
-                self.add(path, problem)
+            if path.exists():
+                self.chain(path, "planning_logs")
 
-    def log(self, plan_id: str, label: str, path: Path) -> None:
-        if not path.exists():
-            return
-        self.report.count("logs")
+    def chain(self, path: Path, kind: str) -> ChainReport:
+        """Check the hash chain of the log at ``path`` (counted as ``kind``); returns the chain report."""
+        self.report.count(kind)
         chain = verify_chain(path)
         self.report.count("log_entries", chain.entries)
         for problem in chain.problems:
             self.add(path, problem)
+        return chain
+
+    def log(self, plan_id: str, label: str, path: Path) -> None:
+        if not path.exists():
+            return
+        chain = self.chain(path, "logs")
         checkpoint_dir = self.layout.checkpoint_dir(plan_id, label)
         if not checkpoint_dir.is_dir() or not note_files(checkpoint_dir):
             if chain.entries:
