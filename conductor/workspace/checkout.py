@@ -124,6 +124,17 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
     if not index.is_file():
         raise FileNotFoundError(f"{folder} has no stat cache {index.name}")
     git = store.git
+    # One process, one stat pass (ls-files -m is git's ie_modified): an entry whose stat data changed, or
+    # that is racily clean, is compared by content (a same-size, same-mtime rewrite is seen); a deleted
+    # entry is listed too; -o adds the untracked files (a nested repository as "path/"). The index is only
+    # read here, so its mtime — the racy-git reference — is untouched.
+    changed = sorted(set(split_z(git.run(["ls-files", "-z", "-m", "-o", f"--exclude-from={excludes}"],
+                                         work_tree=folder, index=index))))
+    # Entries that go (deleted, or now a folder) before those that come: a file that replaced a folder
+    # ("pkg" for "pkg/b.py"), or the reverse, must not meet the old entry in the index.
+    changed.sort(key=lambda path: not _check_capturable(folder, path))
+    if not changed and (tree := cached_tree(index)) is not None:
+        return tree  # the folder is what the index says, and git recorded the index's tree
     temp = _temp_beside(index)
     # copy2 keeps the index's mtime: git's racy-git check compares each entry's mtime with the index
     # file's own, and git compares whole seconds only (unless built with USE_NSEC). A copy stamped "now"
@@ -131,15 +142,10 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
     # edit made within that second would be missed.
     shutil.copy2(index, temp)
     try:
-        # One stat pass: entries whose stat data changed are re-hashed by update-index below, which also
-        # refreshes their stat data in the cache (so an untouched file is never hashed twice).
-        changed = split_z(git.run(["diff-files", "--name-only", "-z"], work_tree=folder, index=temp))
-        changed += split_z(git.run(["ls-files", "-z", "-o", f"--exclude-from={excludes}"], work_tree=folder, index=temp))
-        for path in changed:
-            _check_capturable(folder, path)
-        if changed:
+        if changed:  # re-hashed, and their stat data refreshed in the cache
             git.run(["update-index", "-z", "--add", "--remove", "--stdin"], work_tree=folder, index=temp,
-                    input=join_z(sorted(set(changed))))
+                    input=join_z(changed))
+        # write-tree also stores the tree in the index (its cache-tree), read by the next capture.
         tree = git.run(["write-tree"], index=temp).decode().strip()
         os.replace(temp, index)
         return tree
@@ -147,7 +153,58 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
         temp.unlink(missing_ok=True)
 
 
-def _check_capturable(folder: Path, path: str) -> None:
+def cached_tree(index: Path) -> str | None:
+    """The tree id git recorded for a whole index in its cache-tree extension, or None if it has none.
+
+    Format (gitformat-index(5)): the extensions follow the entries; the last one, ``EOIE`` (written since
+    ``index.threads=true`` is among the hardened settings), holds the offset where they begin. The ``TREE``
+    extension starts with the root: an empty path, NUL, the entry count in ASCII (-1 = invalid), a space,
+    the subtree count, a newline, then the tree id. git writes it when it made or read that tree
+    (``read-tree`` of one tree, ``write-tree``) and invalidates it when an entry changes; the count must
+    also equal the index's own entry count. Anything unexpected answers None (the caller runs ``write-tree``).
+    """
+    try:
+        with open(index, "rb") as handle:
+            header = handle.read(12)
+            total = handle.seek(0, os.SEEK_END)
+            tail_start = max(0, total - 76)  # EOIE and the checksum, for the larger (SHA-256) ids
+            handle.seek(tail_start)
+            tail = handle.read()
+            if len(header) < 12 or header[:4] != b"DIRC":
+                return None
+            for size in (20, 32):  # SHA-1 or SHA-256 repository
+                eoie = total - size - (12 + size)
+                at = eoie - tail_start
+                if eoie > 12 and at >= 0 and tail[at:at + 4] == b"EOIE" and int.from_bytes(tail[at + 4:at + 8], "big") == 4 + size:
+                    break
+            else:
+                return None
+            first = int.from_bytes(tail[at + 8:at + 12], "big")
+            if not 12 <= first <= eoie:
+                return None
+            handle.seek(first)
+            data = handle.read(eoie - first)  # the extensions before EOIE
+    except OSError:
+        return None
+    entries = int.from_bytes(header[8:12], "big")
+    pos = 0
+    while pos + 8 <= len(data):
+        signature, length = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "big")
+        start, pos = pos + 8, pos + 8 + length
+        if signature != b"TREE":
+            continue
+        line_end = data.find(b"\n", start, pos)
+        head = data[start:line_end].split(b"\0", 1) if line_end > 0 else []
+        counts = head[1].split(b" ") if len(head) == 2 and head[0] == b"" else []
+        if len(counts) != 2 or counts[0] != str(entries).encode() or line_end + 1 + size > pos:
+            return None
+        return data[line_end + 1:line_end + 1 + size].hex()
+    return None
+
+
+def _check_capturable(folder: Path, path: str) -> bool:
+    """Refuse what is never captured (raises :class:`UnsafePath`); True if ``path`` is gone or a folder
+    (its entry leaves the index), False for a file or symlink."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
@@ -159,10 +216,11 @@ def _check_capturable(folder: Path, path: str) -> None:
         raise UnsafePath(f"unsafe path {path!r}: has a .git component: git's own data is off limits")
     try:
         mode = os.lstat(folder / path).st_mode
-    except FileNotFoundError:
-        return  # deleted
+    except (FileNotFoundError, NotADirectoryError):
+        return True  # deleted (its folder may be a file now)
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
         raise UnsafePath(f"{path}: special file (fifo, socket or device) in workspace {folder}")
+    return stat.S_ISDIR(mode)
 
 
 def init_agent_git(store: StateStore, folder: Path, commit: str, index: Path, *, name: str | None = None) -> None:

@@ -65,6 +65,7 @@ class StateStore:
         self.dir = conductor_dir / STORE_DIR
         self.git = Git(self.dir)
         self._user: tuple[Path, Path, Path] | None | bool = False  # (git dir, common dir, top level), None, unknown
+        self._trees: dict[str, str] = {}  # commit id -> its tree id (a commit never changes)
 
     # --- setup -----------------------------------------------------------------------------------
 
@@ -207,12 +208,18 @@ class StateStore:
             return False
 
     def tree_of(self, commit: str) -> str:
-        """The tree id of ``commit``.
+        """The tree id of ``commit`` (remembered for a full commit id once found: the worker asks for the
+        same base commit's tree after every task).
 
         Raises:
-            GitError: no such commit in the store.
+            GitError: no such commit in the store (when first asked).
         """
-        return self.git.run(["rev-parse", "--verify", f"{commit}^{{tree}}"]).decode().strip()
+        tree = self._trees.get(commit)
+        if tree is None:  # only full ids are remembered: a short one or a ref name could come to mean another commit
+            tree = self.git.run(["rev-parse", "--verify", f"{commit}^{{tree}}"]).decode().strip()
+            if len(commit) in (40, 64) and all(c in "0123456789abcdef" for c in commit):
+                self._trees[commit] = tree
+        return tree
 
     def commit(self, tree: str, parents: Sequence[str], message: str, *, date: str | None = None) -> str:
         """Write a commit object (no ref moves). Returns its id."""
