@@ -9,6 +9,9 @@ A child that leaves the group (``setsid``, a daemon's double fork) escapes ``kil
 ``sweep_environ`` entry such as ``CONDUCTOR_WORKSPACE=<path>``, which every descendant inherits, the
 processes still carrying it are killed too (Linux, via ``/proc``). A descendant that both leaves the group
 and replaces its environment escapes; a cgroup would catch it, but needs delegation we cannot count on.
+A sandboxed command (bubblewrap, ``--unshare-pid``) needs no sweep: every descendant is in its pid
+namespace, which the kernel empties when the namespace's init exits; that exit is awaited instead (see
+:class:`_Namespace`), and only if it cannot be shown is ``/proc`` swept.
 
 :func:`kill_orphans` finds and kills what a dead executor left running (used by the reaper), and
 :func:`process_start` gives the start identity that protects it against recycled pids.
@@ -16,7 +19,9 @@ and replaces its environment escapes; a cgroup would catch it, but needs delegat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import selectors
 import shlex
@@ -28,12 +33,13 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from conductor.sandbox import SandboxSpec, wrap
+from conductor.sandbox import SandboxSpec, reports_status, wrap
 from conductor.errors import ExecutorError
 
 DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
 POLL_SECONDS = 0.1
 DRAIN_SECONDS = 1.0  # how long to keep reading after the group is gone (a daemon that escaped may hold the pipe)
+NAMESPACE_WAIT_SECONDS = 5.0  # how long a sandbox's pid namespace may take to empty before /proc is swept instead
 _READ_SIZE = 65536
 
 
@@ -133,19 +139,39 @@ def run_command(
     """
     argv = _argv(command, shell)
     wrapped = None
+    namespace: _Namespace | None = None
     if sandbox is not None:
         wrapped = wrap(argv, sandbox, cwd=cwd)
         argv = wrapped.argv
-    proc = _spawn(argv, cwd=cwd, env=env, feed=stdin is not None)
+        if wrapped.sandboxed and "--unshare-pid" in argv and reports_status():
+            namespace = _Namespace()
+            argv = [argv[0], "--json-status-fd", str(namespace.write_fd), *argv[1:]]
+    run: _Run | None = None
+    try:
+        proc = _spawn(argv, cwd=cwd, env=env, feed=stdin is not None,
+                      pass_fds=(namespace.write_fd,) if namespace is not None else ())
+    except BaseException:
+        if namespace is not None:
+            namespace.close()
+        raise
     started = time.monotonic()
     try:
+        if namespace is not None:
+            namespace.started()
         if on_start is not None:
             on_start(proc.pid)
-        run = _Run(proc, stdin or b"", _Output(max_output_bytes))
+        run = _Run(proc, stdin or b"", _Output(max_output_bytes), namespace)
         run.loop(started + timeout_seconds, kill_grace_seconds, should_stop, kill_now)
     finally:
         _reap(proc)  # also on an exception or Ctrl-C: the group must not outlive us
-        if sweep_environ is not None:
+        try:
+            # A sandboxed command's descendants all live in its pid namespace, which the kernel empties
+            # when the namespace's init exits; once that exit is seen, no sweep of /proc is needed.
+            contained = namespace is not None and namespace.emptied(NAMESPACE_WAIT_SECONDS)
+        finally:
+            if namespace is not None:
+                namespace.close()
+        if sweep_environ is not None and not contained:
             kill_orphans(None, leader_start=None, marker=sweep_environ, grace_seconds=0.0)
     returncode = proc.returncode
     killed_by = -returncode if returncode < 0 else None
@@ -172,7 +198,8 @@ def _argv(command: str | Sequence[str], shell: bool | None) -> list[str]:
     return list(command)
 
 
-def _spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None, feed: bool) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None, feed: bool,
+           pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     if not argv:
         raise ExecutorError("empty command")
     if not Path(cwd).is_dir():
@@ -186,6 +213,7 @@ def _spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None, feed: b
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
     except FileNotFoundError:
         raise ExecutorError(f"command not found: {argv[0]!r} (is it installed and on PATH?)") from None
@@ -195,11 +223,85 @@ def _spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None, feed: b
         raise ExecutorError(f"cannot run {argv[0]!r}: {exc}") from None
 
 
+class _Namespace:
+    """The pid namespace of a bubblewrap sandbox, watched through ``bwrap --json-status-fd``.
+
+    bwrap writes ``{"child-pid": N, ...}`` (the namespace's init, as this host numbers it) right after it
+    made the namespace. When a namespace's init exits, the kernel kills every process in it (a ``setsid``
+    daemon, a double fork, a nested namespace alike) and the init's exit completes only once all of them
+    are gone (pid_namespaces(7)); a pidfd of the init turns readable only then. So once it is readable,
+    nothing the command started is left. The init is pinned by a pidfd as soon as its pid is known.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        self.buffer = b""
+        self.init_fd: int | None = None
+        self.init_gone = False  # the init was reaped before it could be pinned: it exited
+
+    def started(self) -> None:
+        """Call once the sandbox was spawned: this process keeps only the reading end."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def read(self) -> bool:
+        """Read what bwrap wrote; False at end of file."""
+        chunk = os.read(self.read_fd, _READ_SIZE)
+        if not chunk:
+            return False
+        if self.init_fd is None and not self.init_gone:
+            self.buffer += chunk
+            line, newline, _rest = self.buffer.partition(b"\n")
+            if newline:
+                self._pin(line)
+        return True
+
+    def _pin(self, line: bytes) -> None:
+        try:
+            pid = json.loads(line)["child-pid"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if not isinstance(pid, int) or pid <= 1:
+            return
+        try:
+            self.init_fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.init_gone = True
+        except (AttributeError, OSError):  # no pidfd here (Linux < 5.3): unproven, the caller sweeps
+            pass
+
+    def emptied(self, timeout: float) -> bool:
+        """True once the namespace's init has exited (and with it everything in the namespace), waiting at
+        most ``timeout`` seconds; False when that cannot be shown."""
+        if self.init_fd is None and not self.init_gone:
+            with contextlib.suppress(OSError):  # the child-pid line may still be in the pipe
+                os.set_blocking(self.read_fd, False)
+                while self.init_fd is None and not self.init_gone and self.read():
+                    pass
+        if self.init_gone:
+            return True
+        if self.init_fd is None:
+            return False
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.init_fd, selectors.EVENT_READ)
+            return bool(selector.select(timeout))
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd, self.init_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.read_fd = self.write_fd = -1
+        self.init_fd = None
+
+
 class _Run:
     """The select loop of one child: feeds stdin, reads output, enforces the deadline and stop requests."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], data: bytes, output: _Output) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], data: bytes, output: _Output,
+                 namespace: _Namespace | None = None) -> None:
         self.proc = proc
+        self.namespace = namespace
         self.pending = memoryview(data)
         self.output = output
         self.selector = selectors.DefaultSelector()
@@ -213,6 +315,8 @@ class _Run:
         self.pidfd = _open_pidfd(proc.pid)
         if self.pidfd is not None:  # readable when the child exits: no need to wait for the next poll
             self.selector.register(self.pidfd, selectors.EVENT_READ)
+        if namespace is not None:  # the sandbox's init is pinned as soon as bwrap names it
+            self.selector.register(namespace.read_fd, selectors.EVENT_READ)
         if proc.stdin is not None:
             os.set_blocking(proc.stdin.fileno(), False)
             self.selector.register(proc.stdin, selectors.EVENT_WRITE)
@@ -253,6 +357,9 @@ class _Run:
         for key, _events in self.selector.select(timeout):
             if key.fileobj == self.pidfd:
                 self.selector.unregister(self.pidfd)
+            elif self.namespace is not None and key.fileobj == self.namespace.read_fd:
+                if not self.namespace.read():
+                    self.selector.unregister(self.namespace.read_fd)
             elif key.fileobj is self.proc.stdin:
                 self._feed()
             elif not self._read():

@@ -92,6 +92,20 @@ def availability() -> str | None:
     return None
 
 
+@cache
+def reports_status() -> bool:
+    """Whether this bwrap has ``--json-status-fd`` (bubblewrap >= 0.3), through which
+    ``conductor.proc`` learns the pid of the sandbox's namespace init (checked once per process)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return False
+    try:
+        helped = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--json-status-fd" in helped.stdout + helped.stderr
+
+
 def require(mode: SandboxMode) -> None:
     """Fail early when ``mode`` is ``required`` and no sandbox is available.
 
