@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conductor import __version__
-from conductor.canonical import canonical_bytes, compute_checksum, sha256_hex, strict_loads
+from conductor.canonical import sha256_hex, strict_loads
 from conductor.errors import ChecksumMismatch, InvalidDocument
+from conductor.handoff.jcs import jcs_bytes, jcs_checksum
 from conductor.models import CommandEvidence, ExecutorInfo, FileChange, Result, Task, Usage, Verdict
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def statement_bytes(statement: dict[str, Any]) -> bytes:
     Raises:
         InvalidDocument: the statement holds a value JSON cannot represent canonically.
     """
-    return canonical_bytes(statement)
+    return jcs_bytes(statement)  # the C encoder where it writes JCS exactly, else rfc8785 (conductor.handoff.jcs)
 
 
 def invocation_id(task: Task) -> str:
@@ -135,7 +136,7 @@ def invocation_id(task: Task) -> str:
 
 
 def _task_checksum(task_document: dict[str, Any]) -> str:
-    actual = compute_checksum(task_document)
+    actual = jcs_checksum(task_document)
     recorded = task_document.get("checksum")
     if recorded is not None and recorded != actual:
         raise ChecksumMismatch(f"task {task_document.get('task_id')}: checksum {recorded} does not match content")
@@ -176,7 +177,7 @@ def _byproducts(verification: Sequence[CommandEvidence], usage: Usage | None) ->
         byproducts.append({
             "name": "usage",
             "mediaType": "application/json",
-            "digest": {"sha256": sha256_hex(canonical_bytes(document))},
+            "digest": {"sha256": sha256_hex(jcs_bytes(document))},
             "annotations": document,
         })
     return byproducts

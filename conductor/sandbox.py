@@ -78,11 +78,18 @@ class Wrapped:
 
 
 @cache
+def _bwrap() -> str | None:
+    """The path of ``bwrap`` on ``PATH`` (looked up once per process, as :func:`availability` is)."""
+    return shutil.which("bwrap")
+
+
+@cache
 def availability() -> str | None:
     """None when bubblewrap works here, else why not (checked once per process)."""
     if not sys.platform.startswith("linux"):
         return f"no sandbox on {sys.platform} yet"
-    bwrap = shutil.which("bwrap")
+    _bwrap.cache_clear()  # looked up again whenever availability is (a test may change PATH)
+    bwrap = _bwrap()
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
     probe = subprocess.run([bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-net", "--unshare-pid",
@@ -96,7 +103,7 @@ def availability() -> str | None:
 def reports_status() -> bool:
     """Whether this bwrap has ``--json-status-fd`` (bubblewrap >= 0.3), through which
     ``conductor.proc`` learns the pid of the sandbox's namespace init (checked once per process)."""
-    bwrap = shutil.which("bwrap")
+    bwrap = _bwrap()
     if bwrap is None:
         return False
     try:
@@ -128,7 +135,7 @@ def wrap(argv: Sequence[str], spec: SandboxSpec, *, cwd: Path) -> Wrapped:
     if why is not None:
         require(spec.mode)
         return Wrapped(list(argv), False, why)
-    args = [shutil.which("bwrap") or "bwrap", "--new-session", "--die-with-parent", "--unshare-pid",
+    args = [_bwrap() or "bwrap", "--new-session", "--die-with-parent", "--unshare-pid",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     if not spec.network:
         args.append("--unshare-net")
