@@ -96,7 +96,7 @@ from conductor.layout import (
 from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict, parse_time, utc_now
 from conductor.plan_store import plan_log
 from conductor.ranking import APPLY_INTENT_SCHEMA, apply_intent_file, finish_apply
-from conductor.repair import is_archived
+from conductor.repair import ARCHIVE_DIR
 
 TEMP_GRACE_SECONDS = 60.0
 """A temp file this old is abandoned whoever wrote it (a durable write takes milliseconds)."""
@@ -600,11 +600,15 @@ class _TaskFiles:
         # step -> the highest attempt any event names: above the last published one when a retry's file was
         # published but its event lost (a crash) and an executor then claimed and completed it.
         self._highest: dict[str, int] = {}
+        highest = self._highest
         for event in events:
-            key = (event.data.get("step_id"), event.data.get("attempt"))
-            for value in (event.data.get("attempt"), event.data.get("next_attempt")):
-                if isinstance(value, int) and value > self._highest.get(key[0], 0):
-                    self._highest[key[0]] = value
+            data = event.data
+            if "step_id" not in data:
+                continue  # no task's event (plan, fork, llm and recovery events)
+            key = (data["step_id"], data.get("attempt"))
+            for value in (key[1], data.get("next_attempt")):
+                if isinstance(value, int) and value > highest.get(key[0], 0):
+                    highest[key[0]] = value
             if event.type == "task.published":
                 self.published.add(key)
                 self._last[key[0]] = key[1]
@@ -759,6 +763,9 @@ def _seen_as(fork: ForkLayout, state: str | None, task_id: str, held: int | None
         f" (attempt {held})" if held is not None else "")
 
 
+_AGREEMENT_TYPES = frozenset({"task.published", "task.completed", "task.failed", "step.merged"})
+
+
 def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -> None:
     """Raise StateConflict naming every event the folders contradict (no crash can cause these).
 
@@ -769,18 +776,23 @@ def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -
     problems: list[str] = []
     last_published: dict[str, Event] = {}
     newest = {e.data.get("step_id"): e.data.get("attempt") for e in events if e.type == "task.published"}
+    archive = _names(fork.dir / ARCHIVE_DIR)  # listed once, under the fork lock that every archiving holds
+
+    def is_archived(task_id: str, attempt: int) -> bool:  # as conductor.repair.is_archived, from the listing
+        return f"{task_id}.a{attempt}{TASK_SUFFIX}" in archive
+
     for event in events:
+        if event.type not in _AGREEMENT_TYPES:
+            continue
         task_id, attempt = event.data.get("step_id"), event.data.get("attempt")
         if not isinstance(task_id, str):
             continue
         if event.type == "task.published":
             last_published[task_id] = event
             continue
-        if event.type not in ("task.completed", "task.failed", "step.merged"):
-            continue
         if event.type != "step.merged" and isinstance(attempt, int) and (
                 (isinstance(newest.get(task_id), int) and attempt < newest[task_id])
-                or is_archived(fork, task_id, attempt)):
+                or is_archived(task_id, attempt)):
             continue
         found = tasks.folders.where(task_id)
         state = found[0] if found else None
@@ -799,7 +811,7 @@ def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -
                             "with no accepted verdict beside it")
     for task_id, event in last_published.items():
         found = tasks.folders.where(task_id)
-        if found is None and isinstance(event.data.get("attempt"), int) and is_archived(fork, task_id, event.data["attempt"]):
+        if found is None and isinstance(event.data.get("attempt"), int) and is_archived(task_id, event.data["attempt"]):
             continue  # a repair archived it and crashed before publishing the retry: the engine's next pass does
         if found is None:
             problems.append(f"seq {event.seq} task.published {task_id} attempt {event.data.get('attempt')}, "
