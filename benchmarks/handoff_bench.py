@@ -48,7 +48,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from conductor.audit import GENESIS, AuditLog, verify_chain
+from conductor.audit import GENESIS, MARK_EVERY_LINES, AuditLog, forget_checked_logs, verify_chain
 from conductor.canonical import canonical_bytes, digest, sha256_hex
 from conductor.executors.base import executor_info
 from conductor.handoff.documents import read_document, sealed_bytes
@@ -110,9 +110,9 @@ def attempt_workspace(project: Project, step: str, attempt: int = 1, *, create: 
 
 def retry_preparer(project: Project) -> Callable[[Task], Task]:
     """What the engine and workers pass the reaper to give a re-queued task a fresh folder."""
-    from conductor.attempts import prepare_retry
+    from conductor.attempts import RetryFolders
 
-    return lambda task: prepare_retry(project.layout, task)
+    return RetryFolders(project.layout)
 
 
 # --- a project with one plan, one fork and N independent steps (as tests/handoff/support.py) ----------
@@ -635,9 +635,22 @@ def build_crashed_fork(root: Path, tasks: int) -> tuple[Project, dict[str, int]]
             continue
         _write_completion(fork, Task.model_validate(sealed), executor)
         chain.add("task.completed", {"step_id": step, "attempt": 1, "executor": holder, "duration_seconds": 0.05})
-    chain.flush()
+    _flush_with_lagging_mark(chain)
     _leave_temp_files(fork, steps, pid)
     return project, {"completed": completed, "pending": pending, "in_progress": in_progress}
+
+
+def _flush_with_lagging_mark(chain: _ChainWriter) -> None:
+    """Write the log with its check mark as far behind as a live engine's can be: a separate process reads
+    the log as an engine does (``AuditLog(cut_torn_tail=True).events()``, which moves the mark on every
+    ``MARK_EVERY_LINES`` lines it checks) when ``MARK_EVERY_LINES - 1`` lines are still to come."""
+    lag = MARK_EVERY_LINES - 1
+    rest, chain.lines = chain.lines[-lag:], chain.lines[:-lag]
+    chain.flush()
+    reader = "import sys; from conductor.audit import AuditLog; AuditLog(sys.argv[1], cut_torn_tail=True).events()"
+    subprocess.run([sys.executable, "-c", reader, str(chain.path)], check=True)
+    chain.lines = rest
+    chain.flush()
 
 
 def _write_completion(fork: ForkLayout, task: Task, executor: Any) -> None:
@@ -752,6 +765,7 @@ def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
     fork = project.fork
     files = sum(1 for state in STATES for _ in fork.state_dir(state).iterdir())
     log_size = sum(path.stat().st_size for path in project.layout.handoff_dir.rglob("audit.log"))  # plan + fork
+    forget_checked_logs()  # recovery runs in a new process: nothing of the logs is known yet
 
     began = time.perf_counter()
     raw_read = raw_scan(fork)
@@ -794,18 +808,29 @@ def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
     }
 
 
-def _timed(function: Callable[[Task], Task]) -> tuple[Callable[[Task], Task], dict[str, float]]:
-    """``function`` wrapped to add its wall time to the returned ``{"seconds": ...}``."""
+def _timed(function: Any) -> tuple[Any, dict[str, float]]:
+    """``function`` (a retry preparer) wrapped to add its wall time, and that of its ``prefetch`` and
+    ``discard`` if it has them (a ``BatchPreparer``), to the returned ``{"seconds": ...}``."""
     spent = {"seconds": 0.0}
 
-    def timed(task: Task) -> Task:
-        began = time.perf_counter()
-        try:
-            return function(task)
-        finally:
-            spent["seconds"] += time.perf_counter() - began
+    def timing(call: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                spent["seconds"] += time.perf_counter() - began
+        return timed
 
-    return timed, spent
+    if not hasattr(function, "prefetch"):
+        return timing(function), spent
+
+    class Timed:
+        __call__ = staticmethod(timing(function))
+        prefetch = staticmethod(timing(function.prefetch))
+        discard = staticmethod(timing(function.discard))
+
+    return Timed(), spent
 
 
 # --- 5. the race ------------------------------------------------------------------------------------

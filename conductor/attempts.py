@@ -17,11 +17,14 @@ a folder nobody reads). ``gc`` removes them.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
 from conductor.errors import ConductorError, UnsafePath
+from conductor.fsutil import TEMP_PREFIX, fsync_dir
 from conductor.handoff.documents import read_document
 from conductor.layout import RESULT_SUFFIX, VERDICT_SUFFIX, ForkLayout, ProjectLayout
 from conductor.models import FileChange, Result, Task
@@ -95,6 +98,74 @@ def prepare_retry(layout: ProjectLayout, task: Task) -> Task:
     folder = prepare_workspace(layout, task.plan_id, task.fork_id, task.task_id, task.attempt, task.base_commit,
                                recycle=False)
     return task.model_copy(update={"workspace": layout.relative(folder)})
+
+
+class RetryFolders:
+    """:func:`prepare_retry` for one project that can also check several retries out at once, ahead of the
+    fork lock (a :class:`conductor.handoff.reaper.BatchPreparer`: after a crash, a reap re-queues many
+    tasks, and each needs a fresh checkout).
+
+    A folder made ahead is built in a private folder ``scratch/plan_P/fork_F/.tmp.ahead.<pid>.<hex>/``
+    under its final name (so its agent branch is named right), and renamed into place only under the
+    fork lock, when its retry is published and its name is still free: a folder another process made or
+    uses is never touched. What is not used is removed by :meth:`discard`, or, after a crash, by
+    recovery's temp sweep (the private folder's name carries the pid).
+    """
+
+    def __init__(self, layout: ProjectLayout, *, threads: int | None = None) -> None:
+        self.layout = layout
+        self.threads = threads or min(4, os.cpu_count() or 1)
+        self._ready: dict[tuple[str, str, str, int, str], Path] = {}  # (plan, fork, step, attempt, base) -> folder
+        self._private: list[Path] = []
+
+    def __call__(self, task: Task) -> Task:
+        made = self._ready.pop(_retry_key(task), None)
+        if made is not None:
+            target = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
+            if not target.exists() and not index_file(target).exists():
+                os.rename(index_file(made), index_file(target))
+                os.rename(made, target)
+                fsync_dir(target.parent)
+                return task.model_copy(update={"workspace": self.layout.relative(target)})
+            remove_folder(made)
+        return prepare_retry(self.layout, task)
+
+    def prefetch(self, tasks: list[Task]) -> None:
+        """Check out the folder of each retry (``attempt`` already incremented) at its base, side by side.
+        A checkout that fails is left to :meth:`__call__`, which makes it again and reports the error."""
+        wanted = [task for task in tasks if _retry_key(task) not in self._ready]
+        if len(wanted) < 2:
+            return
+        store = state_store(self.layout)
+
+        def make(task: Task) -> tuple[Task, Path | None]:
+            fork_dir = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt).parent
+            fork_dir.mkdir(parents=True, exist_ok=True)
+            private = fork_dir / f"{TEMP_PREFIX}ahead.{os.getpid()}.{secrets.token_hex(4)}"
+            private.mkdir()
+            self._private.append(private)
+            folder = private / self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt).name
+            try:
+                materialize(store, task.base_commit, folder)
+            except (ConductorError, OSError):
+                return task, None
+            return task, folder
+
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            for task, folder in pool.map(make, wanted):
+                if folder is not None:
+                    self._ready[_retry_key(task)] = folder
+
+    def discard(self) -> None:
+        """Remove every folder made ahead and not used."""
+        self._ready.clear()
+        for private in self._private:
+            shutil.rmtree(private, ignore_errors=True)
+        self._private.clear()
+
+
+def _retry_key(task: Task) -> tuple[str, str, str, int, str]:
+    return task.plan_id, task.fork_id, task.task_id, task.attempt, task.base_commit
 
 
 def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ignore: list[str]) -> tuple[str, list[FileChange]]:

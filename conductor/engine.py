@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conductor.attempts import prepare_retry, prepare_workspace, remove_plan_workspaces, state_store
+from conductor.attempts import RetryFolders, prepare_retry, prepare_workspace, remove_plan_workspaces, state_store
 from conductor.audit import AuditLog
 from conductor.confidence import kind_of, learn, predicted_score, read_outcomes, score_step
 from conductor.config import Config
@@ -240,7 +240,7 @@ class Engine:
     def _reap(self, view: _ForkView) -> None:
         reap_expired(view.fork, max_attempts=self.config.executor.max_attempts,
                      lease_seconds=self.config.executor.lease_seconds, on_event=view.append,
-                     prepare_retry=lambda task: prepare_retry(self.layout, task))
+                     prepare_retry=RetryFolders(self.layout))
 
     def _advance(self, view: _ForkView) -> dict[str, str]:
         # Log verdicts a crash left unlogged first: the fork's head must include them before any other

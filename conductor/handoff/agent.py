@@ -425,13 +425,13 @@ def _task_watcher(layout: ProjectLayout):  # type: ignore[no-untyped-def]
 
 
 def _reap(layout: ProjectLayout, forks: list[ForkLayout], settings: _Settings) -> None:
-    from conductor.attempts import prepare_retry
+    from conductor.attempts import RetryFolders
     from conductor.handoff.reaper import reap_expired
 
     for fork in forks:
         if fork.task_ids("in_progress") or any(fork.state_dir("in_progress").glob("*.requeue")):
             reap_expired(fork, max_attempts=settings.max_attempts, lease_seconds=settings.lease_seconds,
-                         on_event=_log(fork).append, prepare_retry=lambda task: prepare_retry(layout, task))
+                         on_event=_log(fork).append, prepare_retry=RetryFolders(layout))
 
 
 def _log(fork: ForkLayout):  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from conductor.errors import IntegrityError, StateConflict
 from conductor.faults import crash_point
@@ -50,6 +51,22 @@ from conductor.proc import kill_orphans, pid_alive
 ORPHAN_GRACE_SECONDS = 1.0  # SIGTERM → SIGKILL for a dead holder's command (done before the fork lock is taken)
 ENGINE_HOLDER_PREFIX = "conductor-engine@"  # the engine's in-process executors: not held to timeout_seconds here
 UNKNOWN_HOLDER = "unknown"  # task.lease_expired's holder when no readable lease names one
+
+
+@runtime_checkable
+class BatchPreparer(Protocol):
+    """A ``prepare_retry`` that can also make several retries' workspaces at once, ahead of the fork lock.
+
+    :func:`reap_expired` calls :meth:`prefetch` with the retries it expects to publish (before it takes the
+    lock for each), then the preparer itself for each retry it does publish (under the lock: it hands over
+    what was made ahead, or makes it then), then :meth:`discard` for whatever was made and not used.
+    """
+
+    def __call__(self, task: Task) -> Task: ...
+
+    def prefetch(self, tasks: list[Task]) -> None: ...
+
+    def discard(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -133,18 +150,28 @@ def reap_expired(
     names = _names(fork.state_dir("in_progress"))
     if any(name.endswith(TASK_SUFFIX + PARKED_SUFFIX) for name in names):
         finish_parked(fork, prepare_retry=prepare_retry, on_event=on_event)
-    reaped = []
+    looks = []
     for task_id in sorted(name[: -len(TASK_SUFFIX)] for name in names if name.endswith(TASK_SUFFIX)):
         look = _look(fork, task_id, now=now, lease_seconds=lease_seconds)
-        if look is None:
-            continue
-        with fork_lock(fork):
-            entry = _reap_one(
-                fork, task_id, look, now=now, max_attempts=max_attempts, lease_seconds=lease_seconds,
-                on_event=on_event, prepare_retry=prepare_retry,
-            )
-        if entry is not None:
-            reaped.append(entry)
+        if look is not None:
+            looks.append((task_id, look))
+    batch = prepare_retry if isinstance(prepare_retry, BatchPreparer) and len(looks) > 1 else None
+    if batch is not None:  # after a crash many retries at once: their checkouts run side by side, unlocked
+        batch.prefetch([look.task.model_copy(update={"attempt": look.task.attempt + 1}) for _, look in looks
+                        if look.task is not None and look.task.attempt < (look.task.max_attempts or max_attempts)])
+    reaped = []
+    try:
+        for task_id, look in looks:
+            with fork_lock(fork):
+                entry = _reap_one(
+                    fork, task_id, look, now=now, max_attempts=max_attempts, lease_seconds=lease_seconds,
+                    on_event=on_event, prepare_retry=prepare_retry,
+                )
+            if entry is not None:
+                reaped.append(entry)
+    finally:
+        if batch is not None:
+            batch.discard()
     return reaped
 
 
@@ -153,8 +180,12 @@ class _Look:
     """An unlocked first look at an in-progress task whose lease seemed over."""
 
     lease: Lease | None
-    workspace: str | None  # the task's workspace, None if the task file was unreadable
+    task: Task | None  # None if the task file was unreadable
     killed: tuple[int, ...]  # the dead holder's command, killed already
+
+    @property
+    def workspace(self) -> str | None:
+        return self.task.workspace if self.task is not None else None
 
 
 def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float) -> _Look | None:
@@ -167,12 +198,13 @@ def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float
     if _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds) is None:
         return None
     try:
-        workspace: str | None = read_document(path, Task).workspace
+        task: Task | None = read_document(path, Task)
     except FileNotFoundError:
         return None  # completed meanwhile
     except IntegrityError:
-        workspace = None
-    return _Look(lease, workspace, tuple(kill_orphaned_command(fork, lease, workspace=workspace)))
+        task = None
+    workspace = task.workspace if task is not None else None
+    return _Look(lease, task, tuple(kill_orphaned_command(fork, lease, workspace=workspace)))
 
 
 def _reap_one(

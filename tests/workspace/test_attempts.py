@@ -58,3 +58,53 @@ def test_a_folder_whose_lease_ran_out_is_never_reused(tmp_path: Path) -> None:
 
     assert zombie_folder.is_dir() and handoff.root / task.workspace != zombie_folder
     assert (handoff.root / task.workspace / "README.md").read_text() == "hello\n"
+
+
+def _expire_elsewhere(handoff, step: str) -> None:
+    """Claim ``step`` as a holder on another host with a lease already run out."""
+    assert claim_task(handoff.fork, step, holder="agent@elsewhere", lease_seconds=0.01) is not None
+    lease = handoff.read_lease(step)
+    write_document(handoff.fork.lease_file(step), lease.model_copy(update={"host": "elsewhere", "checksum": None}))
+
+
+def test_many_retries_get_their_folders_checked_out_ahead_and_side_by_side(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+    import threading
+
+    import conductor.attempts as attempts
+
+    handoff = make_handoff(tmp_path / "project", steps=4)
+    steps = handoff.step_ids
+    for step in steps:
+        handoff.publish(step)
+        _expire_elsewhere(handoff, step)
+    # Another process left step_004's attempt-2 folder (a reap that crashed before publishing): it is
+    # reset in place, never replaced by a folder made ahead.
+    taken = handoff.scratch("step_004", 2)
+    prepare_retry(handoff.layout, handoff.read_task("in_progress", "step_004").model_copy(update={"attempt": 2}))
+    (taken / "junk.txt").write_text("left by a crash\n")
+    threads, fallbacks = set(), []
+    real_materialize, real_prepare = attempts.materialize, attempts.prepare_retry
+    monkeypatch.setattr(attempts, "materialize", lambda *a, **k: (threads.add(threading.get_ident()),
+                                                                   real_materialize(*a, **k))[1])
+    monkeypatch.setattr(attempts, "prepare_retry", lambda layout, task: (fallbacks.append(task.task_id),
+                                                                         real_prepare(layout, task))[1])
+    time.sleep(0.05)
+    folders = attempts.RetryFolders(handoff.layout, threads=2)
+
+    reaped = reap_expired(handoff.fork, max_attempts=3, lease_seconds=60, on_event=AuditLog(handoff.fork.audit_log).append,
+                          prepare_retry=folders)
+
+    assert [r.outcome for r in reaped] == ["requeued"] * 4 and fallbacks == ["step_004"]
+    assert threading.get_ident() not in threads  # made ahead by the pool, not under the fork lock
+    for step in steps:
+        retry = handoff.read_task("pending", step)
+        folder = handoff.root / retry.workspace
+        assert retry.attempt == 2 and folder == handoff.scratch(step, 2).resolve()
+        assert (folder / "README.md").read_text() == "hello\n" and not (folder / "junk.txt").exists()
+        branch = subprocess.run(["git", "branch", "--show-current"], cwd=folder, capture_output=True, text=True, check=True)
+        assert branch.stdout.strip() == f"conductor/{step}.a2"
+        assert attempt_changes(handoff.layout, folder, retry.base_commit, [])[1] == []
+        assert handoff.scratch(step, 1).is_dir()  # the old attempt's folder is left alone
+    left = sorted(p.name for p in handoff.scratch("step_001").parent.iterdir() if p.name.startswith(".tmp."))
+    assert left == []  # the pool's private folders are gone (the one made for step_004 discarded)
