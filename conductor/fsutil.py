@@ -24,7 +24,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -138,6 +138,36 @@ def write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
     temp = _write_temp(target, data, mode)
     crash_point("write.after_temp")
     return temp
+
+
+def write_temps(items: Sequence[tuple[Path, bytes]], mode: int = 0o644) -> list[Path]:
+    """:func:`write_temp` for several files at once: every file is written first and then each is fsynced,
+    so that one journal commit can carry them all (the later fsyncs find little left to flush). Each temp is
+    still fsynced before the caller can rename it. Returns the temps in the order of ``items``.
+
+    Raises:
+        StorageError: the disk is full or failed; no temp file is left.
+        OSError: any other failure, with the same guarantee.
+    """
+    made: list[tuple[Path, int]] = []
+    try:
+        for target, data in items:
+            temp = temp_path(target)
+            made.append((temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)))
+            write_all(made[-1][1], data, target)
+            os.fchmod(made[-1][1], mode)  # before the rename, whatever the umask
+        for (_temp, fd), (target, _data) in zip(made, items, strict=False):
+            fsync_fd(fd, target)
+    except BaseException:
+        for temp, fd in made:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+        raise
+    for _temp, fd in made:
+        os.close(fd)
+    for _ in made:
+        crash_point("write.after_temp")
+    return [temp for temp, _fd in made]
 
 
 def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:

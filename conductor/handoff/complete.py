@@ -4,7 +4,8 @@ The task file's arrival in ``completed/`` or ``failed/`` is the commit point. Be
 the holder's fencing token is checked under the fork lock, so a zombie executor whose lease expired and
 whose task was re-queued cannot overwrite the new attempt's work.
 
-The fork lock is held only for the renames: every file's bytes are written and fsynced before it is taken,
+The fork lock is held only for the renames: every file's bytes are written (all of them, then each is
+fsynced: one journal commit can carry the three) before it is taken,
 the three sidecar names share one folder fsync (before the commit point, so they are durable first), and
 the commit rename's folders are fsynced after it is released (whoever reads the folders next sees the
 rename at once; the fsyncs only make it survive a power loss).
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conductor.faults import crash_point
-from conductor.fsutil import commit_temp, fsync_dir, rename_file, sync_rename, write_temp
+from conductor.fsutil import commit_temp, fsync_dir, rename_file, sync_rename, write_temps
 from conductor.handoff.documents import sealed_bytes
 from conductor.handoff.lease import (
     Claim,
@@ -60,9 +61,9 @@ def complete_task(
     target = fork.task_file(state, task_id)
     temps: list[tuple[str, Path, Path]] = []
     try:
-        for suffix, data in files:
-            path = fork.sidecar(state, task_id, suffix)
-            temps.append((suffix, write_temp(path, data), path))
+        paths = [fork.sidecar(state, task_id, suffix) for suffix, _data in files]
+        written = write_temps([(path, data) for path, (_suffix, data) in zip(paths, files, strict=True)])
+        temps = [(suffix, temp, path) for (suffix, _data), temp, path in zip(files, written, paths, strict=True)]
         with fork_lock(fork):
             assert_holder(claim)
             for suffix, temp, path in temps:
