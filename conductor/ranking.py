@@ -65,10 +65,14 @@ def fork_checks(
     timeout_seconds: float, sandbox_mode: SandboxMode = "auto", network: bool = False, env_names: Sequence[str] = (),
 ) -> bool:
     """Run the verification commands once on a clean checkout of the fork's final state (reusing a
-    recorded run). The checkout holds exactly ``head_commit``: nothing an executor left behind."""
+    recorded run). The checkout holds exactly ``head_commit``: nothing an executor left behind. With no
+    commands there is nothing to run and no checkout is made (it would cost a copy of the repository)."""
     for event in log.events():
         if event.type == "fork.verified":
             return bool(event.data.get("passed"))
+    if not commands:
+        log.append("fork.verified", {"fork_id": fork_id, "passed": True, "commit": head_commit, "verification": []})
+        return True
     folder = layout.conductor_dir / "scratch" / f"plan_{plan_id}" / f"fork_{fork_id}" / "final"
     store = state_store(layout)
     if folder.is_dir() and index_file(folder).is_file():
