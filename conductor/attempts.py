@@ -101,9 +101,9 @@ def prepare_retry(layout: ProjectLayout, task: Task) -> Task:
 
 
 class RetryFolders:
-    """:func:`prepare_retry` for one project that can also check several retries out at once, ahead of the
-    fork lock (a :class:`conductor.handoff.reaper.BatchPreparer`: after a crash, a reap re-queues many
-    tasks, and each needs a fresh checkout).
+    """:func:`prepare_retry` for one project that checks retries out ahead of the fork lock, several at once
+    (a :class:`conductor.handoff.reaper.BatchPreparer`: a checkout is slow work, and after a crash a reap
+    re-queues many tasks, each needing one).
 
     A folder made ahead is built in a private folder ``scratch/plan_P/fork_F/.tmp.ahead.<pid>.<hex>/``
     under its final name (so its agent branch is named right), and renamed into place only under the
@@ -134,7 +134,7 @@ class RetryFolders:
         """Check out the folder of each retry (``attempt`` already incremented) at its base, side by side.
         A checkout that fails is left to :meth:`__call__`, which makes it again and reports the error."""
         wanted = [task for task in tasks if _retry_key(task) not in self._ready]
-        if len(wanted) < 2:
+        if not wanted:
             return
         store = state_store(self.layout)
 
@@ -151,10 +151,14 @@ class RetryFolders:
                 return task, None
             return task, folder
 
-        with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            for task, folder in pool.map(make, wanted):
-                if folder is not None:
-                    self._ready[_retry_key(task)] = folder
+        if len(wanted) == 1:
+            made = [make(wanted[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                made = list(pool.map(make, wanted))
+        for task, folder in made:
+            if folder is not None:
+                self._ready[_retry_key(task)] = folder
 
     def discard(self) -> None:
         """Remove every folder made ahead and not used."""

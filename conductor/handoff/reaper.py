@@ -155,8 +155,8 @@ def reap_expired(
         look = _look(fork, task_id, now=now, lease_seconds=lease_seconds)
         if look is not None:
             looks.append((task_id, look))
-    batch = prepare_retry if isinstance(prepare_retry, BatchPreparer) and len(looks) > 1 else None
-    if batch is not None:  # after a crash many retries at once: their checkouts run side by side, unlocked
+    batch = prepare_retry if isinstance(prepare_retry, BatchPreparer) and looks else None
+    if batch is not None:  # checkouts made before the lock is taken (after a crash, many side by side)
         batch.prefetch([look.task.model_copy(update={"attempt": look.task.attempt + 1}) for _, look in looks
                         if look.task is not None and look.task.attempt < (look.task.max_attempts or max_attempts)])
     reaped = []
