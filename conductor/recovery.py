@@ -349,6 +349,7 @@ class _Recovery:
         for state in STATES:
             self.sweep(fork.state_dir(state), log)
             self.swept.add(fork.state_dir(state))
+        log.events()  # the history is parsed before the lock is taken; under it only what was added since
         with fork_lock(fork):
             self._resolve_duplicates(fork, log, _Folders(fork))
             if self.exclusive:
