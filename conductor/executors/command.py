@@ -89,7 +89,8 @@ class CommandRunner:
             written = explanation_file.read_text("utf-8", errors="replace") if explanation_file.exists() else ""
         output = outcome.output.decode("utf-8", errors="replace")[-OUTPUT_TAIL_CHARS:]
         # What the command printed or wrote is stored and shown: no secret of ours may be in it.
-        written, output = redact(written, self.environ), redact(output, self.environ)
+        written = redact(written, self.environ) if written else written  # most commands write no explanation
+        output = redact(output, self.environ) if output else output
         explanation = _explanation(self.command, outcome, written, output)
         if outcome.timed_out:
             message = f"command timed out after {task.timeout_seconds} s: {self.command}"
