@@ -108,3 +108,25 @@ def test_many_retries_get_their_folders_checked_out_ahead_and_side_by_side(tmp_p
         assert handoff.scratch(step, 1).is_dir()  # the old attempt's folder is left alone
     left = sorted(p.name for p in handoff.scratch("step_001").parent.iterdir() if p.name.startswith(".tmp."))
     assert left == []  # the pool's private folders are gone (the one made for step_004 discarded)
+
+
+def test_a_folder_made_ahead_by_a_process_that_died_is_swept_by_recovery(tmp_path: Path) -> None:
+    import re
+
+    from conductor.attempts import RetryFolders
+    from conductor.recovery import recover_project
+    from tests.handoff.support import dead_pid
+
+    handoff = make_handoff(tmp_path / "project", steps=1)
+    task = handoff.publish("step_001")
+    RetryFolders(handoff.layout).prefetch([task.model_copy(update={"attempt": 2})])  # then "killed": no discard
+    fork_scratch = handoff.scratch("step_001").parent
+    (made,) = [p for p in fork_scratch.iterdir() if p.name.startswith(".tmp.ahead.")]
+    assert (made / "step_001.a2" / "README.md").read_text() == "hello\n"
+    orphan = made.with_name(re.sub(r"\.\d+\.", f".{dead_pid()}.", made.name, count=1))
+    made.rename(orphan)
+
+    report = recover_project(handoff.layout)
+
+    assert not orphan.exists() and handoff.scratch("step_001").is_dir()
+    assert any(r.what == "temp_removed" and orphan.name in r.path for r in report.repairs)
