@@ -20,7 +20,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from conductor.errors import UnsafePath
+from conductor.errors import GitError, UnsafePath
 from conductor.fsutil import TEMP_PREFIX, fsync_dir
 from conductor.paths import is_dotgit
 from conductor.workspace.git import join_z, split_z
@@ -92,15 +92,27 @@ def reset(store: StateStore, folder: Path, commit: str) -> None:
         raise FileNotFoundError(f"{folder} has no stat cache {index.name}")
     git = store.git
     _remove_entry(folder / ".git")
-    # diff-files lists every entry whose stat data changed (content-checking racily clean ones), which is
-    # all a reset needs: a separate --refresh would be a second stat pass over the whole tree.
-    dirty = split_z(git.run(["diff-files", "--name-only", "-z"], work_tree=folder, index=index))
-    for path in split_z(git.run(["ls-files", "-z", "-o", "--directory"], work_tree=folder, index=index)):
+    # One process, one stat pass, as in capture: -m lists every entry whose stat data changed (content-
+    # checking racily clean ones), -d the deleted ones, -o --directory what is untracked (an untracked
+    # folder as "dir/"); -t tags each: "C " changed, "R " removed, "? " other.
+    dirty, other = set(), []
+    for item in split_z(git.run(["ls-files", "-z", "-t", "-m", "-d", "-o", "--directory"], work_tree=folder,
+                                index=index)):
+        tag, path = item[:2], item[2:]
+        if tag == "? ":
+            other.append(path)
+        elif tag in ("C ", "R "):
+            dirty.add(path)
+        else:
+            raise GitError(f"git ls-files -t in {folder}: unexpected tag {tag!r} for {path!r}")
+    for path in other:
         _remove_entry(folder / path.rstrip("/"))
     if dirty:
-        git.run(["checkout-index", "-f", "-u", "-z", "--stdin"], work_tree=folder, index=index, input=join_z(dirty))
-    current = git.run(["write-tree"], index=index).decode().strip()
-    git.run(["read-tree", "-m", "-u", current, commit], work_tree=folder, index=index)
+        git.run(["checkout-index", "-f", "-u", "-z", "--stdin"], work_tree=folder, index=index,
+                input=join_z(sorted(dirty)))
+    current = cached_tree(index) or git.run(["write-tree"], index=index).decode().strip()
+    if current != store.tree_of(commit):  # a chain of steps: the folder often holds the next base already
+        git.run(["read-tree", "-m", "-u", current, commit], work_tree=folder, index=index)
     init_agent_git(store, folder, commit, index)
 
 
