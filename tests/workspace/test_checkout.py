@@ -4,6 +4,7 @@ Conductor's own git calls, whatever the agent plants in them."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -168,3 +169,23 @@ def test_an_in_place_edit_in_the_same_second_as_the_checkout_is_caught_a_second_
         pytest.skip("could not edit within the checkout's second (a very slow machine)")
     time.sleep(1.1 - (time.time() % 1))  # the capture happens a second later
     assert changed(store, commit, folder, ignore=()) == {"calc.py": "modified"}
+
+
+def test_reset_to_the_tree_the_folder_holds_still_undoes_every_change(setup) -> None:
+    """The cheap path (no read-tree: the folder's tree is the new base's) restores deletions, a folder
+    replaced by a file, a same-size same-mtime rewrite and an added file all the same."""
+    store, commit, folder = setup
+    (folder / "c.txt").unlink()
+    shutil.rmtree(folder / "pkg")
+    (folder / "pkg").write_text("a file where a folder was\n")
+    before = os.stat(folder / "a.py")
+    (folder / "a.py").write_text("a = 2\n")  # same size
+    os.utime(folder / "a.py", ns=(before.st_atime_ns, before.st_mtime_ns))
+    (folder / "new.py").write_text("added\n")
+
+    reset(store, folder, commit)
+
+    assert (folder / "c.txt").read_text() == "c\n" and (folder / "pkg" / "b.py").read_text() == "b = 1\n"
+    assert (folder / "a.py").read_text() == "a = 1\n" and not (folder / "new.py").exists()
+    assert changed(store, commit, folder) == {}
+    assert agent_git(folder, "status", "--porcelain").stdout == ""
