@@ -142,9 +142,11 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
     # read here, so its mtime — the racy-git reference — is untouched.
     changed = sorted(set(split_z(git.run(["ls-files", "-z", "-m", "-o", f"--exclude-from={excludes}"],
                                          work_tree=folder, index=index))))
-    # Entries that go (deleted, or now a folder) before those that come: a file that replaced a folder
-    # ("pkg" for "pkg/b.py"), or the reverse, must not meet the old entry in the index.
-    changed.sort(key=lambda path: not _check_capturable(folder, path))
+    # Entries that go (deleted, now a folder, or behind what is now a symlink or a file) are removed first,
+    # whatever is at their path: a file or link that replaced a folder ("pkg" for "pkg/b.py"), or the
+    # reverse, must not meet the old entry in the index (git refuses a path "beyond a symbolic link").
+    gone = {path for path in changed if _check_capturable(folder, path)}
+    going, coming = [p for p in changed if p in gone], [p for p in changed if p not in gone]
     if not changed and (tree := cached_tree(index)) is not None:
         return tree  # the folder is what the index says, and git recorded the index's tree
     temp = _temp_beside(index)
@@ -154,9 +156,12 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
     # edit made within that second would be missed.
     shutil.copy2(index, temp)
     try:
-        if changed:  # re-hashed, and their stat data refreshed in the cache
+        if going:
+            git.run(["update-index", "-z", "--force-remove", "--stdin"], work_tree=folder, index=temp,
+                    input=join_z(going))
+        if coming:  # re-hashed, and their stat data refreshed in the cache
             git.run(["update-index", "-z", "--add", "--remove", "--stdin"], work_tree=folder, index=temp,
-                    input=join_z(changed))
+                    input=join_z(coming))
         # write-tree also stores the tree in the index (its cache-tree), read by the next capture.
         tree = git.run(["write-tree"], index=temp).decode().strip()
         os.replace(temp, index)
@@ -215,8 +220,8 @@ def cached_tree(index: Path) -> str | None:
 
 
 def _check_capturable(folder: Path, path: str) -> bool:
-    """Refuse what is never captured (raises :class:`UnsafePath`); True if ``path`` is gone or a folder
-    (its entry leaves the index), False for a file or symlink."""
+    """Refuse what is never captured (raises :class:`UnsafePath`); True if ``path`` is gone, a folder or
+    behind a symlink or file (its entry leaves the index), False for a file or symlink."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
@@ -226,10 +231,14 @@ def _check_capturable(folder: Path, path: str) -> bool:
                          "remove it or add it to workspace.ignore")
     if any(is_dotgit(part) for part in path.split("/")):
         raise UnsafePath(f"unsafe path {path!r}: has a .git component: git's own data is off limits")
+    parts = path.split("/")
     try:
+        for depth in range(1, len(parts)):  # never through a symlink: what lies behind one is not this path
+            if not stat.S_ISDIR(os.lstat(folder.joinpath(*parts[:depth])).st_mode):
+                return True  # its folder is a file or a symlink now
         mode = os.lstat(folder / path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        return True  # deleted (its folder may be a file now)
+        return True  # deleted
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
         raise UnsafePath(f"{path}: special file (fifo, socket or device) in workspace {folder}")
     return stat.S_ISDIR(mode)

@@ -189,3 +189,17 @@ def test_reset_to_the_tree_the_folder_holds_still_undoes_every_change(setup) -> 
     assert (folder / "a.py").read_text() == "a = 1\n" and not (folder / "new.py").exists()
     assert changed(store, commit, folder) == {}
     assert agent_git(folder, "status", "--porcelain").stdout == ""
+
+
+@pytest.mark.parametrize("target", ["elsewhere", "nowhere"])
+def test_a_folder_replaced_by_a_symlink_is_captured(setup, tmp_path: Path, target: str) -> None:
+    """``pkg/`` becomes a symlink — to a folder that has a ``b.py`` of its own, or to nothing. The old
+    entries leave the index without being looked for behind the link (git refuses a path beyond one)."""
+    store, commit, folder = setup
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.py").write_text("not the workspace's\n")
+    shutil.rmtree(folder / "pkg")
+    os.symlink(elsewhere if target == "elsewhere" else tmp_path / "missing", folder / "pkg")
+
+    assert changed(store, commit, folder) == {"pkg": "added", "pkg/b.py": "deleted"}
