@@ -114,7 +114,8 @@ def verify_step(
     except (UnsafePath, FileNotFoundError, IntegrityError, GitError) as exc:
         return _reject_early(fork, task_id, task.attempt, f"workspace_error: {exc}", policy)
 
-    decision = evaluate_changes(policy, task.allowed_files, changes, symlinks=store.symlinks(tree) if changes else {})
+    links = store.symlinks_after(store.tree_of(task.base_commit), tree, changes) if changes else {}
+    decision = evaluate_changes(policy, task.allowed_files, changes, symlinks=links)
     reasons, checks = list(decision.reasons), list(decision.checks)
     reasons += _unsafe_links(store, tree, changes)
     ignored = ignore_matcher(settings.ignore)

@@ -66,6 +66,7 @@ class StateStore:
         self.git = Git(self.dir)
         self._user: tuple[Path, Path, Path] | None | bool = False  # (git dir, common dir, top level), None, unknown
         self._trees: dict[str, str] = {}  # commit id -> its tree id (a commit never changes)
+        self._links: dict[str, dict[str, str]] = {}  # tree id -> its symlinks (a tree never changes)
 
     # --- setup -----------------------------------------------------------------------------------
 
@@ -280,15 +281,53 @@ class StateStore:
         return len(entries)
 
     def symlinks(self, tree: str) -> dict[str, str]:
-        """Path → target text of every symlink in ``tree`` (one listing, filtered before decoding)."""
-        out = self.git.run(["ls-tree", "-r", "-z", "--full-tree", tree])
+        """Path → target text of every symlink in ``tree`` (one listing, filtered before decoding; kept
+        for the process's next questions about the same tree).
+
+        Raises:
+            GitError: ``tree`` or a blob is missing.
+        """
+        links = self._links.get(tree)
+        if links is None:
+            links = self._link_targets(self.git.run(["ls-tree", "-r", "-z", "--full-tree", tree]))
+            self._remember_links(tree, links)
+        return dict(links)
+
+    def symlinks_after(self, old_tree: str, new_tree: str, changes: Sequence[FileChange]) -> dict[str, str]:
+        """:meth:`symlinks` of ``new_tree``, given ``changes`` = :meth:`changes` from ``old_tree`` to it: those
+        of ``old_tree`` (usually known: the step before listed them) updated by the change set, so a chain of
+        steps lists a large tree once, not once a step.
+
+        Raises:
+            GitError: a tree or blob is missing.
+        """
+        links = self._links.get(new_tree)
+        if links is not None:
+            return dict(links)
+        links = self.symlinks(old_tree)
+        for change in changes:
+            links.pop(change.path, None)
+        added = [c.path for c in changes if c.mode == MODE_LINK]
+        if added:
+            listing = self.git.run(["--literal-pathspecs", "ls-tree", "-z", "--full-tree", new_tree, "--", *added])
+            links.update(self._link_targets(listing))
+        self._remember_links(new_tree, links)
+        return dict(links)
+
+    def _link_targets(self, listing: bytes) -> dict[str, str]:
+        """Path → target text of the symlinks among ``ls-tree -z`` records."""
         links = {}
-        for record in out.split(b"\0"):
+        for record in listing.split(b"\0"):
             if record.startswith(MODE_LINK.encode() + b" "):
                 meta, _, path = record.partition(b"\t")
                 links[path.decode("utf-8", "surrogateescape")] = meta.split(b" ")[2].decode()
         blobs = self.read_blobs(links.values())
         return {path: os.fsdecode(blobs[oid]) for path, oid in links.items()}
+
+    def _remember_links(self, tree: str, links: dict[str, str]) -> None:
+        if len(self._links) >= 64:
+            del self._links[next(iter(self._links))]
+        self._links[tree] = dict(links)
 
     def read_blobs(self, oids: Iterable[str]) -> dict[str, bytes]:
         """The contents of the blobs ``oids`` (one ``cat-file --batch`` for all).

@@ -179,3 +179,33 @@ def test_git_older_than_the_minimum_is_a_clear_error(tmp_path: Path, monkeypatch
     finally:
         git_module.git_executable.cache_clear()
     assert subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.startswith("git version 2.20")
+
+
+def test_symlinks_after_a_change_set_equal_a_fresh_listing(tmp_path: Path) -> None:
+    """The verifier's symlink map is derived from the previous tree's and the change set: it must equal a
+    full listing of the new tree after every kind of change to links (a fresh store answers each)."""
+    from conductor.workspace.checkout import capture, materialize
+
+    root = make_repo(tmp_path / "proj", {"a.py": "a\n", "pkg/b.py": "b\n", "docs/x.md": "x\n"})
+    os.symlink("a.py", root / "link_a")
+    os.symlink("../a.py", root / "docs" / "up")
+    store = store_for(root)
+    commit = store.snapshot_project(ignore=[], message="base\n")
+    folder = tmp_path / "ws"
+    materialize(store, commit, folder)
+    edits = [
+        lambda: os.symlink("pkg/b.py", folder / "link_b"),  # added
+        lambda: (os.unlink(folder / "link_a"), os.symlink("pkg", folder / "link_a")),  # retargeted
+        lambda: os.unlink(folder / "docs" / "up"),  # deleted
+        lambda: (os.unlink(folder / "docs" / "x.md"), os.rmdir(folder / "docs"), os.symlink("/etc", folder / "docs")),
+        lambda: os.symlink("a.py", folder / "odd\nname"),  # a newline in the name
+        lambda: (folder / "plain.txt").write_text("no link changed\n"),
+    ]
+    old = store.tree_of(commit)
+    for edit in edits:
+        edit()
+        new = capture(store, folder, excludes=store.exclude_file([]))
+        derived = store.symlinks_after(old, new, store.changes(old, new))
+        assert derived == store_for(root).symlinks(new)  # another instance: nothing remembered
+        old = new
+    assert derived == {"link_a": "pkg", "link_b": "pkg/b.py", "docs": "/etc", "odd\nname": "a.py"}
