@@ -14,10 +14,12 @@ the working tree.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
 import stat
+import time
 from pathlib import Path
 
 from conductor.errors import GitError, UnsafePath
@@ -65,6 +67,7 @@ def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: boo
     try:
         # One process: a one-tree merge into an empty index writes every file and records its stat data.
         store.git.run(["read-tree", "-m", "-u", commit], work_tree=temp, index=temp_index)
+        _unsmudge(store, temp, temp_index)
         init_agent_git(store, temp, commit, temp_index, name=folder.name)
         if keep_index:
             os.replace(temp_index, index_file(folder))
@@ -76,6 +79,30 @@ def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: boo
         temp_index.unlink(missing_ok=True)
         raise
     fsync_dir(folder.parent)
+
+
+REFRESH_ENTRIES = 20_000
+"""A checkout of at least this many entries has its stat cache refreshed once the clock has left the second
+its files were written in (see :func:`_unsmudge`)."""
+
+
+def _unsmudge(store: StateStore, folder: Path, index: Path) -> None:
+    """Refresh a large fresh checkout's stat cache a second later, so later passes only ``lstat``.
+
+    git cannot trust the stat data of an entry written in the same second as the index itself (the
+    racy-git rule, gitformat-index(5)): it records such an entry "smudged", and every later look compares
+    it by content until the index is written again from a later second. After a checkout of 50,000 files
+    that is the last second's ~10,000 files, re-hashed by every capture and reset of the attempt (0.3 s
+    instead of 0.1 s a pass). Waiting out the second (< 1 s, against a checkout that took seconds) and one
+    ``update-index --refresh`` clears them. Smaller checkouts are cheap to re-hash and never wait.
+    """
+    with open(index, "rb") as handle:
+        header = handle.read(12)
+    if len(header) < 12 or int.from_bytes(header[8:12], "big") < REFRESH_ENTRIES:
+        return
+    written = os.stat(index).st_mtime
+    time.sleep(max(0.0, math.floor(written) + 1.01 - time.time()))  # file times may trail time.time() by a tick
+    store.git.run(["update-index", "-q", "--refresh"], work_tree=folder, index=index, ok_codes=(0, 1))
 
 
 def reset(store: StateStore, folder: Path, commit: str) -> None:

@@ -203,3 +203,25 @@ def test_a_folder_replaced_by_a_symlink_is_captured(setup, tmp_path: Path, targe
     os.symlink(elsewhere if target == "elsewhere" else tmp_path / "missing", folder / "pkg")
 
     assert changed(store, commit, folder) == {"pkg": "added", "pkg/b.py": "deleted"}
+
+
+def test_a_large_checkout_leaves_no_smudged_entry_and_still_sees_a_racy_edit(tmp_path: Path, monkeypatch) -> None:
+    """A checkout of REFRESH_ENTRIES or more entries is refreshed from a later second: no entry is left
+    "smudged" (size 0: re-hashed by every pass), and an edit right after it is still caught."""
+    import conductor.workspace.checkout as checkout
+
+    monkeypatch.setattr(checkout, "REFRESH_ENTRIES", 2)
+    files = {f"f{i}.py": f"x = {i}\n" for i in range(5)}
+    root = make_repo(tmp_path / "proj", files)
+    store = StateStore(root, root / ".conductor").ensure()
+    commit = store.snapshot_project(ignore=[], message="base\n")
+    folder = tmp_path / "ws"
+    materialize(store, commit, folder)
+
+    debug = store.git.run(["ls-files", "--debug"], work_tree=folder, index=index_file(folder)).decode()
+    sizes = [int(line.split("size: ")[1].split()[0]) for line in debug.splitlines() if "size: " in line]
+    assert len(sizes) == 5 and 0 not in sizes
+    before = os.stat(folder / "f3.py")
+    (folder / "f3.py").write_text("x = 9\n")  # same size, then the old mtime back
+    os.utime(folder / "f3.py", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert changed(store, commit, folder, ignore=()) == {"f3.py": "modified"}
