@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from conductor.attempts import prepare_retry
+from conductor.attempts import RetryFolders, prepare_retry
 from conductor.audit import AuditLog
 from conductor.executors.base import StepRunner, execute_claim
 from conductor.handoff.lease import claim_task, holder_name
@@ -84,7 +84,7 @@ class Worker:
                 max_attempts=self.settings.max_attempts,
                 lease_seconds=self.settings.lease_seconds,
                 on_event=self._log(fork).append,
-                prepare_retry=lambda task: prepare_retry(self.layout, task),
+                prepare_retry=RetryFolders(self.layout),
             )
 
     def process_once(self) -> int:
