@@ -273,22 +273,36 @@ def _check_capturable(folder: Path, path: str) -> bool:
 
 def init_agent_git(store: StateStore, folder: Path, commit: str, index: Path, *, name: str | None = None) -> None:
     """Give ``folder`` a fresh ``.git`` of its own: a branch ``conductor/<name>`` at ``commit`` (``name``
-    defaults to the folder's), objects borrowed from the store, the stat cache as its index, no hooks."""
+    defaults to the folder's), objects borrowed from the store, the stat cache as its index, no hooks.
+
+    Only what git needs to see a repository (``HEAD``, ``config``, ``objects/``, ``refs/``): git makes
+    the rest (``objects/pack``, ``logs/``, loose refs...) when the agent's commands need it. The branch is
+    written to ``packed-refs``, which spares a folder per attempt; a commit moves it to a loose ref.
+    """
     dotgit = folder / ".git"
     _remove_entry(dotgit)
-    for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags", "info"):
-        (dotgit / sub).mkdir(parents=True)
+    (dotgit / "objects" / "info").mkdir(parents=True)
+    (dotgit / "refs").mkdir()
     # A branch rather than a detached HEAD: agents and their tools expect one (and commit to it freely).
-    branch = f"conductor/{name or folder.name}"
-    (dotgit / "refs" / "heads" / "conductor").mkdir()
-    (dotgit / "refs" / "heads" / branch).write_text(commit + "\n")
-    (dotgit / "HEAD").write_text(f"ref: refs/heads/{branch}\n")
+    branch = f"refs/heads/conductor/{name or folder.name}"
     sha256 = len(commit) == 64
-    (dotgit / "config").write_text(AGENT_CONFIG.format(
+    _write_new(dotgit / "HEAD", f"ref: {branch}\n")
+    _write_new(dotgit / "packed-refs", f"# pack-refs with: peeled fully-peeled sorted \n{commit} {branch}\n")
+    _write_new(dotgit / "config", AGENT_CONFIG.format(
         version=1 if sha256 else 0, extensions="[extensions]\n\tobjectformat = sha256\n" if sha256 else ""))
-    (dotgit / "objects" / "info" / "alternates").write_text(str((store.dir / "objects").resolve()) + "\n")
-    (dotgit / "description").write_text("An attempt workspace of Conductor; this .git is yours to use.\n")
-    shutil.copy2(index, dotgit / "index")  # with its mtime, for the agent's git too (see capture)
+    _write_new(dotgit / "objects" / "info" / "alternates", str((store.dir / "objects").resolve()) + "\n")
+    # With its mtime, for the agent's git too (see capture): git's racy-git rule compares entries with it.
+    shutil.copyfile(index, dotgit / "index")
+    info = os.stat(index)
+    os.utime(dotgit / "index", ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def _write_new(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def remove_folder(folder: Path) -> None:
