@@ -16,6 +16,7 @@ one fork goes to ``handoff/plan_<id>/fork_<id>/audit.log``. :func:`read_events` 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -634,20 +635,19 @@ def _vouched_events(prefix: bytes) -> list[Event] | None:
     """The events of lines checked before (one JSON parse for all), or None if they do not parse as such."""
     if not prefix.endswith(b"\n"):
         return None
+    collecting = gc.isenabled()
+    gc.disable()  # tens of thousands of new containers, none of them garbage: the collector would only walk them
     try:
         # A canonical line holds no raw newline (JCS escapes it), so the lines join into one JSON array.
         documents = _decode("[" + prefix[:-1].replace(b"\n", b",").decode("utf-8") + "]")
+        if not all(type(document) is dict and document.keys() == _EVENT_KEYS for document in documents):
+            return None
+        return [_checked_event(document) for document in documents] or None
     except ValueError:
         return None
-    events = []
-    for document in documents:
-        if type(document) is not dict or document.keys() != _EVENT_KEYS:
-            return None
-        events.append(_checked_event({key: document[key] for key in _EVENT_ORDER}))
-    return events or None
-
-
-_EVENT_ORDER = tuple(Event.model_fields)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 _KNOWN: dict[str, _Known] = {}
