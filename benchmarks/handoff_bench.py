@@ -790,6 +790,7 @@ def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
     files = sum(1 for state in STATES for _ in fork.state_dir(state).iterdir())
     log_size = sum(path.stat().st_size for path in project.layout.handoff_dir.rglob("audit.log"))  # plan + fork
     forget_checked_logs()  # recovery runs in a new process: nothing of the logs is known yet
+    os.sync()  # the crash happened earlier: the build's writeback must not run during the timed part
 
     began = time.perf_counter()
     raw_read = raw_scan(fork)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -101,9 +101,10 @@ def prepare_retry(layout: ProjectLayout, task: Task) -> Task:
 
 
 class RetryFolders:
-    """:func:`prepare_retry` for one project that checks retries out ahead of the fork lock, several at once
-    (a :class:`conductor.handoff.reaper.BatchPreparer`: a checkout is slow work, and after a crash a reap
-    re-queues many tasks, each needing one).
+    """:func:`prepare_retry` for one project that checks retries out ahead of the fork lock, in the
+    background and several at once (a :class:`conductor.handoff.reaper.BatchPreparer`: a checkout is slow
+    work, and after a crash a reap re-queues many tasks, each needing one, while the re-queues themselves
+    mostly wait for the disk).
 
     A folder made ahead is built in a private folder ``scratch/plan_P/fork_F/.tmp.ahead.<pid>.<hex>/``
     under its final name (so its agent branch is named right), and renamed into place only under the
@@ -114,12 +115,16 @@ class RetryFolders:
 
     def __init__(self, layout: ProjectLayout, *, threads: int | None = None) -> None:
         self.layout = layout
-        self.threads = threads or min(4, os.cpu_count() or 1)
-        self._ready: dict[tuple[str, str, str, int, str], Path] = {}  # (plan, fork, step, attempt, base) -> folder
+        # One CPU is left to the re-queues themselves (reading, writing and fsyncing task files and the log).
+        self.threads = threads or min(4, max(1, (os.cpu_count() or 2) - 1))
+        # (plan, fork, step, attempt, base) -> the checkout being made: its folder, or None if it failed
+        self._pending: dict[tuple[str, str, str, int, str], Future[Path | None]] = {}
         self._private: list[Path] = []
+        self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, task: Task) -> Task:
-        made = self._ready.pop(_retry_key(task), None)
+        made = self.wait(task)
+        self._pending.pop(_retry_key(task), None)
         if made is not None:
             target = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
             if not target.exists() and not index_file(target).exists():
@@ -131,41 +136,44 @@ class RetryFolders:
         return prepare_retry(self.layout, task)
 
     def prefetch(self, tasks: list[Task]) -> None:
-        """Check out the folder of each retry (``attempt`` already incremented) at its base, side by side.
-        A checkout that fails is left to :meth:`__call__`, which makes it again and reports the error."""
-        wanted = [task for task in tasks if _retry_key(task) not in self._ready]
+        """Start checking out the folder of each retry (``attempt`` already incremented) at its base, in
+        the background; returns at once. A checkout that fails is left to :meth:`__call__`, which makes
+        it again and reports the error."""
+        wanted = [task for task in tasks if _retry_key(task) not in self._pending]
         if not wanted:
             return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="conductor-retry")
         store = state_store(self.layout)
+        for task in wanted:
+            self._pending[_retry_key(task)] = self._pool.submit(self._make, store, task)
 
-        def make(task: Task) -> tuple[Task, Path | None]:
-            fork_dir = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt).parent
-            fork_dir.mkdir(parents=True, exist_ok=True)
-            private = fork_dir / f"{TEMP_PREFIX}ahead.{os.getpid()}.{secrets.token_hex(4)}"
-            private.mkdir()
-            self._private.append(private)
-            folder = private / self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt).name
-            try:
-                materialize(store, task.base_commit, folder)
-            except (ConductorError, OSError):
-                return task, None
-            return task, folder
-
-        if len(wanted) == 1:
-            made = [make(wanted[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                made = list(pool.map(make, wanted))
-        for task, folder in made:
-            if folder is not None:
-                self._ready[_retry_key(task)] = folder
+    def wait(self, task: Task) -> Path | None:
+        """Wait until the checkout made ahead for ``task`` (if any) is done; its folder, or None."""
+        future = self._pending.get(_retry_key(task))
+        return None if future is None else future.result()
 
     def discard(self) -> None:
-        """Remove every folder made ahead and not used."""
-        self._ready.clear()
+        """Wait for the checkouts still being made, then remove every folder made ahead and not used."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._pending.clear()
         for private in self._private:
             shutil.rmtree(private, ignore_errors=True)
         self._private.clear()
+
+    def _make(self, store: StateStore, task: Task) -> Path | None:
+        target = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        private = target.parent / f"{TEMP_PREFIX}ahead.{os.getpid()}.{secrets.token_hex(4)}"
+        private.mkdir()
+        self._private.append(private)
+        try:
+            materialize(store, task.base_commit, private / target.name)
+        except (ConductorError, OSError):
+            return None
+        return private / target.name
 
 
 def _retry_key(task: Task) -> tuple[str, str, str, int, str]:

@@ -597,7 +597,7 @@ def _read_from(fd: int, start: int, end: int) -> bytes:
 
 MARK_SCHEMA = "conductor.audit-mark/v1"
 MARK_SUFFIX = ".checked"
-MARK_EVERY_LINES = 4096
+MARK_EVERY_LINES = 1024
 """A process that runs plans moves a log's check mark on after checking this many more lines."""
 
 

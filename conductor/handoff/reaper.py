@@ -55,16 +55,19 @@ UNKNOWN_HOLDER = "unknown"  # task.lease_expired's holder when no readable lease
 
 @runtime_checkable
 class BatchPreparer(Protocol):
-    """A ``prepare_retry`` that can also make several retries' workspaces at once, ahead of the fork lock.
+    """A ``prepare_retry`` that can also make retries' workspaces ahead of the fork lock, in the background.
 
-    :func:`reap_expired` calls :meth:`prefetch` with the retries it expects to publish (before it takes the
-    lock for each), then the preparer itself for each retry it does publish (under the lock: it hands over
-    what was made ahead, or makes it then), then :meth:`discard` for whatever was made and not used.
+    :func:`reap_expired` calls :meth:`prefetch` with the retries it expects to publish (it returns at
+    once), :meth:`wait` for each before it takes the lock for it, then the preparer itself for each retry
+    it does publish (under the lock: it hands over what was made ahead, or makes it then), then
+    :meth:`discard` for whatever was made and not used.
     """
 
     def __call__(self, task: Task) -> Task: ...
 
     def prefetch(self, tasks: list[Task]) -> None: ...
+
+    def wait(self, task: Task) -> object: ...
 
     def discard(self) -> None: ...
 
@@ -156,12 +159,15 @@ def reap_expired(
         if look is not None:
             looks.append((task_id, look))
     batch = prepare_retry if isinstance(prepare_retry, BatchPreparer) and looks else None
-    if batch is not None:  # checkouts made before the lock is taken (after a crash, many side by side)
-        batch.prefetch([look.task.model_copy(update={"attempt": look.task.attempt + 1}) for _, look in looks
-                        if look.task is not None and look.task.attempt < (look.task.max_attempts or max_attempts)])
+    retries = {task_id: look.task.model_copy(update={"attempt": look.task.attempt + 1}) for task_id, look in looks
+               if look.task is not None and look.task.attempt < (look.task.max_attempts or max_attempts)}
+    if batch is not None:  # checkouts made in the background, before the lock is taken for each
+        batch.prefetch(list(retries.values()))
     reaped = []
     try:
         for task_id, look in looks:
+            if batch is not None and task_id in retries:
+                batch.wait(retries[task_id])
             with fork_lock(fork):
                 entry = _reap_one(
                     fork, task_id, look, now=now, max_attempts=max_attempts, lease_seconds=lease_seconds,

@@ -119,7 +119,10 @@ def test_a_folder_made_ahead_by_a_process_that_died_is_swept_by_recovery(tmp_pat
 
     handoff = make_handoff(tmp_path / "project", steps=1)
     task = handoff.publish("step_001")
-    RetryFolders(handoff.layout).prefetch([task.model_copy(update={"attempt": 2})])  # then "killed": no discard
+    retry = task.model_copy(update={"attempt": 2})
+    folders = RetryFolders(handoff.layout)
+    folders.prefetch([retry])
+    folders.wait(retry)  # made; then its process is "killed": no discard
     fork_scratch = handoff.scratch("step_001").parent
     (made,) = [p for p in fork_scratch.iterdir() if p.name.startswith(".tmp.ahead.")]
     assert (made / "step_001.a2" / "README.md").read_text() == "hello\n"
