@@ -391,6 +391,7 @@ def bench_throughput(tmp: Path, tasks: int, workers: list[int], env: Mapping[str
     per_task = calibration["raw_writes_per_task"]
     runs = []
     publish: dict[str, Any] = {}
+    spawn = sandboxed_spawn_seconds(tmp / "spawn")
     for count in workers:
         project = make_project(tmp / f"throughput_{count}", tasks)
         timing = publish_all(project)
@@ -418,7 +419,26 @@ def bench_throughput(tmp: Path, tasks: int, workers: list[int], env: Mapping[str
             "ok": completed == tasks and run.codes == [0] * count,
         })
         shutil.rmtree(project.root)
-    return {"durable_io": calibration, "publish": publish, "runs": runs}
+    return {"durable_io": calibration, "publish": publish, "runs": runs, "spawn": spawn}
+
+
+def sandboxed_spawn_seconds(folder: Path, runs: int = 40) -> dict[str, Any]:
+    """Median wall time of starting and reaping ``true`` as the command executor starts a step's command
+    (``conductor.sandbox.wrap`` of the default mode, then ``subprocess.run``), and of plain ``true``: the
+    part of a task's cost that is neither durable I/O nor Conductor's own work."""
+    from conductor.sandbox import for_step, wrap
+
+    folder.mkdir(parents=True)
+    spec = for_step(writable=(folder,), keys_dir=folder / "keys", environ=os.environ, mode="auto", network=False)
+    wrapped = wrap(("true",), spec, cwd=folder)
+    walls: dict[str, list[float]] = {"sandboxed": [], "plain": []}
+    for _ in range(runs):
+        for kind, argv in (("sandboxed", wrapped.argv), ("plain", ["true"])):
+            began = time.perf_counter()
+            subprocess.run(argv, cwd=folder, check=False)
+            walls[kind].append(time.perf_counter() - began)
+    return {"sandboxed": wrapped.sandboxed, "sandboxed_seconds": statistics.median(walls["sandboxed"]),
+            "plain_seconds": statistics.median(walls["plain"])}
 
 
 # --- 2. pick-up latency -----------------------------------------------------------------------------
@@ -979,6 +999,15 @@ def render(doc: Mapping[str, Any]) -> str:
                          "", ""))
             rows.append(("  tasks per worker", str(run["per_worker"]), "", ""))
             rows.extend((f"  {failure}", "", "", "") for failure in run["failures"])
+        spawn = t.get("spawn")
+        one = next((run for run in t["runs"] if run["workers"] == 1), None)
+        if spawn and one:
+            with_spawn = 1 / (1 / one["raw_tasks_per_second"] + spawn["sandboxed_seconds"])
+            kind = "sandboxed" if spawn["sandboxed"] else "unsandboxed (no bubblewrap)"
+            rows.append((f"  1 worker beside raw + one {kind} `true` start per task "
+                         f"({_ms(spawn['sandboxed_seconds'])}; plain `true` {_ms(spawn['plain_seconds'])})",
+                         _rate(one["tasks_per_second"], "tasks/s"), _rate(with_spawn, "tasks/s"),
+                         _ratio(with_spawn / one["tasks_per_second"])))
         calls = ", ".join(f"{k} {v:g}" for k, v in io["calls_per_task"].items())
         rows.append((f"  durable I/O per task: {calls} -> {io['raw_writes_per_task']} raw writes of "
                      f"{io['task_file_bytes']:,} B", "", "", ""))
