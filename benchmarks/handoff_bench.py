@@ -48,6 +48,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repo_bench import FsProbe  # noqa: E402  (the script beside this one; waits out a slow file system)
+
 from conductor.audit import GENESIS, MARK_EVERY_LINES, AuditLog, forget_checked_logs, verify_chain
 from conductor.canonical import canonical_bytes, digest, sha256_hex
 from conductor.executors.base import executor_info
@@ -799,7 +802,7 @@ def _rchar() -> int | None:
     return None
 
 
-def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
+def bench_recovery(tmp: Path, tasks: int, probe: FsProbe | None = None) -> dict[str, Any]:
     """Recovery of a crashed fork: ``conductor.recovery`` then ``reap_expired`` (timed together), and, for
     reference only, a full scan reading every task file."""
     log(f"recovery: building a crashed fork of {tasks} tasks")
@@ -810,7 +813,12 @@ def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
     files = sum(1 for state in STATES for _ in fork.state_dir(state).iterdir())
     log_size = sum(path.stat().st_size for path in project.layout.handoff_dir.rglob("audit.log"))  # plan + fork
     forget_checked_logs()  # recovery runs in a new process: nothing of the logs is known yet
-    os.sync()  # the crash happened earlier: the build's writeback must not run during the timed part
+    # The crash happened earlier: neither the build's writeback nor the slow spell that follows the earlier
+    # sections' deletions (file creation several times slower for a while on some file systems) may run
+    # during the timed part. sync, then wait (not timed) until creating files is as fast as at the start.
+    settled = probe.settle() if probe is not None else {"waited_seconds": 0.0, "settled": None}
+    if probe is None:
+        os.sync()
 
     began = time.perf_counter()
     raw_read = raw_scan(fork)
@@ -850,6 +858,7 @@ def bench_recovery(tmp: Path, tasks: int) -> dict[str, Any]:
         "after": after, "temp_files_left": temps, "audit_chain_ok": chain.ok,
         "raw_seconds": raw_seconds, "raw_files_read": raw_read, "ratio": total / raw_seconds,
         "ok": error is None and chain.ok and temps == 0 and after["in_progress"] == 0,
+        "settle_waited_seconds": settled["waited_seconds"], "settled": settled["settled"],
     }
 
 
@@ -1054,6 +1063,9 @@ def render(doc: Mapping[str, Any]) -> str:
                      f"(the audit logs hold {r['log_bytes']:,} bytes)", "", "", ""))
         rows.append((f"  built {r['built']}; re-queued {r['requeued']}; after {r['after']}; "
                      f".tmp files left {r['temp_files_left']}; audit chain ok {r['audit_chain_ok']}", "", "", ""))
+        if r.get("settled") is not None:
+            rows.append((f"  waited {r['settle_waited_seconds']:.1f} s (not timed) for file creation to be as fast as "
+                         f"at the start{'' if r['settled'] else ' (it never was)'}", "", "", ""))
         rows.append((f"full scan after recovery, for reference (read_document of all {r['task_files_read']:,} task files)",
                      _ms(r["full_scan_seconds"]), "", ""))
     race = doc.get("race")
@@ -1107,6 +1119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recovery-tasks", type=_positive, default=10_000, help="tasks in the crashed fork")
     parser.add_argument("--race-tasks", type=int, default=0, help="tasks of the 4-worker race (default 0 = skip)")
     parser.add_argument("--help-runs", type=_positive, default=7, help="runs per --help timing (default 7)")
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="before timing recovery, wait up to S seconds (not timed) until creating files is as "
+                             "fast as at the start (default 60; 0 = only sync)")
     parser.add_argument("--only", type=_sections, default=list(SECTIONS),
                         help=f"run only these sections, comma-separated (default: {','.join(SECTIONS)})")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -1126,11 +1141,12 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "home").mkdir()
         doc: dict[str, Any] = {"machine": machine(tmp)}
         log(f"temp dir {tmp}")
+        probe = FsProbe(tmp / "fs_probe", max_wait=args.settle)  # reference: file creation before any section ran
         runs: dict[str, Callable[[], Any]] = {
             "throughput": lambda: bench_throughput(tmp, args.tasks, args.workers, env),
             "latency": lambda: bench_latency(tmp, args.latency_samples, env),
             "help": lambda: bench_help(args.help_runs, env),
-            "recovery": lambda: bench_recovery(tmp, args.recovery_tasks),
+            "recovery": lambda: bench_recovery(tmp, args.recovery_tasks, probe),
             "race": lambda: bench_race(tmp, args.race_tasks, env) if args.race_tasks else None,
         }
         for section in SECTIONS:

@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "handoff_bench.py"
 TINY = ["--tasks", "12", "--workers", "1,2", "--latency-samples", "3", "--recovery-tasks", "100",
-        "--race-tasks", "20", "--help-runs", "1"]
+        "--race-tasks", "20", "--help-runs", "1", "--settle", "0"]
 
 
 def _bench() -> ModuleType:
@@ -132,7 +132,7 @@ def test_a_recovery_that_raises_makes_the_benchmark_fail(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(bench, "_recovery_entry", lambda: ("a broken recovery", broken))
     monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
-    assert bench.main(["--only", "recovery", "--recovery-tasks", "10", "--json"]) == 1
+    assert bench.main(["--only", "recovery", "--recovery-tasks", "10", "--settle", "0", "--json"]) == 1
     recovery = json.loads(capsys.readouterr().out)["recovery"]
     assert recovery["recovery_error"] == "RuntimeError: recovery broke" and not recovery["ok"]
 
