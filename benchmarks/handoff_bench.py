@@ -935,7 +935,7 @@ def bench_race(tmp: Path, tasks: int, env: Mapping[str, str]) -> dict[str, Any]:
     holders = {e.data["holder"] for e in events if e.type == "task.claimed"}
     ok = (run.codes == [0] * RACE_WORKERS and not verdict["double_executions"] and not verdict["lost"]
           and not verdict["unexpected"] and not_completed == 0 and chain.ok and event_problems == 0
-          and holders == run.holders())
+          and holders <= run.holders())  # every claim by one of these workers (one may have found nothing left)
     return {
         "tasks": tasks, "workers": RACE_WORKERS, "setup_seconds": setup, "wall_seconds": run.wall_seconds,
         "tasks_per_second": tasks / run.wall_seconds, "exit_codes": run.codes, "failures": run.failures(),
