@@ -170,7 +170,7 @@ class RetryFolders:
         private.mkdir()
         self._private.append(private)
         try:
-            materialize(store, task.base_commit, private / target.name)
+            materialize(store, task.base_commit, private / target.name, durable=False)  # made durable when used
         except (ConductorError, OSError):
             return None
         return private / target.name

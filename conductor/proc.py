@@ -27,6 +27,7 @@ import selectors
 import shlex
 import signal as signals
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -530,6 +531,34 @@ def _environ_has(pid: int, entry: bytes) -> bool:
     return raw is not None and entry in raw.split(b"\0")
 
 
+_snapshot = threading.local()
+
+
+@contextlib.contextmanager
+def environ_snapshot() -> Iterator[None]:
+    """Within the block, this thread's scans for orphans read each process's environment once for their
+    first filter: a reaper looking for the leftovers of many dead holders reads ``/proc`` once, not once a
+    holder. Only the filter uses it: a process it picks is pinned and read again before it is signalled,
+    and a process started since the first read (a new pid) is read then."""
+    saved = getattr(_snapshot, "environs", None)
+    _snapshot.environs = {}
+    try:
+        yield
+    finally:
+        _snapshot.environs = saved
+
+
+def _may_carry(pid: int, entry: bytes) -> bool:
+    """:func:`_environ_has`, from this thread's :func:`environ_snapshot` when one is active."""
+    environs: dict[int, frozenset[bytes]] | None = getattr(_snapshot, "environs", None)
+    if environs is None:
+        return _environ_has(pid, entry)
+    if pid not in environs:
+        raw = _read(f"{_PROC}/{pid}/environ")
+        environs[pid] = frozenset(raw.split(b"\0")) if raw is not None else frozenset()
+    return entry in environs[pid]
+
+
 class _Pinned:
     """A process held by a pidfd (Linux >= 5.3): a signal sent through it can never reach a recycled pid."""
 
@@ -587,7 +616,7 @@ def _find_orphans(pgid: int | None, leader_start: str | None, marker: bytes | No
     for pid in _pids():
         stat = _stat(pid) if pgid is not None else None  # a scan for the marker alone reads no stat file
         in_group = stat is not None and stat[1] == pgid
-        if not in_group and (marker is None or not _environ_has(pid, marker)):
+        if not in_group and (marker is None or not _may_carry(pid, marker)):
             continue
         stat = stat or _stat(pid)
         if stat is None or stat[0] in ("Z", "X"):

@@ -320,3 +320,32 @@ def test_kill_orphans_finds_a_marked_process_outside_the_group(tmp_path):
     finally:
         cleanup(proc.pid, escaped)
         proc.wait()
+
+
+def test_within_an_environ_snapshot_every_holders_leftovers_are_still_found(tmp_path):
+    """One reap pass, many dead holders: /proc environments are read once for the first filter, yet each
+    holder's orphan is killed, including one started after the snapshot's first reads."""
+    from conductor.proc import environ_snapshot
+
+    def orphan(marker: str) -> subprocess.Popen:
+        return subprocess.Popen(["sleep", "100"], env={**os.environ, "CONDUCTOR_WORKSPACE": marker},
+                                start_new_session=True)
+
+    first, second = orphan(f"{tmp_path}/a"), orphan(f"{tmp_path}/b")
+    late = None
+    try:
+        with environ_snapshot():
+            assert kill_orphans(None, leader_start=None, marker=f"CONDUCTOR_WORKSPACE={tmp_path}/a",
+                                grace_seconds=1) == [first.pid]
+            late = orphan(f"{tmp_path}/c")  # a new pid: read when first seen, not from the snapshot
+            assert kill_orphans(None, leader_start=None, marker=f"CONDUCTOR_WORKSPACE={tmp_path}/b",
+                                grace_seconds=1) == [second.pid]
+            assert kill_orphans(None, leader_start=None, marker=f"CONDUCTOR_WORKSPACE={tmp_path}/c",
+                                grace_seconds=1) == [late.pid]
+        for proc in (first, second, late):
+            assert proc.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        for proc in (first, second, late):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -45,7 +45,7 @@ from conductor.models import (
     parse_time,
     utc_now,
 )
-from conductor.proc import kill_orphans, pid_alive
+from conductor.proc import environ_snapshot, kill_orphans, pid_alive
 
 
 ORPHAN_GRACE_SECONDS = 1.0  # SIGTERM → SIGKILL for a dead holder's command (done before the fork lock is taken)
@@ -154,10 +154,11 @@ def reap_expired(
     if any(name.endswith(TASK_SUFFIX + PARKED_SUFFIX) for name in names):
         finish_parked(fork, prepare_retry=prepare_retry, on_event=on_event)
     looks = []
-    for task_id in sorted(name[: -len(TASK_SUFFIX)] for name in names if name.endswith(TASK_SUFFIX)):
-        look = _look(fork, task_id, now=now, lease_seconds=lease_seconds)
-        if look is not None:
-            looks.append((task_id, look))
+    with environ_snapshot():  # many dead holders after a crash: /proc is read once for all their leftovers
+        for task_id in sorted(name[: -len(TASK_SUFFIX)] for name in names if name.endswith(TASK_SUFFIX)):
+            look = _look(fork, task_id, now=now, lease_seconds=lease_seconds)
+            if look is not None:
+                looks.append((task_id, look))
     batch = prepare_retry if isinstance(prepare_retry, BatchPreparer) and looks else None
     retries = {task_id: look.task.model_copy(update={"attempt": look.task.attempt + 1}) for task_id, look in looks
                if look.task is not None and look.task.attempt < (look.task.max_attempts or max_attempts)}

@@ -49,11 +49,13 @@ def _temp_beside(path: Path) -> Path:
     return path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
-def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: bool = True) -> None:
+def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: bool = True, durable: bool = True) -> None:
     """Check ``commit`` out into the new folder ``folder`` (built aside, renamed into place).
 
     Args:
         keep_index: keep the stat cache beside the folder (False for a checkout handed to a person).
+        durable: fsync the parent folder after the rename (False for a folder made in a private place and
+            renamed into its real one later, whose rename is made durable then).
 
     Raises:
         FileExistsError: ``folder`` exists.
@@ -78,7 +80,8 @@ def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: boo
         shutil.rmtree(temp, ignore_errors=True)
         temp_index.unlink(missing_ok=True)
         raise
-    fsync_dir(folder.parent)
+    if durable:
+        fsync_dir(folder.parent)
 
 
 REFRESH_ENTRIES = 20_000
