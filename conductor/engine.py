@@ -613,6 +613,10 @@ class Engine:
         else:
             report.message = "no fork was fully verified"
         crash_point("plan.before_finished")
+        # Attempt folders go before the plan is recorded as finished: a kill during their removal leaves an
+        # unfinished plan, whose recovery sweeps what is left and whose resume removes the rest.
+        if not self.options.keep_workspaces:
+            remove_plan_workspaces(self.layout, self.plan.plan_id)
         for spec in self.plan.forks:  # what a worker killed mid-write left while the plan ran
             view = _ForkView(self.layout, self.plan, spec)
             sweep_abandoned_temps(view.fork, view.log)
@@ -620,8 +624,6 @@ class Engine:
                                                if report.status == "succeeded" else None,
                                                "applied": report.applied_fork is not None})
         self.checkpoint()
-        if not self.options.keep_workspaces:
-            remove_plan_workspaces(self.layout, self.plan.plan_id)
         return report
 
     def _apply(self, fork_id: str, report: RunReport) -> None:

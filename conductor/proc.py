@@ -539,7 +539,9 @@ def environ_snapshot() -> Iterator[None]:
     """Within the block, this thread's scans for orphans read each process's environment once for their
     first filter: a reaper looking for the leftovers of many dead holders reads ``/proc`` once, not once a
     holder. Only the filter uses it: a process it picks is pinned and read again before it is signalled,
-    and a process started since the first read (a new pid) is read then."""
+    and a process started since the first read (a new pid) is read then. A process caught between its fork
+    and its exec shows its parent's environment until the exec; if the exec adds the marker, this pass misses
+    it (only a live launcher adds a marker that way, and the next pass reads it again)."""
     saved = getattr(_snapshot, "environs", None)
     _snapshot.environs = {}
     try:

@@ -198,9 +198,11 @@ def recover_fork(
 
 
 def sweep_abandoned_temps(fork: ForkLayout, log: AuditLog, *, grace_seconds: float = TEMP_GRACE_SECONDS) -> list[Repair]:
-    """Pass 2 alone, for one fork while a plan runs: remove the temp files of the fork's folders whose
-    writer is gone (a worker killed mid-write leaves them; nothing else would until the next start), each
-    recorded as ``recovery.repaired`` ``temp_removed``.
+    """Passes 2 and 6 alone, for one fork while a plan runs: remove the temp files of the fork's folders (and
+    of its attempt folders' parent) whose writer is gone, and the leases of tasks no longer in progress
+    whose holder is gone or whose time is up (a worker killed mid-write or between its task's move and its
+    lease's removal leaves them; nothing else would until the next start), each recorded as
+    ``recovery.repaired`` (``temp_removed``, ``lease_removed``).
 
     Returns:
         The temp files removed.
@@ -210,6 +212,11 @@ def sweep_abandoned_temps(fork: ForkLayout, log: AuditLog, *, grace_seconds: flo
         job.sweep(fork.dir, log)
         for state in STATES:
             job.sweep(fork.state_dir(state), log)
+    # and beside the fork's attempt folders (a checkout's or capture's temp index, a folder made ahead)
+    job.sweep(fork.project.conductor_dir / "scratch" / f"plan_{fork.plan_id}" / f"fork_{fork.fork_id}", log)
+    if fork.state_dir("in_progress").is_dir():
+        with fork_lock(fork):  # pass 6 too: a worker killed between its task's move and its lease's removal
+            job._remove_dead_leases(fork, log)
     return job.report.repairs
 
 

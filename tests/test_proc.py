@@ -328,8 +328,14 @@ def test_within_an_environ_snapshot_every_holders_leftovers_are_still_found(tmp_
     from conductor.proc import environ_snapshot
 
     def orphan(marker: str) -> subprocess.Popen:
-        return subprocess.Popen(["sleep", "100"], env={**os.environ, "CONDUCTOR_WORKSPACE": marker},
+        proc = subprocess.Popen(["sleep", "100"], env={**os.environ, "CONDUCTOR_WORKSPACE": marker},
                                 start_new_session=True)
+        # Until it execs, a child shows its parent's environment: a leftover of a dead holder has long run.
+        deadline = time.monotonic() + 10
+        while f"CONDUCTOR_WORKSPACE={marker}".encode() not in Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0"):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        return proc
 
     first, second = orphan(f"{tmp_path}/a"), orphan(f"{tmp_path}/b")
     late = None

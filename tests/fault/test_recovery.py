@@ -545,3 +545,23 @@ def test_a_running_plan_sweeps_the_temp_files_a_killed_writer_left(handoff: Hand
     assert [r.what for r in repairs] == ["temp_removed"]
     assert [e.data["what"] for e in AuditLog(handoff.fork.audit_log).events() if e.type == "recovery.repaired"] == [
         "temp_removed"]
+
+
+def test_a_running_plan_removes_the_lease_a_worker_killed_after_its_commit_left(handoff: Handoff) -> None:
+    """A worker SIGKILLed between moving its task to completed/ and removing its lease leaves the lease; the
+    engine's sweep before the plan finishes removes it (its holder is gone), not a live holder's."""
+    from conductor.recovery import sweep_abandoned_temps
+
+    folder = handoff.fork.state_dir("in_progress")
+    folder.mkdir(parents=True, exist_ok=True)
+    now = "2026-01-01T00:00:00.000000Z"
+    far = "2999-01-01T00:00:00.000000Z"
+    for step, pid in (("step_001", dead_pid()), ("step_002", os.getppid())):
+        write_document(handoff.fork.lease_file(step), Lease(
+            task_id=step, attempt=1, fencing_token=1, holder=f"w@{HOST}:{pid}", pid=pid, host=HOST,
+            acquired_at=now, renewed_at=now, expires_at=far))
+
+    repairs = sweep_abandoned_temps(handoff.fork, AuditLog(handoff.fork.audit_log))
+
+    assert not handoff.fork.lease_file("step_001").exists() and handoff.fork.lease_file("step_002").exists()
+    assert [r.what for r in repairs] == ["lease_removed"]
