@@ -210,8 +210,7 @@ def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float
         return None  # completed meanwhile
     except IntegrityError:
         task = None
-    workspace = task.workspace if task is not None else None
-    return _Look(lease, task, tuple(kill_orphaned_command(fork, lease, workspace=workspace)))
+    return _Look(lease, task, tuple(kill_orphaned_command(fork, lease, workspace=task.workspace if task else None)))
 
 
 def _reap_one(
