@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +106,27 @@ class ProjectLayout:
         return self.handoff_dir / f"plan_{plan_id}"
 
     def plan_ids(self) -> list[str]:
-        """Ids of every plan, oldest first (plan ids start with a UTC timestamp)."""
+        """Ids of every plan, oldest first.
+
+        Plan ids start with a UTC timestamp to the second; plans started in the same second are ordered by
+        ``plan.json``'s ``created_at`` (microseconds), not by their random suffix. An unreadable ``plan.json``
+        sorts first among its second's plans (commands that load it report it).
+        """
         if not self.handoff_dir.is_dir():
             return []
-        return sorted(p.name[5:] for p in self.handoff_dir.glob("plan_*") if (p / "plan.json").is_file())
+        ids = sorted(p.name[5:] for p in self.handoff_dir.glob("plan_*") if (p / "plan.json").is_file())
+        seconds = Counter(plan_id.partition("-")[0] for plan_id in ids)
+        if all(count == 1 for count in seconds.values()):
+            return ids
+        return sorted(ids, key=lambda plan_id: (plan_id.partition("-")[0], self._created_at(plan_id)
+                                               if seconds[plan_id.partition("-")[0]] > 1 else "", plan_id))
+
+    def _created_at(self, plan_id: str) -> str:
+        try:
+            created = json.loads((self.plan_dir(plan_id) / "plan.json").read_bytes()).get("created_at")
+        except (OSError, ValueError, AttributeError):
+            return ""
+        return created if isinstance(created, str) else ""
 
     def fork(self, plan_id: str, fork_id: str) -> ForkLayout:
         return ForkLayout(

@@ -152,3 +152,22 @@ def test_an_llm_planner_answer_with_a_stray_space_is_a_config_error_too() -> Non
 
     assert str(info.value).startswith("planner answer: strategies[0].steps[0].allowed_files[0]: unsafe path 'a.py '")
     assert str(info.value).endswith("(strategy 's', step '\\x1b[31mfix')")  # the LLM's id shown escaped
+
+
+def test_plans_started_in_the_same_second_are_ordered_by_creation_not_by_their_random_suffix(tmp_path: Path) -> None:
+    from conductor.plan_store import create_plan, latest_plan_id
+    from conductor.project import init_project
+
+    layout = init_project(tmp_path / "project")
+    strategies = [FileStrategy(name="a", steps=[FileStep(instruction="do it", allowed_files=["x.py"])])]
+    # The older plan's suffix sorts after the newer one's: id order alone would call the older one newest.
+    for suffix in ("ffff", "0000", "8888"):
+        plan = build_plan(goal="g", strategies=strategies, policy=PolicyLayer(), planner=PlannerInfo(kind="file"),
+                          source="test", plan_id=f"20261126T155427-{suffix}")
+        create_plan(layout, plan, ignore=[])
+    create_plan(layout, build_plan(goal="g", strategies=strategies, policy=PolicyLayer(),
+                                   planner=PlannerInfo(kind="file"), source="test", plan_id="20261126T155426-ffff"),
+                ignore=[])
+    assert layout.plan_ids() == ["20261126T155426-ffff", "20261126T155427-ffff", "20261126T155427-0000",
+                                 "20261126T155427-8888"]
+    assert latest_plan_id(layout) == latest_plan_id(layout, unfinished=True) == "20261126T155427-8888"
