@@ -57,7 +57,7 @@ from conductor.executors.base import executor_info
 from conductor.handoff.documents import read_document, sealed_bytes
 from conductor.handoff.lease import HOST
 from conductor.handoff.publish import publish_task
-from conductor.handoff.reaper import reap_expired
+from conductor.handoff.reaper import BatchPreparer, reap_expired
 from conductor.layout import STATES, ForkLayout, ProjectLayout
 from conductor.models import (
     Confidence,
@@ -863,8 +863,9 @@ def bench_recovery(tmp: Path, tasks: int, probe: FsProbe | None = None) -> dict[
 
 
 def _timed(function: Any) -> tuple[Any, dict[str, float]]:
-    """``function`` (a retry preparer) wrapped to add its wall time, and that of its ``prefetch`` and
-    ``discard`` if it has them (a ``BatchPreparer``), to the returned ``{"seconds": ...}``."""
+    """``function`` (a retry preparer) wrapped to add its wall time, and that of every method of a
+    ``BatchPreparer`` if it is one (the reaper's waits for checkouts made ahead included), to the returned
+    ``{"seconds": ...}``. The wrapper is a ``BatchPreparer`` exactly when ``function`` is."""
     spent = {"seconds": 0.0}
 
     def timing(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -876,15 +877,19 @@ def _timed(function: Any) -> tuple[Any, dict[str, float]]:
                 spent["seconds"] += time.perf_counter() - began
         return timed
 
-    if not hasattr(function, "prefetch"):
+    if not isinstance(function, BatchPreparer):
         return timing(function), spent
 
     class Timed:
         __call__ = staticmethod(timing(function))
         prefetch = staticmethod(timing(function.prefetch))
+        wait = staticmethod(timing(function.wait))
+        sync = staticmethod(timing(function.sync))
         discard = staticmethod(timing(function.discard))
 
-    return Timed(), spent
+    timed = Timed()
+    assert isinstance(timed, BatchPreparer), "the timing wrapper must keep the reaper's batch path"
+    return timed, spent
 
 
 # --- 5. the race ------------------------------------------------------------------------------------

@@ -135,6 +135,9 @@ class _ForkView:
     def append(self, type_: str, data: dict) -> None:
         self.events.append(self.log.append(type_, data))
 
+    def append_many(self, items: list[tuple[str, dict]]) -> None:
+        self.events.extend(self.log.append_many(items))
+
     def refresh(self) -> None:
         """Re-read the log (other processes append to it too)."""
         self.events = self.log.events()

@@ -149,6 +149,13 @@ def write_temps(items: Sequence[tuple[Path, bytes]], mode: int = 0o644) -> list[
         StorageError: the disk is full or failed; no temp file is left.
         OSError: any other failure, with the same guarantee.
     """
+    temps = _write_temps(items, mode)
+    for _ in temps:
+        crash_point("write.after_temp")
+    return temps
+
+
+def _write_temps(items: Sequence[tuple[Path, bytes]], mode: int = 0o644) -> list[Path]:
     made: list[tuple[Path, int]] = []
     try:
         for target, data in items:
@@ -165,8 +172,6 @@ def write_temps(items: Sequence[tuple[Path, bytes]], mode: int = 0o644) -> list[
         raise
     for _temp, fd in made:
         os.close(fd)
-    for _ in made:
-        crash_point("write.after_temp")
     return [temp for temp, _fd in made]
 
 
@@ -256,6 +261,48 @@ def publish_exclusive(target: Path, data: bytes) -> None:
         temp.unlink(missing_ok=True)
     fsync_dir(target.parent)
     crash_point("publish.after_dir_fsync")
+
+
+def publish_exclusive_many(items: Sequence[tuple[Path, bytes]]) -> list[FileExistsError | None]:
+    """:func:`publish_exclusive` for several files: every temp is written, then each is fsynced (one
+    journal commit can carry them all), then each is linked into place, then each folder is fsynced once.
+
+    Returns:
+        Per item, in order: None if its target was created, or the ``FileExistsError`` if the target
+        already existed (that item changed nothing).
+
+    Raises:
+        StorageError: the disk is full or failed. No temp file is left; targets linked before the failure
+            stay (their folder possibly not fsynced).
+        OSError: on any other write, fsync or link failure, with the same guarantee.
+    """
+    temps = _write_temps(items)
+    for _ in temps:
+        crash_point("publish.after_temp")
+    results: list[FileExistsError | None] = []
+    try:
+        for temp, (target, _data) in zip(temps, items, strict=True):
+            try:
+                with _storage(f"link of {target}"):
+                    error = io_fault("link", target)
+                    if error is not None:
+                        raise error
+                    os.link(temp, target)
+            except FileExistsError as exc:
+                results.append(exc)
+                continue
+            results.append(None)
+            crash_point("publish.after_link")
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+    for folder in dict.fromkeys(target.parent for (target, _data), result in zip(items, results, strict=True)
+                                if result is None):
+        fsync_dir(folder)
+    for result in results:
+        if result is None:
+            crash_point("publish.after_dir_fsync")
+    return results
 
 
 def durable_rename(source: Path, target: Path) -> None:

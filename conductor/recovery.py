@@ -96,7 +96,7 @@ from conductor.layout import (
 from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict, parse_time, utc_now
 from conductor.plan_store import plan_log
 from conductor.ranking import APPLY_INTENT_SCHEMA, apply_intent_file, finish_apply
-from conductor.repair import ARCHIVE_DIR, archive_path
+from conductor.repair import ARCHIVE_DIR, archive_name
 
 TEMP_GRACE_SECONDS = 60.0
 """A temp file this old is abandoned whoever wrote it (a durable write takes milliseconds)."""
@@ -787,7 +787,7 @@ def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -
     archive = _names(fork.dir / ARCHIVE_DIR)  # listed once, under the fork lock that every archiving holds
 
     def is_archived(task_id: str, attempt: int) -> bool:  # as conductor.repair.is_archived, from the listing
-        return archive_path(fork, task_id, attempt, TASK_SUFFIX).name in archive
+        return archive_name(task_id, attempt, TASK_SUFFIX) in archive
 
     for event in events:
         if event.type not in _AGREEMENT_TYPES:

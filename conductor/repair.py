@@ -71,7 +71,12 @@ MAX_SUMMARY_CHARS = 500
 
 def archive_path(fork: ForkLayout, step_id: str, attempt: int, suffix: str) -> Path:
     """``fork_<id>/attempts/<step>.a<attempt><suffix>``: where an earlier attempt's file is kept."""
-    return fork.dir / ARCHIVE_DIR / f"{step_id}.a{attempt}{suffix}"
+    return fork.dir / ARCHIVE_DIR / archive_name(step_id, attempt, suffix)
+
+
+def archive_name(step_id: str, attempt: int, suffix: str) -> str:
+    """The name of :func:`archive_path` in ``attempts/``."""
+    return f"{step_id}.a{attempt}{suffix}"
 
 
 def is_archived(fork: ForkLayout, step_id: str, attempt: int) -> bool:

@@ -134,3 +134,10 @@ def test_ignored_paths_are_described_as_the_verifier_treats_them() -> None:
     assert "`workspace.ignore`" in seven and "`ignore` field" in seven
     verifier = (ROOT / "conductor/verifier.py").read_text("utf-8")
     assert "not counted (workspace.ignore)" in verifier and "not counted (workspace.ignore)" in seven
+
+
+def test_the_documented_requeue_batch_is_the_reapers() -> None:
+    from conductor.handoff.reaper import REQUEUE_BATCH
+
+    text = section("8")
+    assert f"in batches of up to {REQUEUE_BATCH} per hold" in text, "section 8 must state the reaper's batch size"

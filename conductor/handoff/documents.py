@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from conductor.canonical import CHECKSUM_FIELD, check_checksum, pretty_bytes, strict_loads
 from conductor.errors import InvalidDocument
-from conductor.fsutil import atomic_write, publish_exclusive
+from conductor.fsutil import atomic_write, publish_exclusive, publish_exclusive_many
 from conductor.handoff.jcs import jcs_checksum
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # a task or result larger than this is refused, not parsed
@@ -125,6 +126,22 @@ def sealed_bytes(model: BaseModel) -> tuple[dict, bytes]:
     document.pop(CHECKSUM_FIELD, None)
     sealed = {**document, CHECKSUM_FIELD: jcs_checksum(document)}  # as canonical.seal, with the C encoder
     return sealed, pretty_bytes(sealed)
+
+
+def publish_documents(items: Sequence[tuple[Path, M]]) -> list[M | FileExistsError]:
+    """Seal each model and create its file exclusively, durably, as a batch (see
+    :func:`conductor.fsutil.publish_exclusive_many`: the fsyncs of the batch are grouped).
+
+    Returns:
+        Per item, in order: the sealed model, or the ``FileExistsError`` if its file already existed.
+
+    Raises:
+        StorageError, OSError: as :func:`conductor.fsutil.publish_exclusive_many`.
+    """
+    sealed = [sealed_bytes(model) for _path, model in items]
+    results = publish_exclusive_many([(path, data) for (path, _model), (_seal, data) in zip(items, sealed, strict=True)])
+    return [error if error is not None else type(model).model_validate(seal)
+            for (_path, model), (seal, _data), error in zip(items, sealed, results, strict=True)]
 
 
 def write_document(path: Path, model: M, *, exclusive: bool = False, sync_dir: bool = True) -> M:

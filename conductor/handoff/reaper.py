@@ -25,11 +25,12 @@ from typing import Protocol, runtime_checkable
 from conductor.errors import IntegrityError, StateConflict
 from conductor.faults import crash_point
 from conductor.fsutil import durable_rename, rename_file
-from conductor.handoff.documents import read_document, write_document
+from conductor.handoff.documents import publish_documents, read_document, write_document
 from conductor.handoff.lease import (
     HOST,
     EventSink,
     _no_events,
+    emit_all,
     fork_lock,
     read_lease,
     reject_task_file,
@@ -60,7 +61,8 @@ class BatchPreparer(Protocol):
     :func:`reap_expired` calls :meth:`prefetch` with the retries it expects to publish (it returns at
     once), :meth:`wait` for each before it takes the lock for it, then the preparer itself for each retry
     it does publish (under the lock: it hands over what was made ahead, or makes it then), then
-    :meth:`discard` for whatever was made and not used.
+    :meth:`sync` before it publishes the retries it prepared (the preparer's renames are made durable
+    there, once for the batch), then :meth:`discard` for whatever was made and not used.
     """
 
     def __call__(self, task: Task) -> Task: ...
@@ -69,7 +71,14 @@ class BatchPreparer(Protocol):
 
     def wait(self, task: Task) -> object: ...
 
+    def sync(self) -> None: ...
+
     def discard(self) -> None: ...
+
+
+REQUEUE_BATCH = 16
+"""Expired tasks handled under one hold of the fork lock: their events share one write and one fsync of the
+audit log, their retries' task files one fsync of ``pending/`` (a crash leaves hundreds to re-queue)."""
 
 
 @dataclass(frozen=True)
@@ -164,18 +173,19 @@ def reap_expired(
                if look.task is not None and look.task.attempt < (look.task.max_attempts or max_attempts)}
     if batch is not None:  # checkouts made in the background, before the lock is taken for each
         batch.prefetch(list(retries.values()))
-    reaped = []
+    reaped: list[Reaped] = []
     try:
-        for task_id, look in looks:
-            if batch is not None and task_id in retries:
-                batch.wait(retries[task_id])
+        for start in range(0, len(looks), REQUEUE_BATCH):
+            chunk = looks[start:start + REQUEUE_BATCH]
+            if batch is not None:
+                for task_id, _ in chunk:
+                    if task_id in retries:
+                        batch.wait(retries[task_id])
             with fork_lock(fork):
-                entry = _reap_one(
-                    fork, task_id, look, now=now, max_attempts=max_attempts, lease_seconds=lease_seconds,
+                reaped.extend(_reap_batch(
+                    fork, chunk, now=now, max_attempts=max_attempts, lease_seconds=lease_seconds,
                     on_event=on_event, prepare_retry=prepare_retry,
-                )
-            if entry is not None:
-                reaped.append(entry)
+                ))
     finally:
         if batch is not None:
             batch.discard()
@@ -213,45 +223,59 @@ def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float
     return _Look(lease, task, tuple(kill_orphaned_command(fork, lease, workspace=task.workspace if task else None)))
 
 
-def _reap_one(
+def _reap_batch(
     fork: ForkLayout,
-    task_id: str,
-    look: _Look,
+    looks: list[tuple[str, _Look]],
     *,
     now: datetime,
     max_attempts: int,
     lease_seconds: float,
     on_event: EventSink,
     prepare_retry: Callable[[Task], Task] | None,
-) -> Reaped | None:
-    path = fork.task_file("in_progress", task_id)
-    try:
-        ctime = path.stat().st_ctime
-    except FileNotFoundError:
-        return None  # completed meanwhile
-    lease = read_lease(fork, task_id)
-    reason = _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds)
-    if reason is None:
-        return None
-    try:
-        task = read_document(path, Task)
-    except IntegrityError as exc:
-        killed = _killed(fork, look, lease, None)
-        reject_task_file(fork, task_id, path, exc, holder="conductor-reaper", on_event=on_event)
-        return Reaped(task_id, 0, "failed", lease.holder if lease else None, killed, reason)
-    holder = lease.holder if lease else None
-    killed = _killed(fork, look, lease, task.workspace)
-    data: dict[str, object] = {"step_id": task_id, "attempt": task.attempt, "holder": holder or UNKNOWN_HOLDER,
-                               "reason": reason}
-    if killed:
-        data["killed"] = list(killed)
-    on_event("task.lease_expired", data)
-    crash_point("reaper.after_expired_event")
-    if task.attempt >= (task.max_attempts or max_attempts):  # the step's own budget (policy), shared with repairs
-        _fail_exhausted(fork, task, holder, on_event, reason=reason)
-        return Reaped(task_id, task.attempt, "failed", holder, killed, reason)
-    requeue_task(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason="lease_expired")
-    return Reaped(task_id, task.attempt, "requeued", holder, killed, reason)
+) -> list[Reaped]:
+    """Reap the looked-at tasks whose lease is still over now, under the fork lock; in ``looks`` order."""
+    done: dict[str, Reaped] = {}
+    expired: list[tuple[str, dict[str, object]]] = []
+    requeue: list[tuple[Task, Reaped]] = []
+    for task_id, look in looks:
+        path = fork.task_file("in_progress", task_id)
+        try:
+            ctime = path.stat().st_ctime
+        except FileNotFoundError:
+            continue  # completed meanwhile
+        lease = read_lease(fork, task_id)
+        reason = _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds)
+        if reason is None:
+            continue
+        try:
+            task = read_document(path, Task)
+        except IntegrityError as exc:
+            killed = _killed(fork, look, lease, None)
+            reject_task_file(fork, task_id, path, exc, holder="conductor-reaper", on_event=on_event)
+            done[task_id] = Reaped(task_id, 0, "failed", lease.holder if lease else None, killed, reason)
+            continue
+        holder = lease.holder if lease else None
+        killed = _killed(fork, look, lease, task.workspace)
+        data: dict[str, object] = {"step_id": task_id, "attempt": task.attempt, "holder": holder or UNKNOWN_HOLDER,
+                                   "reason": reason}
+        if killed:
+            data["killed"] = list(killed)
+        if task.attempt >= (task.max_attempts or max_attempts):  # the step's own budget (policy), shared with repairs
+            on_event("task.lease_expired", data)
+            crash_point("reaper.after_expired_event")
+            _fail_exhausted(fork, task, holder, on_event, reason=reason)
+            done[task_id] = Reaped(task_id, task.attempt, "failed", holder, killed, reason)
+        else:
+            expired.append(("task.lease_expired", data))
+            requeue.append((task, Reaped(task_id, task.attempt, "requeued", holder, killed, reason)))
+    emit_all(on_event, expired)
+    for _ in expired:
+        crash_point("reaper.after_expired_event")
+    if requeue:
+        requeue_tasks(fork, [task for task, _ in requeue], prepare_retry=prepare_retry, on_event=on_event,
+                      reason="lease_expired")
+        done.update((entry.task_id, entry) for _, entry in requeue)
+    return [done[task_id] for task_id, _ in looks if task_id in done]
 
 
 def _reason(path: Path, lease: Lease | None, ctime: float, *, now: datetime, lease_seconds: float) -> str | None:
@@ -333,45 +357,102 @@ def requeue_task(
     Raises:
         StateConflict: a different task file with this name is already pending.
     """
-    in_progress = fork.task_file("in_progress", task.task_id)
-    parked = in_progress.with_name(in_progress.name + PARKED_SUFFIX)
-    # Not fsynced: after a power loss either name is recovered (a parked file is finished by the next reap,
-    # an old attempt beside its published retry is a duplicate whose higher attempt wins), and no holder of
-    # the old attempt outlives the reboot to commit it.
-    rename_file(in_progress, parked)
-    crash_point("reaper.after_park")
-    fork.lease_file(task.task_id).unlink(missing_ok=True)
-    retry = _publish_retry(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason=reason)
-    crash_point("reaper.before_unpark")
-    parked.unlink()
-    return retry
+    return requeue_tasks(fork, [task], prepare_retry=prepare_retry, on_event=on_event, reason=reason)[0]
 
 
-def _publish_retry(
-    fork: ForkLayout, task: Task, *, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink, reason: str
-) -> Task:
+def requeue_tasks(
+    fork: ForkLayout,
+    tasks: list[Task],
+    *,
+    prepare_retry: Callable[[Task], Task] | None,
+    on_event: EventSink,
+    reason: str,
+) -> list[Task]:
+    """:func:`requeue_task` for several tasks at once (call under the fork lock), with each kind of fsync
+    made once for all of them: the retries' files are written, fsynced and linked into ``pending/`` as a
+    batch, and their ``task.published`` events go to the log as one write. Each retry is still durable
+    before it is visible, and logged after it is durable.
+
+    Returns:
+        The published retries, in the order of ``tasks``.
+
+    Raises:
+        StateConflict: a different task file with one of these names is already pending (the others are
+            re-queued; that one stays parked).
+    """
+    parked: list[Path] = []
+    for task in tasks:
+        in_progress = fork.task_file("in_progress", task.task_id)
+        parked.append(in_progress.with_name(in_progress.name + PARKED_SUFFIX))
+        # Not fsynced: after a power loss either name is recovered (a parked file is finished by the next
+        # reap, an old attempt beside its published retry is a duplicate whose higher attempt wins), and
+        # no holder of the old attempt outlives the reboot to commit it.
+        rename_file(in_progress, parked[-1])
+        crash_point("reaper.after_park")
+        fork.lease_file(task.task_id).unlink(missing_ok=True)
+    retries, conflicts = _publish_retries(fork, tasks, prepare_retry=prepare_retry, on_event=on_event,
+                                          reason=reason)
+    for task, parked_file in zip(tasks, parked, strict=True):
+        if task.task_id not in conflicts:
+            crash_point("reaper.before_unpark")
+            parked_file.unlink()
+    if conflicts:
+        raise StateConflict("; ".join(conflicts.values()))
+    return [retry for retry in retries if retry is not None]
+
+
+def _publish_retries(
+    fork: ForkLayout, tasks: list[Task], *, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink,
+    reason: str,
+) -> tuple[list[Task | None], dict[str, str]]:
+    """Publish the retry of each task (or find the one a crashed requeue published); returns the retries
+    (None where there is a conflict) and the conflicts, by task id."""
+    retries: list[Task | None] = [None] * len(tasks)
+    conflicts: dict[str, str] = {}
+    new: list[tuple[int, Task]] = []
+    for index, task in enumerate(tasks):
+        try:
+            retries[index] = _published_already(fork, task)
+        except StateConflict as exc:
+            conflicts[task.task_id] = str(exc)
+            continue
+        if retries[index] is None:
+            retry = task.model_copy(update={"attempt": task.attempt + 1, "created_at": utc_now()})
+            new.append((index, prepare_retry(retry) if prepare_retry is not None else retry))
+    if isinstance(prepare_retry, BatchPreparer):
+        prepare_retry.sync()
+    published = publish_documents([(fork.task_file("pending", retry.task_id), retry) for _, retry in new])
+    events: list[tuple[str, dict[str, object]]] = []
+    for (index, retry), result in zip(new, published, strict=True):
+        if isinstance(result, FileExistsError):
+            conflicts[retry.task_id] = f"{retry.task_id}: another task file appeared in pending/ during its re-queue"
+            continue
+        crash_point("reaper.after_republish")
+        retries[index] = result
+        events.append(("task.published", {"step_id": retry.task_id, "attempt": result.attempt,
+                                          "checksum": result.checksum, "reason": reason}))
+    emit_all(on_event, events)
+    return retries, conflicts
+
+
+def _published_already(fork: ForkLayout, task: Task) -> Task | None:
+    """The retry a requeue that crashed after publishing left (None if there is none).
+
+    Raises:
+        StateConflict: the task file found there is unreadable or not a later attempt.
+    """
     found = next(((state, fork.task_file(state, task.task_id)) for state in STATES
                   if fork.task_file(state, task.task_id).exists()), None)
-    if found is not None:  # a requeue that crashed after publishing: the retry is out already
-        try:
-            existing = read_document(found[1], Task)
-        except (IntegrityError, FileNotFoundError) as exc:
-            raise StateConflict(f"{task.task_id}: re-queued, but {found[0]}/ holds an unreadable task") from exc
-        if existing.attempt > task.attempt:
-            return existing
-        raise StateConflict(f"{task.task_id}: re-queued attempt {task.attempt}, but {found[0]}/ holds attempt "
-                            f"{existing.attempt}")
-    retry = task.model_copy(update={"attempt": task.attempt + 1, "created_at": utc_now()})
-    if prepare_retry is not None:
-        retry = prepare_retry(retry)
+    if found is None:
+        return None
     try:
-        retry = write_document(fork.task_file("pending", task.task_id), retry, exclusive=True)
-    except FileExistsError as exc:
-        raise StateConflict(f"{task.task_id}: another task file appeared in pending/ during its re-queue") from exc
-    crash_point("reaper.after_republish")
-    on_event("task.published", {"step_id": task.task_id, "attempt": retry.attempt, "checksum": retry.checksum,
-                                "reason": reason})
-    return retry
+        existing = read_document(found[1], Task)
+    except (IntegrityError, FileNotFoundError) as exc:
+        raise StateConflict(f"{task.task_id}: re-queued, but {found[0]}/ holds an unreadable task") from exc
+    if existing.attempt > task.attempt:
+        return existing
+    raise StateConflict(f"{task.task_id}: re-queued attempt {task.attempt}, but {found[0]}/ holds attempt "
+                        f"{existing.attempt}")
 
 
 def finish_parked(
@@ -385,7 +466,10 @@ def finish_parked(
             if not parked.exists():
                 continue
             task = read_document(parked, Task)
-            _publish_retry(fork, task, prepare_retry=prepare_retry, on_event=on_event, reason="recovered")
+            _, conflicts = _publish_retries(fork, [task], prepare_retry=prepare_retry, on_event=on_event,
+                                            reason="recovered")
+            if conflicts:
+                raise StateConflict(conflicts[task.task_id])
             parked.unlink()
             finished.append(task.task_id)
     return finished

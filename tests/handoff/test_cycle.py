@@ -134,7 +134,7 @@ def test_the_reaper_takes_the_fork_lock_only_for_leases_that_look_over(
     later = datetime.now(UTC) + timedelta(seconds=31)
     reaped = reaper_module.reap_expired(handoff.fork, max_attempts=3, lease_seconds=30, now=later,
                                         prepare_retry=lambda task: task)
-    assert len(reaped) == len(locked) == 3
+    assert len(reaped) == 3 and len(locked) == 1  # one hold for the batch (up to REQUEUE_BATCH tasks)
 
 
 @pytest.mark.parametrize("event, path, is_directory, wakes", [

@@ -339,15 +339,16 @@ def test_a_claim_racing_a_requeue_never_loses_the_task(handoff: Handoff, monkeyp
     handoff.publish("step_001")
     _claim(handoff, holder="dead-holder@here:1")
     racing: list[Claim | None] = []
-    real_write = reaper_module.write_document
+    real_publish = reaper_module.publish_documents
 
-    def write_then_race(path, model, **kwargs):  # type: ignore[no-untyped-def]
-        written = real_write(path, model, **kwargs)
-        if path.parent.name == "pending":  # another worker's claim lands right after the retry is published
-            racing.append(claim_task(handoff.fork, "step_001", holder="fast-worker@here:2", lease_seconds=LEASE))
+    def publish_then_race(items):  # type: ignore[no-untyped-def]
+        written = real_publish(items)
+        assert [path.parent.name for path, _ in items] == ["pending"]
+        # another worker's claim lands right after the retry is published
+        racing.append(claim_task(handoff.fork, "step_001", holder="fast-worker@here:2", lease_seconds=LEASE))
         return written
 
-    monkeypatch.setattr(reaper_module, "write_document", write_then_race)
+    monkeypatch.setattr(reaper_module, "publish_documents", publish_then_race)
     _reap(handoff, after=LEASE + 1)
     monkeypatch.undo()
 
