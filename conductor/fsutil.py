@@ -400,3 +400,28 @@ def write_scope(name: str) -> Iterator[None]:
         yield
     finally:
         _scope.name = previous
+
+
+@contextmanager
+def private_temp_dir(parent: Path | None) -> Iterator[Path]:
+    """A fresh folder only this user may enter (mode 0700), removed with its contents at exit: a launched
+    command's ``TMPDIR``.
+
+    In ``parent`` it is named as a temp file of this process (:data:`TEMP_NAME`:
+    ``.tmp.tmpdir.<random>.<pid>.<8 hex>``), so recovery's temp sweep removes it once this process is gone
+    (a ``kill -9`` skips the removal at exit). With ``parent`` None it goes to the system temp folder
+    (``conductor-tmp-*``), where nothing sweeps what a killed process leaves.
+
+    Raises:
+        OSError: the folder cannot be made.
+    """
+    import tempfile  # only the launchers need it
+
+    if parent is None:
+        context = tempfile.TemporaryDirectory(prefix="conductor-tmp-")
+    else:
+        parent.mkdir(parents=True, exist_ok=True)
+        context = tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}tmpdir.",
+                                              suffix=f".{os.getpid()}.{secrets.token_hex(4)}", dir=parent)
+    with context as folder:
+        yield Path(folder)

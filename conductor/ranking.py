@@ -81,7 +81,8 @@ def fork_checks(
         materialize(store, head_commit, folder)
     sandbox = for_step(writable=(folder,), keys_dir=layout.keys_dir, environ=os.environ, mode=sandbox_mode,
                        network=network)
-    evidence = run_verification(commands, folder, timeout_seconds=timeout_seconds, sandbox=sandbox, env_names=env_names)
+    evidence = run_verification(commands, folder, timeout_seconds=timeout_seconds, sandbox=sandbox, env_names=env_names,
+                                temp_parent=folder.parent)
     passed = all_passed(evidence)
     log.append("fork.verified", {
         "fork_id": fork_id, "passed": passed, "commit": head_commit,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from conductor.canonical import sha256_hex
 from conductor.errors import ExecutorError
+from conductor.fsutil import private_temp_dir
 from conductor.models import CommandEvidence
 from conductor.proc import run_command
 from conductor.redact import launch_environment, redact
@@ -44,6 +44,7 @@ def run_verification(
     environ: Mapping[str, str] | None = None,
     sandbox: SandboxSpec | None = None,
     env_names: Sequence[str] = (),
+    temp_parent: Path | None = None,
 ) -> list[CommandEvidence]:
     """Run every command through ``/bin/sh -c`` in ``cwd``, in order, and record what each did.
 
@@ -56,22 +57,24 @@ def run_verification(
         environ: the base environment (default ``os.environ``); see :func:`verification_environment`.
         sandbox: contain each command (``conductor.sandbox``): it may write only in ``cwd`` and a private
             temp folder of its own (``TMPDIR``); None runs them uncontained.
+        temp_parent: where that temp folder goes (named so that recovery's temp sweep removes it if this
+            process is killed: ``conductor.fsutil.private_temp_dir``); None: the system temp folder.
 
     Returns:
         One :class:`CommandEvidence` per command, in order. A command that cannot start has
         ``exit_code`` None and the reason as its output.
     """
     env = verification_environment(environ, env_names)
-    return [_run_one(command, cwd, env, timeout_seconds, sandbox) for command in commands]
+    return [_run_one(command, cwd, env, timeout_seconds, sandbox, temp_parent) for command in commands]
 
 
 def _run_one(command: str, cwd: Path, env: dict[str, str], timeout_seconds: float,
-             sandbox: SandboxSpec | None) -> CommandEvidence:
+             sandbox: SandboxSpec | None, temp_parent: Path | None) -> CommandEvidence:
     try:
-        with tempfile.TemporaryDirectory(prefix="conductor-tmp-") as private_tmp:
-            spec = None if sandbox is None else replace(sandbox, writable=(*sandbox.writable, Path(private_tmp)))
-            outcome = run_command(command, cwd=cwd, env={**env, "TMPDIR": private_tmp}, timeout_seconds=timeout_seconds,
-                                  shell=True, sandbox=spec)
+        with private_temp_dir(temp_parent) as private_tmp:
+            spec = None if sandbox is None else replace(sandbox, writable=(*sandbox.writable, private_tmp))
+            outcome = run_command(command, cwd=cwd, env={**env, "TMPDIR": str(private_tmp)},
+                                  timeout_seconds=timeout_seconds, shell=True, sandbox=spec)
     except ExecutorError as exc:
         message = str(exc).encode("utf-8")
         return _evidence(command, None, 0.0, False, sha256_hex(message), message)

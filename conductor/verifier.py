@@ -132,7 +132,9 @@ def verify_step(
         sandbox = for_step(writable=(workspace,), keys_dir=layout.keys_dir, environ=os.environ,
                            mode=policy.effective.sandbox_mode, network=policy.effective.network)
         evidence = run_verification(settings.commands, workspace, timeout_seconds=settings.timeout_seconds,
-                                    sandbox=sandbox, env_names=settings.env_names)
+                                    sandbox=sandbox, env_names=settings.env_names,
+                                    temp_parent=layout.scratch_dir(task.plan_id, task.fork_id, task.task_id,
+                                                                   task.attempt).parent)
         passed = all_passed(evidence)
         checks.append(Check(name="verification_commands", passed=passed,
                             detail=", ".join(f"{e.command} → {e.exit_code}" for e in evidence)))

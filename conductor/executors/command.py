@@ -13,13 +13,13 @@ group and every process still carrying its ``CONDUCTOR_WORKSPACE`` (a child that
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from conductor.canonical import pretty_bytes
 from conductor.executors.base import Outcome, executor_info
+from conductor.fsutil import private_temp_dir
 from conductor.handoff.lease import holder_name
 from conductor.layout import ProjectLayout
 from conductor.models import ErrorInfo, Task
@@ -71,11 +71,13 @@ class CommandRunner:
         self.kill_now = threading.Event()
 
     def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
-        with tempfile.TemporaryDirectory(prefix="conductor-tmp-") as scratch:
-            explanation_file = Path(scratch) / "explanation.md"
+        # Beside the attempt folders, named for this process: recovery's sweep takes it after a kill -9.
+        fork_scratch = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt).parent
+        with private_temp_dir(fork_scratch) as scratch:
+            explanation_file = scratch / "explanation.md"
             env = {**launch_environment(self.environ, self.env_names),
                    **task_environment(task, layout=self.layout, workspace=workspace, explanation_file=explanation_file),
-                   "TMPDIR": scratch}
+                   "TMPDIR": str(scratch)}
             outcome = run_command(
                 self.command, cwd=workspace, env=env, stdin=pretty_bytes(task.to_document()),
                 timeout_seconds=task.timeout_seconds, shell=True, kill_grace_seconds=self.kill_grace_seconds,
@@ -83,7 +85,7 @@ class CommandRunner:
                 on_start=getattr(should_stop, "process_started", None),
                 should_stop=should_stop, kill_now=self.kill_now.is_set,
                 sweep_environ=f"CONDUCTOR_WORKSPACE={env['CONDUCTOR_WORKSPACE']}",  # lease.workspace_marker
-                sandbox=for_step(writable=(workspace, Path(scratch)), keys_dir=self.layout.keys_dir,
+                sandbox=for_step(writable=(workspace, scratch), keys_dir=self.layout.keys_dir,
                                  environ=self.environ, mode=task.sandbox_mode, network=task.network),
             )
             written = explanation_file.read_text("utf-8", errors="replace") if explanation_file.exists() else ""
