@@ -251,11 +251,7 @@ def publish_exclusive(target: Path, data: bytes) -> None:
     temp = _write_temp(target, data)
     crash_point("publish.after_temp")
     try:
-        with _storage(f"link of {target}"):
-            error = io_fault("link", target)
-            if error is not None:
-                raise error
-            os.link(temp, target)
+        _link(temp, target)
         crash_point("publish.after_link")
     finally:
         temp.unlink(missing_ok=True)
@@ -283,11 +279,7 @@ def publish_exclusive_many(items: Sequence[tuple[Path, bytes]]) -> list[FileExis
     try:
         for temp, (target, _data) in zip(temps, items, strict=True):
             try:
-                with _storage(f"link of {target}"):
-                    error = io_fault("link", target)
-                    if error is not None:
-                        raise error
-                    os.link(temp, target)
+                _link(temp, target)
             except FileExistsError as exc:
                 results.append(exc)
                 continue
@@ -303,6 +295,14 @@ def publish_exclusive_many(items: Sequence[tuple[Path, bytes]]) -> list[FileExis
         if result is None:
             crash_point("publish.after_dir_fsync")
     return results
+
+
+def _link(temp: Path, target: Path) -> None:
+    with _storage(f"link of {target}"):
+        error = io_fault("link", target)
+        if error is not None:
+            raise error
+        os.link(temp, target)
 
 
 def durable_rename(source: Path, target: Path) -> None:
