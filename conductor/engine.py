@@ -25,7 +25,7 @@ from conductor.confidence import kind_of, learn, predicted_score, read_outcomes,
 from conductor.config import Config
 from conductor.errors import ConductorError, MergeConflict, StateConflict
 from conductor.executors.base import GIVEN_BACK, StepRunner, execute_claim
-from conductor.recovery import sweep_abandoned_temps
+from conductor.recovery import sweep_fork_leftovers
 from conductor.faults import crash_point
 from conductor.handoff.documents import read_document
 from conductor.handoff.failures import settled_since_publish, unlogged_failure
@@ -622,7 +622,7 @@ class Engine:
             remove_plan_workspaces(self.layout, self.plan.plan_id)
         for spec in self.plan.forks:  # what a worker killed mid-write left while the plan ran
             view = _ForkView(self.layout, self.plan, spec)
-            sweep_abandoned_temps(view.fork, view.log)
+            sweep_fork_leftovers(view.fork, view.log)
         self.plan_log.append("plan.finished", {"status": report.status, "winner": winner.fork_id
                                                if report.status == "succeeded" else None,
                                                "applied": report.applied_fork is not None})

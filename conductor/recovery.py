@@ -197,7 +197,7 @@ def recover_fork(
     return job.report.repairs
 
 
-def sweep_abandoned_temps(fork: ForkLayout, log: AuditLog, *, grace_seconds: float = TEMP_GRACE_SECONDS) -> list[Repair]:
+def sweep_fork_leftovers(fork: ForkLayout, log: AuditLog, *, grace_seconds: float = TEMP_GRACE_SECONDS) -> list[Repair]:
     """Passes 2 and 6 alone, for one fork while a plan runs: remove the temp files of the fork's folders (and
     of its attempt folders' parent) whose writer is gone, and the leases of tasks no longer in progress
     whose holder is gone or whose time is up (a worker killed mid-write or between its task's move and its
@@ -205,7 +205,7 @@ def sweep_abandoned_temps(fork: ForkLayout, log: AuditLog, *, grace_seconds: flo
     ``recovery.repaired`` (``temp_removed``, ``lease_removed``).
 
     Returns:
-        The temp files removed.
+        What was removed (temp files, then dead leases), one repair each.
     """
     job = _Recovery(fork.project, exclusive=False, grace_seconds=grace_seconds, ignore=DEFAULT_WORKSPACE_IGNORE)
     if fork.dir.is_dir():

@@ -530,7 +530,7 @@ def test_a_completed_task_file_the_log_does_not_account_for_is_still_checked(han
 def test_a_running_plan_sweeps_the_temp_files_a_killed_writer_left(handoff: Handoff) -> None:
     """The engine runs this for every fork before a plan finishes: a worker SIGKILLed between writing a
     result's temp file and renaming it leaves the temp behind, and no process start follows to sweep it."""
-    from conductor.recovery import sweep_abandoned_temps
+    from conductor.recovery import sweep_fork_leftovers
 
     folder = handoff.fork.state_dir("completed")
     folder.mkdir(parents=True, exist_ok=True)
@@ -539,7 +539,7 @@ def test_a_running_plan_sweeps_the_temp_files_a_killed_writer_left(handoff: Hand
     dead.write_text("{")
     live.write_text("{")
 
-    repairs = sweep_abandoned_temps(handoff.fork, AuditLog(handoff.fork.audit_log))
+    repairs = sweep_fork_leftovers(handoff.fork, AuditLog(handoff.fork.audit_log))
 
     assert not dead.exists() and live.exists()
     assert [r.what for r in repairs] == ["temp_removed"]
@@ -550,7 +550,7 @@ def test_a_running_plan_sweeps_the_temp_files_a_killed_writer_left(handoff: Hand
 def test_a_running_plan_removes_the_lease_a_worker_killed_after_its_commit_left(handoff: Handoff) -> None:
     """A worker SIGKILLed between moving its task to completed/ and removing its lease leaves the lease; the
     engine's sweep before the plan finishes removes it (its holder is gone), not a live holder's."""
-    from conductor.recovery import sweep_abandoned_temps
+    from conductor.recovery import sweep_fork_leftovers
 
     folder = handoff.fork.state_dir("in_progress")
     folder.mkdir(parents=True, exist_ok=True)
@@ -561,7 +561,7 @@ def test_a_running_plan_removes_the_lease_a_worker_killed_after_its_commit_left(
             task_id=step, attempt=1, fencing_token=1, holder=f"w@{HOST}:{pid}", pid=pid, host=HOST,
             acquired_at=now, renewed_at=now, expires_at=far))
 
-    repairs = sweep_abandoned_temps(handoff.fork, AuditLog(handoff.fork.audit_log))
+    repairs = sweep_fork_leftovers(handoff.fork, AuditLog(handoff.fork.audit_log))
 
     assert not handoff.fork.lease_file("step_001").exists() and handoff.fork.lease_file("step_002").exists()
     assert [r.what for r in repairs] == ["lease_removed"]
