@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,20 @@ attempt_option = click.option(
     help="The attempt you claimed: refuse if the task has moved on to another attempt.")
 plan_option = click.option("--plan", "plan_id", default=None, metavar="PLAN", help="Only this plan (default: every plan).")
 fork_option = click.option("--fork", "fork_id", default=None, metavar="FORK", help="Only this fork (default: every fork).")
+
+
+def held_task_options(*, attempt: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of every command about one TASK you hold, in help order: ``--plan``, ``--fork``,
+    ``--holder``, ``--attempt`` (with ``attempt``), ``-C``, ``--json``."""
+    options = (plan_option, fork_option, holder_option, *((attempt_option,) if attempt else ()), project_option,
+               json_option)
+
+    def apply(function: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):  # as a stack of decorators would, bottom first
+            function = option(function)
+        return function
+
+    return apply
 
 
 def _layout(project_dir: Path | None):  # type: ignore[no-untyped-def]
@@ -110,11 +125,7 @@ def claim(task_id: str | None, plan_id: str | None, fork_id: str | None, holder:
 
 @task.command()
 @click.argument("task_id", metavar="TASK")
-@plan_option
-@fork_option
-@holder_option
-@project_option
-@json_option
+@held_task_options(attempt=False)
 def show(task_id: str, plan_id: str | None, fork_id: str | None, holder: str | None, project_dir: Path | None,
          as_json: bool) -> int:
     """Show TASK in whatever state it is (renews the lease when you hold it)."""
@@ -143,12 +154,7 @@ def show(task_id: str, plan_id: str | None, fork_id: str | None, holder: str | N
 
 @task.command()
 @click.argument("task_id", metavar="TASK")
-@plan_option
-@fork_option
-@holder_option
-@attempt_option
-@project_option
-@json_option
+@held_task_options(attempt=True)
 def heartbeat(task_id: str, plan_id: str | None, fork_id: str | None, holder: str | None, attempt: int | None,
               project_dir: Path | None, as_json: bool) -> int:
     """Renew your lease of TASK (never past its deadline)."""
@@ -180,12 +186,7 @@ def heartbeat(task_id: str, plan_id: str | None, fork_id: str | None, holder: st
                    "$CONDUCTOR_SIGNING_KEY_FILE, else unsigned).")
 @click.option("--plan-file", "plan_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
               help="TASK planning only: the plan (YAML, or JSON for a .json name; '-' reads YAML from stdin).")
-@plan_option
-@fork_option
-@holder_option
-@attempt_option
-@project_option
-@json_option
+@held_task_options(attempt=True)
 def complete(task_id: str, summary: str, explanation_file: Path | None, status: str, signing_key: Path | None,
              plan_file: Path | None, plan_id: str | None, fork_id: str | None, holder: str | None, attempt: int | None,
              project_dir: Path | None, as_json: bool) -> int:
@@ -223,12 +224,7 @@ def complete(task_id: str, summary: str, explanation_file: Path | None, status: 
 @task.command()
 @click.argument("task_id", metavar="TASK")
 @click.option("--reason", default="", help="Why you give it back (recorded in the audit log).")
-@plan_option
-@fork_option
-@holder_option
-@attempt_option
-@project_option
-@json_option
+@held_task_options(attempt=True)
 def release(task_id: str, reason: str, plan_id: str | None, fork_id: str | None, holder: str | None,
             attempt: int | None, project_dir: Path | None, as_json: bool) -> int:
     """Give TASK back: it is offered again as a new attempt in a fresh workspace (on the last allowed
