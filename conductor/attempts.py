@@ -207,7 +207,7 @@ def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ig
 
 def _idle_folders(layout: ProjectLayout, plan_id: str, fork_id: str) -> list[Path]:
     """Folders of this fork whose attempt ended with the executor's own word (see the module docstring)."""
-    folder = layout.conductor_dir / "scratch" / f"plan_{plan_id}" / f"fork_{fork_id}"
+    folder = layout.fork_scratch_dir(plan_id, fork_id)
     if not folder.is_dir():
         return []
     fork = layout.fork(plan_id, fork_id)
@@ -247,7 +247,7 @@ def _finished(layout: ProjectLayout, fork: ForkLayout, step: str, attempt: int, 
 
 def remove_plan_workspaces(layout: ProjectLayout, plan_id: str) -> int:
     """Remove every attempt folder of a plan (and their stat caches). Returns how many folders."""
-    folder = layout.conductor_dir / "scratch" / f"plan_{plan_id}"
+    folder = layout.plan_scratch_dir(plan_id)
     if not folder.is_dir():
         return 0
     count = sum(1 for p in folder.glob("fork_*/*") if p.is_dir())

@@ -114,12 +114,14 @@ class ProjectLayout:
         """
         if not self.handoff_dir.is_dir():
             return []
-        ids = sorted(p.name[5:] for p in self.handoff_dir.glob("plan_*") if (p / "plan.json").is_file())
+        ids = [p.name[5:] for p in self.handoff_dir.glob("plan_*") if (p / "plan.json").is_file()]
         seconds = Counter(plan_id.partition("-")[0] for plan_id in ids)
-        if all(count == 1 for count in seconds.values()):
-            return ids
-        return sorted(ids, key=lambda plan_id: (plan_id.partition("-")[0], self._created_at(plan_id)
-                                               if seconds[plan_id.partition("-")[0]] > 1 else "", plan_id))
+
+        def order(plan_id: str) -> tuple[str, str, str]:
+            second = plan_id.partition("-")[0]  # plan.json is read only for a second shared by several plans
+            return second, self._created_at(plan_id) if seconds[second] > 1 else "", plan_id
+
+        return sorted(ids, key=order)
 
     def _created_at(self, plan_id: str) -> str:
         try:
@@ -136,8 +138,18 @@ class ProjectLayout:
             dir=self.plan_dir(plan_id) / f"fork_{fork_id}",
         )
 
+    def plan_scratch_dir(self, plan_id: str) -> Path:
+        """``scratch/plan_<plan>/``: every attempt folder of a plan (removed when it finishes)."""
+        return self.conductor_dir / "scratch" / f"plan_{plan_id}"
+
+    def fork_scratch_dir(self, plan_id: str, fork_id: str) -> Path:
+        """``scratch/plan_<plan>/fork_<fork>/``: a fork's attempt folders, their stat caches, the folders made
+        ahead for retries and launched commands' private ``TMPDIR`` folders (temp names: recovery sweeps them)."""
+        return self.plan_scratch_dir(plan_id) / f"fork_{fork_id}"
+
     def scratch_dir(self, plan_id: str, fork_id: str, task_id: str, attempt: int) -> Path:
-        return self.conductor_dir / "scratch" / f"plan_{plan_id}" / f"fork_{fork_id}" / f"{task_id}.a{attempt}"
+        """One attempt's folder, ``scratch/plan_<plan>/fork_<fork>/<step>.a<attempt>/``."""
+        return self.fork_scratch_dir(plan_id, fork_id) / f"{task_id}.a{attempt}"
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the project root, in POSIX form (as task files record it)."""

@@ -73,7 +73,7 @@ def fork_checks(
     if not commands:
         log.append("fork.verified", {"fork_id": fork_id, "passed": True, "commit": head_commit, "verification": []})
         return True
-    folder = layout.conductor_dir / "scratch" / f"plan_{plan_id}" / f"fork_{fork_id}" / "final"
+    folder = layout.fork_scratch_dir(plan_id, fork_id) / "final"
     store = state_store(layout)
     if folder.is_dir() and index_file(folder).is_file():
         reset(store, folder, head_commit)

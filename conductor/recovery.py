@@ -213,7 +213,7 @@ def sweep_fork_leftovers(fork: ForkLayout, log: AuditLog, *, grace_seconds: floa
         for state in STATES:
             job.sweep(fork.state_dir(state), log)
     # and beside the fork's attempt folders (a checkout's or capture's temp index, a folder made ahead)
-    job.sweep(fork.project.conductor_dir / "scratch" / f"plan_{fork.plan_id}" / f"fork_{fork.fork_id}", log)
+    job.sweep(fork.project.fork_scratch_dir(fork.plan_id, fork.fork_id), log)
     if fork.state_dir("in_progress").is_dir():
         with fork_lock(fork):  # pass 6 too: a worker killed between its task's move and its lease's removal
             job._remove_dead_leases(fork, log)
@@ -288,7 +288,7 @@ class _Recovery:
     def recover_plan(self, plan_id: str) -> None:
         plan_dir, log = self.layout.plan_dir(plan_id), plan_log(self.layout, plan_id)
         self.sweep(plan_dir, log)
-        scratch = self.layout.conductor_dir / "scratch" / f"plan_{plan_id}"
+        scratch = self.layout.plan_scratch_dir(plan_id)
         self.sweep(scratch, log)
         for folder in sorted(plan_dir.glob("fork_*")):
             fork = self.layout.fork(plan_id, folder.name[len("fork_"):])

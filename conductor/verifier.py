@@ -133,8 +133,7 @@ def verify_step(
                            mode=policy.effective.sandbox_mode, network=policy.effective.network)
         evidence = run_verification(settings.commands, workspace, timeout_seconds=settings.timeout_seconds,
                                     sandbox=sandbox, env_names=settings.env_names,
-                                    temp_parent=layout.scratch_dir(task.plan_id, task.fork_id, task.task_id,
-                                                                   task.attempt).parent)
+                                    temp_parent=layout.fork_scratch_dir(task.plan_id, task.fork_id))
         passed = all_passed(evidence)
         checks.append(Check(name="verification_commands", passed=passed,
                             detail=", ".join(f"{e.command} → {e.exit_code}" for e in evidence)))

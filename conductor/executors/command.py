@@ -72,8 +72,7 @@ class CommandRunner:
 
     def run(self, task: Task, workspace: Path, should_stop: Callable[[], bool]) -> Outcome:
         # Beside the attempt folders, named for this process: recovery's sweep takes it after a kill -9.
-        fork_scratch = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt).parent
-        with private_temp_dir(fork_scratch) as scratch:
+        with private_temp_dir(self.layout.fork_scratch_dir(task.plan_id, task.fork_id)) as scratch:
             explanation_file = scratch / "explanation.md"
             env = {**launch_environment(self.environ, self.env_names),
                    **task_environment(task, layout=self.layout, workspace=workspace, explanation_file=explanation_file),
