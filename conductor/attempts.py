@@ -28,6 +28,7 @@ from conductor.fsutil import TEMP_PREFIX, fsync_dir
 from conductor.handoff.documents import read_document
 from conductor.layout import RESULT_SUFFIX, VERDICT_SUFFIX, ForkLayout, ProjectLayout
 from conductor.models import FileChange, Result, Task
+from conductor.workspace import sealed
 from conductor.workspace.checkout import capture, index_file, materialize, remove_folder, reset
 from conductor.workspace.store import StateStore
 
@@ -72,16 +73,18 @@ def prepare_workspace(layout: ProjectLayout, plan_id: str, fork_id: str, step_id
     store = state_store(layout)
     target = layout.scratch_dir(plan_id, fork_id, step_id, attempt)
     if target.is_dir() and index_file(target).is_file():
+        sealed.forget(target)
         reset(store, target, base_commit)
         return target
     remove_folder(target)
     for idle in _idle_folders(layout, plan_id, fork_id) if recycle else ():
+        holds = sealed.take(idle)  # before the rename, which changes the stat cache's ctime
         try:
             os.rename(idle, target)
         except FileNotFoundError:  # another process recycled it first
             continue
         os.replace(index_file(idle), index_file(target))
-        reset(store, target, base_commit)
+        reset(store, target, base_commit, holds=holds)
         return target
     materialize(store, base_commit, target)
     return target
@@ -190,8 +193,17 @@ def _retry_key(task: Task) -> tuple[str, str, str, int, str]:
     return task.plan_id, task.fork_id, task.task_id, task.attempt, task.base_commit
 
 
-def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ignore: list[str]) -> tuple[str, list[FileChange]]:
+def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ignore: list[str], *,
+                    seal: bool = False) -> tuple[str, list[FileChange]]:
     """What an attempt changed: its working tree now against ``base_commit``.
+
+    A tree this process sealed for the folder (:mod:`conductor.workspace.sealed`) is reused instead of
+    looking at the folder again.
+
+    Args:
+        seal: the caller vouches that no process can write ``workspace`` any more: its executor ran in
+            this process and left no process alive. The captured tree is then sealed, and this process's
+            verifier and the folder's next reset reuse it.
 
     Returns:
         ``(tree, changes)``: the captured tree's id (stored) and the change set, sorted by path.
@@ -201,7 +213,12 @@ def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ig
         GitError: git failed.
     """
     store = state_store(layout)
-    tree = capture(store, workspace, excludes=store.exclude_file(ignore))
+    excludes = store.exclude_file(ignore)
+    tree = sealed.sealed_tree(workspace, excludes)
+    if tree is None:
+        tree = capture(store, workspace, excludes=excludes)
+        if seal:
+            sealed.seal(workspace, excludes, tree)
     return tree, store.changes(store.tree_of(base_commit), tree)
 
 

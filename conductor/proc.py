@@ -59,6 +59,8 @@ class ProcOutcome:
         sandbox: how the child was contained (``conductor.sandbox.Wrapped.describe``); "" when no
             sandbox was asked for.
         sandboxed: whether it ran inside a sandbox.
+        contained: whether every process it started is known to be gone: it ran in a sandbox's pid
+            namespace, and that namespace's init exited (the kernel empties the namespace first).
     """
 
     exit_code: int | None
@@ -70,6 +72,7 @@ class ProcOutcome:
     output_sha256: str = ""
     sandbox: str = ""
     sandboxed: bool = False
+    contained: bool = False
 
 
 class _Output:
@@ -186,6 +189,7 @@ def run_command(
         output_sha256=run.output.hasher.hexdigest(),
         sandbox=wrapped.describe(sandbox) if wrapped is not None and sandbox is not None else "",
         sandboxed=wrapped is not None and wrapped.sandboxed,
+        contained=contained,
     )
 
 

@@ -15,6 +15,7 @@ from conductor.models import CommandEvidence
 from conductor.proc import run_command
 from conductor.redact import launch_environment, redact
 from conductor.sandbox import SandboxSpec
+from conductor.workspace.sealed import forget
 
 OUTPUT_TAIL_CHARS = 4000
 _TAIL_BYTES = OUTPUT_TAIL_CHARS * 4  # a UTF-8 character is at most 4 bytes
@@ -65,6 +66,7 @@ def run_verification(
         ``exit_code`` None and the reason as its output.
     """
     env = verification_environment(environ, env_names)
+    forget(cwd)  # the commands may write there: a capture this process sealed no longer tells what it holds
     return [_run_one(command, cwd, env, timeout_seconds, sandbox, temp_parent) for command in commands]
 
 

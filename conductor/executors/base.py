@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -40,13 +40,19 @@ from conductor.redact import redact
 
 @dataclass
 class Outcome:
-    """What a runner reports about its work on one task."""
+    """What a runner reports about its work on one task.
+
+    ``contained``: nothing the runner started can still write the workspace (it started no process, or
+    all it started are known to be gone); the capture after the run is then sealed for this process's
+    verifier (:mod:`conductor.workspace.sealed`). False whenever in doubt.
+    """
 
     status: Literal["completed", "failed"]
     summary: str
     explanation: str
     error: ErrorInfo | None = None
     usage: Usage = field(default_factory=Usage)
+    contained: bool = False
 
 
 class StepRunner(Protocol):
@@ -184,7 +190,7 @@ def execute_claim(
         return None
     crash_point("execute.after_run")
     try:
-        _tree, changes = attempt_changes(layout, workspace, task.base_commit, ignore)
+        _tree, changes = attempt_changes(layout, workspace, task.base_commit, ignore, seal=outcome.contained)
     except (ConductorError, OSError) as exc:  # e.g. an unsafe name: fail the task, never the executor
         _raise_storage(exc)
         changes = []
@@ -241,7 +247,7 @@ def _commit(claim: Claim, runner: StepRunner, outcome: Outcome, changes: list, s
     finished = utc_now()
     # Everything stored from here on is read by people and tools: no secret of this process may be in it.
     error = None if outcome.error is None else outcome.error.model_copy(update={"message": redact(outcome.error.message)})
-    outcome = Outcome(outcome.status, redact(outcome.summary), redact(outcome.explanation), error, outcome.usage)
+    outcome = replace(outcome, summary=redact(outcome.summary), explanation=redact(outcome.explanation), error=error)
     result = Result(
         task_id=task.task_id,
         plan_id=task.plan_id,

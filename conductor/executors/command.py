@@ -93,16 +93,18 @@ class CommandRunner:
         written = redact(written, self.environ) if written else written  # most commands write no explanation
         output = redact(output, self.environ) if output else output
         explanation = _explanation(self.command, outcome, written, output)
+        contained = outcome.contained  # its pid namespace is empty: nothing it started can write any more
         if outcome.timed_out:
             message = f"command timed out after {task.timeout_seconds} s: {self.command}"
-            return Outcome("failed", message, explanation, ErrorInfo(kind="timeout", message=message))
+            return Outcome("failed", message, explanation, ErrorInfo(kind="timeout", message=message), contained=contained)
         if outcome.exit_code != 0:
             message = f"command exited with {outcome.exit_code}: {self.command}"
             if outcome.sandboxed:
                 message += f" ({outcome.sandbox}: a write elsewhere, a read of a secret or a connection fails)"
-            return Outcome("failed", message, explanation, ErrorInfo(kind="command_failed", message=message))
+            return Outcome("failed", message, explanation, ErrorInfo(kind="command_failed", message=message),
+                           contained=contained)
         summary = (written.strip().splitlines() or [f"ran {self.command}"])[0][:200]
-        return Outcome("completed", summary, explanation)
+        return Outcome("completed", summary, explanation, contained=contained)
 
 
 def _explanation(command: str, outcome, written: str, output: str) -> str:  # type: ignore[no-untyped-def]

@@ -159,7 +159,7 @@ class LLMRunner:
         if refused:
             message = "; ".join(refused)
             return Outcome("failed", "the model asked to change files it may not change", message,
-                           ErrorInfo(kind="disallowed_edit", message=message), reply.usage)
+                           ErrorInfo(kind="disallowed_edit", message=message), reply.usage, contained=True)
         for edit in answer.edits:
             target = _entry_path(workspace, edit.path)
             if edit.action == "delete":
@@ -169,7 +169,8 @@ class LLMRunner:
                 atomic_write(target, edit.content.encode("utf-8"))
         written = "\n".join(f"- {e.action} `{e.path}`" for e in answer.edits) or "- (no files)"
         explanation = f"{answer.explanation.strip()}\n\n## Files\n{written}\n"
-        return Outcome("completed", answer.summary, explanation, usage=reply.usage)
+        # Written by this process alone, which starts no process: nothing else can write the folder now.
+        return Outcome("completed", answer.summary, explanation, usage=reply.usage, contained=True)
 
 
 def _entry_path(workspace: Path, path: str) -> Path:

@@ -108,10 +108,15 @@ def _unsmudge(store: StateStore, folder: Path, index: Path) -> None:
     store.git.run(["update-index", "-q", "--refresh"], work_tree=folder, index=index, ok_codes=(0, 1))
 
 
-def reset(store: StateStore, folder: Path, commit: str) -> None:
+def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = None) -> None:
     """Make ``folder`` hold exactly ``commit``: whatever else is there goes (untracked and ignored files,
     folders, nested repositories), changed files are restored, and only the paths that differ between
     the folder's last tree and ``commit`` are rewritten.
+
+    Args:
+        holds: the tree the folder's tracked files are known to hold, exactly as its stat cache records
+            them (a sealed capture, :mod:`conductor.workspace.sealed`): their stat pass is skipped, and
+            only what is untracked is looked for and removed.
 
     Raises:
         FileNotFoundError: ``folder`` has no stat cache (use :func:`materialize`).
@@ -124,10 +129,10 @@ def reset(store: StateStore, folder: Path, commit: str) -> None:
     _remove_entry(folder / ".git")
     # One process, one stat pass, as in capture: -m lists every entry whose stat data changed (content-
     # checking racily clean ones), -d the deleted ones, -o --directory what is untracked (an untracked
-    # folder as "dir/"); -t tags each: "C " changed, "R " removed, "? " other.
+    # folder as "dir/"); -t tags each: "C " changed, "R " removed, "? " other. Known contents: -o only.
     dirty, other = set(), []
-    for item in split_z(git.run(["ls-files", "-z", "-t", "-m", "-d", "-o", "--directory"], work_tree=folder,
-                                index=index)):
+    look = ["-o", "--directory"] if holds is not None else ["-m", "-d", "-o", "--directory"]
+    for item in split_z(git.run(["ls-files", "-z", "-t", *look], work_tree=folder, index=index)):
         tag, path = item[:2], item[2:]
         if tag == "? ":
             other.append(path)
@@ -140,7 +145,7 @@ def reset(store: StateStore, folder: Path, commit: str) -> None:
     if dirty:
         git.run(["checkout-index", "-f", "-u", "-z", "--stdin"], work_tree=folder, index=index,
                 input=join_z(sorted(dirty)))
-    current = cached_tree(index) or git.run(["write-tree"], index=index).decode().strip()
+    current = holds or cached_tree(index) or git.run(["write-tree"], index=index).decode().strip()
     if current != store.tree_of(commit):  # a chain of steps: the folder often holds the next base already
         git.run(["read-tree", "-m", "-u", current, commit], work_tree=folder, index=index)
     init_agent_git(store, folder, commit, index)

@@ -1,0 +1,168 @@
+"""A capture sealed after a contained run serves the verifier and the next reset of its folder, and never
+stands in for a look at a folder something else could have written: an executor whose processes outlive
+it, a verification command, a folder or stat cache changed behind the seal's back. Real bubblewrap, real
+processes (CI installs bubblewrap and sets CONDUCTOR_TEST_REQUIRE_SANDBOX=1)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conductor import sandbox
+from conductor.attempts import attempt_changes, state_store
+from conductor.audit import AuditLog
+from conductor.executors.base import execute_claim
+from conductor.executors.command import CommandRunner
+from conductor.handoff.lease import Claim, claim_task
+from conductor.verifier import VerifySettings, verify_step
+from conductor.workspace import sealed
+from conductor.workspace.checkout import index_file
+from conductor.workspace.git import Git
+from tests.corpus.builders import HOLDER, policy
+from tests.handoff.support import Handoff, make_handoff
+
+if sandbox.availability() is not None:
+    if os.environ.get("CONDUCTOR_TEST_REQUIRE_SANDBOX") == "1":
+        raise RuntimeError(f"CONDUCTOR_TEST_REQUIRE_SANDBOX=1 but {sandbox.availability()}")
+    pytest.skip(f"no sandbox here: {sandbox.availability()}", allow_module_level=True)
+
+IGNORE = ["__pycache__/"]
+# Starts a process that leaves the command's session and sheds its environment (so no sweep finds it),
+# waits for the test's go-ahead, then writes into the workspace: after the command has ended. The command
+# waits until it has left (its process group is killed when the command ends).
+LINGER = ("setsid env -i /bin/sh -c 'touch \"$1/ready\"; while [ ! -e \"$0\" ]; do sleep 0.02; done; "
+          "echo late > late.txt; touch \"$0.done\"' {flag} \"$TMPDIR\" </dev/null >/dev/null 2>&1 & "
+          "while [ ! -e \"$TMPDIR/ready\" ]; do sleep 0.01; done")
+
+
+@pytest.fixture
+def handoff(tmp_path: Path) -> Handoff:
+    return make_handoff(tmp_path / "project", steps=2)
+
+
+def run(handoff: Handoff, task_id: str, command: str, *, mode: str) -> Claim:
+    """Publish ``task_id`` and run ``command`` on it in this process, as the engine's own executor does."""
+    handoff.publish(task_id, sandbox_mode=mode)
+    claim = claim_task(handoff.fork, task_id, holder=HOLDER, lease_seconds=60)
+    assert claim is not None
+    result = execute_claim(handoff.layout, claim, CommandRunner(command, layout=handoff.layout), ignore=IGNORE,
+                           lease_seconds=60, heartbeat_seconds=20)
+    assert result is not None and result.status == "completed", result
+    return claim
+
+
+def verify(handoff: Handoff, claim: Claim, commands: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    """The engine's check of the completed task; an accepted step moves the fork's state, as in the engine."""
+    verdict = verify_step(handoff.layout, handoff.fork, claim.task.task_id, published_checksum=claim.task.checksum,
+                          published_attempt=claim.task.attempt, policy=policy(), confidence_level="high",
+                          settings=VerifySettings(commands=list(commands), timeout_seconds=60, ignore=IGNORE),
+                          head_commit=handoff.head)
+    if verdict.accepted:
+        AuditLog(handoff.fork.audit_log).append("step.merged", {
+            "step_id": verdict.task_id, "attempt": verdict.attempt, "commit": verdict.commit,
+            "files": [c.path for c in verdict.files_changed]})
+    return verdict
+
+
+def git_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    calls: list[list[str]] = []
+    real = Git.run
+
+    def recorded(self: Git, args, **kw):  # type: ignore[no-untyped-def]
+        calls.append(list(args))
+        return real(self, args, **kw)
+
+    monkeypatch.setattr(Git, "run", recorded)
+    return calls
+
+
+def stat_passes(calls: list[list[str]]) -> list[list[str]]:
+    """The git runs that look at every tracked file of a folder."""
+    return [args for args in calls if args[0] == "ls-files" and ("-m" in args or "-d" in args)]
+
+
+def test_a_contained_runs_capture_serves_the_verifier_and_the_next_reset(handoff: Handoff, monkeypatch) -> None:
+    claim = run(handoff, "step_001", "echo one > README.md && mkdir __pycache__ && echo c > __pycache__/x.pyc",
+                mode="required")
+    folder = handoff.scratch("step_001")
+    inode = os.stat(folder).st_ino
+    calls = git_calls(monkeypatch)
+
+    verdict = verify(handoff, claim)
+
+    assert verdict.accepted and [c.path for c in verdict.files_changed] == ["README.md"]
+    assert stat_passes(calls) == []  # the seal stood in for a second look at the folder
+    calls.clear()
+    task = handoff.publish("step_002")
+
+    # Recycled with one look for untracked files only; what the capture left out is gone all the same.
+    second = handoff.root / task.workspace
+    assert os.stat(second).st_ino == inode and not folder.exists()
+    assert stat_passes(calls) == [] and [a for a in calls if a[0] == "ls-files"] == [
+        ["ls-files", "-z", "-t", "-o", "--directory"]]
+    assert (second / "README.md").read_text() == "one\n" and not (second / "__pycache__").exists()
+    assert sealed.take(second) is None  # taken: the folder is someone else's now
+    assert attempt_changes(handoff.layout, second, task.base_commit, IGNORE)[1] == []
+
+
+def test_a_process_left_behind_by_an_uncontained_executor_is_seen(handoff: Handoff, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    claim = run(handoff, "step_001", "echo one > README.md; " + LINGER.format(flag=flag), mode="off")
+    folder = handoff.scratch("step_001")
+    assert sealed.sealed_tree(folder, state_store(handoff.layout).exclude_file(IGNORE)) is None
+    flag.touch()  # the executor's command has ended; what it left behind writes now
+    deadline = time.monotonic() + 30
+    while not Path(f"{flag}.done").exists():
+        assert time.monotonic() < deadline, "the lingering process never wrote"
+        time.sleep(0.02)
+
+    verdict = verify(handoff, claim)
+
+    assert sorted(c.path for c in verdict.files_changed) == ["README.md", "late.txt"]
+    assert not verdict.accepted  # late.txt is not among the step's allowed files
+
+
+def test_in_the_sandbox_nothing_outlives_the_command_so_the_seal_holds(handoff: Handoff, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    claim = run(handoff, "step_001", "echo one > README.md; " + LINGER.format(flag=flag), mode="required")
+    flag.touch()
+    time.sleep(0.5)  # ample for a live process (it polls every 0.02 s): the pid namespace took it down
+
+    verdict = verify(handoff, claim)
+
+    assert not Path(f"{flag}.done").exists() and not (handoff.scratch("step_001") / "late.txt").exists()
+    assert verdict.accepted and [c.path for c in verdict.files_changed] == ["README.md"]
+
+
+def test_a_verification_command_ends_the_seal(handoff: Handoff, monkeypatch) -> None:
+    claim = run(handoff, "step_001", "echo one > README.md", mode="required")
+    verdict = verify(handoff, claim, commands=("echo tampered >> README.md",))
+    assert verdict.accepted and verdict.verification[0].exit_code == 0
+    calls = git_calls(monkeypatch)
+
+    task = handoff.publish("step_002")
+
+    assert len(stat_passes(calls)) == 1  # the reset looked at every file again, and restored the one it wrote
+    assert (handoff.root / task.workspace / "README.md").read_text() == "one\n"
+
+
+def test_a_seal_ends_when_the_folder_or_its_stat_cache_changes(handoff: Handoff) -> None:
+    claim = run(handoff, "step_001", "echo one > README.md", mode="required")
+    folder = handoff.scratch("step_001")
+    excludes = handoff.layout.conductor_dir / "none"
+    tree, _ = attempt_changes(handoff.layout, folder, claim.task.base_commit, IGNORE)
+    sealed.seal(folder, excludes, tree)
+    assert sealed.sealed_tree(folder, excludes) == tree
+
+    (folder / "new.txt").write_text("x\n")  # a new entry at the top changes the folder's mtime
+    assert sealed.sealed_tree(folder, excludes) is None
+    sealed.seal(folder, excludes, tree)
+    stamp = os.stat(index_file(folder)).st_mtime_ns
+    os.utime(index_file(folder), ns=(stamp, stamp + 1))  # the stat cache touched behind the seal's back
+    assert sealed.sealed_tree(folder, excludes) is None and sealed.take(folder) is None
+    sealed.seal(folder, excludes, tree)
+    sealed.forget(folder)
+    assert sealed.take(folder) is None
