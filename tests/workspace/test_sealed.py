@@ -108,16 +108,23 @@ def test_a_contained_runs_capture_serves_the_verifier_and_the_next_reset(handoff
     assert attempt_changes(handoff.layout, second, task.base_commit, IGNORE)[1] == []
 
 
-def test_a_process_left_behind_by_an_uncontained_executor_is_seen(handoff: Handoff, tmp_path: Path) -> None:
-    flag = tmp_path / "go"
+@pytest.fixture
+def flag(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The go-ahead of a process :data:`LINGER` left behind; given at the end whatever happened, so it exits."""
+    path = tmp_path / "go"
+    yield path
+    path.touch()
+
+
+def test_a_process_left_behind_by_an_uncontained_executor_is_seen(handoff: Handoff, flag: Path) -> None:
     claim = run(handoff, "step_001", "echo one > README.md; " + LINGER.format(flag=flag), mode="off")
     folder = handoff.scratch("step_001")
-    assert sealed.sealed_tree(folder, state_store(handoff.layout).exclude_file(IGNORE)) is None
     flag.touch()  # the executor's command has ended; what it left behind writes now
     deadline = time.monotonic() + 30
     while not Path(f"{flag}.done").exists():
         assert time.monotonic() < deadline, "the lingering process never wrote"
         time.sleep(0.02)
+    assert sealed.sealed_tree(folder, state_store(handoff.layout).exclude_file(IGNORE)) is None
 
     verdict = verify(handoff, claim)
 
@@ -125,8 +132,7 @@ def test_a_process_left_behind_by_an_uncontained_executor_is_seen(handoff: Hando
     assert not verdict.accepted  # late.txt is not among the step's allowed files
 
 
-def test_in_the_sandbox_nothing_outlives_the_command_so_the_seal_holds(handoff: Handoff, tmp_path: Path) -> None:
-    flag = tmp_path / "go"
+def test_in_the_sandbox_nothing_outlives_the_command_so_the_seal_holds(handoff: Handoff, flag: Path) -> None:
     claim = run(handoff, "step_001", "echo one > README.md; " + LINGER.format(flag=flag), mode="required")
     flag.touch()
     time.sleep(0.5)  # ample for a live process (it polls every 0.02 s): the pid namespace took it down
