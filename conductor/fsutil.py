@@ -16,12 +16,14 @@ failure is never retried: after a failed ``fsync`` the kernel may already have d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -412,16 +414,26 @@ def private_temp_dir(parent: Path | None) -> Iterator[Path]:
     (a ``kill -9`` skips the removal at exit). With ``parent`` None it goes to the system temp folder
     (``conductor-tmp-*``), where nothing sweeps what a killed process leaves.
 
+    What ran there cannot make the removal fail or reach elsewhere: a folder it replaced with a symlink or
+    a file loses only that entry (a link is never followed), and what cannot be removed is left (in
+    ``parent``, to recovery's sweep) rather than raised.
+
     Raises:
         OSError: the folder cannot be made.
     """
     import tempfile  # only the launchers need it
 
     if parent is None:
-        context = tempfile.TemporaryDirectory(prefix="conductor-tmp-")
+        context = tempfile.TemporaryDirectory(prefix="conductor-tmp-", ignore_cleanup_errors=True)
     else:
         parent.mkdir(parents=True, exist_ok=True)
-        context = tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}tmpdir.",
+        context = tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}tmpdir.", ignore_cleanup_errors=True,
                                               suffix=f".{os.getpid()}.{secrets.token_hex(4)}", dir=parent)
-    with context as folder:
-        yield Path(folder)
+    with context as name:
+        folder = Path(name)
+        try:
+            yield folder
+        finally:
+            with contextlib.suppress(OSError):  # replaced by a link or a file: remove that entry alone
+                if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                    folder.unlink()

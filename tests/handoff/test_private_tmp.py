@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from conductor.audit import AuditLog
+from conductor.executors.base import execute_claim
+from conductor.executors.command import CommandRunner
 from conductor.fsutil import TEMP_NAME, private_temp_dir
+from conductor.handoff.lease import claim_task
 from conductor.handoff.reaper import reap_expired
 from conductor.recovery import recover_project
 from tests.handoff.support import Handoff, clean_environ, start_worker, stop_process, wait_for
@@ -52,3 +55,25 @@ def test_a_private_temp_dir_is_removed_at_exit_even_with_a_read_only_folder_insi
         (folder / "ro" / "file").write_text("x")
         (folder / "ro").chmod(0o500)
     assert list(parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("replacement", ["symlink", "file", "gone"])
+def test_a_tmpdir_its_command_replaced_loses_only_that_entry(tmp_path: Path, handoff: Handoff,
+                                                             replacement: str) -> None:
+    """An unsandboxed command swaps its TMPDIR for a link to a folder of the user (or a file, or nothing):
+    the step ends as usual, the link is removed without being followed, and nothing is left behind."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep\n")
+    swap = {"symlink": f'ln -s {outside} "$TMPDIR"', "file": 'echo x > "$TMPDIR"', "gone": "true"}[replacement]
+    handoff.publish("step_001")
+    claim = claim_task(handoff.fork, "step_001", holder="tmp-test@here:1", lease_seconds=60)
+    assert claim is not None
+
+    result = execute_claim(handoff.layout, claim, CommandRunner(f'rm -rf "$TMPDIR" && {swap}', layout=handoff.layout),
+                           ignore=[], lease_seconds=60, heartbeat_seconds=20)
+
+    assert result is not None and result.status == "completed"
+    assert (outside / "keep.txt").read_text() == "keep\n" and [p.name for p in outside.iterdir()] == ["keep.txt"]
+    fork_scratch = handoff.scratch("step_001").parent
+    assert [p.name for p in fork_scratch.iterdir() if TEMP_NAME.match(p.name)] == []
