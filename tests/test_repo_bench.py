@@ -121,8 +121,8 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
 
     table = _bench().render(doc)
     for label in ("300 files", "explore 2 forks x 2 one-line steps", "git baseline parts", ".conductor/ growth",
-                  "200 files: overhead", "400 files: overhead", "1-step plan", "overhead per step, 400 / 200 files",
-                  "the same of marginal",
+                  "200 files: audit log", "400 files: audit log", "1-step plan",
+                  "audit-log overhead per step, 400 / 200 files", "the same of overhead",
                   machine["file_system"], f"git {machine['git']}", "waited for the file system"):
         assert label in table, label
 
