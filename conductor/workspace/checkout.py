@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import shutil
 import stat
 import time
 from pathlib import Path
 
 from conductor.errors import GitError, UnsafePath
-from conductor.fsutil import TEMP_PREFIX, fsync_dir
+from conductor.fsutil import fsync_dir, temp_path
 from conductor.paths import is_dotgit
 from conductor.workspace.git import join_z, split_z
 from conductor.workspace.store import StateStore
@@ -45,10 +44,6 @@ def index_file(folder: Path) -> Path:
     return folder.parent / f"{folder.name}{INDEX_SUFFIX}"
 
 
-def _temp_beside(path: Path) -> Path:
-    return path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-
-
 def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: bool = True, durable: bool = True) -> None:
     """Check ``commit`` out into the new folder ``folder`` (built aside, renamed into place).
 
@@ -64,7 +59,7 @@ def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: boo
     if folder.exists() or folder.is_symlink():
         raise FileExistsError(f"checkout destination exists and is not empty: {folder}")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temp, temp_index = _temp_beside(folder), _temp_beside(index_file(folder))
+    temp, temp_index = temp_path(folder), temp_path(index_file(folder))
     temp.mkdir()
     try:
         # One process: a one-tree merge into an empty index writes every file and records its stat data.
@@ -184,7 +179,7 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
     going, coming = [p for p in changed if p in gone], [p for p in changed if p not in gone]
     if not changed and (tree := cached_tree(index)) is not None:
         return tree  # the folder is what the index says, and git recorded the index's tree
-    temp = _temp_beside(index)
+    temp = temp_path(index)
     # copy2 keeps the index's mtime: git's racy-git check compares each entry's mtime with the index
     # file's own, and git compares whole seconds only (unless built with USE_NSEC). A copy stamped "now"
     # would make an entry written in the same second as the index look clean, and a same-size in-place

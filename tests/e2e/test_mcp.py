@@ -19,7 +19,7 @@ import pytest
 from conductor.errors import ConductorError, UnsafePath
 from conductor.layout import ProjectLayout
 from conductor.mcp_server import Workspace
-from tests.e2e.project import FIXED_CALC, TEST_CALC, all_chains_verify, cli_env, make_project, spawn
+from tests.e2e.project import FIXED_CALC, TEST_CALC, VERIFY, all_chains_verify, cli_env, make_project, spawn
 
 TIMEOUT = 240
 
@@ -89,6 +89,8 @@ async def _drive(root: Path) -> dict[str, Any]:
             checks = await call("run_checks", task_id=step["ref"])  # the test suite, before completing
             assert checks["passed"] is True and checks["checks"][0]["exit_code"] == 0, checks
             assert "1 passed" in checks["checks"][0]["output_tail"]
+            # beside the attempt folders, where recovery's sweep removes what a kill leaves
+            assert f"/.conductor/scratch/plan_{plan_id}/fork_1/.tmp.tmpdir." in checks["checks"][1]["output_tail"]
             done = await call("complete_task", task_id=step["ref"], summary="add returns a + b")
             assert done["status"] == "completed" and done["warnings"] == [], done
             assert [c["path"] for c in done["files_changed"]] == ["calc.py"]
@@ -131,7 +133,8 @@ async def _drive(root: Path) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_mcp_client_plans_and_executes_a_whole_explore(tmp_path: Path) -> None:
-    root = make_project(tmp_path / "proj")
+    # The second check shows where run_checks puts a command's TMPDIR.
+    root = make_project(tmp_path / "proj", config={"verification": {"commands": [VERIFY, 'echo "tmp=$TMPDIR"']}})
     explore = spawn(root, "explore", "Fix add so the tests pass", "--planner", "handoff", "--executor", "handoff",
                     "--forks", "1", "--planner-timeout", "600", "--json", env=cli_env())
     try:
