@@ -103,23 +103,15 @@ def prepare_retry(layout: ProjectLayout, task: Task) -> Task:
     return task.model_copy(update={"workspace": layout.relative(folder)})
 
 
-AttemptKey = tuple[str, str, str, int, str]
-"""An attempt's folder as :class:`RetryFolders` makes it ahead: (plan, fork, step, attempt, base commit)."""
-
-
 class RetryFolders:
     """:func:`prepare_retry` for one project that checks retries out ahead of the fork lock, in the
     background and several at once (a :class:`conductor.handoff.reaper.BatchPreparer`: a checkout is slow
     work, and after a crash a reap re-queues many tasks, each needing one, while the re-queues themselves
     mostly wait for the disk).
 
-    The engine uses it too, for the first steps of its forks (:meth:`prefetch_folders`, :meth:`place`):
-    each fork's first checkout costs what ``git worktree add`` costs, and made one after the other they
-    added up.
-
     A folder made ahead is built in a private folder ``scratch/plan_P/fork_F/.tmp.ahead.<pid>.<hex>/``
-    under its final name (so its agent branch is named right), and renamed into place only when its task
-    is published (a retry under the fork lock) and its name is still free: a folder another process made or
+    under its final name (so its agent branch is named right), and renamed into place only under the
+    fork lock, when its retry is published and its name is still free: a folder another process made or
     uses is never touched. What is not used is removed by :meth:`discard`, or, after a crash, by
     recovery's temp sweep (the private folder's name carries the pid).
     """
@@ -131,53 +123,37 @@ class RetryFolders:
         # 2 threads, 0.91-1.06 s with 1).
         self.threads = threads or min(4, max(1, os.cpu_count() or 2))
         # (plan, fork, step, attempt, base) -> the checkout being made: its folder, or None if it failed
-        self._pending: dict[AttemptKey, Future[Path | None]] = {}
+        self._pending: dict[tuple[str, str, str, int, str], Future[Path | None]] = {}
         self._private: list[Path] = []
         self._unsynced: set[Path] = set()  # folders whose new entries are not fsynced yet
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, task: Task) -> Task:
-        target = self.place(_retry_key(task))
-        if target is not None:
-            # (target is built from the layout's root: no symlink to resolve, unlike layout.relative)
-            return task.model_copy(update={"workspace": target.relative_to(self.layout.root).as_posix()})
+        made = self.wait(task)
+        self._pending.pop(_retry_key(task), None)
+        if made is not None:
+            target = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
+            if not target.exists() and not index_file(target).exists():
+                os.rename(index_file(made), index_file(target))
+                os.rename(made, target)
+                self._unsynced.add(target.parent)  # fsynced once for the batch, by sync()
+                # (target is built from the layout's root: no symlink to resolve, unlike layout.relative)
+                return task.model_copy(update={"workspace": target.relative_to(self.layout.root).as_posix()})
+            remove_folder(made)
         return prepare_retry(self.layout, task)
 
     def prefetch(self, tasks: list[Task]) -> None:
         """Start checking out the folder of each retry (``attempt`` already incremented) at its base, in
         the background; returns at once. A checkout that fails is left to :meth:`__call__`, which makes
         it again and reports the error."""
-        self.prefetch_folders([_retry_key(task) for task in tasks])
-
-    def prefetch_folders(self, keys: list[AttemptKey]) -> None:
-        """Start checking out the folder of each attempt ``(plan, fork, step, attempt, base commit)`` in
-        the background; returns at once (see :meth:`place`)."""
-        wanted = [key for key in keys if key not in self._pending]
+        wanted = [task for task in tasks if _retry_key(task) not in self._pending]
         if not wanted:
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="conductor-ahead")
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="conductor-retry")
         store = state_store(self.layout)
-        for key in wanted:
-            self._pending[key] = self._pool.submit(self._make, store, key)
-
-    def place(self, key: AttemptKey) -> Path | None:
-        """Wait for the folder made ahead for ``key`` and rename it (with its stat cache) to its attempt's
-        name; that name's folder, or None when nothing was made ahead for ``key``, its checkout failed, or
-        the name is taken (the caller then prepares the folder itself). The rename is made durable by
-        :meth:`sync`."""
-        future = self._pending.pop(key, None)
-        made = None if future is None else future.result()
-        if made is None:
-            return None
-        target = self.layout.scratch_dir(*key[:4])
-        if target.exists() or index_file(target).exists():
-            remove_folder(made)
-            return None
-        os.rename(index_file(made), index_file(target))
-        os.rename(made, target)
-        self._unsynced.add(target.parent)  # fsynced once for a batch, by sync()
-        return target
+        for task in wanted:
+            self._pending[_retry_key(task)] = self._pool.submit(self._make, store, task)
 
     def wait(self, task: Task) -> Path | None:
         """Wait until the checkout made ahead for ``task`` (if any) is done; its folder, or None."""
@@ -200,20 +176,20 @@ class RetryFolders:
             shutil.rmtree(private, ignore_errors=True)
         self._private.clear()
 
-    def _make(self, store: StateStore, key: AttemptKey) -> Path | None:
-        target = self.layout.scratch_dir(*key[:4])
+    def _make(self, store: StateStore, task: Task) -> Path | None:
+        target = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
         target.parent.mkdir(parents=True, exist_ok=True)
         private = target.parent / f"{TEMP_PREFIX}ahead.{os.getpid()}.{secrets.token_hex(4)}"
         private.mkdir()
         self._private.append(private)
         try:
-            materialize(store, key[4], private / target.name, durable=False)  # made durable when used
+            materialize(store, task.base_commit, private / target.name, durable=False)  # made durable when used
         except (ConductorError, OSError):
             return None
         return private / target.name
 
 
-def _retry_key(task: Task) -> AttemptKey:
+def _retry_key(task: Task) -> tuple[str, str, str, int, str]:
     return task.plan_id, task.fork_id, task.task_id, task.attempt, task.base_commit
 
 

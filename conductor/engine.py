@@ -174,7 +174,6 @@ class Engine:
         self._inflight: dict[tuple[str, str], Future] = {}
         self._runners: dict[str, StepRunner] = {}
         self._pool = ThreadPoolExecutor(max_workers=config.executor.parallel, thread_name_prefix="conductor-exec")
-        self._ahead = RetryFolders(layout)  # first steps' folders, checked out in the background by run()
         self._wake: Callable[[], None] = lambda: None
         self.signer = signer
         self._checkpointed: dict[Path, int] = {}  # log -> its size in bytes when last checkpointed
@@ -310,11 +309,7 @@ class Engine:
         if confidence.level == "low" and self.options.auto_approve and not view.has("approval.granted", step_id=step.step_id):
             view.append("approval.granted", {"step_id": step.step_id, "by": "--auto-approve"})
         base = view.head
-        folder = self._ahead.place((self.plan.plan_id, view.spec.fork_id, step.step_id, 1, base))
-        if folder is not None:
-            self._ahead.sync()  # its rename is durable before the task that names it is published
-        else:
-            folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, 1, base)
+        folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, 1, base)
         task = self._new_task(view, step, policy, confidence, attempt=1, base=base, folder=folder)
         sealed = publish_task(view.fork, task)
         crash_point("publish.before_event")
@@ -556,7 +551,6 @@ class Engine:
         stop = stop or threading.Event()
         ensure_forks(self.layout, self.plan)
         try:
-            self._check_out_ahead()
             with FolderWatcher([self.layout.plan_dir(self.plan.plan_id)]) as watcher:
                 self._wake = watcher.notify
                 while True:
@@ -569,20 +563,6 @@ class Engine:
                     watcher.wait(self.config.executor.poll_seconds)
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._ahead.discard()
-
-    def _check_out_ahead(self) -> None:
-        """Start checking out the folders of the steps each new fork publishes first, all at once in the
-        background (each costs what ``git worktree add`` costs; made one after the other as each fork came
-        to publish, they added up). :meth:`_publish` takes them; what it does not take goes at the end."""
-        keys = []
-        for spec in self.plan.forks:
-            view = _ForkView(self.layout, self.plan, spec)
-            if view.has("task.published"):
-                continue  # a resumed fork: its next folders are recycled or reset
-            keys += [(self.plan.plan_id, spec.fork_id, step.step_id, 1, view.head) for step in spec.steps
-                     if not step.depends_on and step.step_id not in view.reused and view.fork.find_task(step.step_id) is None]
-        self._ahead.prefetch_folders(keys)
 
     def _halt_report(self, states: dict[str, dict[str, str]]) -> RunReport | None:
         # After a pass, a WAITING step waits on a dependency that is active or awaiting approval: only

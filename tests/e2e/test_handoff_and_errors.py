@@ -92,8 +92,6 @@ def test_low_confidence_step_waits_for_approval_then_resumes(tmp_path: Path) -> 
     report = json.loads(run.stdout)
     assert report["awaiting_approval"] == [{"fork_id": "1", "step_id": "step_001"}]
     assert (root / "calc.py").read_text() != FIXED_CALC
-    # the folder checked out ahead for the step is gone with the run that did not publish it
-    assert not list((root / ".conductor" / "scratch").rglob(".tmp.ahead.*"))
 
     assert conductor(root, "resume", *args).returncode == Halted.exit_code  # still waiting
     approve = conductor(root, "approve", "step_001")
