@@ -53,7 +53,7 @@ def task_workspace(layout: ProjectLayout, task: Task) -> Path:
     Raises:
         UnsafePath: the task points its executor anywhere else, or the folder is missing.
     """
-    scratch_root = (layout.conductor_dir / "scratch").resolve()
+    scratch_root = layout.scratch_root.resolve()
     workspace = (layout.root / task.workspace).resolve()
     if not workspace.is_relative_to(scratch_root) or not workspace.is_dir():
         raise UnsafePath(f"{task.task_id}: workspace {task.workspace!r} is not an attempt folder under .conductor/scratch")

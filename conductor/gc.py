@@ -43,12 +43,12 @@ def collect_garbage(layout: ProjectLayout) -> GcReport:
     Raises:
         GitError: git failed on the store.
     """
-    scratch = layout.conductor_dir / "scratch"
+    scratch = layout.scratch_root
     store = state_store(layout)
     report = GcReport(store_bytes_before=disk_usage(store.dir), scratch_bytes_before=disk_usage(scratch))
     for plan_id in layout.plan_ids():
         _pin_recorded_commits(layout, store, plan_id)
-        if not (scratch / f"plan_{plan_id}").exists():
+        if not layout.plan_scratch_dir(plan_id).exists():
             continue
         if any(e.type == "plan.finished" for e in AuditLog(layout.plan_dir(plan_id) / "audit.log").events()):
             report.folders_removed += remove_plan_workspaces(layout, plan_id)

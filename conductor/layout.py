@@ -138,9 +138,14 @@ class ProjectLayout:
             dir=self.plan_dir(plan_id) / f"fork_{fork_id}",
         )
 
+    @property
+    def scratch_root(self) -> Path:
+        """``scratch/``: every plan's attempt folders; nothing else may be an executor's workspace."""
+        return self.conductor_dir / "scratch"
+
     def plan_scratch_dir(self, plan_id: str) -> Path:
         """``scratch/plan_<plan>/``: every attempt folder of a plan (removed when it finishes)."""
-        return self.conductor_dir / "scratch" / f"plan_{plan_id}"
+        return self.scratch_root / f"plan_{plan_id}"
 
     def fork_scratch_dir(self, plan_id: str, fork_id: str) -> Path:
         """``scratch/plan_<plan>/fork_<fork>/``: a fork's attempt folders, their stat caches, the folders made

@@ -427,8 +427,7 @@ def _run_checks(layout: ProjectLayout, task: Any, environ: Mapping[str, str]) ->
     sandbox = for_step(writable=(workspace,), keys_dir=layout.keys_dir, environ=os.environ,
                        mode=task.extra.get("sandbox_mode", "auto"), network=bool(task.extra.get("network", False)))
     # An attempt folder's commands get their TMPDIR beside it, where recovery's sweep removes what a kill leaves.
-    scratch = (layout.conductor_dir / "scratch").resolve()
-    temp_parent = workspace.parent if workspace.resolve().is_relative_to(scratch) else None
+    temp_parent = workspace.parent if workspace.resolve().is_relative_to(layout.scratch_root.resolve()) else None
     evidence = run_verification(list(config.verification.commands), workspace, timeout_seconds=timeout,
                                 sandbox=sandbox, env_names=config.executor.env, temp_parent=temp_parent)
     return {"ref": task.ref, "passed": all_passed(evidence),

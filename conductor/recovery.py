@@ -302,7 +302,7 @@ class _Recovery:
         """Pass 2 over ``.conductor/`` (every plan folder, checkpoints, recordings, keys...); attempt
         folders have their own sweep, and ``.conductor/git`` is git's (it cleans its own temp objects)."""
         conductor = self.layout.conductor_dir
-        skip = {conductor / "git", conductor / "scratch", conductor / "checkouts"} | self.swept
+        skip = {conductor / "git", self.layout.scratch_root, conductor / "checkouts"} | self.swept
         self.sweep(conductor, log, recursive=True, may_descend=lambda path: path not in skip)
         self.sweep(conductor / "git" / "info", log)  # the exclude file Conductor writes there (fsutil)
 

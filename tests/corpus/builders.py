@@ -147,14 +147,16 @@ def verify(
     merged: MergedPolicy | None = None,
     level: str = "high",
     ignore: list[str] | None = None,
+    commands: tuple[str, ...] = (),
 ) -> Verdict:
     """Conductor's check of the completed task, as the engine runs it (an accepted step moves the fork's
-    state: its ``step.merged`` event is logged, as the engine logs it)."""
+    state: its ``step.merged`` event is logged, as the engine logs it); ``commands`` are the verification
+    commands."""
     verdict = verify_step(
         handoff.layout, handoff.fork, claimed.task.task_id,
         published_checksum=claimed.task.checksum, published_attempt=claimed.task.attempt,
         policy=merged or policy(), confidence_level=level,
-        settings=VerifySettings(commands=[], timeout_seconds=30, ignore=ignore or []),
+        settings=VerifySettings(commands=list(commands), timeout_seconds=30, ignore=ignore or []),
         head_commit=handoff.head,
     )
     if verdict.accepted:

@@ -13,15 +13,13 @@ import pytest
 
 from conductor import sandbox
 from conductor.attempts import attempt_changes, state_store
-from conductor.audit import AuditLog
 from conductor.executors.base import execute_claim
 from conductor.executors.command import CommandRunner
 from conductor.handoff.lease import Claim, claim_task
-from conductor.verifier import VerifySettings, verify_step
 from conductor.workspace import sealed
 from conductor.workspace.checkout import index_file
 from conductor.workspace.git import Git
-from tests.corpus.builders import HOLDER, policy
+from tests.corpus.builders import HOLDER, verify
 from tests.handoff.support import Handoff, make_handoff
 
 if sandbox.availability() is not None:
@@ -54,19 +52,6 @@ def run(handoff: Handoff, task_id: str, command: str, *, mode: str) -> Claim:
     return claim
 
 
-def verify(handoff: Handoff, claim: Claim, commands: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
-    """The engine's check of the completed task; an accepted step moves the fork's state, as in the engine."""
-    verdict = verify_step(handoff.layout, handoff.fork, claim.task.task_id, published_checksum=claim.task.checksum,
-                          published_attempt=claim.task.attempt, policy=policy(), confidence_level="high",
-                          settings=VerifySettings(commands=list(commands), timeout_seconds=60, ignore=IGNORE),
-                          head_commit=handoff.head)
-    if verdict.accepted:
-        AuditLog(handoff.fork.audit_log).append("step.merged", {
-            "step_id": verdict.task_id, "attempt": verdict.attempt, "commit": verdict.commit,
-            "files": [c.path for c in verdict.files_changed]})
-    return verdict
-
-
 def git_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     calls: list[list[str]] = []
     real = Git.run
@@ -91,7 +76,7 @@ def test_a_contained_runs_capture_serves_the_verifier_and_the_next_reset(handoff
     inode = os.stat(folder).st_ino
     calls = git_calls(monkeypatch)
 
-    verdict = verify(handoff, claim)
+    verdict = verify(handoff, claim, ignore=IGNORE)
 
     assert verdict.accepted and [c.path for c in verdict.files_changed] == ["README.md"]
     assert stat_passes(calls) == []  # the seal stood in for a second look at the folder
@@ -126,7 +111,7 @@ def test_a_process_left_behind_by_an_uncontained_executor_is_seen(handoff: Hando
         time.sleep(0.02)
     assert sealed.sealed_tree(folder, state_store(handoff.layout).exclude_file(IGNORE)) is None
 
-    verdict = verify(handoff, claim)
+    verdict = verify(handoff, claim, ignore=IGNORE)
 
     assert sorted(c.path for c in verdict.files_changed) == ["README.md", "late.txt"]
     assert not verdict.accepted  # late.txt is not among the step's allowed files
@@ -137,7 +122,7 @@ def test_in_the_sandbox_nothing_outlives_the_command_so_the_seal_holds(handoff: 
     flag.touch()
     time.sleep(0.5)  # ample for a live process (it polls every 0.02 s): the pid namespace took it down
 
-    verdict = verify(handoff, claim)
+    verdict = verify(handoff, claim, ignore=IGNORE)
 
     assert not Path(f"{flag}.done").exists() and not (handoff.scratch("step_001") / "late.txt").exists()
     assert verdict.accepted and [c.path for c in verdict.files_changed] == ["README.md"]
@@ -145,7 +130,7 @@ def test_in_the_sandbox_nothing_outlives_the_command_so_the_seal_holds(handoff: 
 
 def test_a_verification_command_ends_the_seal(handoff: Handoff, monkeypatch) -> None:
     claim = run(handoff, "step_001", "echo one > README.md", mode="required")
-    verdict = verify(handoff, claim, commands=("echo tampered >> README.md",))
+    verdict = verify(handoff, claim, ignore=IGNORE, commands=("echo tampered >> README.md",))
     assert verdict.accepted and verdict.verification[0].exit_code == 0
     calls = git_calls(monkeypatch)
 
