@@ -35,6 +35,7 @@ from functools import cache
 from pathlib import Path
 
 from conductor.sandbox import SandboxSpec, reports_status, wrap
+from conductor.seccomp import no_links_filter
 from conductor.errors import ExecutorError
 
 DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
@@ -144,20 +145,28 @@ def run_command(
     argv = _argv(command, shell)
     wrapped = None
     namespace: _Namespace | None = None
+    no_links: int | None = None
     if sandbox is not None:
         wrapped = wrap(argv, sandbox, cwd=cwd)
         argv = wrapped.argv
+        if wrapped.sandboxed and (program := no_links_filter()) is not None:
+            # Every sandboxed command runs without hard links: the change feed relies on it (seccomp.py).
+            no_links = _memory_file(program)
+            argv = [argv[0], "--seccomp", str(no_links), *argv[1:]]
         if wrapped.sandboxed and "--unshare-pid" in argv and reports_status():
             namespace = _Namespace()
             argv = [argv[0], "--json-status-fd", str(namespace.write_fd), *argv[1:]]
     run: _Run | None = None
+    fds = tuple(fd for fd in (namespace.write_fd if namespace is not None else None, no_links) if fd is not None)
     try:
-        proc = _spawn(argv, cwd=cwd, env=env, feed=stdin is not None,
-                      pass_fds=(namespace.write_fd,) if namespace is not None else ())
+        proc = _spawn(argv, cwd=cwd, env=env, feed=stdin is not None, pass_fds=fds)
     except BaseException:
         if namespace is not None:
             namespace.close()
         raise
+    finally:
+        if no_links is not None:
+            os.close(no_links)  # bwrap has its own copy (or the spawn failed)
     started = time.monotonic()
     try:
         if namespace is not None:
@@ -191,6 +200,18 @@ def run_command(
         sandboxed=wrapped is not None and wrapped.sandboxed,
         contained=contained,
     )
+
+
+def _memory_file(data: bytes) -> int:
+    """An in-memory file (memfd) holding ``data``, rewound, to pass to a child by its number."""
+    fd = os.memfd_create("conductor-seccomp", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _argv(command: str | Sequence[str], shell: bool | None) -> list[str]:

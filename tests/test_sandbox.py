@@ -136,3 +136,17 @@ def test_mode_off_runs_as_it_is_and_required_refuses_without_a_sandbox(place, mo
         assert not auto.sandboxed and "not installed" in auto.reason
     finally:
         sandbox.availability.cache_clear()
+
+
+def test_no_second_name_for_a_file_can_be_made_but_git_still_commits(place) -> None:  # type: ignore[no-untyped-def]
+    # A hard link would let a command rewrite a file unseen by the change feed (conductor/seccomp.py).
+    (place["workspace"] / "a.txt").write_text("a\n")
+    outcome = run(place, "ln a.txt b.txt; echo ln=$?; "
+                         "python3 -c \"import os; os.link('a.txt', 'c.txt')\" 2>&1 | tail -1; "
+                         "git init -q repo && cd repo && echo x > f && git add f && "
+                         "git -c user.name=t -c user.email=t@t commit -qm x && git clone -q . ../copy && echo committed")
+    assert outcome.exit_code == 0, outcome.output
+    assert b"ln=1" in outcome.output and b"[Errno 18] Invalid cross-device link" in outcome.output
+    assert b"committed" in outcome.output  # git falls back from link() to rename(), and clone to copying
+    assert sorted(p.name for p in place["workspace"].iterdir()) == ["a.txt", "copy", "repo"]
+    assert os.stat(place["workspace"] / "a.txt").st_nlink == 1
