@@ -28,7 +28,7 @@ from conductor.fsutil import TEMP_PREFIX, fsync_dir
 from conductor.handoff.documents import read_document
 from conductor.layout import RESULT_SUFFIX, VERDICT_SUFFIX, ForkLayout, ProjectLayout
 from conductor.models import FileChange, Result, Task
-from conductor.workspace import sealed
+from conductor.workspace import feed, sealed
 from conductor.workspace.checkout import capture, index_file, materialize, remove_folder, reset
 from conductor.workspace.store import StateStore
 
@@ -74,6 +74,7 @@ def prepare_workspace(layout: ProjectLayout, plan_id: str, fork_id: str, step_id
     target = layout.scratch_dir(plan_id, fork_id, step_id, attempt)
     if target.is_dir() and index_file(target).is_file():
         sealed.forget(target)
+        feed.drop(target)
         reset(store, target, base_commit)
         return target
     remove_folder(target)
@@ -84,9 +85,11 @@ def prepare_workspace(layout: ProjectLayout, plan_id: str, fork_id: str, step_id
         except FileNotFoundError:  # another process recycled it first
             continue
         os.replace(index_file(idle), index_file(target))
-        reset(store, target, base_commit, holds=holds)
+        reset(store, target, base_commit, holds=holds, only=feed.changes(target))
+        feed.rearm(target)
         return target
     materialize(store, base_commit, target)
+    feed.start(target)
     return target
 
 
@@ -214,9 +217,11 @@ def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ig
     """
     store = state_store(layout)
     excludes = store.exclude_file(ignore)
+    if seal:
+        feed.vouch(workspace, True)
     tree = sealed.sealed_tree(workspace, excludes)
     if tree is None:
-        tree = capture(store, workspace, excludes=excludes)
+        tree = capture(store, workspace, excludes=excludes, only=feed.changes(workspace) if seal else None)
         if seal:
             sealed.seal(workspace, excludes, tree)
     return tree, store.changes(store.tree_of(base_commit), tree)

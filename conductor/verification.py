@@ -15,6 +15,7 @@ from conductor.models import CommandEvidence
 from conductor.proc import run_command
 from conductor.redact import launch_environment, redact
 from conductor.sandbox import SandboxSpec
+from conductor.workspace import feed
 from conductor.workspace.sealed import forget
 
 OUTPUT_TAIL_CHARS = 4000
@@ -72,14 +73,19 @@ def run_verification(
 
 def _run_one(command: str, cwd: Path, env: dict[str, str], timeout_seconds: float,
              sandbox: SandboxSpec | None, temp_parent: Path | None) -> CommandEvidence:
+    contained = False
     try:
         with private_temp_dir(temp_parent) as private_tmp:
             spec = None if sandbox is None else replace(sandbox, writable=(*sandbox.writable, private_tmp))
             outcome = run_command(command, cwd=cwd, env={**env, "TMPDIR": str(private_tmp)},
                                   timeout_seconds=timeout_seconds, shell=True, sandbox=spec)
+            contained = outcome.contained
     except ExecutorError as exc:
         message = str(exc).encode("utf-8")
         return _evidence(command, None, 0.0, False, sha256_hex(message), message)
+    finally:
+        if not contained:
+            feed.drop(cwd)  # something it started may still write there unseen (conductor.workspace.feed)
     return _evidence(
         command, outcome.exit_code, outcome.duration_seconds, outcome.timed_out, outcome.output_sha256, outcome.output,
         sandboxed=outcome.sandboxed,

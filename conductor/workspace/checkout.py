@@ -19,12 +19,13 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from conductor.errors import GitError, UnsafePath
 from conductor.fsutil import fsync_dir, temp_path
 from conductor.paths import is_dotgit
-from conductor.workspace.git import join_z, split_z
+from conductor.workspace.git import Git, join_z, split_z
 from conductor.workspace.store import StateStore
 
 INDEX_SUFFIX = ".index"
@@ -42,6 +43,10 @@ AGENT_CONFIG = """[core]
 def index_file(folder: Path) -> Path:
     """The stat cache of ``folder``: ``<folder>.index`` beside it."""
     return folder.parent / f"{folder.name}{INDEX_SUFFIX}"
+
+
+MAX_TOLD = 64
+"""Paths from a change feed that git is told about at most (see :func:`_told`)."""
 
 
 def materialize(store: StateStore, commit: str, folder: Path, *, keep_index: bool = True, durable: bool = True) -> None:
@@ -103,7 +108,8 @@ def _unsmudge(store: StateStore, folder: Path, index: Path) -> None:
     store.git.run(["update-index", "-q", "--refresh"], work_tree=folder, index=index, ok_codes=(0, 1))
 
 
-def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = None) -> None:
+def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = None,
+          only: Sequence[str] | None = None) -> None:
     """Make ``folder`` hold exactly ``commit``: whatever else is there goes (untracked and ignored files,
     folders, nested repositories), changed files are restored, and only the paths that differ between
     the folder's last tree and ``commit`` are rewritten.
@@ -112,6 +118,8 @@ def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = N
         holds: the tree the folder's tracked files are known to hold, exactly as its stat cache records
             them (a sealed capture, :mod:`conductor.workspace.sealed`): their stat pass is skipped, and
             only what is untracked is looked for and removed.
+        only: the only paths (a folder standing for everything below it) that can differ from the stat
+            cache, as a change feed tells them (:mod:`conductor.workspace.feed`); git looks at those only.
 
     Raises:
         FileNotFoundError: ``folder`` has no stat cache (use :func:`materialize`).
@@ -126,15 +134,21 @@ def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = N
     # checking racily clean ones), -d the deleted ones, -o --directory what is untracked (an untracked
     # folder as "dir/"); -t tags each: "C " changed, "R " removed, "? " other. Known contents: -o only.
     dirty, other = set(), []
-    look = ["-o", "--directory"] if holds is not None else ["-m", "-d", "-o", "--directory"]
-    for item in split_z(git.run(["ls-files", "-z", "-t", *look], work_tree=folder, index=index)):
-        tag, path = item[:2], item[2:]
-        if tag == "? ":
-            other.append(path)
-        elif tag in ("C ", "R "):
-            dirty.add(path)
-        else:
-            raise GitError(f"git ls-files -t in {folder}: unexpected tag {tag!r} for {path!r}")
+    told = _told(git, folder, index, only, untracked=["-t", "-o", "--directory"]) if only is not None else None
+    if told is not None:  # from a change feed: the paths it names, and only those
+        tracked, untracked = told
+        other = [item[2:] for item in untracked]
+        dirty = set() if holds is not None else set(tracked)
+    else:
+        look = ["-o", "--directory"] if holds is not None else ["-m", "-d", "-o", "--directory"]
+        for item in split_z(git.run(["ls-files", "-z", "-t", *look], work_tree=folder, index=index)):
+            tag, path = item[:2], item[2:]
+            if tag == "? ":
+                other.append(path)
+            elif tag in ("C ", "R "):
+                dirty.add(path)
+            else:
+                raise GitError(f"git ls-files -t in {folder}: unexpected tag {tag!r} for {path!r}")
     for path in other:
         _remove_entry(folder / path.rstrip("/"))
     if dirty:
@@ -146,13 +160,14 @@ def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = N
     init_agent_git(store, folder, commit, index)
 
 
-def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
+def capture(store: StateStore, folder: Path, *, excludes: Path, only: Sequence[str] | None = None) -> str:
     """The tree of ``folder`` as it is now: every file and symlink except ``.git`` and paths matching the
     patterns in ``excludes`` (``workspace.ignore``), stored in the store. The stat cache is refreshed.
 
     Args:
         excludes: a gitignore-style pattern file (``StateStore.exclude_file``). The folder's own
             ``.gitignore`` files are *not* honoured: an executor cannot hide a change by ignoring it.
+        only: the only paths that can differ from the stat cache, from a change feed (see :func:`reset`).
 
     Returns:
         The tree id.
@@ -170,8 +185,12 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
     # that is racily clean, is compared by content (a same-size, same-mtime rewrite is seen); a deleted
     # entry is listed too; -o adds the untracked files (a nested repository as "path/"). The index is only
     # read here, so its mtime — the racy-git reference — is untouched.
-    changed = sorted(set(split_z(git.run(["ls-files", "-z", "-m", "-o", f"--exclude-from={excludes}"],
-                                         work_tree=folder, index=index))))
+    told = _told(git, folder, index, only, untracked=["-o", f"--exclude-from={excludes}"]) if only is not None else None
+    if told is not None:  # from a change feed: what it names, changed or not (update-index skips the unchanged)
+        changed = sorted({*told[0], *told[1]})
+    else:
+        changed = sorted(set(split_z(git.run(["ls-files", "-z", "-m", "-o", f"--exclude-from={excludes}"],
+                                             work_tree=folder, index=index))))
     # Entries that go (deleted, now a folder, or behind what is now a symlink or a file) are removed first,
     # whatever is at their path: a file or link that replaced a folder ("pkg" for "pkg/b.py"), or the
     # reverse, must not meet the old entry in the index (git refuses a path "beyond a symbolic link").
@@ -198,6 +217,36 @@ def capture(store: StateStore, folder: Path, *, excludes: Path) -> str:
         return tree
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
+          untracked: list[str]) -> tuple[list[str], list[str]] | None:
+    """What a change feed's paths ``only`` hold: ``(tracked, untracked)``, or None if it cannot be told
+    (the caller then makes the full pass).
+
+    ``tracked``: the paths among ``only`` that the folder's last tree has as a file, link or submodule
+    (found in that tree, not by reading the 4 MB index at 50,000 files). A tracked path under a named
+    folder is named itself: the folders the feed watches report each file's change. ``untracked``: what
+    ``git ls-files <untracked> -- <only>`` lists below the paths, which git reads alone.
+
+    git's pathspec matching costs (index entries × pathspecs), so past :data:`MAX_TOLD` paths the full
+    pass is cheaper.
+    """
+    held = cached_tree(index)
+    if held is None or len(only) > MAX_TOLD or any("\n" in path for path in only):
+        return None
+    if not only:
+        return [], []
+    answers = git.run(["cat-file", "--batch-check=%(objecttype)"],
+                      input="".join(f"{held}:{path}\n" for path in only).encode("utf-8", "surrogateescape"))
+    kinds = answers.decode("utf-8", "replace").splitlines()
+    if len(kinds) != len(only):
+        raise GitError(f"git cat-file --batch-check: {len(kinds)} answers for {len(only)} paths")
+    tracked = [path for path, kind in zip(only, kinds, strict=True) if kind in ("blob", "commit")]
+    # Literal: a feed's path is a name, never a pattern (gitglossary(7), "pathspec magic").
+    listed = git.run(["ls-files", "-z", *untracked, "--", *(f":(literal){path}" for path in only)],
+                     work_tree=folder, index=index)
+    return tracked, split_z(listed)
 
 
 def cached_tree(index: Path) -> str | None:
@@ -310,6 +359,9 @@ def _write_new(path: Path, text: str) -> None:
 
 def remove_folder(folder: Path) -> None:
     """Remove a checked-out folder and its stat cache (never following symlinks)."""
+    from conductor.workspace import feed  # feed imports nothing of this module; checkout stays importable alone
+
+    feed.drop(folder)
     _remove_entry(folder)
     index_file(folder).unlink(missing_ok=True)
 

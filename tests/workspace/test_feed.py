@@ -1,0 +1,180 @@
+"""The change feed tells git which paths a contained command wrote, and its answer is what a full stat
+pass finds, whatever the command does to hide a write: a same-size edit with its mtime put back, a write
+through a memory map after the file was closed, a second name for a file, a renamed folder, more events
+than the kernel queues, a nested repository. A run it cannot vouch for ends the feed. Real bubblewrap,
+real processes, real inotify (CI installs bubblewrap and sets CONDUCTOR_TEST_REQUIRE_SANDBOX=1)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conductor import sandbox
+from conductor.attempts import state_store
+from conductor.errors import UnsafePath
+from conductor.executors.base import execute_claim
+from conductor.executors.command import CommandRunner
+from conductor.handoff.lease import Claim, claim_task
+from conductor.workspace import feed, sealed
+from conductor.workspace.checkout import capture
+from tests.handoff.support import Handoff, make_handoff
+from tests.corpus.builders import HOLDER, verify
+from tests.workspace.test_sealed import git_calls, stat_passes
+
+if sandbox.availability() is not None or not feed.available():
+    if os.environ.get("CONDUCTOR_TEST_REQUIRE_SANDBOX") == "1":
+        raise RuntimeError(f"CONDUCTOR_TEST_REQUIRE_SANDBOX=1 but {sandbox.availability() or 'no change feed here'}")
+    pytest.skip("no sandbox or no change feed here", allow_module_level=True)
+
+IGNORE = ["__pycache__/"]
+FILES = {"README.md": "hello\n", "src/app.py": "print('app')\n", "src/lib/util.py": "X = 1\n", "docs/a.txt": "a\n"}
+
+
+@pytest.fixture
+def handoff(tmp_path: Path) -> Handoff:
+    return make_handoff(tmp_path / "project", steps=2, files=FILES,
+                        allowed_files=("README.md", "src/**", "docs/**", "new/**", "moved/**", "f*", "g*"))
+
+
+def run(handoff: Handoff, command: str, *, mode: str = "required", task_id: str = "step_001",
+        status: str = "completed", error: str = "", publish: bool = True) -> tuple[Path, Claim]:
+    """Publish ``task_id`` (unless it is) and run ``command`` on it in this process, as the engine's own
+    executor does: the attempt's folder and the claim."""
+    if publish:
+        handoff.publish(task_id, sandbox_mode=mode)
+    claim = claim_task(handoff.fork, task_id, holder=HOLDER, lease_seconds=60)
+    assert claim is not None
+    result = execute_claim(handoff.layout, claim, CommandRunner(command, layout=handoff.layout), ignore=IGNORE,
+                           lease_seconds=60, heartbeat_seconds=20)
+    assert result is not None and result.status == status, result
+    assert error in (result.error.message if result.error else ""), result
+    return handoff.scratch(task_id), claim
+
+
+def captures(handoff: Handoff, folder: Path) -> tuple[str | None, str]:
+    """What the run's capture found (sealed right after it), and what a full stat pass finds now."""
+    store = state_store(handoff.layout)
+    excludes = store.exclude_file(IGNORE)
+    return sealed.sealed_tree(folder, excludes), capture(store, folder, excludes=excludes)
+
+
+def recycle(handoff: Handoff, claim: Claim) -> Path:
+    """Verify the claimed attempt (its folder is then idle) and publish step_002, which recycles the folder."""
+    verdict = verify(handoff, claim, ignore=IGNORE)
+    task = handoff.publish("step_002", sandbox_mode="required")
+    folder = handoff.root / task.workspace
+    # Exactly the new base (which holds step_001's change if it was accepted), as a full pass sees it.
+    store = state_store(handoff.layout)
+    assert capture(store, folder, excludes=store.exclude_file([])) == store.tree_of(task.base_commit)
+    assert task.base_commit == (verdict.commit if verdict.accepted else claim.task.base_commit)
+    return folder
+
+
+def listings(calls: list[list[str]]) -> list[list[str]]:
+    return [args for args in calls if args[0] == "ls-files"]
+
+
+def test_git_looks_only_at_what_the_command_wrote_and_finds_what_a_full_pass_finds(handoff, monkeypatch) -> None:
+    calls = git_calls(monkeypatch)
+    folder, claim = run(handoff, "echo two >> README.md && mkdir -p new/deep && echo n > new/deep/n.py && rm docs/a.txt"
+                          " && mkdir __pycache__ && echo c > __pycache__/x.pyc")
+
+    assert listings(calls)[-1][-5:] == ["--", ":(literal)README.md", ":(literal)__pycache__", ":(literal)docs/a.txt",
+                                        ":(literal)new"]  # the capture's one look
+    assert sealed.sealed_tree(folder, state_store(handoff.layout).exclude_file(IGNORE)) is not None
+    calls.clear()
+
+    second = recycle(handoff, claim)  # the verifier reuses the seal; the reset, too, looks only there
+
+    assert stat_passes(calls)[:1] == [["ls-files", "-z", "-m", "-o", "--exclude-from=" + str(state_store(
+        handoff.layout).exclude_file([]))]]  # only recycle()'s own full look: the verifier used the seal
+    assert [args[5:] for args in listings(calls) if "-t" in args] == [
+        ["--", ":(literal)README.md", ":(literal)__pycache__", ":(literal)docs/a.txt", ":(literal)new"]]
+    assert (second / "README.md").read_text() == "hello\ntwo\n" and (second / "new/deep/n.py").is_file()
+
+
+def test_a_same_size_rewrite_with_its_mtime_put_back_is_seen(handoff) -> None:
+    folder, claim = run(handoff, "python3 -c \"import os; s = os.stat('src/app.py'); "
+                          "open('src/app.py', 'w').write(\\\"print('APP')\\n\\\"); "
+                          "os.utime('src/app.py', ns=(s.st_atime_ns, s.st_mtime_ns))\"")
+
+    told, full = captures(handoff, folder)
+
+    assert told == full and told is not None
+    store = state_store(handoff.layout)
+    assert [c.path for c in store.changes(store.tree_of(handoff.head), told)] == ["src/app.py"]
+
+
+def test_a_write_through_a_memory_map_after_close_is_seen(handoff) -> None:
+    folder, claim = run(handoff, "python3 -c \"import mmap, os; fd = os.open('src/lib/util.py', os.O_RDWR); "
+                          "m = mmap.mmap(fd, 6); os.close(fd); m[4:5] = b'9'; m.flush()\"")
+
+    told, full = captures(handoff, folder)
+
+    assert (folder / "src/lib/util.py").read_text() == "X = 9\n"
+    assert told == full and told is not None
+    store = state_store(handoff.layout)
+    assert [c.path for c in store.changes(store.tree_of(handoff.head), told)] == ["src/lib/util.py"]
+
+
+def test_a_second_name_for_a_file_cannot_be_made(handoff) -> None:
+    # The hidden write: a link in a new folder (whose files no watch covers yet), written, then removed.
+    folder, claim = run(handoff, "mkdir new; ln README.md new/alias; echo ln=$? > new/log; "
+                          "python3 -c \"import os; os.link('src/app.py', 'new/alias2')\" 2> new/py.log; "
+                          "echo hidden >> new/alias; rm -f new/alias new/alias2")
+
+    told, full = captures(handoff, folder)
+
+    assert (folder / "new/log").read_text() == "ln=1\n" and "Invalid cross-device link" in (folder / "new/py.log").read_text()
+    assert (folder / "README.md").read_text() == "hello\n" and (folder / "src/app.py").read_text() == "print('app')\n"
+    assert told == full
+
+
+def test_a_renamed_folder_makes_the_feed_lost_and_the_pass_full(handoff, monkeypatch) -> None:
+    calls = git_calls(monkeypatch)
+    folder, claim = run(handoff, "mv src moved && echo more >> moved/app.py")
+
+    assert "--" not in listings(calls)[-1]  # no pathspec: a full pass
+    told, full = captures(handoff, folder)
+    assert told == full
+
+    second = recycle(handoff, claim)  # rearmed: the whole tree is watched afresh
+
+    assert (second / "moved/app.py").read_text() == "print('app')\nmore\n" and not (second / "src").exists()
+    assert feed.changes(second) is None  # armed, not yet vouched for by a run
+    run(handoff, "echo again >> moved/lib/util.py", task_id="step_002", publish=False)
+    assert feed.changes(second) == ["moved/lib/util.py"]
+
+
+def test_more_events_than_the_kernel_queues_makes_the_pass_full(handoff, monkeypatch) -> None:
+    queued = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    rounds = queued // 4 + 100  # each round: two appends, each a modify and a close-write, never merged
+    calls = git_calls(monkeypatch)
+    folder, claim = run(handoff, f"i=0; while [ $i -lt {rounds} ]; do echo $i >> f1; echo $i >> g1; i=$((i+1)); done")
+
+    assert "--" not in listings(calls)[-1]
+    told, full = captures(handoff, folder)
+    assert told == full and feed.changes(folder) is None
+
+
+def test_a_nested_repository_is_refused_as_by_a_full_pass(handoff) -> None:
+    folder, claim = run(handoff, "mkdir -p src/inner && git init -q src/inner && echo x > src/inner/x", status="failed",
+                 error="nested git repository")
+
+    assert feed.changes(folder) == ["src/inner"]  # the capture looked there only, and refused it as a full pass does
+    with pytest.raises(UnsafePath, match="nested git repository"):
+        capture(state_store(handoff.layout), folder, excludes=state_store(handoff.layout).exclude_file(IGNORE))
+
+
+def test_an_uncontained_run_ends_the_feed(handoff, monkeypatch) -> None:
+    folder, claim = run(handoff, "echo two >> README.md", mode="off")
+    assert feed.changes(folder) is None
+    calls = git_calls(monkeypatch)
+
+    second = recycle(handoff, claim)
+
+    assert ["--" in args for args in listings(calls)][:2] == [False, False]  # the verifier and the reset: full passes
+    run(handoff, "echo three >> README.md", task_id="step_002", publish=False)
+    assert feed.changes(second) is None  # and the folder never gets a feed again
