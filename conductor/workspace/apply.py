@@ -10,7 +10,6 @@ the result lands in the working tree as uncommitted changes, for the user to rev
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import stat
@@ -23,7 +22,8 @@ from conductor.fsutil import TEMP_PREFIX, atomic_write, fsync_dir
 from conductor.layout import CONDUCTOR_DIR
 from conductor.models import FileChange
 from conductor.paths import check_relpath, resolve_inside
-from conductor.workspace.store import MODE_EXEC, MODE_FILE, MODE_LINK, StateStore, TreeEntry
+from conductor.workspace.store import MODE_EXEC, MODE_LINK, StateStore
+from conductor.workspace.trees import entry_on_disk
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def write_changes(store: StateStore, root: Path, plan: ApplyPlan) -> list[str]:
     todo, conflicts = [], []
     for path in paths:
         _check_target(root, path)
-        now = _entry_on_disk(root / path, fmt)
+        now = entry_on_disk(root / path, fmt)
         if now == after.get(path):
             continue
         if now != before.get(path):
@@ -81,28 +81,6 @@ def write_changes(store: StateStore, root: Path, plan: ApplyPlan) -> list[str]:
         entry = after[path]
         _write(root, path, blobs[entry.oid], entry.mode)
     return todo
-
-
-def blob_id(data: bytes, object_format: str = "sha1") -> str:
-    """The git object id of a blob with content ``data`` (git's ``hash-object``, no filters)."""
-    digest = hashlib.sha256 if object_format == "sha256" else hashlib.sha1
-    return digest(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _entry_on_disk(path: Path, object_format: str) -> TreeEntry | None:
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if stat.S_ISLNK(st.st_mode):
-        return TreeEntry(MODE_LINK, blob_id(os.fsencode(os.readlink(path)), object_format))
-    if not stat.S_ISREG(st.st_mode):
-        return TreeEntry("040000", "")  # a folder (or worse) where the tree has a file: never equal
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read()
-    mode = MODE_EXEC if st.st_mode & stat.S_IXUSR else MODE_FILE
-    return TreeEntry(mode, blob_id(data, object_format))
 
 
 def _check_target(root: Path, path: str) -> None:

@@ -18,7 +18,9 @@ import math
 import os
 import shutil
 import stat
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from conductor.errors import GitError, UnsafePath
 from conductor.fsutil import fsync_dir, temp_path
 from conductor.paths import is_dotgit
 from conductor.workspace.git import Git, join_z, split_z
-from conductor.workspace.store import StateStore
+from conductor.workspace.store import MODE_EXEC, MODE_FILE, MODE_LINK, StateStore, TreeEntry
+from conductor.workspace.trees import edit_tree, entry_on_disk
 
 INDEX_SUFFIX = ".index"
 AGENT_CONFIG = """[core]
@@ -136,7 +139,7 @@ def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = N
     dirty, other = set(), []
     told = _told(git, folder, index, only, untracked=["-t", "-o", "--directory"]) if only is not None else None
     if told is not None:  # from a change feed: the paths it names, and only those
-        tracked, untracked = told
+        _held, tracked, untracked = told
         other = [item[2:] for item in untracked]
         dirty = set() if holds is not None else set(tracked)
     else:
@@ -154,9 +157,11 @@ def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = N
     if dirty:
         git.run(["checkout-index", "-f", "-u", "-z", "--stdin"], work_tree=folder, index=index,
                 input=join_z(sorted(dirty)))
-    current = holds or cached_tree(index) or git.run(["write-tree"], index=index).decode().strip()
-    if current != store.tree_of(commit):  # a chain of steps: the folder often holds the next base already
+    current = holds or index_tree(index) or git.run(["write-tree"], index=index).decode().strip()
+    target = store.tree_of(commit)
+    if current != target:  # a chain of steps: the folder often holds the next base already
         git.run(["read-tree", "-m", "-u", current, commit], work_tree=folder, index=index)
+    remember_tree(index, target)
     init_agent_git(store, folder, commit, index)
 
 
@@ -187,7 +192,7 @@ def capture(store: StateStore, folder: Path, *, excludes: Path, only: Sequence[s
     # read here, so its mtime — the racy-git reference — is untouched.
     told = _told(git, folder, index, only, untracked=["-o", f"--exclude-from={excludes}"]) if only is not None else None
     if told is not None:  # from a change feed: what it names, changed or not (update-index skips the unchanged)
-        changed = sorted({*told[0], *told[1]})
+        changed = sorted({*told[1], *told[2]})
     else:
         changed = sorted(set(split_z(git.run(["ls-files", "-z", "-m", "-o", f"--exclude-from={excludes}"],
                                              work_tree=folder, index=index))))
@@ -196,8 +201,8 @@ def capture(store: StateStore, folder: Path, *, excludes: Path, only: Sequence[s
     # reverse, must not meet the old entry in the index (git refuses a path "beyond a symbolic link").
     gone = {path for path in changed if _check_capturable(folder, path)}
     going, coming = [p for p in changed if p in gone], [p for p in changed if p not in gone]
-    if not changed and (tree := cached_tree(index)) is not None:
-        return tree  # the folder is what the index says, and git recorded the index's tree
+    if not changed and (tree := index_tree(index)) is not None:
+        return tree  # the folder is what the index says, and the index's tree is known
     temp = temp_path(index)
     # copy2 keeps the index's mtime: git's racy-git check compares each entry's mtime with the index
     # file's own, and git compares whole seconds only (unless built with USE_NSEC). A copy stamped "now"
@@ -211,18 +216,65 @@ def capture(store: StateStore, folder: Path, *, excludes: Path, only: Sequence[s
         if coming:  # re-hashed, and their stat data refreshed in the cache
             git.run(["update-index", "-z", "--add", "--remove", "--stdin"], work_tree=folder, index=temp,
                     input=join_z(coming))
-        # write-tree also stores the tree in the index (its cache-tree), read by the next capture.
-        tree = git.run(["write-tree"], index=temp).decode().strip()
+        if told is not None:
+            # The changed paths are known: edit the last tree along them, instead of write-tree, which
+            # would rewrite the whole index again to keep the tree it built (trees.py).
+            fmt = store.object_format
+            updates = {path: None for path in going} | {path: _entry(folder, path, fmt) for path in coming}
+            tree = edit_tree(store, told[0], updates)
+        else:
+            # write-tree also stores the tree in the index (its cache-tree), read by the next capture.
+            tree = git.run(["write-tree"], index=temp).decode().strip()
         os.replace(temp, index)
+        remember_tree(index, tree)
         return tree
     finally:
         temp.unlink(missing_ok=True)
 
 
+_INDEX_TREES: OrderedDict[tuple[int, int], tuple[tuple[int, int], str]] = OrderedDict()
+_INDEX_TREES_LOCK = threading.Lock()
+
+
+def remember_tree(index: Path, tree: str) -> None:
+    """Remember that the stat cache ``index``, as it is now, holds ``tree`` (for :func:`index_tree`)."""
+    info = os.stat(index)
+    with _INDEX_TREES_LOCK:
+        _INDEX_TREES[(info.st_dev, info.st_ino)] = ((info.st_size, info.st_mtime_ns), tree)
+        _INDEX_TREES.move_to_end((info.st_dev, info.st_ino))
+        while len(_INDEX_TREES) > 256:
+            _INDEX_TREES.popitem(last=False)
+
+
+def index_tree(index: Path) -> str | None:
+    """The tree the stat cache ``index`` holds: git's own record (:func:`cached_tree`), or what this
+    process remembered when it last wrote the file without one (a capture that edited the tree along the
+    changed paths). Keyed by the file's inode, size and mtime: a recycled folder's stat cache is renamed
+    (which changes its ctime), and every rewrite is a new file. None if neither is known."""
+    tree = cached_tree(index)
+    if tree is not None:
+        return tree
+    try:
+        info = os.stat(index)
+    except OSError:
+        return None
+    with _INDEX_TREES_LOCK:
+        known = _INDEX_TREES.get((info.st_dev, info.st_ino))
+    return known[1] if known is not None and known[0] == (info.st_size, info.st_mtime_ns) else None
+
+
+def _entry(folder: Path, path: str, object_format: str) -> TreeEntry:
+    # As update-index just stored it: info/attributes turns every conversion off, so the blob is the bytes.
+    entry = entry_on_disk(folder / path, object_format)
+    if entry is None or entry.mode not in (MODE_FILE, MODE_EXEC, MODE_LINK):
+        raise GitError(f"{path} in {folder} changed while it was captured")
+    return entry
+
+
 def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
-          untracked: list[str]) -> tuple[list[str], list[str]] | None:
-    """What a change feed's paths ``only`` hold: ``(tracked, untracked)``, or None if it cannot be told
-    (the caller then makes the full pass).
+          untracked: list[str]) -> tuple[str, list[str], list[str]] | None:
+    """What a change feed's paths ``only`` hold: ``(held, tracked, untracked)``, or None if it cannot be
+    told (the caller then makes the full pass). ``held`` is the tree the stat cache holds.
 
     ``tracked``: the paths among ``only`` that the folder's last tree has as a file, link or submodule
     (found in that tree, not by reading the 4 MB index at 50,000 files). A tracked path under a named
@@ -232,11 +284,11 @@ def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
     git's pathspec matching costs (index entries × pathspecs), so past :data:`MAX_TOLD` paths the full
     pass is cheaper.
     """
-    held = cached_tree(index)
+    held = index_tree(index)
     if held is None or len(only) > MAX_TOLD or any("\n" in path for path in only):
         return None
     if not only:
-        return [], []
+        return held, [], []
     answers = git.run(["cat-file", "--batch-check=%(objecttype)"],
                       input="".join(f"{held}:{path}\n" for path in only).encode("utf-8", "surrogateescape"))
     kinds = answers.decode("utf-8", "replace").splitlines()
@@ -246,7 +298,7 @@ def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
     # Literal: a feed's path is a name, never a pattern (gitglossary(7), "pathspec magic").
     listed = git.run(["ls-files", "-z", *untracked, "--", *(f":(literal){path}" for path in only)],
                      work_tree=folder, index=index)
-    return tracked, split_z(listed)
+    return held, tracked, split_z(listed)
 
 
 def cached_tree(index: Path) -> str | None:

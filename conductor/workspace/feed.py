@@ -45,7 +45,8 @@ from pathlib import Path
 from conductor.seccomp import no_links_filter
 
 MAX_PATHS = 4096
-"""Changed paths a feed hands out at most; beyond that the full pass is as cheap and needs no argv."""
+"""Written paths a feed keeps at most; past that it is lost (the capture tells git about 64 at most, see
+``checkout.MAX_TOLD``, and makes the full pass beyond), which bounds its memory."""
 
 _IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 _IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -151,8 +152,8 @@ class _Inotify:
         if mask & _IN_MOVE_SELF and rel:
             feed.lost = True  # a watched folder was renamed: its watches would report under the old name
             return
-        if not name:
-            return  # IN_DELETE_SELF, or the root renamed (a recycled folder): nothing of the tree changed
+        if not name or feed.lost:
+            return  # IN_DELETE_SELF, the root renamed (a recycled folder), or nothing more to learn
         if rel == "" and name == ".git":
             return  # the agent's own repository, remade by every reset; never captured
         if name == ".git":
@@ -160,6 +161,11 @@ class _Inotify:
             return
         path = f"{rel}/{name}" if rel else name
         feed.dirty.add(path)
+        if len(feed.dirty) > MAX_PATHS:  # the answer would be "full pass" anyway; keep memory bounded
+            feed.lost = True
+            feed.dirty.clear()
+            feed.new_dirs.clear()
+            return
         if mask & _IN_ISDIR:
             if mask & (_IN_MOVED_FROM | _IN_MOVED_TO):
                 feed.lost = True
@@ -230,10 +236,10 @@ def vouch(folder: Path, contained: bool) -> None:
 
 def changes(folder: Path) -> list[str] | None:
     """The paths (relative, ``/``-separated; a folder stands for everything below it) that may differ
-    from the folder's stat cache, sorted; None when the feed cannot tell (no feed, not vouched for, lost,
-    or more than :data:`MAX_PATHS`)."""
+    from the folder's stat cache, sorted; None when the feed cannot tell (no feed, not vouched for, or
+    lost)."""
     with _locked(folder) as (_inotify, feed):
-        if feed is None or not feed.vouched or feed.lost or len(feed.dirty) > MAX_PATHS:
+        if feed is None or not feed.vouched or feed.lost:
             return None
         return sorted(feed.dirty)
 

@@ -26,6 +26,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from filelock import FileLock
@@ -125,8 +126,9 @@ class StateStore:
         out = Git(user[0], user_config=True).run(["rev-parse", "--show-object-format"]).decode().strip()
         return out or "sha1"
 
-    @property
+    @cached_property
     def object_format(self) -> str:
+        """``sha1`` or ``sha256`` (fixed when the repository was made, so asked once)."""
         fmt = self.git.run(["rev-parse", "--show-object-format"]).decode().strip()
         return fmt or "sha1"
 

@@ -17,6 +17,8 @@ from conductor.errors import UnsafePath
 from conductor.executors.base import execute_claim
 from conductor.executors.command import CommandRunner
 from conductor.handoff.lease import Claim, claim_task
+from conductor.models import PolicyLayer
+from conductor.policy import merge_policies
 from conductor.workspace import feed, sealed
 from conductor.workspace.checkout import capture
 from tests.handoff.support import Handoff, make_handoff
@@ -178,3 +180,32 @@ def test_an_uncontained_run_ends_the_feed(handoff, monkeypatch) -> None:
     assert ["--" in args for args in listings(calls)][:2] == [False, False]  # the verifier and the reset: full passes
     run(handoff, "echo three >> README.md", task_id="step_002", publish=False)
     assert feed.changes(second) is None  # and the folder never gets a feed again
+
+
+def test_an_unsandboxed_verification_command_ends_the_feed(handoff, monkeypatch) -> None:
+    folder, claim = run(handoff, "echo two >> README.md")
+    unsandboxed = merge_policies([("project", PolicyLayer.model_validate({"sandbox": {"mode": "off"}}))])
+
+    verdict = verify(handoff, claim, merged=unsandboxed, ignore=IGNORE, commands=("echo late >> docs/a.txt",))
+
+    assert verdict.accepted and not verdict.verification[0].sandboxed
+    assert feed.changes(folder) is None  # what it started might still write, unseen: the feed is over
+    calls = git_calls(monkeypatch)
+    task = handoff.publish("step_002", sandbox_mode="required")
+    assert "--" not in listings(calls)[0]  # so the reset looked at every file
+    assert (handoff.root / task.workspace / "docs/a.txt").read_text() == "a\n"
+
+
+def test_every_kind_of_change_is_captured_as_a_full_pass_captures_it(handoff, monkeypatch) -> None:
+    calls = git_calls(monkeypatch)
+    folder, _claim = run(handoff, "rm -r src/lib && echo now-a-file > src/lib; "  # a folder becomes a file
+                                  "rm docs/a.txt && mkdir docs/a.txt && echo in > docs/a.txt/inner; "  # and the reverse
+                                  "ln -s ../README.md docs/link; chmod +x src/app.py; "  # a symlink, a mode
+                                  "mkdir -p new/x/y && echo deep > new/x/y/z.py; rm README.md")
+
+    assert "--" in listings(calls)[-1] and "write-tree" not in [args[0] for args in calls]  # told, tree edited
+    told, full = captures(handoff, folder)
+    assert told == full
+    store = state_store(handoff.layout)
+    assert sorted(store.entries(told)) == ["docs/a.txt/inner", "docs/link", "new/x/y/z.py", "src/app.py", "src/lib"]
+    assert store.entries(told)["src/app.py"].mode == "100755" and store.entries(told)["docs/link"].mode == "120000"
