@@ -276,8 +276,8 @@ def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
     """What a change feed's paths ``only`` hold: ``(held, tracked, untracked)``, or None if it cannot be
     told (the caller then makes the full pass). ``held`` is the tree the stat cache holds.
 
-    ``tracked``: the paths among ``only`` that the folder's last tree has as a file, link or submodule
-    (found in that tree, not by reading the 4 MB index at 50,000 files). A tracked path under a named
+    ``tracked``: the paths among ``only`` that the folder's last tree has as a file or link (found in
+    that tree, not by reading the 4 MB index at 50,000 files). A tracked path under a named
     folder is named itself: the folders the feed watches report each file's change. ``untracked``: what
     ``git ls-files <untracked> -- <only>`` lists below the paths, which git reads alone.
 
@@ -289,12 +289,17 @@ def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
         return None
     if not only:
         return held, [], []
-    answers = git.run(["cat-file", "--batch-check=%(objecttype)"],
-                      input="".join(f"{held}:{path}\n" for path in only).encode("utf-8", "surrogateescape"))
-    kinds = answers.decode("utf-8", "replace").splitlines()
-    if len(kinds) != len(only):
-        raise GitError(f"git cat-file --batch-check: {len(kinds)} answers for {len(only)} paths")
-    tracked = [path for path, kind in zip(only, kinds, strict=True) if kind in ("blob", "commit")]
+    # Each path and the folders above it: a submodule (a "commit" entry, whose object the store may lack)
+    # on the way is left to the full pass, which judges a submodule's folder by rules of its own.
+    asked = sorted({*only, *(path.rsplit("/", i)[0] for path in only for i in range(1, path.count("/") + 1))})
+    kind_of: dict[str, str] = {}
+    for record in split_z(git.run(["ls-tree", "-z", "--full-tree", held, "--",
+                                   *(f":(literal){path}" for path in asked)])):
+        meta, _, path = record.partition("\t")
+        kind_of[path] = meta.split(" ")[1]
+    if "commit" in kind_of.values():
+        return None
+    tracked = [path for path in only if kind_of.get(path) == "blob"]
     # Literal: a feed's path is a name, never a pattern (gitglossary(7), "pathspec magic").
     listed = git.run(["ls-files", "-z", *untracked, "--", *(f":(literal){path}" for path in only)],
                      work_tree=folder, index=index)

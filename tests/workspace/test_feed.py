@@ -20,7 +20,8 @@ from conductor.handoff.lease import Claim, claim_task
 from conductor.models import PolicyLayer
 from conductor.policy import merge_policies
 from conductor.workspace import feed, sealed
-from conductor.workspace.checkout import capture
+from conductor.workspace.checkout import capture, materialize
+from conductor.workspace.store import StateStore, TreeEntry
 from tests.handoff.support import Handoff, make_handoff
 from tests.corpus.builders import HOLDER, verify
 from tests.workspace.test_sealed import git_calls, stat_passes
@@ -209,3 +210,28 @@ def test_every_kind_of_change_is_captured_as_a_full_pass_captures_it(handoff, mo
     store = state_store(handoff.layout)
     assert sorted(store.entries(told)) == ["docs/a.txt/inner", "docs/link", "new/x/y/z.py", "src/app.py", "src/lib"]
     assert store.entries(told)["src/app.py"].mode == "100755" and store.entries(told)["docs/link"].mode == "120000"
+
+
+def test_a_write_under_a_submodule_is_left_to_the_full_pass(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "project"
+    (root / "src").mkdir(parents=True)
+    (root / "src/app.py").write_text("x\n")
+    store = StateStore(root, root / ".conductor").ensure()
+    base = store.tree_of(store.snapshot_project(ignore=[], message="base\n"))
+    with_submodule = store._tree_with(base, {"vendor/lib": TreeEntry("160000", "1" * 40)})
+    commit = store.commit(with_submodule, [], "a submodule\n")
+    folder = tmp_path / "ws"
+    materialize(store, commit, folder)
+    assert feed.start(folder) and (folder / "vendor/lib").is_dir()
+    (folder / "vendor/lib/new.txt").write_text("inside\n")
+    (folder / "src/app.py").write_text("y\n")
+    feed.vouch(folder, True)
+    calls = git_calls(monkeypatch)
+
+    excludes = store.exclude_file([])
+    told = capture(store, folder, excludes=excludes, only=feed.changes(folder))
+
+    assert feed.changes(folder) == ["src/app.py", "vendor/lib/new.txt"]
+    assert "--" not in listings(calls)[0]  # a full pass
+    assert told == capture(store, folder, excludes=excludes)
+    assert store.entries(told)["vendor/lib"] == TreeEntry("160000", "1" * 40)
