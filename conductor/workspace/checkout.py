@@ -214,7 +214,13 @@ def capture(store: StateStore, folder: Path, *, excludes: Path, only: Sequence[s
             git.run(["update-index", "-z", "--force-remove", "--stdin"], work_tree=folder, index=temp,
                     input=join_z(going))
         if coming:  # re-hashed, and their stat data refreshed in the cache
-            git.run(["update-index", "-z", "--add", "--remove", "--stdin"], work_tree=folder, index=temp,
+            # A path the feed saw written is re-hashed whatever its stat data says: a same-size rewrite in
+            # the second the cache was written, its mtime put back, matches in stat (git compares whole
+            # seconds). --cacheinfo first puts its entry back with no stat data, in the same process.
+            held_tracked = told[1] if told is not None else {}
+            forced = [arg for path in coming if (old := held_tracked.get(path)) is not None
+                      for arg in ("--cacheinfo", f"{old.mode},{old.oid},{path}")]
+            git.run(["update-index", "-z", "--add", "--remove", *forced, "--stdin"], work_tree=folder, index=temp,
                     input=join_z(coming))
         if told is not None:
             # The changed paths are known: edit the last tree along them, instead of write-tree, which
@@ -272,7 +278,7 @@ def _entry(folder: Path, path: str, object_format: str) -> TreeEntry:
 
 
 def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
-          untracked: list[str]) -> tuple[str, list[str], list[str]] | None:
+          untracked: list[str]) -> tuple[str, dict[str, TreeEntry], list[str]] | None:
     """What a change feed's paths ``only`` hold: ``(held, tracked, untracked)``, or None if it cannot be
     told (the caller then makes the full pass). ``held`` is the tree the stat cache holds.
 
@@ -288,18 +294,20 @@ def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
     if held is None or len(only) > MAX_TOLD or any("\n" in path for path in only):
         return None
     if not only:
-        return held, [], []
+        return held, {}, []
     # Each path and the folders above it: a submodule (a "commit" entry, whose object the store may lack)
     # on the way is left to the full pass, which judges a submodule's folder by rules of its own.
     asked = sorted({*only, *(path.rsplit("/", i)[0] for path in only for i in range(1, path.count("/") + 1))})
-    kind_of: dict[str, str] = {}
+    held_entries: dict[str, tuple[str, str, str]] = {}  # path -> (mode, type, id)
     for record in split_z(git.run(["ls-tree", "-z", "--full-tree", held, "--",
                                    *(f":(literal){path}" for path in asked)])):
         meta, _, path = record.partition("\t")
-        kind_of[path] = meta.split(" ")[1]
-    if "commit" in kind_of.values():
+        mode, kind, oid = meta.split(" ")
+        held_entries[path] = (mode, kind, oid)
+    if any(kind == "commit" for _mode, kind, _oid in held_entries.values()):
         return None
-    tracked = [path for path in only if kind_of.get(path) == "blob"]
+    tracked = {path: TreeEntry(held_entries[path][0], held_entries[path][2]) for path in only
+               if held_entries.get(path, ("", ""))[1] == "blob"}
     # Literal: a feed's path is a name, never a pattern (gitglossary(7), "pathspec magic").
     listed = git.run(["ls-files", "-z", *untracked, "--", *(f":(literal){path}" for path in only)],
                      work_tree=folder, index=index)

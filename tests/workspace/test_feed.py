@@ -7,6 +7,7 @@ real processes, real inotify (CI installs bubblewrap and sets CONDUCTOR_TEST_REQ
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from conductor.handoff.lease import Claim, claim_task
 from conductor.models import PolicyLayer
 from conductor.policy import merge_policies
 from conductor.workspace import feed, sealed
-from conductor.workspace.checkout import capture, materialize
+from conductor.proc import run_command
+from conductor.workspace.checkout import capture, materialize, reset
 from conductor.workspace.store import StateStore, TreeEntry
 from tests.handoff.support import Handoff, make_handoff
 from tests.corpus.builders import HOLDER, verify
@@ -235,3 +237,42 @@ def test_a_write_under_a_submodule_is_left_to_the_full_pass(tmp_path: Path, monk
     assert "--" not in listings(calls)[0]  # a full pass
     assert told == capture(store, folder, excludes=excludes)
     assert store.entries(told)["vendor/lib"] == TreeEntry("160000", "1" * 40)
+
+
+def test_a_same_size_rewrite_in_the_second_its_entry_was_cached_is_seen(tmp_path: Path) -> None:
+    # git compares whole seconds of stat data: a file captured in second S, rewritten in S with the same size
+    # and its mtime put back, looks unchanged to update-index. The feed saw the write: it must be hashed.
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "f.txt").write_text("base\n")
+    store = StateStore(root, root / ".conductor").ensure()
+    commit = store.snapshot_project(ignore=[], message="base\n")
+    folder = tmp_path / "ws"
+    materialize(store, commit, folder)
+    assert feed.start(folder)
+    excludes = store.exclude_file([])
+    spec = sandbox.SandboxSpec(writable=(folder,), mode="required")
+    for _attempt in range(5):
+        time.sleep(1.02 - time.time() % 1)  # at the start of a second: both steps fit in it
+        # An old mtime: git content-checks an entry as new as its cache file ("racily clean"), not this one.
+        assert run_command("echo AAAA > f.txt && touch -d @1000000000 f.txt", cwd=folder, timeout_seconds=30,
+                           shell=True, sandbox=spec).contained
+        feed.vouch(folder, True)
+        first = capture(store, folder, excludes=excludes, only=feed.changes(folder))
+        reset(store, folder, store.commit(first, [commit], "a\n"), holds=first, only=feed.changes(folder))
+        assert feed.rearm(folder)
+        cached = os.stat(folder / "f.txt")
+        assert run_command("python3 -c \"import os; s = os.stat('f.txt'); open('f.txt', 'r+b').write(b'BBBB'); "
+                           "os.utime('f.txt', ns=(s.st_atime_ns, s.st_mtime_ns))\"", cwd=folder, timeout_seconds=30,
+                           shell=True, sandbox=spec).contained
+        now = os.stat(folder / "f.txt")
+        feed.vouch(folder, True)
+        second = capture(store, folder, excludes=excludes, only=feed.changes(folder))
+        assert store.read_blobs([store.entries(second)["f.txt"].oid]) == {
+            store.entries(second)["f.txt"].oid: b"BBBB\n"}
+        if (now.st_size, now.st_mtime_ns // 10**9, now.st_ctime_ns // 10**9) == (
+                cached.st_size, cached.st_mtime_ns // 10**9, cached.st_ctime_ns // 10**9):
+            return  # the case that matters happened, and the change was seen
+        reset(store, folder, store.commit(second, [commit], "b\n"), holds=second, only=feed.changes(folder))
+        assert feed.rearm(folder)
+    pytest.fail("the rewrite never fell in the second of its cached entry (a slow machine?)")
