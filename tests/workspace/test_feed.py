@@ -77,6 +77,21 @@ def recycle(handoff: Handoff, claim: Claim) -> Path:
     return folder
 
 
+def fed_checkout(tmp_path: Path, files: dict[str, str]) -> tuple[StateStore, str, Path]:
+    """A project of ``files``, its snapshot commit checked out into a fresh folder with a change feed:
+    ``(store, commit, folder)``."""
+    root = tmp_path / "project"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    store = StateStore(root, root / ".conductor").ensure()
+    commit = store.snapshot_project(ignore=[], message="base\n")
+    folder = tmp_path / "ws"
+    materialize(store, commit, folder)
+    assert feed.start(folder)
+    return store, commit, folder
+
+
 def listings(calls: list[list[str]]) -> list[list[str]]:
     return [args for args in calls if args[0] == "ls-files"]
 
@@ -242,14 +257,7 @@ def test_a_write_under_a_submodule_is_left_to_the_full_pass(tmp_path: Path, monk
 def test_a_same_size_rewrite_in_the_second_its_entry_was_cached_is_seen(tmp_path: Path) -> None:
     # git compares whole seconds of stat data: a file captured in second S, rewritten in S with the same size
     # and its mtime put back, looks unchanged to update-index. The feed saw the write: it must be hashed.
-    root = tmp_path / "project"
-    root.mkdir()
-    (root / "f.txt").write_text("base\n")
-    store = StateStore(root, root / ".conductor").ensure()
-    commit = store.snapshot_project(ignore=[], message="base\n")
-    folder = tmp_path / "ws"
-    materialize(store, commit, folder)
-    assert feed.start(folder)
+    store, commit, folder = fed_checkout(tmp_path, {"f.txt": "base\n"})
     excludes = store.exclude_file([])
     spec = sandbox.SandboxSpec(writable=(folder,), mode="required")
     for _attempt in range(5):

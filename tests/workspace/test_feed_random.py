@@ -20,8 +20,8 @@ import pytest
 from conductor import sandbox
 from conductor.proc import run_command
 from conductor.workspace import feed
-from conductor.workspace.checkout import capture, materialize, reset
-from conductor.workspace.store import StateStore
+from conductor.workspace.checkout import capture, reset
+from tests.workspace.test_feed import fed_checkout
 
 if sandbox.availability() is not None or not feed.available():
     if os.environ.get("CONDUCTOR_TEST_REQUIRE_SANDBOX") == "1":
@@ -77,16 +77,7 @@ def operation(rng: random.Random, folder: Path) -> str:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_random_chain_of_steps_is_captured_exactly(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    root = tmp_path / "project"
-    for i in range(30):
-        path = root / f"d{i % 4}" / f"s{i % 3}" / f"f{i}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"file {i}\n")
-    store = StateStore(root, root / ".conductor").ensure()
-    commit = store.snapshot_project(ignore=[], message="base\n")
-    folder = tmp_path / "ws"
-    materialize(store, commit, folder)
-    assert feed.start(folder)
+    store, commit, folder = fed_checkout(tmp_path, {f"d{i % 4}/s{i % 3}/f{i}.txt": f"file {i}\n" for i in range(30)})
     excludes = store.exclude_file([])
     spec = sandbox.SandboxSpec(writable=(folder,), mode="required")
     told = 0
