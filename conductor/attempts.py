@@ -218,7 +218,7 @@ def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ig
     store = state_store(layout)
     excludes = store.exclude_file(ignore)
     if seal:
-        feed.vouch(workspace, True)
+        feed.vouch(workspace)
     tree = sealed.sealed_tree(workspace, excludes)
     if tree is None:
         tree = capture(store, workspace, excludes=excludes, only=feed.changes(workspace) if seal else None)

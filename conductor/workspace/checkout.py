@@ -27,6 +27,7 @@ from pathlib import Path
 from conductor.errors import GitError, UnsafePath
 from conductor.fsutil import fsync_dir, temp_path
 from conductor.paths import is_dotgit
+from conductor.workspace import feed
 from conductor.workspace.git import Git, join_z, split_z
 from conductor.workspace.store import MODE_EXEC, MODE_FILE, MODE_LINK, StateStore, TreeEntry
 from conductor.workspace.trees import edit_tree, entry_on_disk
@@ -424,8 +425,6 @@ def _write_new(path: Path, text: str) -> None:
 
 def remove_folder(folder: Path) -> None:
     """Remove a checked-out folder and its stat cache (never following symlinks)."""
-    from conductor.workspace import feed  # feed imports nothing of this module; checkout stays importable alone
-
     feed.drop(folder)
     _remove_entry(folder)
     index_file(folder).unlink(missing_ok=True)

@@ -223,12 +223,9 @@ def start(folder: Path) -> bool:
         return True
 
 
-def vouch(folder: Path, contained: bool) -> None:
-    """Tell the feed whether what just ran in ``folder`` was contained (see the module docstring). A run
-    that was not ends the feed."""
-    if not contained:
-        drop(folder)
-        return
+def vouch(folder: Path) -> None:
+    """Tell the feed that what just ran in ``folder`` was contained (see the module docstring); a run that
+    was not ends the feed instead (:func:`drop`)."""
     with _locked(folder) as (_inotify, feed):
         if feed is not None:
             feed.vouched = True

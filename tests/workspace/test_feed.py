@@ -242,7 +242,7 @@ def test_a_write_under_a_submodule_is_left_to_the_full_pass(tmp_path: Path, monk
     assert feed.start(folder) and (folder / "vendor/lib").is_dir()
     (folder / "vendor/lib/new.txt").write_text("inside\n")
     (folder / "src/app.py").write_text("y\n")
-    feed.vouch(folder, True)
+    feed.vouch(folder)
     calls = git_calls(monkeypatch)
 
     excludes = store.exclude_file([])
@@ -265,7 +265,7 @@ def test_a_same_size_rewrite_in_the_second_its_entry_was_cached_is_seen(tmp_path
         # An old mtime: git content-checks an entry as new as its cache file ("racily clean"), not this one.
         assert run_command("echo AAAA > f.txt && touch -d @1000000000 f.txt", cwd=folder, timeout_seconds=30,
                            shell=True, sandbox=spec).contained
-        feed.vouch(folder, True)
+        feed.vouch(folder)
         first = capture(store, folder, excludes=excludes, only=feed.changes(folder))
         reset(store, folder, store.commit(first, [commit], "a\n"), holds=first, only=feed.changes(folder))
         assert feed.rearm(folder)
@@ -274,7 +274,7 @@ def test_a_same_size_rewrite_in_the_second_its_entry_was_cached_is_seen(tmp_path
                            "os.utime('f.txt', ns=(s.st_atime_ns, s.st_mtime_ns))\"", cwd=folder, timeout_seconds=30,
                            shell=True, sandbox=spec).contained
         now = os.stat(folder / "f.txt")
-        feed.vouch(folder, True)
+        feed.vouch(folder)
         second = capture(store, folder, excludes=excludes, only=feed.changes(folder))
         assert store.read_blobs([store.entries(second)["f.txt"].oid]) == {
             store.entries(second)["f.txt"].oid: b"BBBB\n"}

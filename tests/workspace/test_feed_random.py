@@ -90,7 +90,7 @@ def test_a_random_chain_of_steps_is_captured_exactly(tmp_path: Path, seed: int) 
             ops = ["true" if op.endswith(".renamed'") or "many$i" in op else op for op in ops]
         command = " ; ".join(ops)
         assert run_command(command, cwd=folder, timeout_seconds=60, shell=True, sandbox=spec).contained
-        feed.vouch(folder, True)
+        feed.vouch(folder)
         only = feed.changes(folder)
         told += only is not None
         tree = capture(store, folder, excludes=excludes, only=only)
