@@ -29,7 +29,7 @@ from conductor.handoff.documents import read_document
 from conductor.layout import RESULT_SUFFIX, VERDICT_SUFFIX, ForkLayout, ProjectLayout
 from conductor.models import FileChange, Result, Task
 from conductor.workspace import feed, sealed
-from conductor.workspace.checkout import capture, index_file, materialize, remove_folder, reset
+from conductor.workspace.checkout import capture, index_file, materialize, remove_folder, reset, settle
 from conductor.workspace.store import StateStore
 
 
@@ -61,11 +61,14 @@ def task_workspace(layout: ProjectLayout, task: Task) -> Path:
 
 
 def prepare_workspace(layout: ProjectLayout, plan_id: str, fork_id: str, step_id: str, attempt: int,
-                      base_commit: str, *, recycle: bool = True) -> Path:
+                      base_commit: str, *, recycle: bool = True, watch: bool = True) -> Path:
     """Make the folder of one attempt hold exactly ``base_commit`` and return it.
 
     A folder left at that name by a crash before the task was published is reset; otherwise (with
-    ``recycle``) an idle folder of the same fork is recycled, or a new one checked out.
+    ``recycle``) an idle folder of the same fork is recycled, or a new one checked out. With ``watch``, a
+    new folder gets a change feed (:mod:`conductor.workspace.feed`); pass False when the attempt will be
+    run by another process (an external executor), for which this process's feed could never vouch: its
+    watches (one per folder of the tree) would be spent for nothing.
 
     Raises:
         GitError: the checkout or reset failed.
@@ -89,7 +92,8 @@ def prepare_workspace(layout: ProjectLayout, plan_id: str, fork_id: str, step_id
         feed.rearm(target)
         return target
     materialize(store, base_commit, target)
-    feed.start(target)
+    if watch:
+        feed.start(target)
     return target
 
 
@@ -273,5 +277,6 @@ def remove_plan_workspaces(layout: ProjectLayout, plan_id: str) -> int:
     if not folder.is_dir():
         return 0
     count = sum(1 for p in folder.glob("fork_*/*") if p.is_dir())
+    settle()  # no stat cache of theirs is still being written
     shutil.rmtree(folder)
     return count

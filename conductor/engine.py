@@ -205,6 +205,11 @@ class Engine:
     def _executor_kind(self) -> str:
         return self.config.executor.kind
 
+    def _runs_here(self) -> bool:
+        """Whether this process runs the steps itself (an ``llm`` or ``command`` executor), rather than an
+        external executor that watches the handoff folder."""
+        return self.config.executor.kind != "handoff"
+
     def _executor_model(self) -> str | None:
         """``provider/model`` of an ``llm`` executor (what the confidence history groups by), else None."""
         if self.config.executor.kind != "llm":
@@ -309,7 +314,8 @@ class Engine:
         if confidence.level == "low" and self.options.auto_approve and not view.has("approval.granted", step_id=step.step_id):
             view.append("approval.granted", {"step_id": step.step_id, "by": "--auto-approve"})
         base = view.head
-        folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, 1, base)
+        folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, 1, base,
+                                   watch=self._runs_here())
         task = self._new_task(view, step, policy, confidence, attempt=1, base=base, folder=folder)
         sealed = publish_task(view.fork, task)
         crash_point("publish.before_event")
@@ -356,7 +362,8 @@ class Engine:
                 execute_claim(self.layout, claim, runner, ignore=self.ignore,
                               lease_seconds=self.config.executor.lease_seconds,
                               heartbeat_seconds=self.config.executor.heartbeat_seconds, on_event=log.append,
-                              signer=self.signer, prepare_retry=lambda task: prepare_retry(self.layout, task))
+                              signer=self.signer, prepare_retry=lambda task: prepare_retry(self.layout, task),
+                              verified_here=True)
         finally:
             self._wake()
 
@@ -499,7 +506,8 @@ class Engine:
                 break
         policy = self.merged_policy(step)
         base = template.base_commit if template is not None else self._first_base(view, step)
-        folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, attempt + 1, base)
+        folder = prepare_workspace(self.layout, self.plan.plan_id, view.spec.fork_id, step.step_id, attempt + 1, base,
+                                   watch=self._runs_here())
         if template is None:
             scored = view.last("confidence.scored", step_id=step.step_id)
             confidence = Confidence.model_validate({k: v for k, v in scored.data.items() if k != "step_id"}) \

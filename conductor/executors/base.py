@@ -36,6 +36,7 @@ from conductor.models import ErrorInfo, ExecutorInfo, Result, Task, Usage, utc_n
 from conductor.keys import SigningKey
 from conductor.provenance import build_statement, envelope_for
 from conductor.redact import redact
+from conductor.workspace.checkout import settle
 
 
 @dataclass
@@ -129,6 +130,7 @@ def execute_claim(
     stop: threading.Event | None = None,
     prepare_retry: Callable[[Task], Task] | None = None,
     signer: SigningKey | None = None,
+    verified_here: bool = False,
 ) -> Result | None:
     """Run ``runner`` on a claimed task and commit its result files.
 
@@ -140,6 +142,10 @@ def execute_claim(
             made) has its task released the same way, and the error is re-raised.
         prepare_retry: gives a released task a fresh workspace (see ``conductor.attempts``).
         signer: the executor's Ed25519 key; the provenance envelope is unsigned without one.
+        verified_here: this process verifies the attempt next (the engine running its own executor). The
+            result may then be committed while the folder's stat cache is still being refreshed in the
+            background (``checkout.capture``); otherwise the commit waits for it, as the folder passes to
+            another process.
 
     Returns:
         The committed result, or None when the lease was lost meanwhile (nothing is committed: the task
@@ -191,6 +197,8 @@ def execute_claim(
     crash_point("execute.after_run")
     try:
         _tree, changes = attempt_changes(layout, workspace, task.base_commit, ignore, seal=outcome.contained)
+        if not verified_here:
+            settle(workspace)
     except (ConductorError, OSError) as exc:  # e.g. an unsafe name: fail the task, never the executor
         _raise_storage(exc)
         changes = []

@@ -129,6 +129,7 @@ def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = N
         FileNotFoundError: ``folder`` has no stat cache (use :func:`materialize`).
         GitError: the reset failed.
     """
+    settle(folder)
     index = index_file(folder)
     if not index.is_file():
         raise FileNotFoundError(f"{folder} has no stat cache {index.name}")
@@ -168,7 +169,9 @@ def reset(store: StateStore, folder: Path, commit: str, *, holds: str | None = N
 
 def capture(store: StateStore, folder: Path, *, excludes: Path, only: Sequence[str] | None = None) -> str:
     """The tree of ``folder`` as it is now: every file and symlink except ``.git`` and paths matching the
-    patterns in ``excludes`` (``workspace.ignore``), stored in the store. The stat cache is refreshed.
+    patterns in ``excludes`` (``workspace.ignore``), stored in the store. The stat cache is refreshed:
+    before the call returns after a full pass; with ``only``, by a thread that every later use of the
+    cache waits for (:func:`settle`), so that the caller goes on while git rewrites the whole index.
 
     Args:
         excludes: a gitignore-style pattern file (``StateStore.exclude_file``). The folder's own
@@ -183,6 +186,7 @@ def capture(store: StateStore, folder: Path, *, excludes: Path, only: Sequence[s
             repository (a folder with its own ``.git``) was created.
         GitError: git failed.
     """
+    settle(folder)
     index = index_file(folder)
     if not index.is_file():
         raise FileNotFoundError(f"{folder} has no stat cache {index.name}")
@@ -204,39 +208,141 @@ def capture(store: StateStore, folder: Path, *, excludes: Path, only: Sequence[s
     going, coming = [p for p in changed if p in gone], [p for p in changed if p not in gone]
     if not changed and (tree := index_tree(index)) is not None:
         return tree  # the folder is what the index says, and the index's tree is known
+    if told is not None:
+        # The changed paths are known: their blobs are stored (through an index of their own: the same
+        # hashing as update-index, symlinks included) and the last tree is edited along them (trees.py).
+        # Bringing the stat cache up to that tree rewrites the whole index (35 ms at 50,000 files): that
+        # is left to a thread, which the next use of the cache waits for (settle).
+        fmt = store.object_format
+        seen = {path: _stat_key(folder / path) for path in coming}
+        updates = {path: None for path in going} | {path: _entry(folder, path, fmt) for path in coming}
+        if coming:
+            _store_blobs(git, folder, index, coming)
+        tree = edit_tree(store, told[0], updates)
+        _refresh_later(git, folder, index, going, coming, told[1], seen, tree)
+        return tree
     temp = temp_path(index)
-    # copy2 keeps the index's mtime: git's racy-git check compares each entry's mtime with the index
-    # file's own, and git compares whole seconds only (unless built with USE_NSEC). A copy stamped "now"
-    # would make an entry written in the same second as the index look clean, and a same-size in-place
-    # edit made within that second would be missed.
-    shutil.copy2(index, temp)
+    shutil.copy2(index, temp)  # keeps the index's mtime (see _update_cache)
     try:
-        if going:
-            git.run(["update-index", "-z", "--force-remove", "--stdin"], work_tree=folder, index=temp,
-                    input=join_z(going))
-        if coming:  # re-hashed, and their stat data refreshed in the cache
-            # A path the feed saw written is re-hashed whatever its stat data says: a same-size rewrite in
-            # the second the cache was written, its mtime put back, matches in stat (git compares whole
-            # seconds). --cacheinfo first puts its entry back with no stat data, in the same process.
-            held_tracked = told[1] if told is not None else {}
-            forced = [arg for path in coming if (old := held_tracked.get(path)) is not None
-                      for arg in ("--cacheinfo", f"{old.mode},{old.oid},{path}")]
-            git.run(["update-index", "-z", "--add", "--remove", *forced, "--stdin"], work_tree=folder, index=temp,
-                    input=join_z(coming))
-        if told is not None:
-            # The changed paths are known: edit the last tree along them, instead of write-tree, which
-            # would rewrite the whole index again to keep the tree it built (trees.py).
-            fmt = store.object_format
-            updates = {path: None for path in going} | {path: _entry(folder, path, fmt) for path in coming}
-            tree = edit_tree(store, told[0], updates)
-        else:
-            # write-tree also stores the tree in the index (its cache-tree), read by the next capture.
-            tree = git.run(["write-tree"], index=temp).decode().strip()
+        _update_cache(git, folder, temp, going, coming, {})
+        # write-tree also stores the tree in the index (its cache-tree), read by the next capture.
+        tree = git.run(["write-tree"], index=temp).decode().strip()
         os.replace(temp, index)
         remember_tree(index, tree)
         return tree
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _update_cache(git: Git, folder: Path, index: Path, going: list[str], coming: list[str],
+                  held: dict[str, TreeEntry]) -> None:
+    """Remove ``going`` from the stat cache ``index`` and re-hash ``coming`` into it, stat data refreshed.
+
+    ``index`` is a copy made with ``shutil.copy2``, which keeps the original's mtime: git's racy-git check
+    compares each entry's mtime with the index file's own, and git compares whole seconds only (unless
+    built with USE_NSEC). A copy stamped "now" would make an entry written in the same second as the
+    index look clean, and a same-size in-place edit made within that second would be missed.
+    """
+    if going:
+        git.run(["update-index", "-z", "--force-remove", "--stdin"], work_tree=folder, index=index,
+                input=join_z(going))
+    if coming:
+        # A path the feed saw written (``held``: its entry in the last tree) is re-hashed whatever its stat
+        # data says: a same-size rewrite in the second the cache was written, its mtime put back, matches
+        # in stat (git compares whole seconds). --cacheinfo first puts its entry back with no stat data,
+        # in the same process.
+        forced = [arg for path in coming if (old := held.get(path)) is not None
+                  for arg in ("--cacheinfo", f"{old.mode},{old.oid},{path}")]
+        git.run(["update-index", "-z", "--add", "--remove", *forced, "--stdin"], work_tree=folder, index=index,
+                input=join_z(coming))
+
+
+def _store_blobs(git: Git, folder: Path, index: Path, paths: list[str]) -> None:
+    """Store the blobs of ``paths`` (files and symlinks of ``folder``) in the store."""
+    scratch = temp_path(index)  # an index of these paths only: git creates it, and it is thrown away
+    try:
+        git.run(["update-index", "-z", "--add", "--stdin"], work_tree=folder, index=scratch, input=join_z(paths))
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+class IndexRefresh:
+    """A stat cache being brought up to a captured tree by a thread (see :func:`capture`).
+
+    Attributes:
+        done: set when the thread has finished, installed or not.
+        installed: the new stat cache's ``(st_ino, st_size, st_mtime_ns, st_ctime_ns)`` once it replaced
+            the old one; None if it did not (the old one, which still holds the previous tree, stays).
+    """
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.installed: tuple[int, int, int, int] | None = None
+
+
+_REFRESHES: dict[str, tuple[IndexRefresh, threading.Thread]] = {}
+_REFRESHES_LOCK = threading.Lock()
+
+
+def _refresh_later(git: Git, folder: Path, index: Path, going: list[str], coming: list[str],
+                   held: dict[str, TreeEntry], seen: dict[str, tuple[int, int, int, int] | None], tree: str) -> None:
+    refresh = IndexRefresh()
+
+    def work() -> None:
+        temp = temp_path(index)
+        try:
+            shutil.copy2(index, temp)
+            _update_cache(git, folder, temp, going, coming, held)
+            # The cache must hold what the tree was made from: a file written since it was hashed (nothing
+            # can, in a folder whose feed is trusted; checked all the same) leaves the old cache in place,
+            # which still holds the last tree exactly, and the next pass finds the change by stat.
+            if any(_stat_key(folder / path) != key for path, key in seen.items()):
+                return
+            os.replace(temp, index)
+            remember_tree(index, tree)
+            refresh.installed = _stat_key(index)
+        except Exception:  # noqa: BLE001 - the old cache stays, and is still true to its own tree
+            return
+        finally:
+            temp.unlink(missing_ok=True)
+            refresh.done.set()
+
+    thread = threading.Thread(target=work, name=f"conductor-refresh-{folder.name}")
+    with _REFRESHES_LOCK:
+        _REFRESHES[os.path.realpath(index)] = (refresh, thread)
+    thread.start()
+
+
+def refreshing(folder: Path) -> IndexRefresh | None:
+    """The background refresh of ``folder``'s stat cache that nobody has waited for yet, if any."""
+    with _REFRESHES_LOCK:
+        found = _REFRESHES.get(os.path.realpath(index_file(folder)))
+    return found[0] if found is not None else None
+
+
+def settle(folder: Path | None = None) -> None:
+    """Wait until the stat cache of ``folder`` (None: of every folder) is no longer being refreshed in
+    the background. Everything that reads, replaces or removes a stat cache, or lets anything write its
+    folder, calls it first."""
+    with _REFRESHES_LOCK:
+        if folder is None:
+            waiting = list(_REFRESHES.items())
+        else:
+            key = os.path.realpath(index_file(folder))
+            waiting = [(key, _REFRESHES[key])] if key in _REFRESHES else []
+    for key, (refresh, thread) in waiting:
+        thread.join()
+        with _REFRESHES_LOCK:
+            if key in _REFRESHES and _REFRESHES[key][0] is refresh:
+                del _REFRESHES[key]
 
 
 _INDEX_TREES: OrderedDict[tuple[int, int], tuple[tuple[int, int], str]] = OrderedDict()
@@ -441,6 +547,7 @@ def _write_new(path: Path, text: str) -> None:
 
 def remove_folder(folder: Path) -> None:
     """Remove a checked-out folder and its stat cache (never following symlinks)."""
+    settle(folder)
     feed.drop(folder)
     _remove_entry(folder)
     index_file(folder).unlink(missing_ok=True)

@@ -22,12 +22,13 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from conductor.workspace.checkout import index_file
+from conductor.workspace.checkout import IndexRefresh, index_file, refreshing, settle
 
 MAX_SEALS = 64
 """Seals kept at most (the oldest go first): one per attempt between its run and its folder's reuse."""
 
-_seals: OrderedDict[tuple[str, Path], tuple[tuple[int, ...], str]] = OrderedDict()
+_Identity = tuple[tuple[int, ...], "tuple[int, ...] | IndexRefresh"]
+_seals: OrderedDict[tuple[str, Path], tuple[_Identity, str]] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -35,14 +36,41 @@ def _key(folder: Path) -> str:
     return os.path.realpath(folder)  # the verifier names a folder resolved, the recycler as listed
 
 
-def _identity(folder: Path) -> tuple[int, ...] | None:
-    # The stat cache is rewritten (a new inode, by rename) by every capture and reset that changes it.
+def _stat(path: Path) -> tuple[int, ...] | None:
     try:
-        top, cache = os.stat(folder), os.stat(index_file(folder))
+        info = os.stat(path)
     except OSError:
         return None
-    return (top.st_dev, top.st_ino, top.st_mtime_ns, top.st_ctime_ns,
-            cache.st_ino, cache.st_size, cache.st_mtime_ns, cache.st_ctime_ns)
+    return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
+
+def _cache(folder: Path) -> tuple[int, ...] | None:
+    try:
+        info = os.stat(index_file(folder))
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def _identity(folder: Path) -> _Identity | None:
+    # The stat cache is rewritten (a new inode, by rename) by every capture and reset that changes it. A
+    # capture told by a change feed has a thread rewrite it (checkout.capture): the seal then stands for
+    # what that thread installs.
+    top = _stat(folder)
+    cache = refreshing(folder) or _cache(folder)
+    return None if top is None or cache is None else (top, cache)
+
+
+def _holds(folder: Path, identity: _Identity) -> bool:
+    """Whether ``folder`` and its stat cache are still those sealed with ``identity``."""
+    top, cache = identity
+    if _stat(folder) != top:
+        return False
+    if isinstance(cache, IndexRefresh):
+        if not cache.done.is_set():
+            return refreshing(folder) is cache  # still being written by the thread the seal waits on
+        return cache.installed is not None and cache.installed == _cache(folder)
+    return cache == _cache(folder)
 
 
 def seal(folder: Path, excludes: Path, tree: str) -> None:
@@ -71,7 +99,7 @@ def sealed_tree(folder: Path, excludes: Path) -> str | None:
         found = _seals.get(key)
         if found is None:
             return None
-        if _identity(folder) != found[0]:
+        if not _holds(folder, found[0]):
             del _seals[key]
             return None
         return found[1]
@@ -81,16 +109,17 @@ def take(folder: Path) -> str | None:
     """End every seal of ``folder`` (it is about to be handed to another attempt) and return its tree if
     one still matched; the tree of the tracked files only: files the capture left out (``workspace.ignore``)
     may be there beside it."""
+    settle(folder)  # the stat cache is about to move with the folder
     name = _key(folder)
     with _lock:
         found = [_seals.pop(key) for key in [key for key in _seals if key[0] == name]]
-    identity = _identity(folder) if found else None
-    trees = {tree for sealed_identity, tree in found if sealed_identity == identity}
+    trees = {tree for sealed_identity, tree in found if _holds(folder, sealed_identity)}
     return trees.pop() if len(trees) == 1 else None
 
 
 def forget(folder: Path) -> None:
-    """End every seal of ``folder``: something may write it now."""
+    """End every seal of ``folder``: something may write it now (once its stat cache is settled)."""
+    settle(folder)
     name = _key(folder)
     with _lock:
         for key in [key for key in _seals if key[0] == name]:

@@ -7,13 +7,14 @@ real processes, real inotify (CI installs bubblewrap and sets CONDUCTOR_TEST_REQ
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conductor import sandbox
-from conductor.attempts import state_store
+from conductor.attempts import prepare_workspace, state_store
 from conductor.errors import UnsafePath
 from conductor.executors.base import execute_claim
 from conductor.executors.command import CommandRunner
@@ -22,6 +23,7 @@ from conductor.models import PolicyLayer
 from conductor.policy import merge_policies
 from conductor.workspace import feed, sealed
 from conductor.proc import run_command
+from conductor.workspace import checkout
 from conductor.workspace.checkout import capture, materialize, reset
 from conductor.workspace.store import StateStore, TreeEntry
 from tests.handoff.support import Handoff, make_handoff
@@ -299,3 +301,67 @@ def test_a_same_size_rewrite_in_the_second_its_entry_was_cached_is_seen(tmp_path
         reset(store, folder, store.commit(second, [commit], "b\n"), holds=second, only=feed.changes(folder))
         assert feed.rearm(folder)
     pytest.fail("the rewrite never fell in the second of its cached entry (a slow machine?)")
+
+
+def test_the_stat_cache_is_refreshed_behind_the_capture_and_kept_old_if_a_file_moved_meanwhile(
+        tmp_path: Path, monkeypatch) -> None:
+    store, commit, folder = fed_checkout(tmp_path, {"a.txt": "a\n", "b.txt": "b\n"})
+    excludes = store.exclude_file([])
+    go_on = threading.Event()
+    update = checkout._update_cache
+    monkeypatch.setattr(checkout, "_update_cache", lambda *args: go_on.wait(30) and update(*args))
+    (folder / "a.txt").write_text("A\n")
+    feed.vouch(folder)
+    index = checkout.index_file(folder)
+    before = os.stat(index).st_ino
+
+    tree = capture(store, folder, excludes=excludes, only=feed.changes(folder))
+
+    refresh = checkout.refreshing(folder)
+    assert refresh is not None and not refresh.done.is_set()  # the capture did not wait for the index
+    assert store.read_blobs([store.entries(tree)["a.txt"].oid]) == {store.entries(tree)["a.txt"].oid: b"A\n"}
+    # Something writes the folder before the cache is rewritten (a trusted feed rules it out; played here):
+    (folder / "a.txt").write_text("AA\n")
+    go_on.set()
+    checkout.settle(folder)
+    assert refresh.done.is_set() and refresh.installed is None and os.stat(index).st_ino == before
+    assert checkout.index_tree(index) == store.tree_of(commit)  # the old cache, true to its own tree
+    # A full pass against it finds the latest content, and a reset to the base restores it.
+    full = capture(store, folder, excludes=excludes)
+    assert store.read_blobs([store.entries(full)["a.txt"].oid]) == {store.entries(full)["a.txt"].oid: b"AA\n"}
+    reset(store, folder, commit)
+    assert (folder / "a.txt").read_text() == "a\n" and not list(tmp_path.glob(".tmp.*"))
+
+
+def test_a_seal_follows_the_stat_cache_its_capture_refreshes(tmp_path: Path) -> None:
+    store, commit, folder = fed_checkout(tmp_path, {"a.txt": "a\n"})
+    excludes = store.exclude_file([])
+    (folder / "a.txt").write_text("A\n")
+    feed.vouch(folder)
+    tree = capture(store, folder, excludes=excludes, only=feed.changes(folder))
+    sealed.seal(folder, excludes, tree)
+
+    checkout.settle(folder)
+    assert checkout.refreshing(folder) is None and sealed.sealed_tree(folder, excludes) == tree
+    assert checkout.index_tree(checkout.index_file(folder)) == tree
+    os.utime(checkout.index_file(folder))  # anything else that touches the cache ends the seal
+    assert sealed.sealed_tree(folder, excludes) is None
+
+
+def watches() -> int:
+    """The inotify watches this process holds (fdinfo(5))."""
+    inotify = feed._get()
+    assert inotify is not None
+    lines = Path(f"/proc/self/fdinfo/{inotify.fd}").read_text().splitlines()
+    return sum(line.startswith("inotify wd:") for line in lines)
+
+
+def test_a_folder_for_an_external_executor_costs_no_watches(handoff) -> None:
+    head = handoff.head
+    plan, fork = handoff.plan.plan_id, handoff.fork.fork_id
+    before = watches()
+    external = prepare_workspace(handoff.layout, plan, fork, "step_001", 1, head, watch=False)
+    assert watches() == before and feed.changes(external) is None
+    here = prepare_workspace(handoff.layout, plan, fork, "step_002", 1, head)
+    folders = 1 + sum(1 for p in here.rglob("*") if p.is_dir() and ".git" not in p.relative_to(here).parts)
+    assert watches() == before + folders
