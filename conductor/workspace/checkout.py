@@ -316,9 +316,15 @@ def _refresh_later(git: Git, folder: Path, index: Path, going: list[str], coming
             refresh.done.set()
 
     thread = threading.Thread(target=work, name=f"conductor-refresh-{folder.name}")
+    key = os.path.realpath(index)
     with _REFRESHES_LOCK:
-        _REFRESHES[os.path.realpath(index)] = (refresh, thread)
-    thread.start()
+        _REFRESHES[key] = (refresh, thread)
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had (a process limit, interpreter shutdown): do it now
+        with _REFRESHES_LOCK:
+            del _REFRESHES[key]
+        work()
 
 
 def refreshing(folder: Path) -> IndexRefresh | None:

@@ -365,3 +365,19 @@ def test_a_folder_for_an_external_executor_costs_no_watches(handoff) -> None:
     here = prepare_workspace(handoff.layout, plan, fork, "step_002", 1, head)
     folders = 1 + sum(1 for p in here.rglob("*") if p.is_dir() and ".git" not in p.relative_to(here).parts)
     assert watches() == before + folders
+
+
+def test_with_no_thread_to_be_had_the_stat_cache_is_rewritten_before_the_capture_returns(
+        tmp_path: Path, monkeypatch) -> None:
+    store, commit, folder = fed_checkout(tmp_path, {"a.txt": "a\n"})
+    (folder / "a.txt").write_text("A\n")
+    feed.vouch(folder)
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    tree = capture(store, folder, excludes=store.exclude_file([]), only=feed.changes(folder))
+
+    assert checkout.refreshing(folder) is None
+    assert checkout.index_tree(checkout.index_file(folder)) == tree != store.tree_of(commit)
