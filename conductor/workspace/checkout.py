@@ -274,13 +274,19 @@ def _stat_key(path: Path) -> tuple[int, int, int, int] | None:
     return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
+def cache_identity(folder: Path) -> tuple[int, int, int, int] | None:
+    """``(st_ino, st_size, st_mtime_ns, st_ctime_ns)`` of ``folder``'s stat cache, None if it has none:
+    every rewrite of the cache (a new file, renamed into place) changes it."""
+    return _stat_key(index_file(folder))
+
+
 class IndexRefresh:
     """A stat cache being brought up to a captured tree by a thread (see :func:`capture`).
 
     Attributes:
         done: set when the thread has finished, installed or not.
-        installed: the new stat cache's ``(st_ino, st_size, st_mtime_ns, st_ctime_ns)`` once it replaced
-            the old one; None if it did not (the old one, which still holds the previous tree, stays).
+        installed: the new stat cache's :func:`cache_identity` once it replaced the old one; None if it
+            did not (the old one, which still holds the previous tree, stays).
     """
 
     def __init__(self) -> None:
@@ -288,8 +294,12 @@ class IndexRefresh:
         self.installed: tuple[int, int, int, int] | None = None
 
 
-_REFRESHES: dict[str, tuple[IndexRefresh, threading.Thread]] = {}
+_REFRESHES: dict[str, tuple[IndexRefresh, threading.Thread]] = {}  # by _refresh_key
 _REFRESHES_LOCK = threading.Lock()
+
+
+def _refresh_key(folder: Path) -> str:
+    return os.path.realpath(index_file(folder))  # a folder may be named resolved or as listed
 
 
 def _refresh_later(git: Git, folder: Path, index: Path, going: list[str], coming: list[str],
@@ -308,7 +318,7 @@ def _refresh_later(git: Git, folder: Path, index: Path, going: list[str], coming
                 return
             os.replace(temp, index)
             remember_tree(index, tree)
-            refresh.installed = _stat_key(index)
+            refresh.installed = cache_identity(folder)
         except Exception:  # noqa: BLE001 - the old cache stays, and is still true to its own tree
             return
         finally:
@@ -316,7 +326,7 @@ def _refresh_later(git: Git, folder: Path, index: Path, going: list[str], coming
             refresh.done.set()
 
     thread = threading.Thread(target=work, name=f"conductor-refresh-{folder.name}")
-    key = os.path.realpath(index)
+    key = _refresh_key(folder)
     with _REFRESHES_LOCK:
         _REFRESHES[key] = (refresh, thread)
     try:
@@ -330,7 +340,7 @@ def _refresh_later(git: Git, folder: Path, index: Path, going: list[str], coming
 def refreshing(folder: Path) -> IndexRefresh | None:
     """The background refresh of ``folder``'s stat cache that nobody has waited for yet, if any."""
     with _REFRESHES_LOCK:
-        found = _REFRESHES.get(os.path.realpath(index_file(folder)))
+        found = _REFRESHES.get(_refresh_key(folder))
     return found[0] if found is not None else None
 
 
@@ -342,7 +352,7 @@ def settle(folder: Path | None = None) -> None:
         if folder is None:
             waiting = list(_REFRESHES.items())
         else:
-            key = os.path.realpath(index_file(folder))
+            key = _refresh_key(folder)
             waiting = [(key, _REFRESHES[key])] if key in _REFRESHES else []
     for key, (refresh, thread) in waiting:
         thread.join()
@@ -411,16 +421,17 @@ def _told(git: Git, folder: Path, index: Path, only: Sequence[str], *,
     # Each path and the folders above it: a submodule (a "commit" entry, whose object the store may lack)
     # on the way is left to the full pass, which judges a submodule's folder by rules of its own.
     asked = sorted({*only, *(path.rsplit("/", i)[0] for path in only for i in range(1, path.count("/") + 1))})
-    held_entries: dict[str, tuple[str, str, str]] = {}  # path -> (mode, type, id)
+    kinds: dict[str, str] = {}
+    tracked: dict[str, TreeEntry] = {}
     for record in split_z(git.run(["ls-tree", "-z", "--full-tree", held, "--",
                                    *(f":(literal){path}" for path in asked)])):
         meta, _, path = record.partition("\t")
-        mode, kind, oid = meta.split(" ")
-        held_entries[path] = (mode, kind, oid)
-    if any(kind == "commit" for _mode, kind, _oid in held_entries.values()):
+        mode, kinds[path], oid = meta.split(" ")
+        if kinds[path] == "blob":
+            tracked[path] = TreeEntry(mode, oid)
+    if "commit" in kinds.values():
         return None
-    tracked = {path: TreeEntry(held_entries[path][0], held_entries[path][2]) for path in only
-               if held_entries.get(path, ("", ""))[1] == "blob"}
+    tracked = {path: tracked[path] for path in only if path in tracked}  # not a file above one (now a folder)
     # git reads the whole index to list what is untracked (7 ms at 50,000 files); only a path that is
     # there and is, or may hold, something the index lacks needs it: an untracked one, or a tracked file
     # that is now a folder. A path that is not there at all lists nothing.

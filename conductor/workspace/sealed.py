@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from conductor.workspace.checkout import IndexRefresh, index_file, refreshing, settle
+from conductor.workspace.checkout import IndexRefresh, cache_identity, refreshing, settle
 
 MAX_SEALS = 64
 """Seals kept at most (the oldest go first): one per attempt between its run and its folder's reuse."""
@@ -44,20 +44,12 @@ def _stat(path: Path) -> tuple[int, ...] | None:
     return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns
 
 
-def _cache(folder: Path) -> tuple[int, ...] | None:
-    try:
-        info = os.stat(index_file(folder))
-    except OSError:
-        return None
-    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
-
-
 def _identity(folder: Path) -> _Identity | None:
     # The stat cache is rewritten (a new inode, by rename) by every capture and reset that changes it. A
     # capture told by a change feed has a thread rewrite it (checkout.capture): the seal then stands for
     # what that thread installs.
     top = _stat(folder)
-    cache = refreshing(folder) or _cache(folder)
+    cache = refreshing(folder) or cache_identity(folder)
     return None if top is None or cache is None else (top, cache)
 
 
@@ -69,8 +61,8 @@ def _holds(folder: Path, identity: _Identity) -> bool:
     if isinstance(cache, IndexRefresh):
         if not cache.done.is_set():
             return refreshing(folder) is cache  # still being written by the thread the seal waits on
-        return cache.installed is not None and cache.installed == _cache(folder)
-    return cache == _cache(folder)
+        return cache.installed is not None and cache.installed == cache_identity(folder)
+    return cache == cache_identity(folder)
 
 
 def seal(folder: Path, excludes: Path, tree: str) -> None:

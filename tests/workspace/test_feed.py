@@ -21,9 +21,8 @@ from conductor.executors.command import CommandRunner
 from conductor.handoff.lease import Claim, claim_task
 from conductor.models import PolicyLayer
 from conductor.policy import merge_policies
-from conductor.workspace import feed, sealed
+from conductor.workspace import checkout, feed, sealed
 from conductor.proc import run_command
-from conductor.workspace import checkout
 from conductor.workspace.checkout import capture, materialize, reset
 from conductor.workspace.store import StateStore, TreeEntry
 from tests.handoff.support import Handoff, make_handoff
