@@ -557,6 +557,8 @@ class _Known:
                 self.view, self.chain = _Tail(stat.st_dev, stat.st_ino, 0, b"", None), _ChainCheck()
                 self.prefix, self.marked = hashlib.sha256(), 0
                 self._start_at_mark(path, fd, stat)
+            elif stat.st_size - self.view.end >= SKIP_TO_MARK_BYTES:
+                self._skip_to_mark(path, fd, stat)
             data = _read_from(fd, self.view.end, stat.st_size)
         finally:
             os.close(fd)
@@ -601,6 +603,28 @@ class _Known:
         self.view = _Tail(stat.st_dev, stat.st_ino, len(prefix), last, events[-1])
         self.prefix, self.marked = hashlib.sha256(prefix), len(events)
 
+    def _skip_to_mark(self, path: Path, fd: int, stat: os.stat_result) -> None:
+        """Take the lines between the end of what this process checked and the log's check mark as checked,
+        if the mark names the checked prefix and more (another process checked the rest since, e.g. while
+        this one slept); otherwise nothing changes (the new lines are checked one by one)."""
+        assert self.view is not None
+        mark = _read_mark(path)
+        start = self.view.end
+        if mark is None or not start < mark["bytes"] <= stat.st_size:
+            return
+        middle = _read_from(fd, start, mark["bytes"])[: mark["bytes"] - start]
+        prefix = self.prefix.copy()
+        prefix.update(middle)
+        if len(middle) != mark["bytes"] - start or prefix.hexdigest() != mark["sha256"]:
+            return
+        events = _vouched_events(middle)
+        if events is None or self.chain.lines + len(events) != mark["lines"] or events[-1].hash != mark["head"]:
+            return
+        self.chain.accept_all(events)
+        last = middle[middle.rfind(b"\n", 0, len(middle) - 1) + 1 :]
+        self.view = _Tail(stat.st_dev, stat.st_ino, mark["bytes"], last, events[-1])
+        self.prefix, self.marked = prefix, self.chain.lines
+
     def _write_mark(self, path: Path) -> None:
         """Write the check mark for every line checked so far. Best effort, and never fsynced: a mark lost
         or damaged in a crash only costs the next reader a full check."""
@@ -635,6 +659,9 @@ MARK_SCHEMA = "conductor.audit-mark/v1"
 MARK_SUFFIX = ".checked"
 MARK_EVERY_LINES = 1024
 """A process that runs plans moves a log's check mark on after checking this many more lines."""
+
+SKIP_TO_MARK_BYTES = 1 << 18
+"""Unread bytes of a log (~750 lines) past which a reader looks whether the check mark vouches for them."""
 
 
 def mark_path(path: Path) -> Path:
@@ -906,12 +933,14 @@ class _ChainCheck:
         self._previous, self._lost_track = (number, event), False
 
     def accept_all(self, events: list[Event]) -> None:
-        """Take a run of lines checked before (their bytes unchanged since), from the start of the log."""
-        assert self.lines == 0
-        self.lines = len(events)
-        self._seen.update((event.hash, number) for number, event in enumerate(events, start=1))
+        """Take a run of lines checked before (their bytes unchanged since), following the lines checked so
+        far (a check mark vouches for all of them together)."""
+        assert not self.problems
+        first = self.lines + 1
+        self.lines += len(events)
+        self._seen.update((event.hash, number) for number, event in enumerate(events, start=first))
         self.events.extend(events)
-        self._previous, self._lost_track = (len(events), events[-1]), False
+        self._previous, self._lost_track = (self.lines, events[-1]), False
 
     def check(self, number: int, line: bytes) -> None:
         self.lines = number

@@ -19,6 +19,7 @@ from tests.test_audit import _chain, _write
 @pytest.fixture(autouse=True)
 def _small_marks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audit, "MARK_EVERY_LINES", 10)
+    monkeypatch.setattr(audit, "SKIP_TO_MARK_BYTES", 1)
 
 
 def _checked_lines(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
@@ -150,3 +151,61 @@ def test_a_mark_written_by_another_process_is_used_by_this_one(tmp_path: Path, m
     assert json.loads(mark_path(path).read_bytes())["lines"] == 15
     checked = _checked_lines(monkeypatch)
     assert len(AuditLog(path).events()) == 15 and checked == []
+
+
+def _mark_in_another_process(path: Path) -> None:
+    code = ("import sys; import conductor.audit as a; a.MARK_EVERY_LINES = 10; "
+            "a.AuditLog(sys.argv[1], cut_torn_tail=True).events()")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+
+
+def test_a_reader_that_fell_behind_skips_to_a_mark_another_process_wrote(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process checked 5 lines; another appended 20 and checked them (mark at 25); 3 more follow."""
+    path = _write(tmp_path / "audit.log", _chain(5))
+    reader = AuditLog(path)
+    assert len(reader.events()) == 5
+    _write(path, _chain(25))
+    _mark_in_another_process(path)
+    with path.open("ab") as handle:
+        handle.write(b"".join(_chain(28)[25:]))
+    expected = [e.model_dump() for e in audit._scan(path.read_bytes())[0]]
+    checked = _checked_lines(monkeypatch)
+    assert [e.model_dump() for e in reader.events()] == expected
+    assert checked == [line.rstrip(b"\n") for line in _chain(28)[25:]]  # only what the mark does not cover
+    AuditLog(path, cut_torn_tail=True).append("plan.resumed", {"pid": 1})  # the chain goes on from there
+    assert [e.seq for e in AuditLog(path).events()] == list(range(29)) and verify_chain(path).ok
+
+
+def test_a_mark_that_does_not_fit_what_a_reader_checked_is_not_skipped_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attacker appends a tampered line and a mark over the new bytes that does not hash the prefix
+    this process checked: the reader checks the new lines itself and finds the tampering."""
+    path = _write(tmp_path / "audit.log", _chain(5))
+    reader = AuditLog(path)
+    reader.events()
+    lines = _chain(25)
+    entry = json.loads(lines[12])
+    entry["data"]["attempt"] = 7
+    _write(path, [*lines[:12], canonical_bytes(entry) + b"\n", *lines[13:]])
+    data = path.read_bytes()
+    forged = {"schema": audit.MARK_SCHEMA, "bytes": len(data), "lines": 25,
+              "sha256": audit.hashlib.sha256(data[len(b"".join(lines[:5])):]).hexdigest(),
+              "head": json.loads(lines[24])["hash"]}
+    mark_path(path).write_bytes(json.dumps(forged).encode())
+    checked = _checked_lines(monkeypatch)
+    with pytest.raises(AuditChainError, match="line 13: hash mismatch"):
+        reader.events()
+    assert len(checked) == 20
+
+
+def test_a_mark_behind_what_a_reader_checked_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path / "audit.log", _chain(12))
+    _mark_in_another_process(path)  # mark at 12 lines
+    forget_checked_logs()
+    reader = AuditLog(path)
+    _write(path, _chain(14))
+    assert len(reader.events()) == 14  # from the mark: 2 lines checked
+    _write(path, _chain(20))
+    checked = _checked_lines(monkeypatch)
+    assert len(reader.events()) == 20 and len(checked) == 6
