@@ -97,8 +97,13 @@ def prepare_workspace(layout: ProjectLayout, plan_id: str, fork_id: str, step_id
     return target
 
 
-def prepare_retry(layout: ProjectLayout, task: Task) -> Task:
+def prepare_retry(layout: ProjectLayout, task: Task, *, watch: bool = False) -> Task:
     """Give a re-queued task (``attempt`` already incremented) a folder of its own at the same base.
+
+    Args:
+        watch: give the folder a change feed; only for a retry this process will run itself (see
+            :func:`prepare_workspace`). A worker or a ``conductor task`` command cannot know who claims
+            the retry, and a short-lived command's feed would end with it.
 
     Returns:
         The task with ``workspace`` pointing at the new attempt's folder.
@@ -106,7 +111,7 @@ def prepare_retry(layout: ProjectLayout, task: Task) -> Task:
     # No search for an idle folder: a re-queue happens under the fork lock, often many at once after a
     # crash, and each search reads every finished attempt's task; a checkout of the base is cheaper.
     folder = prepare_workspace(layout, task.plan_id, task.fork_id, task.task_id, task.attempt, task.base_commit,
-                               recycle=False)
+                               recycle=False, watch=watch)
     return task.model_copy(update={"workspace": layout.relative(folder)})
 
 
@@ -121,10 +126,15 @@ class RetryFolders:
     fork lock, when its retry is published and its name is still free: a folder another process made or
     uses is never touched. What is not used is removed by :meth:`discard`, or, after a crash, by
     recovery's temp sweep (the private folder's name carries the pid).
+
+    With ``watch`` (only where this process runs the retries itself), each folder's change feed is started
+    right after its checkout, in the background too: a feed is keyed by the folder's inode, which the
+    rename into place keeps.
     """
 
-    def __init__(self, layout: ProjectLayout, *, threads: int | None = None) -> None:
+    def __init__(self, layout: ProjectLayout, *, watch: bool = False, threads: int | None = None) -> None:
         self.layout = layout
+        self.watch = watch
         # One per CPU: the re-queues themselves mostly wait (their fsyncs are grouped per batch), and each
         # checkout is mostly a git process starting (measured on 2 CPUs: 300 re-queues took 0.75-0.91 s with
         # 2 threads, 0.91-1.06 s with 1).
@@ -147,7 +157,7 @@ class RetryFolders:
                 # (target is built from the layout's root: no symlink to resolve, unlike layout.relative)
                 return task.model_copy(update={"workspace": target.relative_to(self.layout.root).as_posix()})
             remove_folder(made)
-        return prepare_retry(self.layout, task)
+        return prepare_retry(self.layout, task, watch=self.watch)
 
     def prefetch(self, tasks: list[Task]) -> None:
         """Start checking out the folder of each retry (``attempt`` already incremented) at its base, in
@@ -180,6 +190,8 @@ class RetryFolders:
             self._pool = None
         self._pending.clear()
         for private in self._private:
+            for made in private.iterdir() if self.watch and private.is_dir() else ():
+                feed.drop(made)
             shutil.rmtree(private, ignore_errors=True)
         self._private.clear()
 
@@ -193,6 +205,8 @@ class RetryFolders:
             materialize(store, task.base_commit, private / target.name, durable=False)  # made durable when used
         except (ConductorError, OSError):
             return None
+        if self.watch:
+            feed.start(private / target.name)
         return private / target.name
 
 

@@ -248,7 +248,7 @@ class Engine:
     def _reap(self, view: _ForkView) -> None:
         reap_expired(view.fork, max_attempts=self.config.executor.max_attempts,
                      lease_seconds=self.config.executor.lease_seconds, on_event=view.append,
-                     prepare_retry=RetryFolders(self.layout))
+                     prepare_retry=RetryFolders(self.layout, watch=self._runs_here()))
 
     def _advance(self, view: _ForkView) -> dict[str, str]:
         # Log verdicts a crash left unlogged first: the fork's head must include them before any other
@@ -362,7 +362,8 @@ class Engine:
                 execute_claim(self.layout, claim, runner, ignore=self.ignore,
                               lease_seconds=self.config.executor.lease_seconds,
                               heartbeat_seconds=self.config.executor.heartbeat_seconds, on_event=log.append,
-                              signer=self.signer, prepare_retry=lambda task: prepare_retry(self.layout, task),
+                              signer=self.signer,
+                              prepare_retry=lambda task: prepare_retry(self.layout, task, watch=True),
                               verified_here=True)
         finally:
             self._wake()

@@ -7,11 +7,14 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from conductor.attempts import attempt_changes, prepare_retry
 from conductor.audit import AuditLog
 from conductor.handoff.documents import write_document
 from conductor.handoff.lease import claim_task
 from conductor.handoff.reaper import reap_expired
+from conductor.workspace import feed
 from tests.corpus.builders import do_and_complete, reported, verify
 from tests.handoff.support import make_handoff
 from tests.helpers.fork_state import fork_head
@@ -67,7 +70,11 @@ def _expire_elsewhere(handoff, step: str) -> None:
     write_document(handoff.fork.lease_file(step), lease.model_copy(update={"host": "elsewhere", "checksum": None}))
 
 
-def test_many_retries_get_their_folders_checked_out_ahead_and_side_by_side(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("watch", [False, True])
+def test_many_retries_get_their_folders_checked_out_ahead_and_side_by_side(tmp_path: Path, monkeypatch,
+                                                                           watch: bool) -> None:
+    """``watch``: the retries will run in this process (the engine's own executor), so each folder made
+    ahead gets a change feed too; a folder for another process gets none."""
     import subprocess
     import threading
 
@@ -87,10 +94,10 @@ def test_many_retries_get_their_folders_checked_out_ahead_and_side_by_side(tmp_p
     real_materialize, real_prepare = attempts.materialize, attempts.prepare_retry
     monkeypatch.setattr(attempts, "materialize", lambda *a, **k: (threads.add(threading.get_ident()),
                                                                    real_materialize(*a, **k))[1])
-    monkeypatch.setattr(attempts, "prepare_retry", lambda layout, task: (fallbacks.append(task.task_id),
-                                                                         real_prepare(layout, task))[1])
+    monkeypatch.setattr(attempts, "prepare_retry", lambda layout, task, **kw: (fallbacks.append(task.task_id),
+                                                                               real_prepare(layout, task, **kw))[1])
     time.sleep(0.05)
-    folders = attempts.RetryFolders(handoff.layout, threads=2)
+    folders = attempts.RetryFolders(handoff.layout, watch=watch, threads=2)
 
     reaped = reap_expired(handoff.fork, max_attempts=3, lease_seconds=60, on_event=AuditLog(handoff.fork.audit_log).append,
                           prepare_retry=folders)
@@ -106,6 +113,9 @@ def test_many_retries_get_their_folders_checked_out_ahead_and_side_by_side(tmp_p
         assert branch.stdout.strip() == f"conductor/{step}.a2"
         assert attempt_changes(handoff.layout, folder, retry.base_commit, [])[1] == []
         assert handoff.scratch(step, 1).is_dir()  # the old attempt's folder is left alone
+        feed.vouch(folder)
+        # step_004's folder was reset where a crash left it: what ran there before is unknown, so no feed
+        assert feed.changes(folder) == ([] if watch and step != "step_004" else None)
     left = sorted(p.name for p in handoff.scratch("step_001").parent.iterdir() if p.name.startswith(".tmp."))
     assert left == []  # the pool's private folders are gone (the one made for step_004 discarded)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conductor import sandbox
-from conductor.attempts import prepare_workspace, state_store
+from conductor.attempts import prepare_retry, prepare_workspace, state_store
 from conductor.errors import UnsafePath
 from conductor.executors.base import execute_claim
 from conductor.executors.command import CommandRunner
@@ -364,6 +364,18 @@ def test_a_folder_for_an_external_executor_costs_no_watches(handoff) -> None:
     here = prepare_workspace(handoff.layout, plan, fork, "step_002", 1, head)
     folders = 1 + sum(1 for p in here.rglob("*") if p.is_dir() and ".git" not in p.relative_to(here).parts)
     assert watches() == before + folders
+
+
+def test_a_retry_is_watched_only_when_this_process_will_run_it(handoff) -> None:
+    """A worker's retry, or one a ``conductor task`` command re-queues, may be claimed by any process (and
+    a command's feed ends with it): no watches. The engine's own retries ask for a feed."""
+    task = handoff.build_task("step_001")
+    before = watches()
+    elsewhere = prepare_retry(handoff.layout, task.model_copy(update={"attempt": 2}))
+    assert watches() == before and feed.changes(handoff.root / elsewhere.workspace) is None
+    here = handoff.root / prepare_retry(handoff.layout, task.model_copy(update={"attempt": 3}), watch=True).workspace
+    feed.vouch(here)
+    assert watches() > before and feed.changes(here) == []
 
 
 def test_with_no_thread_to_be_had_the_stat_cache_is_rewritten_before_the_capture_returns(
