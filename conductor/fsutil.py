@@ -126,18 +126,19 @@ def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
     return hasher.hexdigest()
 
 
-def write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
+def write_temp(target: Path, data: bytes, mode: int = 0o644, *, sync: bool = True) -> Path:
     """Write ``data`` to a fresh fsynced temp file beside ``target``; returns the temp's path.
 
     The first half of :func:`atomic_write`, for callers that write a file's bytes before taking a lock
     and only rename it into place under the lock (:func:`commit_temp`). ``mode`` (permission bits) is set
-    before the file can become visible.
+    before the file can become visible. ``sync=False`` skips the fsync, for a file whose loss or damage in
+    a power loss its readers already survive (a lease).
 
     Raises:
         StorageError: the disk is full or failed; no temp file is left.
         OSError: any other failure, with the same guarantee.
     """
-    temp = _write_temp(target, data, mode)
+    temp = _write_temp(target, data, mode, sync=sync)
     crash_point("write.after_temp")
     return temp
 
@@ -177,13 +178,14 @@ def _write_temps(items: Sequence[tuple[Path, bytes]], mode: int = 0o644) -> list
     return [temp for temp, _fd in made]
 
 
-def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
+def _write_temp(target: Path, data: bytes, mode: int = 0o644, *, sync: bool = True) -> Path:
     temp = temp_path(target)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         write_all(fd, data, target)
         os.fchmod(fd, mode)  # before the rename, whatever the umask: no reader sees a wrong mode
-        fsync_fd(fd, target)
+        if sync:
+            fsync_fd(fd, target)
     except BaseException:
         os.close(fd)
         temp.unlink(missing_ok=True)
@@ -218,7 +220,8 @@ def _rename(source: Path, target: Path, *, replace: bool) -> None:
         (os.replace if replace else os.rename)(source, target)
 
 
-def atomic_write(target: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True) -> None:
+def atomic_write(target: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True,
+                 sync_file: bool = True) -> None:
     """Replace ``target`` with ``data`` atomically and durably (temp + fsync + rename + dir fsync).
 
     Args:
@@ -226,13 +229,16 @@ def atomic_write(target: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool
         sync_dir: fsync the folder after the rename. False leaves the new name's durability to a later
             fsync of the folder (several files committed together need one) or to nobody (a file no one
             needs after a power loss, such as a lease: its holder dies with the machine).
+        sync_file: fsync the file before the rename. False only for a file whose readers survive finding
+            it missing, old or unreadable after a power loss (a lease): the rename stays atomic for every
+            reader while the machine runs; only a power loss can leave the name pointing at unwritten data.
 
     Raises:
         StorageError: the disk is full or failed; ``target`` is unchanged (or, if only the final folder
             fsync failed, replaced but possibly not durable) and no temp file is left.
         OSError: any other write or rename failure, with the same guarantee.
     """
-    commit_temp(write_temp(target, data, mode), target)
+    commit_temp(write_temp(target, data, mode, sync=sync_file), target)
     if sync_dir:
         fsync_dir(target.parent)
     if _scope.name == "apply":

@@ -165,12 +165,15 @@ def claim_task(
 def _write_lease(fork: ForkLayout, lease: Lease) -> tuple[Lease, bytes]:
     """Seal and write a lease atomically; returns it with its bytes.
 
-    The folder is not fsynced: a lease guards nothing across a power loss, whose reboot ends every holder
-    on this host (a lost or unreadable lease expires ``lease_seconds`` after the claim). The file itself
-    is fsynced so that it never reads back as garbage.
+    Nothing is fsynced, neither the file nor the folder: a lease guards nothing across a power loss, whose
+    reboot ends every holder on this host. What a power loss can leave — no lease, the one before, or a
+    file of unwritten blocks that fails its checksum — every reader already takes as a lease that is
+    lost: it expires ``lease_seconds`` after the claim (the task file's ctime; docs/protocol.md, 6.2),
+    and a holder elsewhere still alive finds its fencing token stale at its next renewal or commit. While
+    the machine runs, the rename keeps every write atomic for every reader.
     """
     sealed, data = sealed_bytes(lease)
-    atomic_write(fork.lease_file(lease.task_id), data, sync_dir=False)
+    atomic_write(fork.lease_file(lease.task_id), data, sync_dir=False, sync_file=False)
     return Lease.model_validate(sealed), data
 
 
@@ -326,8 +329,8 @@ def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None,
                 not_after: datetime | None = None) -> Lease:
     """Extend the lease of ``claim`` by ``lease_seconds`` from now (the heartbeat).
 
-    The new lease is written and fsynced before the fork lock is taken; under the lock there is only the
-    fencing check and the rename.
+    The new lease is written before the fork lock is taken; under the lock there is only the fencing check
+    and the rename.
 
     Args:
         pgid: the process group the work now runs in (its leader must not have been reaped yet, so its
@@ -346,14 +349,14 @@ def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None,
         update.update(pgid=pgid, pgid_start=process_start(pgid))
     path, base = claim.fork.lease_file(claim.task.task_id), claim.lease
     sealed, data = sealed_bytes(base.model_copy(update=update))
-    temp = write_temp(path, data)  # no folder fsync, as for every lease (see _write_lease)
+    temp = write_temp(path, data, sync=False)  # no fsync at all, as for every lease (see _write_lease)
     try:
         with fork_lock(claim.fork):
             assert_holder(claim)
             if claim.lease is not base:  # another thread of ours renewed meanwhile: keep what it recorded
                 temp.unlink()
                 sealed, data = sealed_bytes(claim.lease.model_copy(update=update))
-                temp = write_temp(path, data)
+                temp = write_temp(path, data, sync=False)
             commit_temp(temp, path)
             claim.lease = Lease.model_validate(sealed)
             claim.lease_seen = (claim.lease, data)

@@ -34,7 +34,7 @@ TARGETED = [
     ("link:ENOSPC:1@pending", None),                      # publishing the first task
     ("write:ENOSPC:1@audit.log", None),                   # half a plan.created line, cut back at once
     ("write:EIO:2@fork_1/audit.log", None),               # half a fork event line (confidence.scored)
-    ("fsync:EIO:1@lease.json", None),                     # the lease of a claim
+    ("write:EIO:1@lease.json", None),                     # the lease of a claim
     ("write:ENOSPC:1@result.json", None),                 # the result of a completion
     ("rename:EIO:1@completed/step_001.task.json", "uncommitted_quarantined"),  # the commit rename
     ("write:EIO:1@verdict.json", None),                   # an accepted verdict
@@ -96,7 +96,7 @@ def test_a_disk_error_while_the_command_runs_stops_the_run_instead_of_failing_th
     template: Path, tmp_path: Path
 ) -> None:
     # The second lease write is the renewal that records the command's process group as it starts.
-    problems, trial = run_case(template, tmp_path / "case", "fsync:EIO:2@lease.json")
+    problems, trial = run_case(template, tmp_path / "case", "write:EIO:2@lease.json")
     assert problems == [], trial.story()
 
 

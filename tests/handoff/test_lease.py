@@ -265,6 +265,34 @@ def test_an_unreadable_lease_counts_as_no_lease(handoff: Handoff) -> None:
     assert _reap(handoff, after=LEASE + 2)[0].outcome == "requeued"
 
 
+def test_a_claim_and_its_renewals_cost_no_fsync(handoff: Handoff, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim guards nothing across a power loss (docs/protocol.md, section 5): the reboot ends its holder,
+    and a task found back in pending/, or in in_progress/ with its lease missing or unreadable, is claimed
+    again or re-queued. So neither the claim's rename, its lease nor a renewal waits for the disk."""
+    import conductor.fsutil as fsutil
+
+    synced: list[str] = []
+    real = fsutil.fsync_fd
+    monkeypatch.setattr(fsutil, "fsync_fd", lambda fd, path=None: (synced.append(str(path)), real(fd, path))[1])
+    handoff.publish("step_001")
+    synced.clear()
+    claim = _claim(handoff)
+    renew_lease(claim, lease_seconds=60, pgid=os.getpid())
+    assert synced == []
+    assert handoff.read_lease("step_001").pgid == os.getpid()
+
+
+def test_a_lease_a_power_loss_left_unwritten_counts_as_no_lease(handoff: Handoff) -> None:
+    """Without an fsync, a power loss can leave the lease's name on blocks never written: zeros."""
+    handoff.publish("step_001")
+    _claim(handoff, lease=3600)
+    lease = handoff.fork.lease_file("step_001")
+    lease.write_bytes(b"\0" * lease.stat().st_size)
+
+    assert _reap(handoff, after=0) == []
+    assert _reap(handoff, after=LEASE + 2)[0].outcome == "requeued"
+
+
 def test_reaper_rejects_a_tampered_in_progress_task(handoff: Handoff) -> None:
     handoff.publish("step_001")
     _claim(handoff)
