@@ -61,6 +61,7 @@ in-flight tasks and whatever needs repair, not the plan's history.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import time
@@ -77,7 +78,7 @@ from conductor.canonical import check_checksum, strict_loads
 from conductor.config import DEFAULT_WORKSPACE_IGNORE
 from conductor.errors import ChecksumMismatch, GitError, IntegrityError, MergeConflict, StateConflict
 from conductor.fsutil import TEMP_NAME, TEMP_PREFIX, durable_rename, fsync_dir, remove_durably
-from conductor.handoff.documents import read_document
+from conductor.handoff.documents import read_document, read_limited
 from conductor.handoff.lease import HOST, fork_lock
 from conductor.proc import pid_alive
 from conductor.layout import (
@@ -453,8 +454,8 @@ class _Recovery:
     def _restore_published(self, fork: ForkLayout, log: AuditLog, tasks: _TaskFiles) -> None:
         for state in STATES:
             for task_id in tasks.folders.tasks(state):
-                if tasks.vouched(task_id) is not None:
-                    continue  # settled at its last published attempt: the log accounts for it
+                if tasks.vouched(task_id) is not None or tasks.as_published(task_id) is not None:
+                    continue  # settled at, or still holding, its last published attempt: the log accounts for it
                 task = tasks.task(task_id)
                 if task is None or (task_id, task.attempt) in tasks.published:
                     continue
@@ -596,8 +597,16 @@ class _TaskFiles:
     A task file in ``completed/`` or ``failed/`` whose step's last published attempt has a completion,
     failure or verdict event, and no event names a later attempt, holds that attempt, so it is not read
     again. (A later attempt named by an event means a retry was published, its event lost in a crash, and
-    an executor went on with it: that file is read and its publication restored.) Every other task file is read, once: the in-flight
-    ones and those the log does not account for. So recovery reads what may need repair, not the history.
+    an executor went on with it: that file is read and its publication restored.) Every other task file is
+    read, once: the in-flight ones and those the log does not account for. So recovery reads what may need
+    repair, not the history.
+
+    An in-flight file (pending, in progress) whose bytes claim exactly the attempt and checksum of its
+    step's last ``task.published`` event is what was published: the log accounts for it, and its attempt
+    is taken from a plain JSON parse, not a strict read (checksum, schema). Recovery only decides from a
+    file's attempt whether a publication went unlogged; whoever claims the file reads it strictly, and a
+    file whose content does not match the checksum it claims is refused then, as it would be without a
+    crash. Any other file is read strictly.
     """
 
     def __init__(self, fork: ForkLayout, folders: _Folders, events: list[Event]) -> None:
@@ -605,6 +614,7 @@ class _TaskFiles:
         self.published: set[tuple[Any, Any]] = set()
         self._last: dict[str, Any] = {}  # step -> the attempt of its last task.published event
         self._settled: set[tuple[Any, Any]] = set()
+        self._checksum: dict[str, Any] = {}  # step -> the checksum its last task.published event names
         # step -> the highest attempt any event names: above the last published one when a retry's file was
         # published but its event lost (a crash) and an executor then claimed and completed it.
         self._highest: dict[str, int] = {}
@@ -620,12 +630,14 @@ class _TaskFiles:
             if event.type == "task.published":
                 self.published.add(key)
                 self._last[key[0]] = key[1]
+                self._checksum[key[0]] = data.get("checksum")
             elif event.type in _SETTLING:
                 self._settled.add(key)
             elif event.type == "task.rejected":  # the rejected file may claim any attempt: the log's is settled
                 self._settled.add((key[0], self._last.get(key[0])))
         self._read: dict[str, Task | None] = {}
         self._vouched: dict[str, int | None] = {}
+        self._as_published: dict[str, int | None] = {}
 
     def vouched(self, task_id: str) -> int | None:
         """The attempt the log vouches ``task_id``'s task file holds, or None when it has to be read."""
@@ -636,6 +648,25 @@ class _TaskFiles:
             later = isinstance(attempt, int) and self._highest.get(task_id, 0) > attempt
             self._vouched[task_id] = attempt if settled and isinstance(attempt, int) and not later else None
         return self._vouched[task_id]
+
+    def as_published(self, task_id: str) -> int | None:
+        """The attempt of ``task_id``'s in-flight task file if its bytes claim the attempt and checksum of
+        the step's last ``task.published`` event (see the class docstring), else None."""
+        if task_id not in self._as_published:
+            found = self.folders.where(task_id)
+            attempt, checksum = self._last.get(task_id), self._checksum.get(task_id)
+            claimed = None
+            if found is not None and not found[1] and found[0] in ("pending", "in_progress") \
+                    and isinstance(attempt, int) and isinstance(checksum, str):
+                try:
+                    document = json.loads(read_limited(self.fork.task_file(found[0], task_id)))
+                except (OSError, ValueError, IntegrityError):
+                    document = None
+                if isinstance(document, dict) and document.get("attempt") == attempt \
+                        and document.get("checksum") == checksum and document.get("task_id") == task_id:
+                    claimed = attempt
+            self._as_published[task_id] = claimed
+        return self._as_published[task_id]
 
     def task(self, task_id: str) -> Task | None:
         """The task file of ``task_id`` read strictly (None when it is missing or unreadable)."""
@@ -653,6 +684,8 @@ class _TaskFiles:
 
     def attempt(self, task_id: str) -> int | None:
         vouched = self.vouched(task_id)
+        if vouched is None:
+            vouched = self.as_published(task_id)
         if vouched is not None:
             return vouched
         task = self.task(task_id)

@@ -508,12 +508,35 @@ def test_recovery_reads_only_the_task_files_the_log_does_not_account_for(
 
     monkeypatch.setattr(recovery_module, "_read_task", counting)
 
+    # The attacker edits a pending task's instruction and leaves its attempt and checksum fields alone.
+    tampered = handoff.task_path("pending", pending[0])
+    document = json.loads(tampered.read_bytes())
+    document["instruction"] = "rm -rf ~"
+    tampered.write_text(json.dumps(document))
+
     assert recover_project(handoff.layout).repairs == []
 
-    # The pending tasks (in flight) and the completion the log does not account for; not the three
-    # completions it does.
-    assert sorted(read) == sorted([f"pending/{task_id}.task.json" for task_id in pending]
-                                  + [f"completed/{unlogged}.task.json"])
+    # Only the completion the log does not account for: not the three completions it does, and not the
+    # pending tasks, whose bytes claim the attempt and checksum their task.published events name.
+    assert read == [f"completed/{unlogged}.task.json"]
+    # The tampered one is refused unexecuted by whoever claims it, as without a crash.
+    assert claim_task(handoff.fork, pending[0], holder="x@here:1", lease_seconds=30) is None
+    assert handoff.read_result("failed", pending[0]).error.kind == "checksum_mismatch"
+
+
+def test_recovery_reads_an_in_flight_task_file_that_is_not_what_the_log_published(handoff: Handoff) -> None:
+    """A retry published whose task.published event a crash lost: the file claims another attempt than the
+    log's last publication, so it is read strictly and the event restored."""
+    task = publish(handoff, "step_001")
+    retry = task.model_copy(update={"attempt": 2, "checksum": None})
+    handoff.task_path("pending", "step_001").unlink()
+    write_document(handoff.task_path("pending", "step_001"), retry)
+
+    repairs = recover_project(handoff.layout, exclusive=True).repairs
+
+    assert [r.what for r in repairs] == ["event_restored"]
+    published = [e.data for e in AuditLog(handoff.fork.audit_log).events() if e.type == "task.published"]
+    assert published[-1]["attempt"] == 2 and published[-1]["reason"] == "recovered"
 
 
 def test_a_completed_task_file_the_log_does_not_account_for_is_still_checked(handoff: Handoff) -> None:
