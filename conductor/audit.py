@@ -556,8 +556,7 @@ class _Known:
             if self.view is None or not self.view.ends(fd, stat, whole=False):
                 self.view, self.chain = _Tail(stat.st_dev, stat.st_ino, 0, b"", None), _ChainCheck()
                 self.prefix, self.marked = hashlib.sha256(), 0
-                self._start_at_mark(path, fd, stat)
-            elif stat.st_size - self.view.end >= SKIP_TO_MARK_BYTES:
+            if self.view.end == 0 or stat.st_size - self.view.end >= SKIP_TO_MARK_BYTES:
                 self._skip_to_mark(path, fd, stat)
             data = _read_from(fd, self.view.end, stat.st_size)
         finally:
@@ -586,33 +585,17 @@ class _Known:
             self._write_mark(path)
         return list(events)
 
-    def _start_at_mark(self, path: Path, fd: int, stat: os.stat_result) -> None:
-        """Take the lines the log's check mark vouches for as checked, if the file still starts with
-        exactly the bytes the mark names (their SHA-256); otherwise nothing changes (a full check)."""
-        mark = _read_mark(path)
-        if mark is None or mark["bytes"] > stat.st_size:
-            return
-        prefix = os.pread(fd, mark["bytes"], 0)
-        if len(prefix) != mark["bytes"] or hashlib.sha256(prefix).hexdigest() != mark["sha256"]:
-            return
-        events = _vouched_events(prefix)
-        if events is None or len(events) != mark["lines"] or events[-1].hash != mark["head"]:
-            return
-        self.chain.accept_all(events)
-        last = prefix[prefix.rfind(b"\n", 0, len(prefix) - 1) + 1 :]
-        self.view = _Tail(stat.st_dev, stat.st_ino, len(prefix), last, events[-1])
-        self.prefix, self.marked = hashlib.sha256(prefix), len(events)
-
     def _skip_to_mark(self, path: Path, fd: int, stat: os.stat_result) -> None:
-        """Take the lines between the end of what this process checked and the log's check mark as checked,
-        if the mark names the checked prefix and more (another process checked the rest since, e.g. while
-        this one slept); otherwise nothing changes (the new lines are checked one by one)."""
+        """Take the lines from the end of what this process checked (the start of the file, for a new
+        reader) up to the log's check mark as checked, if the mark's SHA-256 covers exactly the bytes this
+        process checked and those that follow (another process checked them, e.g. while this one slept);
+        otherwise nothing changes (the lines are checked one by one)."""
         assert self.view is not None
         mark = _read_mark(path)
         start = self.view.end
         if mark is None or not start < mark["bytes"] <= stat.st_size:
             return
-        middle = _read_from(fd, start, mark["bytes"])[: mark["bytes"] - start]
+        middle = os.pread(fd, mark["bytes"] - start, start)
         prefix = self.prefix.copy()
         prefix.update(middle)
         if len(middle) != mark["bytes"] - start or prefix.hexdigest() != mark["sha256"]:

@@ -683,11 +683,11 @@ class _TaskFiles:
         return self._read[task_id]
 
     def attempt(self, task_id: str) -> int | None:
-        vouched = self.vouched(task_id)
-        if vouched is None:
-            vouched = self.as_published(task_id)
-        if vouched is not None:
-            return vouched
+        known = self.vouched(task_id)
+        if known is None:
+            known = self.as_published(task_id)
+        if known is not None:
+            return known
         task = self.task(task_id)
         return None if task is None else task.attempt
 
