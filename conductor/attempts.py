@@ -26,7 +26,7 @@ from pathlib import Path
 from conductor.errors import ConductorError, UnsafePath
 from conductor.fsutil import TEMP_PREFIX, fsync_dir
 from conductor.handoff.documents import read_document
-from conductor.layout import RESULT_SUFFIX, VERDICT_SUFFIX, ForkLayout, ProjectLayout
+from conductor.layout import RESULT_SUFFIX, TASK_SUFFIX, VERDICT_SUFFIX, ForkLayout, ProjectLayout
 from conductor.models import FileChange, Result, Task
 from conductor.workspace import feed, sealed
 from conductor.workspace.checkout import capture, index_file, materialize, remove_folder, reset, settle
@@ -246,19 +246,38 @@ def attempt_changes(layout: ProjectLayout, workspace: Path, base_commit: str, ig
 
 
 def _idle_folders(layout: ProjectLayout, plan_id: str, fork_id: str) -> list[Path]:
-    """Folders of this fork whose attempt ended with the executor's own word (see the module docstring)."""
-    folder = layout.fork_scratch_dir(plan_id, fork_id)
-    if not folder.is_dir():
-        return []
+    """Folders of this fork whose attempt ended with the executor's own word (see the module docstring),
+    most recently used first.
+
+    Cost: one listing each of the scratch folder, ``completed/`` and ``failed/``; only the folders of
+    finished steps are then looked at, so publishing each of a thousand steps does not read the other
+    pending ones (which made publishing a fork quadratic).
+    """
     fork = layout.fork(plan_id, fork_id)
-    idle = []
-    for entry in sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-        step, dot, attempt = entry.name.rpartition(".a")
-        if not dot or not attempt.isdigit() or not entry.is_dir() or not index_file(entry).is_file():
-            continue
-        if _finished(layout, fork, step, int(attempt), entry):
-            idle.append(entry)
-    return idle
+    finished = {name[: -len(TASK_SUFFIX)] for state in ("completed", "failed")
+                for name in _names(fork.state_dir(state)) if name.endswith(TASK_SUFFIX)}
+    if not finished:
+        return []
+    folder = layout.fork_scratch_dir(plan_id, fork_id)
+    candidates = []
+    for name in _names(folder):
+        step, dot, attempt = name.rpartition(".a")
+        if dot and attempt.isdigit() and step in finished:
+            entry = folder / name
+            try:
+                candidates.append((entry.stat().st_mtime, entry, step, int(attempt)))
+            except FileNotFoundError:  # recycled by another process meanwhile
+                continue
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    return [entry for _, entry, step, attempt in candidates
+            if entry.is_dir() and index_file(entry).is_file() and _finished(layout, fork, step, attempt, entry)]
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
 
 
 def _finished(layout: ProjectLayout, fork: ForkLayout, step: str, attempt: int, folder: Path) -> bool:
