@@ -109,9 +109,11 @@ def test_no_network_unless_the_policy_allows_it(place) -> None:  # type: ignore[
 
 
 def test_nothing_the_command_starts_outlives_it(place) -> None:  # type: ignore[no-untyped-def]
-    outcome = run(place, "(sleep 30 &) ; setsid sleep 30 & echo started")
+    seconds = f"30.{os.getpid()}"  # a command line no other test's process has (tests may run side by side)
+    outcome = run(place, f"(sleep {seconds} &) ; setsid sleep {seconds} & echo started")
     assert outcome.exit_code == 0
-    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p) == b"sleep\x0030\x00"]
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                 and _cmdline(p) == f"sleep\0{seconds}\0".encode()]
     assert leftovers == []
 
 
