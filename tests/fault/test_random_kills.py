@@ -14,8 +14,10 @@ uniform time after ``plan.json`` appears, up to a little past the length of a cl
 start, with as many runs at once as the trials use).
 
 After every trial all invariants of ``tests/fault/invariants.py`` must hold. Trials run in parallel, one
-per CPU. ``CONDUCTOR_FAULT_TRIALS`` sets the count (default 200), ``CONDUCTOR_FAULT_SEED`` the master seed
-(default: random, printed); a failing trial is reported with its own seed, which reproduces its choices.
+per CPU, in batches of at most :data:`BATCH` (one test each, so that test processes running side by side
+share them out; trial *i* of the run goes to batch *i* mod the batch count). ``CONDUCTOR_FAULT_TRIALS``
+sets the count (default 200), ``CONDUCTOR_FAULT_SEED`` the master seed (default: random, printed); trial
+*i* uses seed master + *i*, and a failing trial is reported with its own seed, which reproduces its choices.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ pytestmark = pytest.mark.slow
 # Read at import: the suite's autouse fixture clears CONDUCTOR_* variables before each test runs.
 TRIALS = int(os.environ.get("CONDUCTOR_FAULT_TRIALS", "200"))
 MASTER_SEED = int(os.environ.get("CONDUCTOR_FAULT_SEED") or random.randrange(2**32))
+BATCH = 40  # trials per test: about 40 s on 2 CPUs
+BATCHES = max(1, -(-TRIALS // BATCH))
 VARIANTS = ("engine", "engine", "worker", "both")  # the engine is killed in three of four trials
 EARLY = 0.1  # share of kills aimed before the plan exists
 WORKER_OPTIONS = ("--lease-seconds", str(LEASE_SECONDS), "--heartbeat-seconds", "0.5")
@@ -181,24 +185,31 @@ def clean_span(template: Path, where: Path) -> Span:
     return Span(planned, time.monotonic() - started - planned)
 
 
+@pytest.fixture(scope="module")
+def span(template: Path, tmp_path_factory: pytest.TempPathFactory) -> Span:
+    return measure_span(template, tmp_path_factory.mktemp("clean-runs"))
+
+
 # Bounded by its trials, each of whose processes has its own timeout; the test-wide limit only catches a
-# real hang, so it scales with the trial count instead of failing a loaded machine (2 busy CPUs: ~10 min).
-@pytest.mark.timeout(max(900, TRIALS * 15))
-def test_random_kill_9_of_conductor_and_workers_then_recovery(template: Path, tmp_path: Path) -> None:
-    span = measure_span(template, tmp_path)
+# real hang (2 busy CPUs: ~1 min a batch).
+@pytest.mark.timeout(max(900, BATCH * 15))
+@pytest.mark.parametrize("batch", range(BATCHES))
+def test_random_kill_9_of_conductor_and_workers_then_recovery(template: Path, span: Span, tmp_path: Path,
+                                                            batch: int) -> None:
+    trials = range(batch, TRIALS, BATCHES)
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=workers()) as pool:
         outcomes = list(pool.map(lambda i: run_trial(template, tmp_path / f"trial-{i}", MASTER_SEED + i, span),
-                                 range(TRIALS)))
+                                 trials))
     wall = time.monotonic() - started
     failures = [o for o in outcomes if o.problems]
     text = {id(o): f"seed {o.seed} ({o.variant}: killed {o.kills}): {o.problems}\n    "
             + o.story.replace("\n", "\n    ") for o in failures}
-    print(f"\n{TRIALS} kill trials (master seed {MASTER_SEED}) in {wall:.0f} s wall, {workers()} at once, "
-          f"{sum(o.seconds for o in outcomes):.0f} s summed; clean run: plan after {span.to_plan:.1f} s, "
-          f"end {span.after_plan:.1f} s later; variants {dict(Counter(o.variant for o in outcomes))}; "
-          f"first kill landed {dict(Counter(o.phase for o in outcomes))}")
+    print(f"\n{len(trials)} kill trials of {TRIALS} (batch {batch + 1} of {BATCHES}, master seed {MASTER_SEED}) in "
+          f"{wall:.0f} s wall, {workers()} at once, {sum(o.seconds for o in outcomes):.0f} s summed; clean run: "
+          f"plan after {span.to_plan:.1f} s, end {span.after_plan:.1f} s later; variants "
+          f"{dict(Counter(o.variant for o in outcomes))}; first kill landed {dict(Counter(o.phase for o in outcomes))}")
     # Every problem of every trial fails the test: no known bug excuses anything.
-    assert failures == [], (f"{len(failures)} of {TRIALS} trials failed (master seed {MASTER_SEED}; rerun one "
+    assert failures == [], (f"{len(failures)} of {len(trials)} trials failed (master seed {MASTER_SEED}; rerun one "
                             "with CONDUCTOR_FAULT_SEED=<seed> CONDUCTOR_FAULT_TRIALS=1):\n"
                             + "\n".join(text[id(o)] for o in failures))
