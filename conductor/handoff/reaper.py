@@ -20,19 +20,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from conductor.errors import IntegrityError, StateConflict
 from conductor.faults import crash_point
 from conductor.fsutil import durable_rename, rename_file
-from conductor.handoff.documents import publish_documents, read_document, write_document
+from conductor.handoff.documents import (
+    parse_document,
+    publish_documents,
+    read_document,
+    read_limited,
+    write_document,
+)
 from conductor.handoff.lease import (
     HOST,
     EventSink,
     _no_events,
     emit_all,
     fork_lock,
-    read_lease,
     reject_task_file,
     workspace_marker,
 )
@@ -48,6 +53,8 @@ from conductor.models import (
 )
 from conductor.proc import environ_snapshot, kill_orphans, pid_alive
 
+
+M = TypeVar("M", Lease, Task)
 
 ORPHAN_GRACE_SECONDS = 1.0  # SIGTERM → SIGKILL for a dead holder's command (done before the fork lock is taken)
 ENGINE_HOLDER_PREFIX = "conductor-engine@"  # the engine's in-process executors: not held to timeout_seconds here
@@ -199,6 +206,8 @@ class _Look:
     lease: Lease | None
     task: Task | None  # None if the task file was unreadable
     killed: tuple[int, ...]  # the dead holder's command, killed already
+    lease_bytes: bytes | None = None  # what the lease and task files held then (None: absent or unreadable)
+    task_bytes: bytes | None = None
 
     @property
     def workspace(self) -> str | None:
@@ -211,16 +220,45 @@ def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float
         ctime = path.stat().st_ctime
     except FileNotFoundError:
         return None  # completed meanwhile
-    lease = read_lease(fork, task_id)
+    lease_bytes = _bytes(fork.lease_file(task_id))
+    lease = _parse(fork.lease_file(task_id), lease_bytes, Lease)
     if _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds) is None:
         return None
+    task_bytes = _bytes(path)
+    if task_bytes is None:
+        return None  # completed meanwhile (or no longer a readable file: looked at again under the lock)
+    task = _parse(path, task_bytes, Task)
+    return _Look(lease, task, tuple(kill_orphaned_command(fork, lease, workspace=task.workspace if task else None)),
+                 lease_bytes if lease is not None else None, task_bytes if task is not None else None)
+
+
+def _bytes(path: Path) -> bytes | None:
     try:
-        task: Task | None = read_document(path, Task)
-    except FileNotFoundError:
-        return None  # completed meanwhile
+        return read_limited(path)
+    except (FileNotFoundError, IntegrityError):
+        return None
+
+
+def _parse(path: Path, data: bytes | None, model: type[M]) -> M | None:
+    if data is None:
+        return None
+    try:
+        return parse_document(data, model, source=path)
     except IntegrityError:
-        task = None
-    return _Look(lease, task, tuple(kill_orphaned_command(fork, lease, workspace=task.workspace if task else None)))
+        return None
+
+
+def _again(path: Path, seen: bytes | None, parsed: M | None, model: type[M]) -> M | None:
+    """``path`` read again under the fork lock: what the first look parsed if its bytes are unchanged (a
+    file the look found readable; no parse and checksum again), else read strictly now (None if absent).
+
+    Raises:
+        IntegrityError: the file is now unreadable.
+    """
+    data = read_limited(path)
+    if seen is not None and parsed is not None and data == seen:
+        return parsed
+    return parse_document(data, model, source=path)
 
 
 def _reap_batch(
@@ -243,12 +281,17 @@ def _reap_batch(
             ctime = path.stat().st_ctime
         except FileNotFoundError:
             continue  # completed meanwhile
-        lease = read_lease(fork, task_id)
+        try:
+            lease = _again(fork.lease_file(task_id), look.lease_bytes, look.lease, Lease)
+        except (FileNotFoundError, IntegrityError):
+            lease = None  # as read_lease
         reason = _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds)
         if reason is None:
             continue
         try:
-            task = read_document(path, Task)
+            task = _again(path, look.task_bytes, look.task, Task)
+        except FileNotFoundError:
+            continue  # completed meanwhile
         except IntegrityError as exc:
             killed = _killed(fork, look, lease, None)
             reject_task_file(fork, task_id, path, exc, holder="conductor-reaper", on_event=on_event)

@@ -307,6 +307,47 @@ def test_reaper_rejects_a_tampered_in_progress_task(handoff: Handoff) -> None:
     assert result.error is not None and result.error.kind == "checksum_mismatch"
 
 
+def _between_look_and_lock(monkeypatch: pytest.MonkeyPatch, act) -> None:  # type: ignore[no-untyped-def]
+    """Run ``act`` after the reaper's unlocked look, just before it takes the fork lock."""
+    real = reaper_module.fork_lock
+
+    def lock(fork):  # type: ignore[no-untyped-def]
+        act()
+        return real(fork)
+
+    monkeypatch.setattr(reaper_module, "fork_lock", lock)
+
+
+def test_a_task_tampered_after_the_reapers_first_look_is_read_strictly_and_rejected(
+    handoff: Handoff, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handoff.publish("step_001")
+    _claim(handoff)
+    path = handoff.task_path("in_progress", "step_001")
+    _between_look_and_lock(monkeypatch, lambda: path.write_bytes(path.read_bytes().replace(b"Do step 1.", b"Do evil 1.")))
+
+    (reaped,) = _reap(handoff, after=LEASE + 1)
+
+    assert reaped.outcome == "failed"
+    result = handoff.read_result("failed", "step_001")
+    assert result.error is not None and result.error.kind == "checksum_mismatch"
+    assert handoff.where()["pending"] == []
+
+
+def test_a_lease_renewed_after_the_reapers_first_look_keeps_its_task(
+    handoff: Handoff, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handoff.publish("step_001")
+    claim = _claim(handoff, lease=5)
+    renewed = []
+    _between_look_and_lock(monkeypatch, lambda: renewed.append(renew_lease(claim, lease_seconds=3600)))
+
+    assert _reap(handoff, after=60, lease=5) == []
+    assert len(renewed) == 1  # the look found the lease over, and the lock found it renewed
+    assert handoff.where()["in_progress"] == ["step_001"]
+    assert handoff.read_lease("step_001") == renewed[0]
+
+
 # --- heartbeats during a real execution ---------------------------------------------------------
 
 
