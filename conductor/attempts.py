@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -141,7 +142,8 @@ class RetryFolders:
         self.threads = threads or min(4, max(1, os.cpu_count() or 2))
         # (plan, fork, step, attempt, base) -> the checkout being made: its folder, or None if it failed
         self._pending: dict[tuple[str, str, str, int, str], Future[Path | None]] = {}
-        self._private: list[Path] = []
+        self._private: dict[Path, Path] = {}  # fork's scratch folder -> this instance's private folder in it
+        self._private_lock = threading.Lock()
         self._unsynced: set[Path] = set()  # folders whose new entries are not fsynced yet
         self._pool: ThreadPoolExecutor | None = None
 
@@ -189,7 +191,7 @@ class RetryFolders:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._pending.clear()
-        for private in self._private:
+        for private in self._private.values():
             for made in private.iterdir() if self.watch and private.is_dir() else ():
                 feed.drop(made)
             shutil.rmtree(private, ignore_errors=True)
@@ -197,10 +199,13 @@ class RetryFolders:
 
     def _make(self, store: StateStore, task: Task) -> Path | None:
         target = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        private = target.parent / f"{TEMP_PREFIX}ahead.{os.getpid()}.{secrets.token_hex(4)}"
-        private.mkdir()
-        self._private.append(private)
+        with self._private_lock:  # one private folder per fork: a retry's name (step, attempt) is unique in it
+            private = self._private.get(target.parent)
+            if private is None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                private = target.parent / f"{TEMP_PREFIX}ahead.{os.getpid()}.{secrets.token_hex(4)}"
+                private.mkdir()
+                self._private[target.parent] = private
         try:
             materialize(store, task.base_commit, private / target.name, durable=False)  # made durable when used
         except (ConductorError, OSError):
