@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from conductor.errors import ConductorError, UnsafePath
-from conductor.fsutil import TEMP_PREFIX, fsync_dir
+from conductor.fsutil import TEMP_PREFIX, entry_names, fsync_dir
 from conductor.handoff.documents import read_document
 from conductor.layout import RESULT_SUFFIX, TASK_SUFFIX, VERDICT_SUFFIX, ForkLayout, ProjectLayout
 from conductor.models import FileChange, Result, Task
@@ -260,12 +260,12 @@ def _idle_folders(layout: ProjectLayout, plan_id: str, fork_id: str) -> list[Pat
     """
     fork = layout.fork(plan_id, fork_id)
     finished = {name[: -len(TASK_SUFFIX)] for state in ("completed", "failed")
-                for name in _names(fork.state_dir(state)) if name.endswith(TASK_SUFFIX)}
+                for name in entry_names(fork.state_dir(state)) if name.endswith(TASK_SUFFIX)}
     if not finished:
         return []
     folder = layout.fork_scratch_dir(plan_id, fork_id)
     candidates = []
-    for name in _names(folder):
+    for name in entry_names(folder):
         step, dot, attempt = name.rpartition(".a")
         if dot and attempt.isdigit() and step in finished:
             entry = folder / name
@@ -276,13 +276,6 @@ def _idle_folders(layout: ProjectLayout, plan_id: str, fork_id: str) -> list[Pat
     candidates.sort(key=lambda c: c[0], reverse=True)
     return [entry for _, entry, step, attempt in candidates
             if entry.is_dir() and index_file(entry).is_file() and _finished(layout, fork, step, attempt, entry)]
-
-
-def _names(folder: Path) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError:
-        return []
 
 
 def _finished(layout: ProjectLayout, fork: ForkLayout, step: str, attempt: int, folder: Path) -> bool:

@@ -117,6 +117,15 @@ def write_once(fd: int, data: bytes, path: object = None) -> int:
         return os.write(fd, data)
 
 
+def entry_names(folder: Path, *, dirs: bool = False) -> list[str]:
+    """The entry names of ``folder`` (one ``scandir``, no stat; only folders with ``dirs``); [] if it is missing."""
+    try:
+        with os.scandir(folder) as entries:
+            return [entry.name for entry in entries if not dirs or entry.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
     """Lowercase hex SHA-256 of a file's content, read in chunks of ``chunk_bytes``."""
     hasher = hashlib.sha256()

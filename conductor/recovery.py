@@ -77,7 +77,7 @@ from conductor.audit import AuditLog, repair_torn_tail
 from conductor.canonical import check_checksum, strict_loads
 from conductor.config import DEFAULT_WORKSPACE_IGNORE
 from conductor.errors import ChecksumMismatch, GitError, IntegrityError, MergeConflict, StateConflict
-from conductor.fsutil import TEMP_NAME, TEMP_PREFIX, durable_rename, fsync_dir, remove_durably
+from conductor.fsutil import TEMP_NAME, TEMP_PREFIX, durable_rename, entry_names, fsync_dir, remove_durably
 from conductor.handoff.documents import read_document, read_limited
 from conductor.handoff.lease import HOST, fork_lock
 from conductor.proc import pid_alive
@@ -572,7 +572,7 @@ class _Folders:
     first): a task that moves while they are listed is seen twice, never missed."""
 
     def __init__(self, fork: ForkLayout) -> None:
-        self.names = {state: _names(fork.state_dir(state)) for state in STATES}
+        self.names = {state: set(entry_names(fork.state_dir(state))) for state in STATES}
 
     def has(self, state: str, name: str) -> bool:
         return name in self.names[state]
@@ -696,14 +696,6 @@ _SETTLING = frozenset({"task.completed", "task.failed", "step.verified", "step.m
 _MOST_ADVANCED_FIRST = sorted(STATES, key=_ADVANCE.__getitem__, reverse=True)
 
 
-def _names(folder: Path) -> set[str]:
-    try:
-        with os.scandir(folder) as entries:
-            return {entry.name for entry in entries}
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
-
-
 def _present_together(paths: list[Path]) -> bool:
     """Did every path exist at one same instant? Each is looked at twice with the same inode in between, so
     a file renamed from one of these names to another (a claim, a verdict's move) is not two files."""
@@ -817,7 +809,7 @@ def _check_agreement(fork: ForkLayout, events: list[Event], tasks: _TaskFiles) -
     problems: list[str] = []
     last_published: dict[str, Event] = {}
     newest = {e.data.get("step_id"): e.data.get("attempt") for e in events if e.type == "task.published"}
-    archive = _names(fork.dir / ARCHIVE_DIR)  # listed once, under the fork lock that every archiving holds
+    archive = set(entry_names(fork.dir / ARCHIVE_DIR))  # listed once, under the fork lock that every archiving holds
 
     def is_archived(task_id: str, attempt: int) -> bool:  # as conductor.repair.is_archived, from the listing
         return archive_name(task_id, attempt, TASK_SUFFIX) in archive

@@ -12,7 +12,6 @@ per ``poll_seconds`` while idle, never between a wake-up and its claim.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from conductor.attempts import RetryFolders, prepare_retry
 from conductor.audit import AuditLog
 from conductor.executors.base import StepRunner, execute_claim
+from conductor.fsutil import entry_names
 from conductor.handoff.lease import claim_task, holder_name
 from conductor.handoff.reaper import reap_expired
 from conductor.handoff.watcher import FolderWatcher, task_arrival
@@ -65,10 +65,10 @@ class Worker:
         if self.settings.plan_id:
             plans = [self.settings.plan_id]
         else:  # as ProjectLayout.plan_ids, without a glob
-            plans = sorted(name[len("plan_"):] for name in _names(self.layout.handoff_dir, dirs=True)
+            plans = sorted(name[len("plan_"):] for name in entry_names(self.layout.handoff_dir, dirs=True)
                            if name.startswith("plan_") and (self.layout.handoff_dir / name / "plan.json").is_file())
         return [self.layout.fork(plan_id, name[len("fork_"):]) for plan_id in plans
-                for name in sorted(_names(self.layout.plan_dir(plan_id), dirs=True)) if name.startswith("fork_")]
+                for name in sorted(entry_names(self.layout.plan_dir(plan_id), dirs=True)) if name.startswith("fork_")]
 
     def _log(self, fork: ForkLayout) -> AuditLog:
         if fork.audit_log not in self._logs:
@@ -120,7 +120,7 @@ class Worker:
         """Every pending task of every fork, in name order from a random starting point: racing workers
         that all started at the first name would collide on every claim."""
         candidates = [(fork, name[: -len(TASK_SUFFIX)]) for fork in self.forks()
-                      for name in sorted(_names(fork.state_dir("pending"))) if name.endswith(TASK_SUFFIX)]
+                      for name in sorted(entry_names(fork.state_dir("pending"))) if name.endswith(TASK_SUFFIX)]
         if candidates:
             start = random.randrange(len(candidates))
             candidates = candidates[start:] + candidates[:start]
@@ -165,12 +165,3 @@ class Worker:
                     continue
                 watcher.wait(max(0.0, self._reaped_at + self.settings.poll_seconds - time.monotonic()))
         return self.processed
-
-
-def _names(folder: Path, *, dirs: bool = False) -> list[str]:
-    """The entry names of ``folder`` (one ``scandir``, no stat; only folders with ``dirs``); [] if it is missing."""
-    try:
-        with os.scandir(folder) as entries:
-            return [entry.name for entry in entries if not dirs or entry.is_dir(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []

@@ -67,6 +67,22 @@ def parse_document(data: bytes, model: type[M], *, source: Path | str, checksumm
         raise InvalidDocument(f"{source}: {_summarise(exc)}") from exc
 
 
+def reread(path: Path, model: type[M], seen: tuple[M, bytes] | None) -> M:
+    """The document at ``path`` again: ``seen``'s object if the file still holds exactly ``seen``'s bytes
+    (no parse and checksum again), else read strictly as :func:`read_document` does.
+
+    Args:
+        seen: an object parsed earlier and the exact bytes it was parsed from (or written as), or None.
+
+    Raises:
+        FileNotFoundError, InvalidDocument, ChecksumMismatch: as :func:`read_document`.
+    """
+    data = read_limited(path)
+    if seen is not None and seen[1] == data:
+        return seen[0]
+    return parse_document(data, model, source=path)
+
+
 def read_limited(path: Path) -> bytes:
     """The bytes of a regular file of at most MAX_DOCUMENT_BYTES, never following a symlink or blocking on a fifo.
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -34,12 +34,15 @@ from conductor.handoff.documents import (
     parse_document,
     read_document,
     read_limited,
+    reread,
     sealed_bytes,
     write_document,
 )
 from conductor.layout import ForkLayout
 from conductor.models import ErrorInfo, ExecutorInfo, Lease, Result, Task, utc_now
 from conductor.proc import process_start
+
+M = TypeVar("M", Lease, Task)
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -295,34 +298,24 @@ def assert_holder(claim: Claim) -> None:
         IntegrityError: the task file was altered (see :func:`conductor.handoff.documents.read_document`).
     """
     try:
-        data = read_limited(claim.task_path)
+        attempt = reread(claim.task_path, Task, _still(claim.task_seen, claim.task)).attempt
     except FileNotFoundError as exc:
         raise LeaseLost(f"{claim.task.task_id}: no longer in progress (reclaimed or finished)") from exc
-    if _seen(claim.task_seen, claim.task, data):
-        attempt = claim.task.attempt
-    else:
-        attempt = parse_document(data, Task, source=claim.task_path).attempt
     if attempt != claim.lease.fencing_token:
         raise LeaseLost(
             f"{claim.task.task_id}: fencing token {claim.lease.fencing_token} is stale (current attempt {attempt})"
         )
-    lease_path = claim.fork.lease_file(claim.task.task_id)
     try:
-        lease_data = read_limited(lease_path)
+        lease = reread(claim.fork.lease_file(claim.task.task_id), Lease, _still(claim.lease_seen, claim.lease))
     except (FileNotFoundError, IntegrityError):
         return  # no lease (yet), or none readable: the task file decides
-    if _seen(claim.lease_seen, claim.lease, lease_data):
-        return
-    try:
-        lease = parse_document(lease_data, Lease, source=lease_path)
-    except IntegrityError:
-        return
     if (lease.fencing_token, lease.holder) != (claim.lease.fencing_token, claim.lease.holder):
         raise LeaseLost(f"{claim.task.task_id}: lease now held by {lease.holder} (token {lease.fencing_token})")
 
 
-def _seen(seen: tuple[Any, bytes] | None, model: object, data: bytes) -> bool:
-    return seen is not None and seen[0] is model and seen[1] == data
+def _still(seen: tuple[M, bytes] | None, model: M) -> tuple[M, bytes] | None:
+    """``seen`` if it still pairs bytes with the claim's current object ``model``."""
+    return seen if seen is not None and seen[0] is model else None
 
 
 def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None,

@@ -24,12 +24,13 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from conductor.errors import IntegrityError, StateConflict
 from conductor.faults import crash_point
-from conductor.fsutil import durable_rename, rename_file
+from conductor.fsutil import durable_rename, entry_names, rename_file
 from conductor.handoff.documents import (
     parse_document,
     publish_documents,
     read_document,
     read_limited,
+    reread,
     write_document,
 )
 from conductor.handoff.lease import (
@@ -166,7 +167,7 @@ def reap_expired(
         What was done, one entry per reaped task.
     """
     now = now or datetime.now(UTC)
-    names = _names(fork.state_dir("in_progress"))
+    names = entry_names(fork.state_dir("in_progress"))
     if any(name.endswith(TASK_SUFFIX + PARKED_SUFFIX) for name in names):
         finish_parked(fork, prepare_retry=prepare_retry, on_event=on_event)
     looks = []
@@ -206,8 +207,9 @@ class _Look:
     lease: Lease | None
     task: Task | None  # None if the task file was unreadable
     killed: tuple[int, ...]  # the dead holder's command, killed already
-    lease_bytes: bytes | None = None  # what the lease and task files held then (None: absent or unreadable)
-    task_bytes: bytes | None = None
+    # The parsed files with the exact bytes they were read from (None: absent or unreadable)
+    lease_seen: tuple[Lease, bytes] | None = None
+    task_seen: tuple[Task, bytes] | None = None
 
     @property
     def workspace(self) -> str | None:
@@ -220,45 +222,33 @@ def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float
         ctime = path.stat().st_ctime
     except FileNotFoundError:
         return None  # completed meanwhile
-    lease_bytes = _bytes(fork.lease_file(task_id))
-    lease = _parse(fork.lease_file(task_id), lease_bytes, Lease)
+    try:
+        lease_seen = _read(fork.lease_file(task_id), Lease)
+    except FileNotFoundError:
+        lease_seen = None
+    lease = lease_seen[0] if lease_seen else None
     if _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds) is None:
         return None
-    task_bytes = _bytes(path)
-    if task_bytes is None:
-        return None  # completed meanwhile (or no longer a readable file: looked at again under the lock)
-    task = _parse(path, task_bytes, Task)
+    try:
+        task_seen = _read(path, Task)
+    except FileNotFoundError:
+        return None  # completed meanwhile
+    task = task_seen[0] if task_seen else None
     return _Look(lease, task, tuple(kill_orphaned_command(fork, lease, workspace=task.workspace if task else None)),
-                 lease_bytes if lease is not None else None, task_bytes if task is not None else None)
+                 lease_seen, task_seen)
 
 
-def _bytes(path: Path) -> bytes | None:
-    try:
-        return read_limited(path)
-    except (FileNotFoundError, IntegrityError):
-        return None
-
-
-def _parse(path: Path, data: bytes | None, model: type[M]) -> M | None:
-    if data is None:
-        return None
-    try:
-        return parse_document(data, model, source=path)
-    except IntegrityError:
-        return None
-
-
-def _again(path: Path, seen: bytes | None, parsed: M | None, model: type[M]) -> M | None:
-    """``path`` read again under the fork lock: what the first look parsed if its bytes are unchanged (a
-    file the look found readable; no parse and checksum again), else read strictly now (None if absent).
+def _read(path: Path, model: type[M]) -> tuple[M, bytes] | None:
+    """A document and its exact bytes, or None if it is unreadable.
 
     Raises:
-        IntegrityError: the file is now unreadable.
+        FileNotFoundError: it is gone.
     """
-    data = read_limited(path)
-    if seen is not None and parsed is not None and data == seen:
-        return parsed
-    return parse_document(data, model, source=path)
+    try:
+        data = read_limited(path)
+        return parse_document(data, model, source=path), data
+    except IntegrityError:
+        return None
 
 
 def _reap_batch(
@@ -282,14 +272,14 @@ def _reap_batch(
         except FileNotFoundError:
             continue  # completed meanwhile
         try:
-            lease = _again(fork.lease_file(task_id), look.lease_bytes, look.lease, Lease)
+            lease = reread(fork.lease_file(task_id), Lease, look.lease_seen)
         except (FileNotFoundError, IntegrityError):
             lease = None  # as read_lease
         reason = _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds)
         if reason is None:
             continue
         try:
-            task = _again(path, look.task_bytes, look.task, Task)
+            task = reread(path, Task, look.task_seen)
         except FileNotFoundError:
             continue  # completed meanwhile
         except IntegrityError as exc:
@@ -349,14 +339,6 @@ def _killed(fork: ForkLayout, look: _Look, lease: Lease | None, workspace: str |
     if lease == look.lease and workspace == look.workspace:
         return look.killed
     return tuple(kill_orphaned_command(fork, lease, workspace=workspace))
-
-
-def _names(folder: Path) -> list[str]:
-    try:
-        with os.scandir(folder) as entries:
-            return [entry.name for entry in entries]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
 
 
 def kill_orphaned_command(fork: ForkLayout, lease: Lease | None, *, workspace: str | None) -> list[int]:

@@ -51,14 +51,14 @@ def test_a_worker_lists_the_pending_folder_once_per_drain(tmp_path: Path, monkey
     handoff = make_handoff(tmp_path / "project", steps=5)
     handoff.publish_all()
     listed: list[Path] = []
-    real_names = worker_module._names
+    real_names = worker_module.entry_names
 
     def counting(folder: Path, **kwargs):  # type: ignore[no-untyped-def]
         if folder.name == "pending":
             listed.append(folder)
         return real_names(folder, **kwargs)
 
-    monkeypatch.setattr(worker_module, "_names", counting)
+    monkeypatch.setattr(worker_module, "entry_names", counting)
     worker = Worker(handoff.layout, CommandRunner("true", layout=handoff.layout), WorkerSettings(), ignore=[])
     assert [worker.process_once() for _ in range(6)] == [1, 1, 1, 1, 1, 0]
     # One listing served the five tasks; the sixth call found the list used up and listed once more.

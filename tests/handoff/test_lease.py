@@ -19,7 +19,7 @@ from conductor.executors.base import execute_claim
 from conductor.executors.command import CommandRunner
 from conductor.handoff import reaper as reaper_module
 from conductor.handoff.complete import complete_task
-from conductor.handoff.documents import write_document
+from conductor.handoff.documents import MAX_DOCUMENT_BYTES, write_document
 from conductor.handoff.lease import Claim, claim_task, renew_lease
 from conductor.handoff.publish import publish_task
 from conductor.handoff.reaper import reap_expired
@@ -305,6 +305,20 @@ def test_reaper_rejects_a_tampered_in_progress_task(handoff: Handoff) -> None:
     assert handoff.where()["failed"] == ["step_001"]
     result = handoff.read_result("failed", "step_001")
     assert result.error is not None and result.error.kind == "checksum_mismatch"
+
+
+def test_reaper_rejects_an_in_progress_task_file_too_large_to_read(handoff: Handoff) -> None:
+    handoff.publish("step_001")
+    _claim(handoff)
+    path = handoff.task_path("in_progress", "step_001")
+    path.write_bytes(b"{" + b" " * MAX_DOCUMENT_BYTES + b"}")
+
+    (reaped,) = _reap(handoff, after=LEASE + 1)
+
+    assert reaped.outcome == "failed"
+    assert handoff.where()["failed"] == ["step_001"]
+    result = handoff.read_result("failed", "step_001")
+    assert result.error is not None and result.error.kind == "invalid_task"
 
 
 def _between_look_and_lock(monkeypatch: pytest.MonkeyPatch, act) -> None:  # type: ignore[no-untyped-def]
