@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,7 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repo_bench import FsProbe  # noqa: E402  (the script beside this one; waits out a slow file system)
 
-from conductor.audit import GENESIS, MARK_EVERY_LINES, AuditLog, forget_checked_logs, verify_chain
+from conductor.audit import GENESIS, MARK_EVERY_LINES, AuditLog, verify_chain
 from conductor.canonical import canonical_bytes, digest, sha256_hex
 from conductor.executors.base import executor_info
 from conductor.handoff.documents import read_document, sealed_bytes
@@ -802,7 +803,7 @@ def _rchar() -> int | None:
     return None
 
 
-def bench_recovery(tmp: Path, tasks: int, probe: FsProbe | None = None) -> dict[str, Any]:
+def bench_recovery(tmp: Path, tasks: int, env: Mapping[str, str], probe: FsProbe | None = None) -> dict[str, Any]:
     """Recovery of a crashed fork: ``conductor.recovery`` then ``reap_expired`` (timed together), and, for
     reference only, a full scan reading every task file."""
     log(f"recovery: building a crashed fork of {tasks} tasks")
@@ -812,7 +813,6 @@ def bench_recovery(tmp: Path, tasks: int, probe: FsProbe | None = None) -> dict[
     fork = project.fork
     files = sum(1 for state in STATES for _ in fork.state_dir(state).iterdir())
     log_size = sum(path.stat().st_size for path in project.layout.handoff_dir.rglob("audit.log"))  # plan + fork
-    forget_checked_logs()  # recovery runs in a new process: nothing of the logs is known yet
     # The crash happened earlier: neither the build's writeback nor the slow spell that follows the earlier
     # sections' deletions (file creation several times slower for a while on some file systems) may run
     # during the timed part. sync, then wait (not timed) until creating files is as fast as at the start.
@@ -824,6 +824,52 @@ def bench_recovery(tmp: Path, tasks: int, probe: FsProbe | None = None) -> dict[
     raw_read = raw_scan(fork)
     raw_seconds = time.perf_counter() - began
 
+    child = recovery_in_new_process(project.root, env)
+    parts, what, error = child["parts_seconds"], child["recovery_module"], child["recovery_error"]
+    total = sum(parts.values())
+    began = time.perf_counter()
+    scanned = full_scan(fork)
+    scan_seconds = time.perf_counter() - began
+    after = {state: len(fork.task_ids(state)) for state in STATES}
+    temps = sum(1 for state in STATES for p in fork.state_dir(state).iterdir() if p.name.startswith(".tmp."))
+    chain = verify_chain(fork.audit_log)
+    return {
+        "tasks": tasks, "built": built, "files": files, "setup_seconds": setup, "timed": list(parts),
+        "recovery_module": what, "recovery_error": error, "parts_seconds": parts, "seconds": total,
+        "prepare_retry_seconds": child["prepare_retry_seconds"], "recovery_task_files_read": child["task_files"],
+        "recovery_bytes_read": child["bytes_read"], "log_bytes": log_size,
+        "requeued": child["requeued"], "task_files_read": scanned,
+        "full_scan_seconds": scan_seconds,
+        "after": after, "temp_files_left": temps, "audit_chain_ok": chain.ok,
+        "raw_seconds": raw_seconds, "raw_files_read": raw_read, "ratio": total / raw_seconds,
+        "ok": error is None and chain.ok and temps == 0 and after["in_progress"] == 0,
+        "settle_waited_seconds": settled["waited_seconds"], "settled": settled["settled"],
+    }
+
+
+def recovery_in_new_process(root: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """Run the timed part of the recovery section (:func:`recover_and_reap`) in a new Python process, as it
+    runs for real (``conductor resume`` or ``conductor worker`` after a crash): nothing of the logs is known
+    yet, and the heap holds only what that process made, not this one's build of the fork (whose objects
+    would make the collector's full passes several times longer). Its start is not timed.
+
+    Raises:
+        RuntimeError: the process failed (its stderr is in the message).
+    """
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--recovery-child", str(root)],
+                          capture_output=True, text=True, env={**env, "HOME": os.environ.get("HOME", "")})
+    if done.returncode != 0:
+        raise RuntimeError(f"the recovery process failed ({done.returncode}): {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def recover_and_reap(root: Path) -> dict[str, Any]:
+    """The timed part of the recovery section, in this (new) process: ``conductor.recovery``, then
+    ``reap_expired`` with the retry preparer the engine and workers pass; their seconds, what recovery read,
+    and how many tasks were re-queued."""
+    layout = ProjectLayout(root)
+    # what _recovery_entry's and retry_preparer's callers use of a Project (its plan is not needed here)
+    project: Any = types.SimpleNamespace(layout=layout, fork=layout.fork(PLAN_ID, FORK_ID))
     parts: dict[str, float] = {}
     what, recover = _recovery_entry()
     error = None
@@ -837,29 +883,14 @@ def bench_recovery(tmp: Path, tasks: int, probe: FsProbe | None = None) -> dict[
             error = f"{type(exc).__name__}: {exc}"
         parts[what] = time.perf_counter() - began
     preparer, prepare = _timed(retry_preparer(project))
+    fork = project.fork
     began = time.perf_counter()
     reaped = reap_expired(fork, max_attempts=3, lease_seconds=60, on_event=AuditLog(fork.audit_log).append,
                           prepare_retry=preparer)
     parts["reap_expired"] = time.perf_counter() - began
-    total = sum(parts.values())
-    began = time.perf_counter()
-    scanned = full_scan(fork)
-    scan_seconds = time.perf_counter() - began
-    after = {state: len(fork.task_ids(state)) for state in STATES}
-    temps = sum(1 for state in STATES for p in fork.state_dir(state).iterdir() if p.name.startswith(".tmp."))
-    chain = verify_chain(fork.audit_log)
-    return {
-        "tasks": tasks, "built": built, "files": files, "setup_seconds": setup, "timed": list(parts),
-        "recovery_module": what, "recovery_error": error, "parts_seconds": parts, "seconds": total,
-        "prepare_retry_seconds": prepare["seconds"], "recovery_task_files_read": tally.task_files,
-        "recovery_bytes_read": tally.bytes_read, "log_bytes": log_size,
-        "requeued": sum(1 for r in reaped if r.outcome == "requeued"), "task_files_read": scanned,
-        "full_scan_seconds": scan_seconds,
-        "after": after, "temp_files_left": temps, "audit_chain_ok": chain.ok,
-        "raw_seconds": raw_seconds, "raw_files_read": raw_read, "ratio": total / raw_seconds,
-        "ok": error is None and chain.ok and temps == 0 and after["in_progress"] == 0,
-        "settle_waited_seconds": settled["waited_seconds"], "settled": settled["settled"],
-    }
+    return {"parts_seconds": parts, "recovery_module": what, "recovery_error": error,
+            "prepare_retry_seconds": prepare["seconds"], "task_files": tally.task_files,
+            "bytes_read": tally.bytes_read, "requeued": sum(1 for r in reaped if r.outcome == "requeued")}
 
 
 def _timed(function: Any) -> tuple[Any, dict[str, float]]:
@@ -1139,6 +1170,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--recovery-child"]:  # the new process of recovery_in_new_process
+        print(json.dumps(recover_and_reap(Path(sys.argv[2]))))
+        return 0
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="conductor-bench-"))
     try:
@@ -1151,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
             "throughput": lambda: bench_throughput(tmp, args.tasks, args.workers, env),
             "latency": lambda: bench_latency(tmp, args.latency_samples, env),
             "help": lambda: bench_help(args.help_runs, env),
-            "recovery": lambda: bench_recovery(tmp, args.recovery_tasks, probe),
+            "recovery": lambda: bench_recovery(tmp, args.recovery_tasks, env, probe),
             "race": lambda: bench_race(tmp, args.race_tasks, env) if args.race_tasks else None,
         }
         for section in SECTIONS:

@@ -131,6 +131,8 @@ def test_a_recovery_that_raises_makes_the_benchmark_fail(tmp_path: Path, monkeyp
         raise RuntimeError("recovery broke")
 
     monkeypatch.setattr(bench, "_recovery_entry", lambda: ("a broken recovery", broken))
+    # the timed part runs in this process, where the broken entry is patched in
+    monkeypatch.setattr(bench, "recovery_in_new_process", lambda root, env: bench.recover_and_reap(root))
     monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
     assert bench.main(["--only", "recovery", "--recovery-tasks", "10", "--settle", "0", "--json"]) == 1
     recovery = json.loads(capsys.readouterr().out)["recovery"]
