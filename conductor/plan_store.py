@@ -8,11 +8,13 @@ its parent's state after the chosen step); its ``fork.created`` event records th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from conductor.attempts import state_store
 from conductor.audit import AuditLog
-from conductor.errors import IntegrityError, NotFound, StateConflict
+from conductor.errors import ConfigError, IntegrityError, NotFound, StateConflict
 from conductor.faults import crash_point
-from conductor.handoff.documents import read_document, write_document
+from conductor.handoff.documents import read_document, sealed_bytes, write_document
 from conductor.handoff.publish import ensure_fork_dirs
 from conductor.layout import ProjectLayout
 from conductor.models import ForkRecord, Plan, PolicyLayer, StepSpec
@@ -30,6 +32,22 @@ def fork_log(layout: ProjectLayout, plan_id: str, fork_id: str, *, cut_torn_tail
     return AuditLog(layout.fork(plan_id, fork_id).audit_log, cut_torn_tail=cut_torn_tail)
 
 
+MAX_PLAN_BYTES = 16 * 1024 * 1024
+"""The largest ``plan.json`` Conductor writes or reads, in bytes: a plan is one document however many steps
+it has (about 400 bytes a step: 10,000 steps take 4 MiB, over the 4 MiB of a task file), and every later
+command reads it whole."""
+
+
+def read_plan_file(path: Path) -> Plan:
+    """``plan.json`` read strictly (checksum verified), up to :data:`MAX_PLAN_BYTES`.
+
+    Raises:
+        FileNotFoundError: it is missing.
+        IntegrityError: it was altered, is malformed or is too large.
+    """
+    return read_document(path, Plan, limit=MAX_PLAN_BYTES)
+
+
 def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str], project_policy: PolicyLayer | None = None) -> Plan:
     """Write a new plan: the project's base commit, ``plan.json`` (pinning it and ``project_policy``), and
     the plan's first event (pinning ``plan.json``'s checksum).
@@ -38,8 +56,10 @@ def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str], project
         The sealed plan.
 
     Raises:
+        ConfigError: ``plan.json`` would be larger than :data:`MAX_PLAN_BYTES` (nothing is written).
         GitError: git is missing, too old, or cannot read the project.
     """
+    _check_plan_size(plan.model_copy(update={"base_commit": "0" * 64, "project_policy": project_policy}))
     plan_dir = layout.plan_dir(plan.plan_id)
     store = state_store(layout)
     base = store.snapshot_project(ignore=ignore, message=f"conductor: the project as plan {plan.plan_id} began\n")
@@ -60,6 +80,14 @@ def create_plan(layout: ProjectLayout, plan: Plan, *, ignore: list[str], project
     return sealed
 
 
+def _check_plan_size(plan: Plan) -> None:
+    size = len(sealed_bytes(plan)[1])
+    if size > MAX_PLAN_BYTES:
+        steps = sum(len(fork.steps) for fork in plan.forks)
+        raise ConfigError(f"the plan would take {size:,} bytes as plan.json ({len(plan.forks)} fork(s), {steps} "
+                          f"step(s)); the limit is {MAX_PLAN_BYTES:,} bytes: split the goal into smaller plans")
+
+
 def load_plan(layout: ProjectLayout, plan_id: str) -> Plan:
     """Read ``plan.json`` strictly (checksum verified), with the forks added later by ``fork --from``.
 
@@ -74,7 +102,7 @@ def load_plan(layout: ProjectLayout, plan_id: str) -> Plan:
     path = layout.plan_dir(plan_id) / "plan.json"
     if not path.is_file():
         raise NotFound(f"no plan {plan_id!r} (known: {', '.join(layout.plan_ids()) or 'none'})")
-    plan = read_document(path, Plan)
+    plan = read_plan_file(path)
     check_plan_pinned(layout, path, plan)
     added = [record.fork for record in fork_records(layout, plan_id).values()]
     if not added:

@@ -94,8 +94,8 @@ from conductor.layout import (
     ForkLayout,
     ProjectLayout,
 )
-from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict, parse_time, utc_now
-from conductor.plan_store import plan_log
+from conductor.models import Event, FileChange, Lease, Result, Task, Verdict, parse_time, utc_now
+from conductor.plan_store import plan_log, read_plan_file
 from conductor.ranking import APPLY_INTENT_SCHEMA, apply_intent_file, finish_apply
 from conductor.repair import ARCHIVE_DIR, archive_name
 
@@ -500,7 +500,7 @@ class _Recovery:
         if any(e.type == "plan.created" for e in log.events()):
             return
         path = self.layout.plan_dir(plan_id) / "plan.json"
-        plan = read_document(path, Plan)
+        plan = read_plan_file(path)
         log.append("plan.created", {"plan_id": plan.plan_id, "goal": plan.goal,
                                     "planner": plan.planner.model_dump(mode="json"),
                                     "forks": [f.fork_id for f in plan.forks], "plan_checksum": plan.checksum})

@@ -48,8 +48,8 @@ from conductor.layout import (
     ProjectLayout,
 )
 from conductor.handoff.lease import rejected_content_checksums
-from conductor.models import Event, FileChange, Lease, Plan, Result, Task, Verdict
-from conductor.plan_store import FORK_RECORD, check_plan_pinned, fork_records
+from conductor.models import Event, FileChange, Lease, Result, Task, Verdict
+from conductor.plan_store import FORK_RECORD, check_plan_pinned, fork_records, read_plan_file
 from conductor.provenance import read_provenance
 from conductor.verifier import ignore_matcher
 
@@ -173,7 +173,7 @@ class _Checker:
         plan_dir = self.layout.plan_dir(plan_id)
         self.report.count("plans")
         try:
-            plan = read_document(plan_dir / "plan.json", Plan)
+            plan = read_plan_file(plan_dir / "plan.json")
             check_plan_pinned(self.layout, plan_dir / "plan.json", plan)
         except (ConductorError, OSError) as exc:
             self._error(plan_dir / "plan.json", exc)

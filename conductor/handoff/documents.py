@@ -25,13 +25,14 @@ MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # a task or result larger than this is ref
 M = TypeVar("M", bound=BaseModel)
 
 
-def read_document(path: Path, model: type[M], *, checksummed: bool = True) -> M:
+def read_document(path: Path, model: type[M], *, checksummed: bool = True, limit: int = MAX_DOCUMENT_BYTES) -> M:
     """Read, check and validate one contract document.
 
     Args:
         path: the JSON file.
         model: the pydantic model it must match (its ``schema`` literal pins the version).
         checksummed: verify the ``checksum`` field (RFC 8785 + SHA-256).
+        limit: the largest file accepted, in bytes (``plan.json`` has its own, larger one).
 
     Raises:
         FileNotFoundError: the file is gone (e.g. claimed by another executor).
@@ -40,7 +41,7 @@ def read_document(path: Path, model: type[M], *, checksummed: bool = True) -> M:
             or a field is invalid or has the wrong JSON type (the models are strict: ``"1"`` is not 1).
         ChecksumMismatch: the content does not match its checksum.
     """
-    return parse_document(read_limited(path), model, source=path, checksummed=checksummed)
+    return parse_document(read_limited(path, limit), model, source=path, checksummed=checksummed)
 
 
 def parse_document(data: bytes, model: type[M], *, source: Path | str, checksummed: bool = True) -> M:
@@ -83,8 +84,8 @@ def reread(path: Path, model: type[M], seen: tuple[M, bytes] | None) -> M:
     return parse_document(data, model, source=path)
 
 
-def read_limited(path: Path) -> bytes:
-    """The bytes of a regular file of at most MAX_DOCUMENT_BYTES, never following a symlink or blocking on a fifo.
+def read_limited(path: Path, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, never following a symlink or blocking on a fifo.
 
     Raises:
         FileNotFoundError: the file is gone.
@@ -101,9 +102,9 @@ def read_limited(path: Path) -> bytes:
         os.close(fd)
         raise InvalidDocument(f"{path}: not a regular file ({_file_kind(mode)})")
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read(MAX_DOCUMENT_BYTES + 1)
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise InvalidDocument(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidDocument(f"{path}: larger than {limit} bytes")
     return data
 
 
