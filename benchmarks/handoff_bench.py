@@ -833,6 +833,7 @@ def bench_recovery(tmp: Path, tasks: int, env: Mapping[str, str], probe: FsProbe
     after = {state: len(fork.task_ids(state)) for state in STATES}
     temps = sum(1 for state in STATES for p in fork.state_dir(state).iterdir() if p.name.startswith(".tmp."))
     chain = verify_chain(fork.audit_log)
+    creation = raw_folder_creation(tmp / "raw_folders", retry_folder_shape(project), child["requeued"])
     return {
         "tasks": tasks, "built": built, "files": files, "setup_seconds": setup, "timed": list(parts),
         "recovery_module": what, "recovery_error": error, "parts_seconds": parts, "seconds": total,
@@ -844,7 +845,51 @@ def bench_recovery(tmp: Path, tasks: int, env: Mapping[str, str], probe: FsProbe
         "raw_seconds": raw_seconds, "raw_files_read": raw_read, "ratio": total / raw_seconds,
         "ok": error is None and chain.ok and temps == 0 and after["in_progress"] == 0,
         "settle_waited_seconds": settled["waited_seconds"], "settled": settled["settled"],
+        "raw_folder_creation": creation,
     }
+
+
+def retry_folder_shape(project: Project) -> dict[str, int]:
+    """What one re-queued task's attempt folder holds, as entries to create: ``{"dirs", "files", "bytes"}``
+    (its stat cache beside it counted as a file; zeros if no retry was published)."""
+    pending = project.fork.state_dir("pending")
+    retried = next((read_document(path, Task) for path in sorted(pending.glob("*.task.json"))
+                    if read_document(path, Task).attempt > 1), None)
+    shape = {"dirs": 0, "files": 0, "bytes": 0}
+    if retried is None:
+        return shape
+    folder = project.root / retried.workspace
+    shape["dirs"] = 1
+    for path in [*folder.rglob("*"), folder.parent / f"{folder.name}.index"]:
+        if path.is_dir():
+            shape["dirs"] += 1
+        elif path.is_file():
+            shape["files"] += 1
+            shape["bytes"] += path.stat().st_size
+    return shape
+
+
+def raw_folder_creation(root: Path, shape: dict[str, int], count: int) -> dict[str, Any]:
+    """The raw file-system floor of the re-queue's checkouts: ``count`` folders of ``shape`` (flat: one folder
+    holding ``dirs - 1`` empty folders and ``files`` files of ``bytes / files`` bytes) made with plain
+    ``mkdir``/``open``/``write`` in one thread, no git, no fsync (the checkouts are not fsynced either)."""
+    root.mkdir()
+    size = shape["bytes"] // shape["files"] if shape["files"] else 0
+    payload = b"x" * size
+    began = time.perf_counter()
+    cpu = time.process_time()
+    for index in range(count):
+        folder = root / f"r{index}"
+        folder.mkdir()
+        for sub in range(shape["dirs"] - 1):
+            (folder / f"d{sub}").mkdir()
+        for name in range(shape["files"]):
+            fd = os.open(folder / f"f{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, payload)
+            os.close(fd)
+    seconds = time.perf_counter() - began
+    return {"folders": count, "shape": shape, "seconds": seconds, "cpu_seconds": time.process_time() - cpu,
+            "entries": count * (shape["dirs"] + shape["files"])}
 
 
 def recovery_in_new_process(root: Path, env: Mapping[str, str]) -> dict[str, Any]:
@@ -1102,6 +1147,13 @@ def render(doc: Mapping[str, Any]) -> str:
         if r.get("settled") is not None:
             rows.append((f"  waited {r['settle_waited_seconds']:.1f} s (not timed) for file creation to be as fast as "
                          f"at the start{'' if r['settled'] else ' (it never was)'}", "", "", ""))
+        made = r["raw_folder_creation"]
+        if made["folders"]:
+            shape = made["shape"]
+            rows.append((f"  raw creation of {made['folders']:,} folders shaped as a retry's ({shape['dirs']} folders, "
+                         f"{shape['files']} files, {shape['bytes']:,} B), one thread, no fsync: "
+                         f"{_ms(made['seconds'])}, {made['cpu_seconds'] / made['entries'] * 1e3:.3f} ms CPU per entry",
+                         "", "", ""))
         rows.append((f"full scan after recovery, for reference (read_document of all {r['task_files_read']:,} task files)",
                      _ms(r["full_scan_seconds"]), "", ""))
     race = doc.get("race")

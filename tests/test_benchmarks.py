@@ -96,6 +96,9 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
     assert recovery["recovery_bytes_read"] is None or recovery["recovery_bytes_read"] > recovery["log_bytes"] / 2
     assert recovery["audit_chain_ok"] and _positive(recovery["seconds"]) and _positive(recovery["raw_seconds"])
     assert _positive(recovery["full_scan_seconds"])
+    made = recovery["raw_folder_creation"]  # the floor of the retries' checkouts, shaped as one of them
+    assert made["folders"] == recovery["requeued"] and made["shape"]["dirs"] >= 4 and made["shape"]["files"] >= 5
+    assert made["entries"] == made["folders"] * (made["shape"]["dirs"] + made["shape"]["files"])
 
     race = doc["race"]
     assert race["ok"] and race["double_executions"] == 0 and race["lost_tasks"] == 0 and race["unexpected"] == 0
@@ -108,7 +111,7 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
     for label in ("publish_task", "throughput, 1 worker(s)", "throughput, 2 worker(s)", "durable I/O per task",
                   "pick-up latency", "p50", "p95", "python -m conductor --help", "conductor --help (console script)",
                   'python -c "import click"', "recovery, 100 tasks", "reap_expired", "of which prepare_retry",
-                  "recovery opened 10 task file(s)", "full scan", "race, 4 workers, 20 tasks: ok",
+                  "recovery opened 10 task file(s)", "raw creation of 3 folders", "full scan", "race, 4 workers, 20 tasks: ok",
                   "double executions 0, lost tasks 0", machine["file_system"]):
         assert label in table, label
 
