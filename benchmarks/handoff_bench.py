@@ -902,7 +902,7 @@ def recovery_in_new_process(root: Path, env: Mapping[str, str]) -> dict[str, Any
         RuntimeError: the process failed (its stderr is in the message).
     """
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--recovery-child", str(root)],
-                          capture_output=True, text=True, env={**env, "HOME": os.environ.get("HOME", "")})
+                          capture_output=True, text=True, env=dict(env))
     if done.returncode != 0:
         raise RuntimeError(f"the recovery process failed ({done.returncode}): {done.stderr.strip()}")
     return json.loads(done.stdout)
