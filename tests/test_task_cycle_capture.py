@@ -15,8 +15,9 @@ import pytest
 
 from conductor.workspace import checkout
 from conductor.workspace.checkout import cached_tree, capture, index_file, materialize, reset
-from conductor.workspace.git import Git, join_z, split_z
+from conductor.workspace.git import join_z, split_z
 from conductor.workspace.store import StateStore
+from tests.helpers.git_calls import commands, record_git_calls
 from tests.workspace.support import make_repo
 
 FILES = {"a.py": "a = 1\n", "pkg/b.py": "b = 1\n", "pkg/sub/c.txt": "c\n", "d.sh": "#!/bin/sh\n", "e.md": "e\n"}
@@ -43,32 +44,20 @@ def oracle(store: StateStore, folder: Path, excludes: Path, scratch: Path) -> st
     return store.git.run(["write-tree"], index=fresh).decode().strip()
 
 
-def count_git(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    real = Git.run
-
-    def counted(self: Git, args, **kw):  # type: ignore[no-untyped-def]
-        calls.append(args[0])
-        return real(self, args, **kw)
-
-    monkeypatch.setattr(Git, "run", counted)
-    return calls
-
-
 def test_an_unchanged_folder_costs_one_git_process_and_gives_the_base_tree(setup, monkeypatch) -> None:
     store, commit, folder = setup
     base, excludes = store.tree_of(commit), store.exclude_file([])
     assert cached_tree(index_file(folder)) == base  # read-tree of one tree recorded it
-    calls = count_git(monkeypatch)
+    calls = record_git_calls(monkeypatch)
     assert capture(store, folder, excludes=excludes) == base
-    assert calls == ["ls-files"]
+    assert commands(calls) == ["ls-files"]
     (folder / "a.py").write_text("a = 2\n")
     changed = capture(store, folder, excludes=store.exclude_file([]))
-    assert calls[1:] == ["ls-files", "update-index", "write-tree"]
+    assert commands(calls)[1:] == ["ls-files", "update-index", "write-tree"]
     assert changed != base and cached_tree(index_file(folder)) == changed
     del calls[:]
     assert capture(store, folder, excludes=store.exclude_file([])) == changed  # unchanged since: from the cache
-    assert calls == ["ls-files"]
+    assert commands(calls) == ["ls-files"]
 
 
 def test_a_touched_file_with_the_same_content_is_no_change(setup) -> None:
@@ -158,9 +147,9 @@ def test_an_index_without_a_recorded_tree_falls_back_to_write_tree(setup, tmp_pa
                    env={**os.environ, "GIT_INDEX_FILE": str(index)}, check=True, cwd=folder)
     assert cached_tree(index) is None
     base, excludes = store.tree_of(commit), store.exclude_file([])
-    calls = count_git(monkeypatch)
+    calls = record_git_calls(monkeypatch)
     assert capture(store, folder, excludes=excludes) == base
-    assert calls == ["ls-files", "write-tree"]
+    assert commands(calls) == ["ls-files", "write-tree"]
     (folder / "a.py").write_text("a = 2\n")  # a change: the rewritten index records its tree again
     changed = capture(store, folder, excludes=excludes)
     assert cached_tree(index) == changed

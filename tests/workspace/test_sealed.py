@@ -18,9 +18,9 @@ from conductor.executors.command import CommandRunner
 from conductor.handoff.lease import Claim, claim_task
 from conductor.workspace import feed, sealed
 from conductor.workspace.checkout import index_file
-from conductor.workspace.git import Git
 from tests.corpus.builders import HOLDER, verify
 from tests.handoff.support import Handoff, make_handoff
+from tests.helpers.git_calls import record_git_calls
 
 if sandbox.availability() is not None:
     if os.environ.get("CONDUCTOR_TEST_REQUIRE_SANDBOX") == "1":
@@ -52,18 +52,6 @@ def run(handoff: Handoff, task_id: str, command: str, *, mode: str) -> Claim:
     return claim
 
 
-def git_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    calls: list[list[str]] = []
-    real = Git.run
-
-    def recorded(self: Git, args, **kw):  # type: ignore[no-untyped-def]
-        calls.append(list(args))
-        return real(self, args, **kw)
-
-    monkeypatch.setattr(Git, "run", recorded)
-    return calls
-
-
 def stat_passes(calls: list[list[str]]) -> list[list[str]]:
     """The git runs that look at every tracked file of a folder."""
     return [args for args in calls if args[0] == "ls-files" and ("-m" in args or "-d" in args)]
@@ -74,7 +62,7 @@ def test_a_contained_runs_capture_serves_the_verifier_and_the_next_reset(handoff
                 mode="required")
     folder = handoff.scratch("step_001")
     inode = os.stat(folder).st_ino
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
 
     verdict = verify(handoff, claim, ignore=IGNORE)
 
@@ -135,7 +123,7 @@ def test_a_verification_command_ends_the_seal(handoff: Handoff, monkeypatch) -> 
     claim = run(handoff, "step_001", "echo one > README.md", mode="required")
     verdict = verify(handoff, claim, ignore=IGNORE, commands=("echo tampered >> README.md",))
     assert verdict.accepted and verdict.verification[0].exit_code == 0
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
 
     task = handoff.publish("step_002")
 
