@@ -33,9 +33,9 @@ def fork_log(layout: ProjectLayout, plan_id: str, fork_id: str, *, cut_torn_tail
 
 
 MAX_PLAN_BYTES = 16 * 1024 * 1024
-"""The largest ``plan.json`` Conductor writes or reads, in bytes: a plan is one document however many steps
-it has (about 400 bytes a step: 10,000 steps take 4 MiB, over the 4 MiB of a task file), and every later
-command reads it whole."""
+"""The largest ``plan.json`` (or ``fork.json`` of a fork added by ``fork --from``) Conductor writes or reads,
+in bytes: a plan is one document however many steps it has (about 400 bytes a step: 10,000 steps take
+4 MiB, over the 4 MiB of a task file), and every later command reads it whole."""
 
 
 def read_plan_file(path: Path) -> Plan:
@@ -150,7 +150,7 @@ def fork_records(layout: ProjectLayout, plan_id: str) -> dict[str, ForkRecord]:
     """
     records = {}
     for path in layout.plan_dir(plan_id).glob(f"fork_*/{FORK_RECORD}"):
-        record = read_document(path, ForkRecord)
+        record = read_document(path, ForkRecord, limit=MAX_PLAN_BYTES)  # one fork of a plan: no larger than it
         records[record.fork.fork_id] = record
     return dict(sorted(records.items(), key=lambda item: (len(item[0]), item[0])))
 
