@@ -24,3 +24,8 @@ def record_git_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 def commands(calls: list[list[str]]) -> list[str]:
     """The git subcommand of each recorded call (``["ls-files", "write-tree"]``)."""
     return [args[0] for args in calls]
+
+
+def stat_passes(calls: list[list[str]]) -> list[list[str]]:
+    """The recorded git runs that look at every tracked file of a folder."""
+    return [args for args in calls if args[0] == "ls-files" and ("-m" in args or "-d" in args)]

@@ -27,7 +27,7 @@ from conductor.workspace.checkout import capture, materialize, reset
 from conductor.workspace.store import StateStore, TreeEntry
 from tests.handoff.support import Handoff, make_handoff
 from tests.corpus.builders import HOLDER, verify
-from tests.workspace.test_sealed import git_calls, stat_passes
+from tests.helpers.git_calls import record_git_calls, stat_passes
 
 if sandbox.availability() is not None or not feed.available():
     if os.environ.get("CONDUCTOR_TEST_REQUIRE_SANDBOX") == "1":
@@ -98,7 +98,7 @@ def listings(calls: list[list[str]]) -> list[list[str]]:
 
 
 def test_git_looks_only_at_what_the_command_wrote_and_finds_what_a_full_pass_finds(handoff, monkeypatch) -> None:
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
     folder, claim = run(handoff, "echo two >> README.md && mkdir -p new/deep && echo n > new/deep/n.py && rm docs/a.txt"
                           " && mkdir __pycache__ && echo c > __pycache__/x.pyc")
 
@@ -116,7 +116,7 @@ def test_git_looks_only_at_what_the_command_wrote_and_finds_what_a_full_pass_fin
 
 
 def test_an_edit_of_tracked_files_asks_git_for_no_listing(handoff, monkeypatch) -> None:
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
     folder, claim = run(handoff, "echo two >> README.md && echo x > src/app.py && echo t > tmp && rm tmp")
 
     assert listings(calls) == []  # tracked files stay files, and what came and went is not there
@@ -169,7 +169,7 @@ def test_a_second_name_for_a_file_cannot_be_made(handoff) -> None:
 
 
 def test_a_renamed_folder_makes_the_feed_lost_and_the_pass_full(handoff, monkeypatch) -> None:
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
     folder, claim = run(handoff, "mv src moved && echo more >> moved/app.py")
 
     assert "--" not in listings(calls)[-1]  # no pathspec: a full pass
@@ -187,7 +187,7 @@ def test_a_renamed_folder_makes_the_feed_lost_and_the_pass_full(handoff, monkeyp
 def test_more_events_than_the_kernel_queues_makes_the_pass_full(handoff, monkeypatch) -> None:
     queued = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     rounds = queued // 4 + 100  # each round: two appends, each a modify and a close-write, never merged
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
     folder, claim = run(handoff, f"i=0; while [ $i -lt {rounds} ]; do echo $i >> f1; echo $i >> g1; i=$((i+1)); done")
 
     assert "--" not in listings(calls)[-1]
@@ -207,7 +207,7 @@ def test_a_nested_repository_is_refused_as_by_a_full_pass(handoff) -> None:
 def test_an_uncontained_run_ends_the_feed(handoff, monkeypatch) -> None:
     folder, claim = run(handoff, "echo two >> README.md", mode="off")
     assert feed.changes(folder) is None
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
 
     second = recycle(handoff, claim)
 
@@ -224,14 +224,14 @@ def test_an_unsandboxed_verification_command_ends_the_feed(handoff, monkeypatch)
 
     assert verdict.accepted and not verdict.verification[0].sandboxed
     assert feed.changes(folder) is None  # what it started might still write, unseen: the feed is over
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
     task = handoff.publish("step_002", sandbox_mode="required")
     assert "--" not in listings(calls)[0]  # so the reset looked at every file
     assert (handoff.root / task.workspace / "docs/a.txt").read_text() == "a\n"
 
 
 def test_every_kind_of_change_is_captured_as_a_full_pass_captures_it(handoff, monkeypatch) -> None:
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
     folder, _claim = run(handoff, "rm -r src/lib && echo now-a-file > src/lib; "  # a folder becomes a file
                                   "rm docs/a.txt && mkdir docs/a.txt && echo in > docs/a.txt/inner; "  # and the reverse
                                   "ln -s ../README.md docs/link; chmod +x src/app.py; "  # a symlink, a mode
@@ -259,7 +259,7 @@ def test_a_write_under_a_submodule_is_left_to_the_full_pass(tmp_path: Path, monk
     (folder / "vendor/lib/new.txt").write_text("inside\n")
     (folder / "src/app.py").write_text("y\n")
     feed.vouch(folder)
-    calls = git_calls(monkeypatch)
+    calls = record_git_calls(monkeypatch)
 
     excludes = store.exclude_file([])
     told = capture(store, folder, excludes=excludes, only=feed.changes(folder))

@@ -20,7 +20,7 @@ from conductor.workspace import feed, sealed
 from conductor.workspace.checkout import index_file
 from tests.corpus.builders import HOLDER, verify
 from tests.handoff.support import Handoff, make_handoff
-from tests.helpers.git_calls import record_git_calls
+from tests.helpers.git_calls import record_git_calls, stat_passes
 
 if sandbox.availability() is not None:
     if os.environ.get("CONDUCTOR_TEST_REQUIRE_SANDBOX") == "1":
@@ -50,11 +50,6 @@ def run(handoff: Handoff, task_id: str, command: str, *, mode: str) -> Claim:
                            lease_seconds=60, heartbeat_seconds=20)
     assert result is not None and result.status == "completed", result
     return claim
-
-
-def stat_passes(calls: list[list[str]]) -> list[list[str]]:
-    """The git runs that look at every tracked file of a folder."""
-    return [args for args in calls if args[0] == "ls-files" and ("-m" in args or "-d" in args)]
 
 
 def test_a_contained_runs_capture_serves_the_verifier_and_the_next_reset(handoff: Handoff, monkeypatch) -> None:
