@@ -853,8 +853,8 @@ def retry_folder_shape(project: Project) -> dict[str, int]:
     """What one re-queued task's attempt folder holds, as entries to create: ``{"dirs", "files", "bytes"}``
     (its stat cache beside it counted as a file; zeros if no retry was published)."""
     pending = project.fork.state_dir("pending")
-    retried = next((read_document(path, Task) for path in sorted(pending.glob("*.task.json"))
-                    if read_document(path, Task).attempt > 1), None)
+    tasks = (read_document(path, Task) for path in sorted(pending.glob("*.task.json")))
+    retried = next((task for task in tasks if task.attempt > 1), None)
     shape = {"dirs": 0, "files": 0, "bytes": 0}
     if retried is None:
         return shape
