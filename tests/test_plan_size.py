@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conductor import plan_store
-from conductor.errors import ConfigError
+from conductor.errors import ConfigError, IntegrityError
 from conductor.handoff.documents import MAX_DOCUMENT_BYTES
 from conductor.models import ForkSpec, Plan, PlannerInfo, PolicyLayer, StepSpec, Strategy, utc_now
 from conductor.plan_store import create_plan, load_plan
@@ -46,3 +46,17 @@ def test_a_plan_over_the_limit_is_refused_before_anything_is_written(tmp_path: P
     with pytest.raises(ConfigError, match=r"1 fork\(s\), 200 step\(s\)\); the limit is 100,000 bytes"):
         create_plan(layout, _plan("20261127T000000Z-toobig", 200, 1_000), ignore=[], project_policy=PolicyLayer())
     assert layout.plan_ids() == [] and not layout.plan_dir("20261127T000000Z-toobig").exists()
+
+
+def test_a_plan_file_grown_past_the_limit_by_hand_is_refused_unread(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = init_project(tmp_path / "project")
+    created = create_plan(layout, _plan("20261127T000000Z-padded", 3, 10), ignore=[], project_policy=PolicyLayer())
+    path = layout.plan_dir(created.plan_id) / "plan.json"
+    monkeypatch.setattr(plan_store, "MAX_PLAN_BYTES", path.stat().st_size + 100)
+    with path.open("ab") as handle:  # trailing whitespace keeps the JSON and its checksum valid
+        handle.write(b" " * 200)
+    with pytest.raises(IntegrityError, match="larger than"):
+        load_plan(layout, created.plan_id)
+    report = verify_project(layout, load_project(layout)[0], witness=None)
+    assert any("plan.json" in str(f) and "larger than" in str(f) for f in report.findings), report.findings
