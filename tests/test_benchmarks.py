@@ -60,7 +60,10 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
     io = throughput["durable_io"]
     assert io["calls_per_task"]["fsync"] >= 2 and io["raw_writes_per_task"] >= 1 and io["task_file_bytes"] > 0
     assert all(_positive(throughput["publish"][k]) for k in ("tasks_per_second", "raw_ops_per_second", "ratio"))
-    assert [run["workers"] for run in throughput["runs"]] == [1, 2]
+    # With bubblewrap, 1 worker runs again with sandbox.mode off: the cycle without the namespaces' start.
+    unsandboxed_too = [(1, "off")] if throughput["spawn"]["sandboxed"] else []
+    assert [(run["workers"], run["sandbox"]) for run in throughput["runs"]] == [(1, "default"), (2, "default"),
+                                                                               *unsandboxed_too]
     for run in throughput["runs"]:
         assert run["ok"] and run["completed"] == 12 and run["exit_codes"] == [0] * run["workers"]
         assert run["failures"] == []
@@ -114,6 +117,19 @@ def test_the_benchmark_runs_at_tiny_sizes_and_reports_every_figure(tmp_path: Pat
                   "recovery opened 10 task file(s)", "raw creation of 3 folders", "full scan", "race, 4 workers, 20 tasks: ok",
                   "double executions 0, lost tasks 0", machine["file_system"]):
         assert label in table, label
+    assert "goal 50 % of raw allows" in table
+    assert ("throughput, 1 worker(s), sandbox.mode off" in table) == bool(unsandboxed_too)
+
+
+def test_the_goal_budget_says_whether_the_unavoidable_part_of_a_task_fits_the_goal() -> None:
+    bench = _bench()
+    sandboxed = {"sandboxed": True, "sandboxed_seconds": 0.0035, "plain_seconds": 0.0005}
+    # raw 400 tasks/s: 2.5 ms a task, so the goal allows 5.0 ms; 2.5 + 3.5 = 6.0 ms is over it.
+    (line,) = bench.goal_budget(400.0, sandboxed)
+    assert "allows 5.0 ms" in line and "take 6.0 ms: over it" in line
+    # Without bubblewrap the command's start is plain `true`'s: 2.5 + 0.5 = 3.0 ms fits in 5.0 ms.
+    (line,) = bench.goal_budget(400.0, {**sandboxed, "sandboxed": False})
+    assert "take 3.0 ms: within it" in line
 
 
 def test_only_runs_the_chosen_sections(tmp_path: Path) -> None:
