@@ -24,6 +24,8 @@ scratch/
 recordings/
 checkouts/
 keys/*.key
+# Lock files: empty, only held while a process works.
+*.lock
 """
 
 

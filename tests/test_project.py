@@ -37,7 +37,7 @@ def test_init_in_place_creates_everything(tmp_path: Path) -> None:
 def test_gitignore_keeps_state_and_keys_out(tmp_path: Path) -> None:
     project = init_project(tmp_path)
     lines = (project.conductor_dir / ".gitignore").read_text(encoding="utf-8").splitlines()
-    for entry in ("git/", "scratch/", "checkouts/", "keys/*.key"):
+    for entry in ("git/", "scratch/", "checkouts/", "keys/*.key", "*.lock"):
         assert entry in lines
 
 

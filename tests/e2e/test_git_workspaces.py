@@ -67,10 +67,13 @@ def test_an_agent_using_git_in_its_workspace_on_a_real_repository(tmp_path: Path
     assert repo_fingerprint(root) == before
     assert git(root, "status", "--porcelain").splitlines() == [" M README.md", " M calc.py", "?? .conductor/",
                                                                "?? notes.txt", "?? plan.yaml"]
-    # Conductor's private repository, keys and attempt folders never show up in the user's git status.
+    # Conductor's private repository, keys, attempt folders and lock files never show up in the user's git
+    # status; its audit logs, policy and config do (they may be committed).
     listed = git(root, "status", "--porcelain", "-uall", ".conductor").splitlines()
-    assert listed and not [line for line in listed if line.startswith(("?? .conductor/git/", "?? .conductor/scratch/",
-                                                                        "?? .conductor/keys/signing.key"))]
+    assert not [line for line in listed if line.startswith(("?? .conductor/git/", "?? .conductor/scratch/",
+                                                            "?? .conductor/keys/signing.key")) or line.endswith(".lock")]
+    assert {"?? .conductor/policy.yaml", "?? .conductor/config.yaml",
+            f"?? .conductor/handoff/plan_{json.loads(run.stdout)['plan_id']}/fork_1/audit.log"} <= set(listed)
     layout = ProjectLayout(root)
     plan_id = report["plan_id"]
     base = fork_files(layout, plan_id, "2")
