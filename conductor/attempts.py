@@ -9,9 +9,10 @@ Cost: the first attempt of a fork costs a checkout (what ``git worktree add`` co
 finished attempt's folder is *recycled*: renamed to the new attempt's name and reset to the new base,
 which rewrites only the files that differ and removes everything else — for a chain of steps, about
 the cost of a ``git status``. A folder is recycled only when its attempt ended with the executor's own
-word (its task reached ``completed/`` and was verified, or ``failed/``); a folder whose lease expired or
-was released is never reused, since its executor may still be writing there (a zombie's writes land in
-a folder nobody reads). ``gc`` removes them.
+word (its task reached ``completed/`` and was verified, or ``failed/``), or when the process that ran a
+contained attempt gave it back (:func:`hand_over`: the retry takes the folder). A folder whose lease
+expired, or that an uncontained run gave back, is never reused, since its executor may still be writing
+there (a zombie's writes land in a folder nobody reads). ``gc`` removes them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -114,6 +116,48 @@ def prepare_retry(layout: ProjectLayout, task: Task, *, watch: bool = False) -> 
     folder = prepare_workspace(layout, task.plan_id, task.fork_id, task.task_id, task.attempt, task.base_commit,
                                recycle=False, watch=watch)
     return task.model_copy(update={"workspace": layout.relative(folder)})
+
+
+def hand_over(layout: ProjectLayout, task: Task, *, fallback: Callable[[Task], Task]) -> Task:
+    """Give a re-queued task (``attempt`` already incremented, ``workspace`` still naming the folder of the
+    attempt it replaces) that same folder, renamed to the new attempt's name and reset to the base.
+
+    Only for an attempt given back by the process that ran it, once nothing the attempt started can write
+    the folder any more (a *contained* run, ``conductor.executors.base.Outcome``): then the folder is
+    nobody's, and a reset rewrites only what the attempt changed, where a fresh checkout costs what
+    ``git worktree add`` costs (on a 6,800-file repository, seconds spent by a worker told to stop).
+    The reset looks at the whole folder (one ``git ls-files`` pass) unless this process's change feed can
+    name what was written (the engine running its own executor), as when a finished attempt's folder is
+    recycled (:func:`prepare_workspace`).
+
+    Args:
+        fallback: makes the retry's folder when this one cannot be handed over (it is not an attempt folder
+            with its stat cache, or the new attempt's name is taken): :func:`prepare_retry` as the caller
+            would use it.
+
+    Returns:
+        The task with ``workspace`` pointing at the new attempt's folder.
+
+    Raises:
+        GitError: the reset failed (the folder then stays under the new name; recovery or the next
+            :func:`prepare_workspace` for that name resets it).
+    """
+    try:
+        old = task_workspace(layout, task)
+    except UnsafePath:
+        return fallback(task)
+    target = layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
+    if not index_file(old).is_file() or target.exists() or target.is_symlink() or index_file(target).exists():
+        return fallback(task)
+    settle(old)  # a refresh of its stat cache may still be writing the index
+    sealed.forget(old)
+    feed.vouch(old)  # the caller's word: the run was contained (see the module docstring of feed)
+    os.rename(old, target)
+    os.replace(index_file(old), index_file(target))
+    reset(state_store(layout), target, task.base_commit, only=feed.changes(target))
+    feed.rearm(target)
+    fsync_dir(target.parent)  # the rename is durable before the retry naming it is published
+    return task.model_copy(update={"workspace": target.relative_to(layout.root).as_posix()})
 
 
 class RetryFolders:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from conductor import __version__
-from conductor.attempts import attempt_changes, task_workspace
+from conductor.attempts import attempt_changes, hand_over, task_workspace
 from conductor.canonical import sha256_hex, strict_loads
 from conductor.errors import BudgetExceeded, ConductorError, IntegrityError, LeaseLost
 from conductor.faults import crash_point
@@ -140,7 +140,10 @@ def execute_claim(
             the step's ``max_attempts``) instead of being failed.
             A runner that raises ``BudgetExceeded`` (its LLM call did not fit the budget and was not
             made) has its task released the same way, and the error is re-raised.
-        prepare_retry: gives a released task a fresh workspace (see ``conductor.attempts``).
+        prepare_retry: gives a released task a fresh workspace (see ``conductor.attempts``). When the
+            runner's outcome is ``contained`` (nothing it started can write the folder any more), the
+            released attempt's own folder is handed to the retry instead, reset to the base
+            (``attempts.hand_over``); ``prepare_retry`` is the fallback.
         signer: the executor's Ed25519 key; the provenance envelope is unsigned without one.
         verified_here: this process verifies the attempt next (the engine running its own executor). The
             result may then be committed while the folder's stat cache is still being refreshed in the
@@ -192,6 +195,9 @@ def execute_claim(
         _release(claim, prepare_retry, on_event)
         raise over_budget
     if stop_seen.is_set():
+        if outcome.contained and prepare_retry is not None:  # nothing can write the folder: the retry takes it
+            fallback = prepare_retry
+            prepare_retry = lambda retry: hand_over(layout, retry, fallback=fallback)  # noqa: E731
         _release(claim, prepare_retry, on_event)
         return None
     crash_point("execute.after_run")

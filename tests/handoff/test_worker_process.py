@@ -205,6 +205,7 @@ def test_sigterm_kills_the_command_group_releases_the_task_and_exits_0(tmp_path:
     assert retry.attempt == original.attempt + 1
     assert retry.checksum != original.checksum
     assert (handoff.root / retry.workspace).resolve() == handoff.scratch("step_001", 2).resolve()
+    assert handoff.scratch("step_001", 1).is_dir()  # unsandboxed: not handed over (tests/handoff/test_hand_over.py)
     assert [e.data["reason"] for e in AuditLog(handoff.fork.audit_log).events()
             if e.type == "task.published"] == ["given_back"]
 
