@@ -58,7 +58,7 @@ from conductor.executors.base import executor_info
 from conductor.handoff.documents import read_document, sealed_bytes
 from conductor.handoff.lease import HOST
 from conductor.handoff.publish import publish_task
-from conductor.handoff.reaper import BatchPreparer, reap_expired
+from conductor.handoff.reaper import BatchPreparer, FolderTaker, reap_expired
 from conductor.layout import STATES, ForkLayout, ProjectLayout
 from conductor.models import (
     Confidence,
@@ -948,14 +948,14 @@ def recover_and_reap(root: Path) -> dict[str, Any]:
 def _timed(function: Any) -> tuple[Any, dict[str, float]]:
     """``function`` (a retry preparer) wrapped to add its wall time, and that of every method of a
     ``BatchPreparer`` if it is one (the reaper's waits for checkouts made ahead included), to the returned
-    ``{"seconds": ...}``. The wrapper is a ``BatchPreparer`` exactly when ``function`` is."""
+    ``{"seconds": ...}``. The wrapper is a ``BatchPreparer`` (a ``FolderTaker``) exactly when ``function`` is."""
     spent = {"seconds": 0.0}
 
     def timing(call: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any) -> Any:
+        def timed(*args: Any, **kw: Any) -> Any:
             began = time.perf_counter()
             try:
-                return call(*args)
+                return call(*args, **kw)
             finally:
                 spent["seconds"] += time.perf_counter() - began
         return timed
@@ -971,6 +971,12 @@ def _timed(function: Any) -> tuple[Any, dict[str, float]]:
         discard = staticmethod(timing(function.discard))
 
     timed = Timed()
+    if isinstance(function, FolderTaker):  # a retry that takes its dead attempt's folder over is timed too
+
+        class TimedTaker(Timed):
+            take_over = staticmethod(timing(function.take_over))
+
+        timed = TimedTaker()
     assert isinstance(timed, BatchPreparer), "the timing wrapper must keep the reaper's batch path"
     return timed, spent
 

@@ -21,7 +21,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -205,10 +205,25 @@ class RetryFolders:
             remove_folder(made)
         return prepare_retry(self.layout, task, watch=self.watch)
 
-    def prefetch(self, tasks: list[Task]) -> None:
-        """Start checking out the folder of each retry (``attempt`` already incremented) at its base, in
-        the background; returns at once. A checkout that fails is left to :meth:`__call__`, which makes
-        it again and reports the error."""
+    def take_over(self, task: Task) -> Task:
+        """The retry takes the folder of the attempt it replaces, which nothing can write any more (its
+        holder died and its lease says all its processes died with it): the folder taken over ahead
+        (:meth:`prefetch` with ``take``), else :func:`hand_over` now, with this preparer as the fallback.
+        A :class:`conductor.handoff.reaper.FolderTaker`."""
+        if _retry_key(task) in self._pending:
+            return self(task)
+        return hand_over(self.layout, task, fallback=self)
+
+    def prefetch(self, tasks: list[Task], *, take: Collection[str] = ()) -> None:
+        """Start making the folder of each retry (``attempt`` already incremented) at its base, in the
+        background; returns at once. A folder that cannot be made is left to :meth:`__call__`, which makes
+        it again and reports the error.
+
+        Args:
+            take: the steps whose old attempt's folder is nobody's (see :meth:`take_over`): it is moved
+                into this preparer's private folder and reset there, instead of a new checkout (which
+                is made if the old folder is not there any more).
+        """
         wanted = [task for task in tasks if _retry_key(task) not in self._pending]
         if not wanted:
             return
@@ -216,7 +231,7 @@ class RetryFolders:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="conductor-retry")
         store = state_store(self.layout)
         for task in wanted:
-            self._pending[_retry_key(task)] = self._pool.submit(self._make, store, task)
+            self._pending[_retry_key(task)] = self._pool.submit(self._make, store, task, task.task_id in take)
 
     def wait(self, task: Task) -> Path | None:
         """Wait until the checkout made ahead for ``task`` (if any) is done; its folder, or None."""
@@ -241,7 +256,7 @@ class RetryFolders:
             shutil.rmtree(private, ignore_errors=True)
         self._private.clear()
 
-    def _make(self, store: StateStore, task: Task) -> Path | None:
+    def _make(self, store: StateStore, task: Task, take: bool = False) -> Path | None:
         target = self.layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
         with self._private_lock:  # one private folder per fork: a retry's name (step, attempt) is unique in it
             private = self._private.get(target.parent)
@@ -251,12 +266,31 @@ class RetryFolders:
                 private.mkdir()
                 self._private[target.parent] = private
         try:
-            materialize(store, task.base_commit, private / target.name, durable=False)  # made durable when used
+            if not (take and _take_into(self.layout, store, task, private / target.name)):
+                materialize(store, task.base_commit, private / target.name, durable=False)  # durable when used
         except (ConductorError, OSError):
             return None
         if self.watch:
             feed.start(private / target.name)
         return private / target.name
+
+
+def _take_into(layout: ProjectLayout, store: StateStore, task: Task, folder: Path) -> bool:
+    """Move the folder of the attempt ``task`` replaces (``task.workspace``, with its stat cache) to
+    ``folder`` and reset it there to the task's base, as :func:`hand_over` does in place; False if it is
+    not there (another process took it, or it was never made), and nothing was done."""
+    try:
+        old = task_workspace(layout, task)
+        os.rename(index_file(old), index_file(folder))  # first: a folder without its stat cache is no use
+    except (UnsafePath, FileNotFoundError):
+        return False
+    try:
+        os.rename(old, folder)
+    except FileNotFoundError:
+        index_file(folder).unlink()  # the folder went meanwhile (another process took it): its cache too
+        return False
+    reset(store, folder, task.base_commit)  # one pass over the folder: no feed vouches for it here
+    return True
 
 
 def _retry_key(task: Task) -> tuple[str, str, str, int, str]:

@@ -392,6 +392,12 @@ class Lease(Contract):
         default=None, min_length=1,
         description="'<boot_id>:<starttime>' of that group's leader (Linux /proc), proof against pid reuse; optional",
     )
+    contained: bool | None = Field(
+        default=None,
+        description="true: every process of the work runs in a pid namespace that dies with the holder `pid` "
+        "(bubblewrap --unshare-pid --die-with-parent), so once that pid is gone nothing of the attempt can "
+        "write its workspace and the retry may take the folder; recorded with pgid; optional",
+    )
     checksum: Checksum | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from conductor.sandbox import SandboxSpec, reports_status, wrap
+from conductor.sandbox import SandboxSpec, Wrapped, reports_status, wrap
 from conductor.seccomp import no_links_filter
 from conductor.errors import ExecutorError
 
@@ -105,7 +105,7 @@ def run_command(
     timeout_seconds: float,
     shell: bool | None = None,
     kill_grace_seconds: float = 2.0,
-    on_start: Callable[[int], None] | None = None,
+    on_start: Callable[[int, bool], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     kill_now: Callable[[], bool] | None = None,
     sweep_environ: str | None = None,
@@ -123,8 +123,10 @@ def run_command(
         timeout_seconds: wall-time limit in seconds, counted from the spawn.
         shell: see ``command``; None chooses by the type of ``command``.
         kill_grace_seconds: seconds between SIGTERM and SIGKILL when the group must be stopped.
-        on_start: called with the child's pid (= its process group id) right after the spawn, to record it
-            in a lease; if it raises, the group is killed and the exception propagates.
+        on_start: called with the child's pid (= its process group id) right after the spawn, and whether
+            every process it starts dies with this process (a sandbox's pid namespace with
+            ``--die-with-parent``), to record both in a lease; if it raises, the group is killed and the
+            exception propagates.
         should_stop: polled about every 0.1 s; when it returns True the group is stopped (SIGTERM, then
             SIGKILL after ``kill_grace_seconds``).
         kill_now: polled about every 0.1 s, also during the grace period; when it returns True the group
@@ -172,7 +174,7 @@ def run_command(
         if namespace is not None:
             namespace.started()
         if on_start is not None:
-            on_start(proc.pid)
+            on_start(proc.pid, _dies_with_us(wrapped))
         run = _Run(proc, stdin or b"", _Output(max_output_bytes), namespace)
         run.loop(started + timeout_seconds, kill_grace_seconds, should_stop, kill_now)
     finally:
@@ -200,6 +202,14 @@ def run_command(
         sandboxed=wrapped is not None and wrapped.sandboxed,
         contained=contained,
     )
+
+
+def _dies_with_us(wrapped: Wrapped | None) -> bool:
+    """Whether every process of a command started as ``wrapped`` says dies with this process: bubblewrap
+    puts them in a pid namespace of their own and kills its init when we die (``--die-with-parent``)."""
+    if wrapped is None or not wrapped.sandboxed or "--" not in wrapped.argv:
+        return False
+    return {"--unshare-pid", "--die-with-parent"} <= set(wrapped.argv[: wrapped.argv.index("--")])
 
 
 def _memory_file(data: bytes) -> int:

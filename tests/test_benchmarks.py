@@ -173,3 +173,15 @@ def test_bad_arguments_exit_2_naming_the_option(argv: list[str], capsys: pytest.
         _bench().parse_args(argv)
     assert exited.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_the_timing_wrapper_keeps_every_path_the_reaper_takes(tmp_path: Path) -> None:
+    from conductor.attempts import RetryFolders
+    from conductor.handoff.reaper import BatchPreparer, FolderTaker
+    from conductor.project import init_project
+
+    bench = _bench()
+    timed, _spent = bench._timed(RetryFolders(init_project(tmp_path)))
+    assert isinstance(timed, BatchPreparer) and isinstance(timed, FolderTaker)
+    plain, _spent = bench._timed(lambda task: task)
+    assert not isinstance(plain, BatchPreparer) and not isinstance(plain, FolderTaker)

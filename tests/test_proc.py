@@ -56,9 +56,10 @@ def test_child_gets_its_own_process_group(tmp_path):
         [sys.executable, "-c", "import os; print(os.getpgid(0))"],
         cwd=tmp_path,
         timeout_seconds=30,
-        on_start=seen.append,
+        on_start=lambda pid, contained: seen.append((pid, contained)),
     )
-    assert int(outcome.output) == seen[0] != os.getpgid(0)
+    assert int(outcome.output) == seen[0][0] != os.getpgid(0)
+    assert seen[0][1] is False  # no sandbox: nothing promises its processes die with us
 
 
 def test_timeout_kills_the_whole_group_including_a_background_grandchild(tmp_path):
@@ -154,7 +155,7 @@ def test_missing_working_folder_is_an_executor_error(tmp_path):
 def test_an_exception_in_on_start_still_kills_the_child(tmp_path):
     pids = []
 
-    def fail(pid):
+    def fail(pid, contained):
         pids.append(pid)
         raise RuntimeError("lease write failed")
 

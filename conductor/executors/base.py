@@ -65,7 +65,7 @@ class StepRunner(Protocol):
         """Work on ``task`` in ``workspace``; poll ``should_stop`` and give up when it turns true.
 
         ``execute_claim`` passes a :class:`StopCheck`: a runner that starts a child process group reports
-        it with ``should_stop.process_started(pgid)``.
+        it with ``should_stop.process_started(pgid, contained)``.
         """
         ...
 
@@ -83,13 +83,14 @@ class StopCheck:
     def __call__(self) -> bool:
         return self._poll()
 
-    def process_started(self, pgid: int) -> None:
-        """Record ``pgid`` (the child's pid; call before reaping it) in the lease.
+    def process_started(self, pgid: int, contained: bool = False) -> None:
+        """Record ``pgid`` (the child's pid; call before reaping it) in the lease, and whether everything it
+        starts dies with this process (``contained``: a sandbox's pid namespace, see ``Lease.contained``).
 
         Raises:
             LeaseLost: the task was reclaimed meanwhile; the caller must kill the group.
         """
-        renew_lease(self._claim, lease_seconds=self._lease_seconds, pgid=pgid)
+        renew_lease(self._claim, lease_seconds=self._lease_seconds, pgid=pgid, contained=contained)
 
 
 class _Heartbeat(threading.Thread):

@@ -318,7 +318,7 @@ def _still(seen: tuple[M, bytes] | None, model: M) -> tuple[M, bytes] | None:
     return seen if seen is not None and seen[0] is model else None
 
 
-def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None,
+def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None, contained: bool = False,
                 not_after: datetime | None = None) -> Lease:
     """Extend the lease of ``claim`` by ``lease_seconds`` from now (the heartbeat).
 
@@ -329,6 +329,9 @@ def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None,
         pgid: the process group the work now runs in (its leader must not have been reaped yet, so its
             id is not recycled): recorded with the leader's start identity (``pgid``, ``pgid_start``), so a
             reaper can kill the group if this process dies. Later renewals keep it.
+        contained: with ``pgid``, every process of that group runs in a pid namespace that dies with this
+            process (recorded as the lease's ``contained``: a reaper that finds this process gone may give
+            the attempt's folder to the retry).
         not_after: the lease never reaches past this instant (a claim's deadline).
 
     Raises:
@@ -339,7 +342,7 @@ def renew_lease(claim: Claim, *, lease_seconds: float, pgid: int | None = None,
         expires = min(expires, not_after)
     update: dict[str, Any] = {"renewed_at": utc_now(), "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
     if pgid is not None:
-        update.update(pgid=pgid, pgid_start=process_start(pgid))
+        update.update(pgid=pgid, pgid_start=process_start(pgid), contained=True if contained else None)
     path, base = claim.fork.lease_file(claim.task.task_id), claim.lease
     sealed, data = sealed_bytes(base.model_copy(update=update))
     temp = write_temp(path, data, sync=False)  # no fsync at all, as for every lease (see _write_lease)

@@ -16,7 +16,7 @@ in-process executors (holder ``conductor-engine@…``) bound their own time and 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,7 +67,8 @@ class BatchPreparer(Protocol):
     """A ``prepare_retry`` that can also make retries' workspaces ahead of the fork lock, in the background.
 
     :func:`reap_expired` calls :meth:`prefetch` with the retries it expects to publish (it returns at
-    once), :meth:`wait` for each before it takes the lock for it, then the preparer itself for each retry
+    once; a :class:`FolderTaker` also gets ``take=``, the steps whose old folder it may take over),
+    :meth:`wait` for each before it takes the lock for it, then the preparer itself for each retry
     it does publish (under the lock: it hands over what was made ahead, or makes it then), then
     :meth:`sync` before it publishes the retries it prepared (the preparer's renames are made durable
     there, once for the batch), then :meth:`discard` for whatever was made and not used.
@@ -82,6 +83,27 @@ class BatchPreparer(Protocol):
     def sync(self) -> None: ...
 
     def discard(self) -> None: ...
+
+
+@runtime_checkable
+class FolderTaker(Protocol):
+    """A ``prepare_retry`` that can also give a retry the folder of the attempt it replaces.
+
+    :func:`reap_expired` calls :meth:`take_over` instead of the preparer itself for a retry whose old
+    folder nobody can write any more: its holder died on this host, and its lease says every process of
+    the work died with it (``Lease.contained``).
+    """
+
+    def __call__(self, task: Task) -> Task: ...
+
+    def take_over(self, task: Task) -> Task: ...
+
+
+def nobodys_folder(lease: Lease | None, reason: str | None) -> bool:
+    """Whether an expired attempt's folder is nobody's: its holder died here (``reason`` is
+    ``"holder_died"``) and its lease says everything of the work died with it (``contained``). A holder
+    that is alive, elsewhere or unknown may still have something writing there."""
+    return reason == "holder_died" and lease is not None and lease.contained is True
 
 
 REQUEUE_BATCH = 16
@@ -179,8 +201,14 @@ def reap_expired(
     batch = prepare_retry if isinstance(prepare_retry, BatchPreparer) and looks else None
     retries = {task_id: look.task.model_copy(update={"attempt": look.task.attempt + 1}) for task_id, look in looks
                if look.task is not None and look.task.attempt < (look.task.max_attempts or max_attempts)}
-    if batch is not None:  # checkouts made in the background, before the lock is taken for each
-        batch.prefetch(list(retries.values()))
+    if batch is not None:  # folders made in the background, before the lock is taken for each
+        # A dead holder's folder that nobody can write (as things look now) is taken over, not checked out.
+        take = [task_id for task_id, look in looks
+                if isinstance(batch, FolderTaker) and nobodys_folder(look.lease, look.reason)]
+        if take:
+            batch.prefetch(list(retries.values()), take=take)
+        else:  # (a preparer that takes no folder over need not know the argument)
+            batch.prefetch(list(retries.values()))
     reaped: list[Reaped] = []
     try:
         for start in range(0, len(looks), REQUEUE_BATCH):
@@ -207,6 +235,7 @@ class _Look:
     lease: Lease | None
     task: Task | None  # None if the task file was unreadable
     killed: tuple[int, ...]  # the dead holder's command, killed already
+    reason: str = ""  # why the lease looked over (see expiry_reason)
     # The parsed files with the exact bytes they were read from (None: absent or unreadable)
     lease_seen: tuple[Lease, bytes] | None = None
     task_seen: tuple[Task, bytes] | None = None
@@ -227,7 +256,8 @@ def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float
     except FileNotFoundError:
         lease_seen = None
     lease = lease_seen[0] if lease_seen else None
-    if _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds) is None:
+    reason = _reason(path, lease, ctime, now=now, lease_seconds=lease_seconds)
+    if reason is None:
         return None
     try:
         task_seen = _read(path, Task)
@@ -235,7 +265,7 @@ def _look(fork: ForkLayout, task_id: str, *, now: datetime, lease_seconds: float
         return None  # completed meanwhile
     task = task_seen[0] if task_seen else None
     return _Look(lease, task, tuple(kill_orphaned_command(fork, lease, workspace=task.workspace if task else None)),
-                 lease_seen, task_seen)
+                 reason, lease_seen, task_seen)
 
 
 def _read(path: Path, model: type[M]) -> tuple[M, bytes] | None:
@@ -265,6 +295,7 @@ def _reap_batch(
     done: dict[str, Reaped] = {}
     expired: list[tuple[str, dict[str, object]]] = []
     requeue: list[tuple[Task, Reaped]] = []
+    free: set[str] = set()  # the tasks whose old folder is nobody's (nobodys_folder)
     for task_id, look in looks:
         path = fork.task_file("in_progress", task_id)
         try:
@@ -301,12 +332,15 @@ def _reap_batch(
         else:
             expired.append(("task.lease_expired", data))
             requeue.append((task, Reaped(task_id, task.attempt, "requeued", holder, killed, reason)))
+            if nobodys_folder(lease, reason):
+                free.add(task_id)
     emit_all(on_event, expired)
     for _ in expired:
         crash_point("reaper.after_expired_event")
     if requeue:
+        taken = prepare_retry.take_over if isinstance(prepare_retry, FolderTaker) else None
         requeue_tasks(fork, [task for task, _ in requeue], prepare_retry=prepare_retry, on_event=on_event,
-                      reason="lease_expired")
+                      reason="lease_expired", take_over=taken, free=free)
         done.update((entry.task_id, entry) for _, entry in requeue)
     return [done[task_id] for task_id, _ in looks if task_id in done]
 
@@ -392,11 +426,16 @@ def requeue_tasks(
     prepare_retry: Callable[[Task], Task] | None,
     on_event: EventSink,
     reason: str,
+    take_over: Callable[[Task], Task] | None = None,
+    free: Collection[str] = (),
 ) -> list[Task]:
     """:func:`requeue_task` for several tasks at once (call under the fork lock), with each kind of fsync
     made once for all of them: the retries' files are written, fsynced and linked into ``pending/`` as a
     batch, and their ``task.published`` events go to the log as one write. Each retry is still durable
     before it is visible, and logged after it is durable.
+
+    ``take_over`` (:meth:`FolderTaker.take_over`) prepares the retry of each task named in ``free``
+    (whose old folder is nobody's) instead of ``prepare_retry``.
 
     Returns:
         The published retries, in the order of ``tasks``.
@@ -416,7 +455,7 @@ def requeue_tasks(
         crash_point("reaper.after_park")
         fork.lease_file(task.task_id).unlink(missing_ok=True)
     retries, conflicts = _publish_retries(fork, tasks, prepare_retry=prepare_retry, on_event=on_event,
-                                          reason=reason)
+                                          reason=reason, take_over=take_over, free=free)
     for task, parked_file in zip(tasks, parked, strict=True):
         if task.task_id not in conflicts:
             crash_point("reaper.before_unpark")
@@ -428,7 +467,7 @@ def requeue_tasks(
 
 def _publish_retries(
     fork: ForkLayout, tasks: list[Task], *, prepare_retry: Callable[[Task], Task] | None, on_event: EventSink,
-    reason: str,
+    reason: str, take_over: Callable[[Task], Task] | None = None, free: Collection[str] = (),
 ) -> tuple[list[Task | None], dict[str, str]]:
     """Publish the retry of each task (or find the one a crashed requeue published); returns the retries
     (None where there is a conflict) and the conflicts, by task id."""
@@ -443,7 +482,8 @@ def _publish_retries(
             continue
         if retries[index] is None:
             retry = task.model_copy(update={"attempt": task.attempt + 1, "created_at": utc_now()})
-            new.append((index, prepare_retry(retry) if prepare_retry is not None else retry))
+            prepare = take_over if take_over is not None and task.task_id in free else prepare_retry
+            new.append((index, prepare(retry) if prepare is not None else retry))
     if isinstance(prepare_retry, BatchPreparer):
         prepare_retry.sync()
     published = publish_documents([(fork.task_file("pending", retry.task_id), retry) for _, retry in new])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,14 +15,24 @@ from pathlib import Path
 import pytest
 
 from conductor import sandbox
-from conductor.attempts import attempt_changes, prepare_retry
+from conductor.attempts import RetryFolders, attempt_changes, prepare_retry
 from conductor.audit import AuditLog
 from conductor.executors.base import Outcome, execute_claim
+from conductor.handoff.documents import write_document
 from conductor.handoff.lease import claim_task
+from conductor.handoff.reaper import reap_expired
 from conductor.models import ExecutorInfo
 from conductor.workspace import feed
 from conductor.workspace.checkout import index_file
-from tests.handoff.support import Handoff, clean_environ, make_handoff, start_worker, stop_process, wait_for
+from tests.handoff.support import (
+    Handoff,
+    clean_environ,
+    dead_pid,
+    make_handoff,
+    start_worker,
+    stop_process,
+    wait_for,
+)
 from tests.helpers.git_calls import record_git_calls, stat_passes
 
 needs_bwrap = pytest.mark.skipif(sandbox.availability() is not None or not sandbox.reports_status(),
@@ -167,3 +178,90 @@ def test_a_worker_stopped_mid_command_hands_the_sandboxed_folder_over_and_its_st
     assert result.attempt == 2 and [(c.path, c.change) for c in result.files_changed] == [("README.md", "modified")]
     assert (second / "README.md").read_text() == "hello\nretried\n" and not (second / "junk.txt").exists()
     assert os.path.exists(second / "src" / "app.py")
+
+
+# --- the reaper: a dead holder's folder ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("holder", "contained", "taken"), [
+    ("dead", True, True),
+    ("dead", False, False),  # the lease promises nothing: a process of the attempt may live on
+    ("alive", True, False),  # the lease ran out, but its holder lives: it may still be writing
+    ("elsewhere", True, False),  # a dead pid means nothing on another host
+], ids=["dead and contained", "dead, no promise", "alive", "another host"])
+def test_the_reaper_gives_the_retry_a_dead_holders_folder_only_when_its_lease_says_nothing_survives(
+        tmp_path: Path, holder: str, contained: bool, taken: bool) -> None:
+    handoff = make_handoff(tmp_path / "project", steps=1, files=BASE)
+    handoff.publish("step_001")
+    first = handoff.scratch("step_001", 1)
+    feed.drop(first)  # as in the process that reaps after a crash: it did not check the folder out
+    claim = claim_task(handoff.fork, "step_001", holder="worker@here:1", lease_seconds=3600)
+    assert claim is not None
+    _mess(first)
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        update: dict[str, object] = {"pid": alive.pid if holder == "alive" else dead_pid(),
+                                     "contained": True if contained else None,
+                                     "expires_at": "2020-01-01T00:00:00.000000Z"}
+        if holder == "elsewhere":
+            update["host"] = "another-host.example"
+        write_document(handoff.fork.lease_file("step_001"), claim.lease.model_copy(update=update))
+        (reaped,) = reap_expired(handoff.fork, max_attempts=3, lease_seconds=3600,
+                                 on_event=AuditLog(handoff.fork.audit_log).append,
+                                 prepare_retry=RetryFolders(handoff.layout))
+    finally:
+        alive.kill()
+        alive.wait()
+
+    assert reaped.outcome == "requeued" and (reaped.reason == "holder_died") == (holder == "dead")
+    retry = handoff.read_task("pending", "step_001")
+    second = handoff.scratch("step_001", 2)
+    assert retry.attempt == 2 and (handoff.root / retry.workspace).resolve() == second.resolve()
+    assert _files(second) == {name: text.encode() for name, text in BASE.items()}
+    if taken:
+        assert not first.exists() and not index_file(first).exists()
+    else:  # left as the old attempt left it, to whatever may still write there
+        assert (first / "junk.txt").read_text() == "junk\n" and (first / "README.md").read_text() == "HELLO\n"
+    assert not list(first.parent.glob(".tmp.*"))  # no checkout made ahead was left behind
+
+
+@needs_bwrap
+@pytest.mark.timeout(90)
+def test_after_kill_9_of_a_worker_the_next_worker_runs_the_retry_in_the_dead_attempts_folder(
+        tmp_path: Path) -> None:
+    """``conductor worker`` runs a sandboxed command that makes a mess and leaves a process in a session of
+    its own rewriting a file; the worker is killed with SIGKILL. Its lease said ``contained``, so the next
+    worker's reap gives the retry that folder, reset; the straggler died with the sandbox."""
+    handoff = make_handoff(tmp_path / "project", steps=1, files=BASE)
+    handoff.publish("step_001", sandbox_mode="required")
+    first = handoff.scratch("step_001", 1)
+    inode = first.stat().st_ino
+    attempt_one = ("echo HELLO > README.md; rm src/app.py; echo junk > junk.txt; "
+                   "(setsid sh -c 'while true; do echo evil >> README.md; sleep 0.02; done' </dev/null >/dev/null 2>&1 &); "
+                   "echo ready > ready; sleep 60")
+    command = f'if [ "$CONDUCTOR_ATTEMPT" = 1 ]; then {attempt_one}; else echo retried >> README.md; fi'
+    env = clean_environ(tmp_path / "home")
+    worker = start_worker(handoff.root, command, env=env, log=tmp_path / "worker.out")
+    try:
+        wait_for(lambda: (first / "ready").exists() and b"evil" in (first / "README.md").read_bytes(), timeout=30,
+                 what="the command to make its mess and start its straggler")
+        lease = handoff.read_lease("step_001")
+        assert lease.contained is True and lease.pgid is not None  # recorded when the command started
+        worker.kill()
+        worker.wait(timeout=10)
+    finally:
+        stop_process(worker)
+
+    burst = start_worker(handoff.root, command, "--burst", env=env, log=tmp_path / "burst.out")
+    try:
+        assert burst.wait(timeout=60) == 0, (tmp_path / "burst.out").read_text()
+    finally:
+        stop_process(burst)
+    second = handoff.scratch("step_001", 2)
+    result = handoff.read_result("completed", "step_001")
+    assert result.attempt == 2 and [(c.path, c.change) for c in result.files_changed] == [("README.md", "modified")]
+    assert not first.exists() and second.stat().st_ino == inode
+    time.sleep(0.3)  # the straggler wrote every 20 ms while it lived
+    assert (second / "README.md").read_text() == "hello\nretried\n" and not (second / "junk.txt").exists()
+    assert [e.data["reason"] for e in AuditLog(handoff.fork.audit_log).events()
+            if e.type == "task.lease_expired"] == ["holder_died"]
