@@ -538,14 +538,23 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (``kill(pid, 0)``; one owned by another user counts)."""
+    """Whether a process ``pid`` exists on this host and can still run (``kill(pid, 0)``; one owned by
+    another user counts).
+
+    A zombie (state ``Z`` or ``X`` in ``/proc/<pid>/stat``, proc(5)) is dead: it has exited, runs no code
+    and holds no file, and only waits for its parent to collect it, which can take seconds (an init that
+    reaps orphans periodically). Without ``/proc``, ``kill`` alone decides.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    stat = _stat(pid)
+    if stat is None:  # gone since the kill, or no /proc here
+        return not (_PROC / "self").is_dir()
+    return stat[0] not in ("Z", "X")
 
 
 def process_start(pid: int) -> str | None:

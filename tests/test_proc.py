@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conductor.errors import ExecutorError
-from conductor.proc import kill_orphans, process_start, run_command
+from conductor.proc import kill_orphans, pid_alive, process_start, run_command
 
 
 def is_alive(pid: int) -> bool:
@@ -257,6 +257,24 @@ def test_process_start_identifies_one_process(tmp_path):
         first.kill()
         first.wait()
     assert process_start(first.pid) is None  # reaped
+
+
+def test_a_killed_process_is_dead_before_its_parent_collects_it():
+    """A holder killed with kill -9 stays a zombie until its parent reaps it (an init that reaps orphans
+    periodically takes seconds): it runs no code any more, so a reaper must not wait for that."""
+    child = subprocess.Popen(["sleep", "100"])
+    try:
+        assert pid_alive(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] != "Z":  # not yet reaped: a zombie
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        assert not pid_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not pid_alive(child.pid)  # reaped: no such process
 
 
 def test_kill_orphans_kills_a_group_whose_leader_has_the_recorded_start():
