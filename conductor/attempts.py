@@ -142,12 +142,10 @@ def hand_over(layout: ProjectLayout, task: Task, *, fallback: Callable[[Task], T
         GitError: the reset failed (the folder then stays under the new name; recovery or the next
             :func:`prepare_workspace` for that name resets it).
     """
-    try:
-        old = task_workspace(layout, task)
-    except UnsafePath:
-        return fallback(task)
+    old = _previous_folder(layout, task)
     target = layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
-    if not index_file(old).is_file() or target.exists() or target.is_symlink() or index_file(target).exists():
+    if old is None or not index_file(old).is_file() or target.exists() or target.is_symlink() \
+            or index_file(target).exists():
         return fallback(task)
     settle(old)  # a refresh of its stat cache may still be writing the index
     sealed.forget(old)
@@ -275,14 +273,27 @@ class RetryFolders:
         return private / target.name
 
 
+def _previous_folder(layout: ProjectLayout, task: Task) -> Path | None:
+    """The folder of the attempt a retry ``task`` replaces: ``task.workspace`` (not yet updated), if it is
+    that attempt's own folder (``<step>.a<attempt - 1>`` beside the retry's), else None."""
+    try:
+        old = task_workspace(layout, task)
+    except UnsafePath:
+        return None
+    own = layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt - 1)
+    return old if old == own.resolve() and not own.is_symlink() else None
+
+
 def _take_into(layout: ProjectLayout, store: StateStore, task: Task, folder: Path) -> bool:
     """Move the folder of the attempt ``task`` replaces (``task.workspace``, with its stat cache) to
     ``folder`` and reset it there to the task's base, as :func:`hand_over` does in place; False if it is
     not there (another process took it, or it was never made), and nothing was done."""
+    old = _previous_folder(layout, task)
+    if old is None:
+        return False
     try:
-        old = task_workspace(layout, task)
         os.rename(index_file(old), index_file(folder))  # first: a folder without its stat cache is no use
-    except (UnsafePath, FileNotFoundError):
+    except FileNotFoundError:
         return False
     try:
         os.rename(old, folder)

@@ -265,3 +265,30 @@ def test_after_kill_9_of_a_worker_the_next_worker_runs_the_retry_in_the_dead_att
     assert (second / "README.md").read_text() == "hello\nretried\n" and not (second / "junk.txt").exists()
     assert [e.data["reason"] for e in AuditLog(handoff.fork.audit_log).events()
             if e.type == "task.lease_expired"] == ["holder_died"]
+
+
+def test_a_task_file_naming_another_steps_folder_never_gets_that_folder_taken(tmp_path: Path) -> None:
+    """An uncontained executor rewrites its in-progress task (checksum and all) to name another step's
+    folder as its workspace, and its lease to say ``contained``, then dies: the reaper must not move
+    that folder away from its own attempt."""
+    handoff = make_handoff(tmp_path / "project", steps=2, files=BASE)
+    handoff.publish("step_001")
+    handoff.publish("step_002")
+    other = handoff.scratch("step_002", 1)
+    inode = other.stat().st_ino
+    claim = claim_task(handoff.fork, "step_001", holder="worker@here:1", lease_seconds=3600)
+    assert claim is not None
+    write_document(handoff.task_path("in_progress", "step_001"),
+                   claim.task.model_copy(update={"workspace": handoff.layout.relative(other), "checksum": None}))
+    write_document(handoff.fork.lease_file("step_001"),
+                   claim.lease.model_copy(update={"pid": dead_pid(), "contained": True}))
+
+    (reaped,) = reap_expired(handoff.fork, max_attempts=3, lease_seconds=3600,
+                             on_event=AuditLog(handoff.fork.audit_log).append,
+                             prepare_retry=RetryFolders(handoff.layout))
+
+    assert reaped.reason == "holder_died" and reaped.outcome == "requeued"
+    assert other.stat().st_ino == inode and index_file(other).is_file()  # step_002's folder stays its own
+    assert handoff.where()["pending"] == ["step_001", "step_002"] and handoff.read_task("pending", "step_002").attempt == 1
+    retry = handoff.read_task("pending", "step_001")
+    assert (handoff.root / retry.workspace).resolve() == handoff.scratch("step_001", 2).resolve()
