@@ -136,6 +136,40 @@ def test_an_uncontained_attempt_given_back_leaves_its_folder_and_the_retry_gets_
     assert _files(second) == {name: text.encode() for name, text in BASE.items()}
 
 
+# Attempt 1 makes a mess and leaves a process in a session of its own that keeps rewriting a file; a later
+# attempt makes one change.
+ATTEMPT_ONE = ("echo HELLO > README.md; rm src/app.py; echo junk > junk.txt; "
+               "(setsid sh -c 'while true; do echo evil >> README.md; sleep 0.02; done' </dev/null >/dev/null 2>&1 &); "
+               "echo ready > ready; sleep 60")
+COMMAND = f'if [ "$CONDUCTOR_ATTEMPT" = 1 ]; then {ATTEMPT_ONE}; else echo retried >> README.md; fi'
+
+
+def _worker_amid_its_mess(tmp_path: Path) -> tuple[Handoff, subprocess.Popen[bytes], dict[str, str]]:
+    """A project whose step_001 a real ``conductor worker`` runs sandboxed (:data:`COMMAND`), returned once
+    attempt 1 has made its mess and its straggler writes; with the worker and its environment."""
+    handoff = make_handoff(tmp_path / "project", steps=1, files=BASE)
+    handoff.publish("step_001", sandbox_mode="required")
+    first = handoff.scratch("step_001", 1)
+    env = clean_environ(tmp_path / "home")
+    worker = start_worker(handoff.root, COMMAND, env=env, log=tmp_path / "worker.out")
+    try:
+        wait_for(lambda: (first / "ready").exists() and b"evil" in (first / "README.md").read_bytes(), timeout=30,
+                 what="the command to make its mess and start its straggler")
+    except BaseException:
+        stop_process(worker)
+        raise
+    return handoff, worker, env
+
+
+def _burst(handoff: Handoff, env: dict[str, str], tmp_path: Path) -> None:
+    """Run ``conductor worker --burst`` (:data:`COMMAND`) until no task is left; it must exit 0."""
+    burst = start_worker(handoff.root, COMMAND, "--burst", env=env, log=tmp_path / "burst.out")
+    try:
+        assert burst.wait(timeout=60) == 0, (tmp_path / "burst.out").read_text()
+    finally:
+        stop_process(burst)
+
+
 @needs_bwrap
 @pytest.mark.timeout(90)
 def test_a_worker_stopped_mid_command_hands_the_sandboxed_folder_over_and_its_straggler_is_gone(
@@ -143,19 +177,10 @@ def test_a_worker_stopped_mid_command_hands_the_sandboxed_folder_over_and_its_st
     """The real thing: ``conductor worker`` running a sandboxed command that makes a mess and leaves a
     process in a session of its own that keeps rewriting a file; SIGTERM. The retry takes the folder, reset
     to the base, and nothing writes in it any more; the retry then runs to completion with only its change."""
-    handoff = make_handoff(tmp_path / "project", steps=1, files=BASE)
-    handoff.publish("step_001", sandbox_mode="required")
+    handoff, worker, env = _worker_amid_its_mess(tmp_path)
     first = handoff.scratch("step_001", 1)
     inode = first.stat().st_ino
-    attempt_one = ("echo HELLO > README.md; rm src/app.py; echo junk > junk.txt; "
-                   "(setsid sh -c 'while true; do echo evil >> README.md; sleep 0.02; done' </dev/null >/dev/null 2>&1 &); "
-                   "echo ready > ready; sleep 60")
-    command = f'if [ "$CONDUCTOR_ATTEMPT" = 1 ]; then {attempt_one}; else echo retried >> README.md; fi'
-    env = clean_environ(tmp_path / "home")
-    worker = start_worker(handoff.root, command, env=env, log=tmp_path / "worker.out")
     try:
-        wait_for(lambda: (first / "ready").exists() and b"evil" in (first / "README.md").read_bytes(), timeout=30,
-                 what="the command to make its mess and start its straggler")
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=30)
     finally:
@@ -169,11 +194,7 @@ def test_a_worker_stopped_mid_command_hands_the_sandboxed_folder_over_and_its_st
     time.sleep(0.3)  # the straggler wrote every 20 ms while it lived
     assert _files(second) == {name: text.encode() for name, text in BASE.items()}
 
-    burst = start_worker(handoff.root, command, "--burst", env=env, log=tmp_path / "burst.out")
-    try:
-        assert burst.wait(timeout=60) == 0, (tmp_path / "burst.out").read_text()
-    finally:
-        stop_process(burst)
+    _burst(handoff, env, tmp_path)
     result = handoff.read_result("completed", "step_001")
     assert result.attempt == 2 and [(c.path, c.change) for c in result.files_changed] == [("README.md", "modified")]
     assert (second / "README.md").read_text() == "hello\nretried\n" and not (second / "junk.txt").exists()
@@ -232,19 +253,10 @@ def test_after_kill_9_of_a_worker_the_next_worker_runs_the_retry_in_the_dead_att
     """``conductor worker`` runs a sandboxed command that makes a mess and leaves a process in a session of
     its own rewriting a file; the worker is killed with SIGKILL. Its lease said ``contained``, so the next
     worker's reap gives the retry that folder, reset; the straggler died with the sandbox."""
-    handoff = make_handoff(tmp_path / "project", steps=1, files=BASE)
-    handoff.publish("step_001", sandbox_mode="required")
+    handoff, worker, env = _worker_amid_its_mess(tmp_path)
     first = handoff.scratch("step_001", 1)
     inode = first.stat().st_ino
-    attempt_one = ("echo HELLO > README.md; rm src/app.py; echo junk > junk.txt; "
-                   "(setsid sh -c 'while true; do echo evil >> README.md; sleep 0.02; done' </dev/null >/dev/null 2>&1 &); "
-                   "echo ready > ready; sleep 60")
-    command = f'if [ "$CONDUCTOR_ATTEMPT" = 1 ]; then {attempt_one}; else echo retried >> README.md; fi'
-    env = clean_environ(tmp_path / "home")
-    worker = start_worker(handoff.root, command, env=env, log=tmp_path / "worker.out")
     try:
-        wait_for(lambda: (first / "ready").exists() and b"evil" in (first / "README.md").read_bytes(), timeout=30,
-                 what="the command to make its mess and start its straggler")
         lease = handoff.read_lease("step_001")
         assert lease.contained is True and lease.pgid is not None  # recorded when the command started
         worker.kill()
@@ -252,11 +264,7 @@ def test_after_kill_9_of_a_worker_the_next_worker_runs_the_retry_in_the_dead_att
     finally:
         stop_process(worker)
 
-    burst = start_worker(handoff.root, command, "--burst", env=env, log=tmp_path / "burst.out")
-    try:
-        assert burst.wait(timeout=60) == 0, (tmp_path / "burst.out").read_text()
-    finally:
-        stop_process(burst)
+    _burst(handoff, env, tmp_path)
     second = handoff.scratch("step_001", 2)
     result = handoff.read_result("completed", "step_001")
     assert result.attempt == 2 and [(c.path, c.change) for c in result.files_changed] == [("README.md", "modified")]
