@@ -24,7 +24,7 @@ from conductor.audit import AuditLog
 from conductor.confidence import kind_of, learn, predicted_score, read_outcomes, score_step
 from conductor.config import Config
 from conductor.errors import ConductorError, MergeConflict, StateConflict
-from conductor.executors.base import GIVEN_BACK, StepRunner, execute_claim
+from conductor.executors.base import GIVEN_BACK, StepRunner, execute_claim, starts_no_process
 from conductor.recovery import sweep_fork_leftovers
 from conductor.faults import crash_point
 from conductor.handoff.documents import read_document
@@ -357,7 +357,7 @@ class Engine:
     def _execute(self, fork: ForkLayout, log: AuditLog, task_id: str, runner: StepRunner) -> None:
         try:
             claim = claim_task(fork, task_id, holder=self.holder, lease_seconds=self.config.executor.lease_seconds,
-                               on_event=log.append)
+                               on_event=log.append, contained=starts_no_process(runner))
             if claim is not None:
                 execute_claim(self.layout, claim, runner, ignore=self.ignore,
                               lease_seconds=self.config.executor.lease_seconds,

@@ -394,9 +394,10 @@ class Lease(Contract):
     )
     contained: bool | None = Field(
         default=None,
-        description="true: every process of the work runs in a pid namespace that dies with the holder `pid` "
-        "(bubblewrap --unshare-pid --die-with-parent), so once that pid is gone nothing of the attempt can "
-        "write its workspace and the retry may take the folder; recorded with pgid; optional",
+        description="true: nothing of the work can outlive the holder `pid`: it runs inside that process and "
+        "starts none (set at the claim), or every process of it runs in a pid namespace that dies with it "
+        "(bubblewrap --unshare-pid --die-with-parent; recorded with pgid). Once that pid is gone nothing of the "
+        "attempt can write its workspace, and the retry may take the folder; optional",
     )
     checksum: Checksum | None = None
 

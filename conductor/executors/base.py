@@ -57,7 +57,11 @@ class Outcome:
 
 
 class StepRunner(Protocol):
-    """Does the actual work of a task inside its workspace."""
+    """Does the actual work of a task inside its workspace.
+
+    A runner may say ``starts_processes = False`` (read with ``getattr``, True when absent): it works in
+    this process alone, so nothing of its work outlives this process (see :func:`starts_no_process`).
+    """
 
     info: ExecutorInfo
 
@@ -68,6 +72,13 @@ class StepRunner(Protocol):
         it with ``should_stop.process_started(pgid, contained)``.
         """
         ...
+
+
+def starts_no_process(runner: StepRunner) -> bool:
+    """Whether ``runner`` works in this process alone and starts no process (``starts_processes`` False):
+    its claim's lease may then say ``contained`` from the start, and a task it gives back unworked (its
+    LLM call refused by the budget) hands its untouched folder to the retry."""
+    return getattr(runner, "starts_processes", True) is False
 
 
 class StopCheck:
@@ -193,6 +204,9 @@ def execute_claim(
         on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(heartbeat.lost)})
         return None
     if over_budget is not None:
+        if starts_no_process(runner) and prepare_retry is not None:  # nothing ran: the folder is as it was
+            budget_fallback = prepare_retry
+            prepare_retry = lambda retry: hand_over(layout, retry, fallback=budget_fallback)  # noqa: E731
         _release(claim, prepare_retry, on_event)
         raise over_budget
     if stop_seen.is_set():

@@ -114,6 +114,8 @@ def render_evidence(task: Task) -> list[str]:
 class LLMRunner:
     """Runs a task by asking an LLM for the files to write."""
 
+    starts_processes = False  # it writes the files itself: nothing of its work outlives this process
+
     def __init__(self, client: LLMClient, *, on_event: EventSink = _no_events) -> None:
         self.client = client
         self.on_event = on_event

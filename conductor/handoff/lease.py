@@ -119,6 +119,7 @@ def claim_task(
     on_event: EventSink = _no_events,
     pid: int | None = None,
     bounded_by_timeout: bool = False,
+    contained: bool = False,
 ) -> Claim | None:
     """Try to claim ``task_id`` from ``pending/``.
 
@@ -126,6 +127,9 @@ def claim_task(
         pid: the lease's ``pid``: None = this process; 0 = no process, a lease held by time alone (the
             ``conductor task`` CLI: the reaper never treats it as a dead holder, only its ``expires_at``
             and the task's timeout count).
+        contained: the work runs inside this process and starts no process (an in-process LLM executor):
+            recorded as the lease's ``contained``, so a reaper that finds this process gone may give the
+            attempt's folder to the retry.
         bounded_by_timeout: the lease never reaches past the claim plus the task's ``timeout_seconds``.
 
     Returns:
@@ -158,6 +162,7 @@ def claim_task(
         acquired_at=now,
         renewed_at=now,
         expires_at=_time_after(min(lease_seconds, task.timeout_seconds) if bounded_by_timeout else lease_seconds),
+        contained=True if contained and pid is None else None,
     )
     lease, lease_data = _write_lease(fork, lease)
     crash_point("claim.after_lease")

@@ -57,11 +57,16 @@ def test_resume_after_kill_9_finishes_without_repeating_completed_llm_calls(tmp_
         [plan_id] = layout.plan_ids()
         fork1 = layout.fork(plan_id, "1")
         assert fork1.task_ids("in_progress") == ["step_002"]  # held by the dead process
+        # The LLM executor works inside the engine: nothing of its work outlives it, and its lease says so.
+        lease = json.loads(fork1.lease_file("step_002").read_text())
+        assert lease["contained"] is True
+        interrupted = layout.scratch_dir(plan_id, "1", "step_002", 1)
+        inode = interrupted.stat().st_ino
         done_at_kill = {(f, s) for f in ("1", "2") for s in layout.fork(plan_id, f).task_ids("completed")}
         assert ("1", "step_001") in done_at_kill
         calls_at_kill = {mark: llm.count(mark) for mark in MARKS}
 
-        resumed = conductor(root, "resume", "--json", env=env)
+        resumed = conductor(root, "resume", "--json", "--keep-workspaces", env=env)
         assert resumed.returncode == 0, resumed.stderr
         report = json.loads(resumed.stdout)
         calls_after = {mark: llm.count(mark) for mark in MARKS}
@@ -78,6 +83,8 @@ def test_resume_after_kill_9_finishes_without_repeating_completed_llm_calls(tmp_
     # The interrupted attempt was re-queued as attempt 2 and completed; attempt 1 left no trace but events.
     task = json.loads(fork1.task_file("completed", "step_002").read_text())
     assert task["attempt"] == 2
+    # Its retry ran in the interrupted attempt's folder, taken over and reset, not a new checkout.
+    assert not interrupted.exists() and layout.scratch_dir(plan_id, "1", "step_002", 2).stat().st_ino == inode
     for fork_id in ("1", "2"):
         fork = layout.fork(plan_id, fork_id)
         assert not fork.task_ids("pending") and not fork.task_ids("in_progress") and not fork.task_ids("failed")

@@ -17,6 +17,7 @@ import pytest
 from conductor import sandbox
 from conductor.attempts import RetryFolders, attempt_changes, prepare_retry
 from conductor.audit import AuditLog
+from conductor.errors import BudgetExceeded
 from conductor.executors.base import Outcome, execute_claim
 from conductor.handoff.documents import write_document
 from conductor.handoff.lease import claim_task
@@ -300,3 +301,33 @@ def test_a_task_file_naming_another_steps_folder_never_gets_that_folder_taken(tm
     assert handoff.where()["pending"] == ["step_001", "step_002"] and handoff.read_task("pending", "step_002").attempt == 1
     retry = handoff.read_task("pending", "step_001")
     assert (handoff.root / retry.workspace).resolve() == handoff.scratch("step_001", 2).resolve()
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["starts no process", "may start processes"])
+def test_a_task_the_budget_refused_hands_its_untouched_folder_over_only_from_an_in_process_runner(
+        tmp_path: Path, in_process: bool) -> None:
+    """An LLM call the budget refused was never made: a runner that works in this process alone
+    (``starts_processes = False``) has touched nothing, so the retry takes its folder; a runner that may
+    have started something gets a fresh one, as before."""
+
+    class _OverBudget:
+        info = ExecutorInfo(id="llm:test/m", kind="llm")
+        starts_processes = not in_process
+
+        def run(self, task, workspace, should_stop):  # type: ignore[no-untyped-def]
+            raise BudgetExceeded("over budget")
+
+    handoff = make_handoff(tmp_path / "project", steps=1, files=BASE)
+    handoff.publish("step_001")
+    first = handoff.scratch("step_001", 1)
+    inode = first.stat().st_ino
+    claim = claim_task(handoff.fork, "step_001", holder="engine@here:1", lease_seconds=60, contained=in_process)
+    assert claim is not None and claim.lease.contained is (True if in_process else None)
+    with pytest.raises(BudgetExceeded):
+        execute_claim(handoff.layout, claim, _OverBudget(), ignore=[], lease_seconds=60, heartbeat_seconds=5,
+                      prepare_retry=lambda task: prepare_retry(handoff.layout, task))
+
+    second = handoff.scratch("step_001", 2)
+    assert (handoff.root / handoff.read_task("pending", "step_001").workspace).resolve() == second.resolve()
+    assert (second.stat().st_ino == inode) is in_process and first.exists() is not in_process
+    assert _files(second) == {name: text.encode() for name, text in BASE.items()}
