@@ -174,6 +174,7 @@ class Engine:
         self._inflight: dict[tuple[str, str], Future] = {}
         self._runners: dict[str, StepRunner] = {}
         self._pool = ThreadPoolExecutor(max_workers=config.executor.parallel, thread_name_prefix="conductor-exec")
+        self._stopping = threading.Event()  # set when the run ends abruptly: in-flight steps give their tasks back
         self._wake: Callable[[], None] = lambda: None
         self.signer = signer
         self._checkpointed: dict[Path, int] = {}  # log -> its size in bytes when last checkpointed
@@ -362,7 +363,7 @@ class Engine:
                 execute_claim(self.layout, claim, runner, ignore=self.ignore,
                               lease_seconds=self.config.executor.lease_seconds,
                               heartbeat_seconds=self.config.executor.heartbeat_seconds, on_event=log.append,
-                              signer=self.signer,
+                              signer=self.signer, stop=self._stopping,
                               prepare_retry=lambda task: prepare_retry(self.layout, task, watch=True),
                               verified_here=True)
         finally:
@@ -553,6 +554,10 @@ class Engine:
     def run(self, stop: threading.Event | None = None) -> RunReport:
         """Run passes until every fork has finished, or only approvals/external work remain.
 
+        ``stop`` ends the run after the current pass, once the steps in flight are done. An exception
+        (Ctrl-C's ``KeyboardInterrupt`` included) ends it at once: a command still running is stopped and
+        its task given back to ``pending/`` (``task.published {reason: "given_back"}``), for ``resume``.
+
         Returns:
             The run's report; the plan is ranked and (with ``apply``) the winner applied when all forks
             finished.
@@ -570,6 +575,11 @@ class Engine:
                     if report is not None or stop.is_set():
                         return report or RunReport(self.plan.plan_id, "halted", message="stopped")
                     watcher.wait(self.config.executor.poll_seconds)
+        except BaseException:
+            # Ctrl-C, or a failure: a step's command still running is stopped (SIGTERM, then SIGKILL) and its
+            # task given back for `resume`, rather than waited for, which could take the step's whole timeout.
+            self._stopping.set()
+            raise
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 

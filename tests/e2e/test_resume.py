@@ -8,9 +8,12 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
+from conductor.audit import AuditLog
 from conductor.layout import ProjectLayout
 from tests.e2e.project import FIXED_CALC, TEST_CALC, all_chains_verify, cli_env, conductor, make_project, spawn
+from tests.handoff.support import wait_for
 from tests.helpers.llm_server import scripted_llm_server
 
 PLAN = {"strategies": [
@@ -95,4 +98,42 @@ def test_resume_after_kill_9_finishes_without_repeating_completed_llm_calls(tmp_
     assert merged == ["step_001", "step_002"]  # each step's effect merged exactly once
     plan_events = json.loads(conductor(root, "events", "--json", "--type", "plan", env=env).stdout)
     assert [e["type"] for e in plan_events].count("plan.resumed") == 1
+    all_chains_verify(root)
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_a_running_step_gives_its_task_back_and_resume_finishes(tmp_path: Path) -> None:
+    """Ctrl-C during a step's long command: `explore` stops the command and gives its task back (exit 130)
+    instead of waiting the command out; `resume` then runs the step again and the plan finishes."""
+    root = make_project(tmp_path / "proj", config={"executor": {
+        "kind": "command", "command": 'sh -c "$CONDUCTOR_INSTRUCTION"', "poll_seconds": 0.5}})
+    slow = ('if [ "$CONDUCTOR_ATTEMPT" = 1 ]; then echo started > started; sleep 600; fi; '
+            "python -c \"import pathlib; p = pathlib.Path('calc.py'); p.write_text(p.read_text().replace('a - b', 'a + b'))\"")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"goal": "Fix add", "strategies": [{"name": "one", "steps": [
+        {"id": "fix", "instruction": slow, "allowed_files": ["calc.py", "started"], "confidence": 0.9}]}]}))
+    proc = spawn(root, "explore", "--plan", str(plan), "--json")
+    try:
+        layout = ProjectLayout(root)
+        wait_for(lambda: any(layout.scratch_root.glob("plan_*/fork_1/step_001.a1/started")), timeout=60,
+                 what="the step's command to start")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)  # the command would sleep 600 s: it was stopped, not waited for
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+
+    [plan_id] = layout.plan_ids()
+    fork = layout.fork(plan_id, "1")
+    retry = json.loads(fork.task_file("pending", "step_001").read_text())
+    assert retry["attempt"] == 2
+    published = [e.data.get("reason") for e in AuditLog(fork.audit_log).events() if e.type == "task.published"]
+    assert published == [None, "given_back"]
+
+    resumed = conductor(root, "resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "succeeded"
+    assert (root / "calc.py").read_text() == FIXED_CALC
     all_chains_verify(root)
