@@ -171,3 +171,9 @@ class BudgetExceeded(ConductorError):
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a plan ran: raised in the main thread like Ctrl-C's ``KeyboardInterrupt``, so the
+    run ends the same way (steps in flight give their tasks back), then exits :data:`EXIT_TERMINATED`."""

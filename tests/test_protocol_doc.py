@@ -19,7 +19,7 @@ from conductor.audit import EVENT_TYPES, verify_chain
 from conductor.canonical import canonical_bytes, compute_checksum, seal
 from conductor.cli.main import COMMANDS
 from conductor.config import env_variables
-from conductor.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ConductorError
+from conductor.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, ConductorError
 from conductor.executors.command import task_environment
 from conductor.layout import ProjectLayout
 from conductor.models import Confidence, Task
@@ -108,7 +108,7 @@ def test_cli_doc_covers_every_command_exit_code_and_variable() -> None:
     text = CLI.read_text("utf-8")
     for name in COMMANDS:
         assert f"\n### `conductor {name}" in text, name
-    codes = {cls.exit_code for cls in _error_classes(ConductorError)} | {0, 1, 2, EXIT_INTERNAL, EXIT_INTERRUPTED}
+    codes = {cls.exit_code for cls in _error_classes(ConductorError)} | {0, 1, 2, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED}
     documented = {int(cell) for cell in table_after("exit-codes", CLI)}
     assert documented == codes
     for variable in env_variables():

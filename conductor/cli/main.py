@@ -111,7 +111,7 @@ def _crash_log(exc: BaseException) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code (never raises, except SystemExit from click itself)."""
-    from conductor.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ConductorError
+    from conductor.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, ConductorError, Terminated
 
     try:
         result = cli.main(args=list(argv) if argv is not None else None, prog_name="conductor", standalone_mode=False)
@@ -123,9 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click turns a KeyboardInterrupt (Terminated too) into Abort
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("conductor: terminated", err=True)
+            return EXIT_TERMINATED
         click.echo("conductor: interrupted", err=True)
         return EXIT_INTERRUPTED
+    except Terminated:
+        click.echo("conductor: terminated", err=True)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         click.echo("conductor: interrupted", err=True)
         return EXIT_INTERRUPTED

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -175,6 +177,7 @@ def _execute(project, plan, factory, *, auto_approve, no_apply, no_wait, keep, a
         live, progress = _live_status(project, plan.plan_id)
     from conductor.errors import BudgetExceeded
 
+    previous = _terminate_like_ctrl_c()
     try:
         report = run_plan(project, plan, options, on_progress=progress, factory=factory)
     except BudgetExceeded as exc:
@@ -183,9 +186,24 @@ def _execute(project, plan, factory, *, auto_approve, no_apply, no_wait, keep, a
             live = None
         return _budget_halt(project, plan.plan_id, exc, as_json)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if live is not None:
             live.stop()
     return _report(project, report, as_json)
+
+
+def _terminate_like_ctrl_c():  # type: ignore[no-untyped-def]
+    """Make SIGTERM end the run as Ctrl-C does (``errors.Terminated``); returns the handler it replaced (None
+    off the main thread, where no handler can be set)."""
+    from conductor.errors import Terminated
+
+    def terminated(signum, frame):  # type: ignore[no-untyped-def]
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 def _budget_halt(project, plan_id: str, exc, as_json: bool) -> int:  # type: ignore[no-untyped-def]

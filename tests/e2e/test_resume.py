@@ -102,9 +102,12 @@ def test_resume_after_kill_9_finishes_without_repeating_completed_llm_calls(tmp_
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_stops_a_running_step_gives_its_task_back_and_resume_finishes(tmp_path: Path) -> None:
-    """Ctrl-C during a step's long command: `explore` stops the command and gives its task back (exit 130)
-    instead of waiting the command out; `resume` then runs the step again and the plan finishes."""
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["Ctrl-C", "SIGTERM"])
+def test_ctrl_c_stops_a_running_step_gives_its_task_back_and_resume_finishes(tmp_path: Path, sig: int,
+                                                                             code: int) -> None:
+    """Ctrl-C (or SIGTERM) during a step's long command: `explore` stops the command and gives its task back
+    (exit 130, or 143) instead of waiting the command out; `resume` then runs the step again and the plan
+    finishes."""
     root = make_project(tmp_path / "proj", config={"executor": {
         "kind": "command", "command": 'sh -c "$CONDUCTOR_INSTRUCTION"', "poll_seconds": 0.5}})
     slow = ('if [ "$CONDUCTOR_ATTEMPT" = 1 ]; then echo started > started; sleep 600; fi; '
@@ -117,13 +120,13 @@ def test_ctrl_c_stops_a_running_step_gives_its_task_back_and_resume_finishes(tmp
         layout = ProjectLayout(root)
         wait_for(lambda: any(layout.scratch_root.glob("plan_*/fork_1/step_001.a1/started")), timeout=60,
                  what="the step's command to start")
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)  # the command would sleep 600 s: it was stopped, not waited for
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=60)  # the command would sleep 600 s: it was stopped, not waited for
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130
+    assert proc.returncode == code, err
 
     [plan_id] = layout.plan_ids()
     fork = layout.fork(plan_id, "1")
