@@ -144,14 +144,12 @@ def hand_over(layout: ProjectLayout, task: Task, *, fallback: Callable[[Task], T
     """
     old = _previous_folder(layout, task)
     target = layout.scratch_dir(task.plan_id, task.fork_id, task.task_id, task.attempt)
-    if old is None or not index_file(old).is_file() or target.exists() or target.is_symlink() \
-            or index_file(target).exists():
+    if old is None or target.exists() or target.is_symlink() or index_file(target).exists():
         return fallback(task)
-    settle(old)  # a refresh of its stat cache may still be writing the index
-    sealed.forget(old)
+    sealed.forget(old)  # (after waiting for a refresh of its stat cache that may still write the index)
     feed.vouch(old)  # the caller's word: the run was contained (see the module docstring of feed)
-    os.rename(old, target)
-    os.replace(index_file(old), index_file(target))
+    if not _move_with_cache(old, target):
+        return fallback(task)
     reset(state_store(layout), target, task.base_commit, only=feed.changes(target))
     feed.rearm(target)
     fsync_dir(target.parent)  # the rename is durable before the retry naming it is published
@@ -289,8 +287,15 @@ def _take_into(layout: ProjectLayout, store: StateStore, task: Task, folder: Pat
     ``folder`` and reset it there to the task's base, as :func:`hand_over` does in place; False if it is
     not there (another process took it, or it was never made), and nothing was done."""
     old = _previous_folder(layout, task)
-    if old is None:
+    if old is None or not _move_with_cache(old, folder):
         return False
+    reset(store, folder, task.base_commit)  # one pass over the folder: no feed vouches for it here
+    return True
+
+
+def _move_with_cache(old: Path, folder: Path) -> bool:
+    """Rename the checked-out folder ``old`` and its stat cache to ``folder``; False, with nothing moved, if
+    either is not there (never made, or another process took it meanwhile)."""
     try:
         os.rename(index_file(old), index_file(folder))  # first: a folder without its stat cache is no use
     except FileNotFoundError:
@@ -298,9 +303,8 @@ def _take_into(layout: ProjectLayout, store: StateStore, task: Task, folder: Pat
     try:
         os.rename(old, folder)
     except FileNotFoundError:
-        index_file(folder).unlink()  # the folder went meanwhile (another process took it): its cache too
+        index_file(folder).unlink()  # the folder went meanwhile: its cache goes too
         return False
-    reset(store, folder, task.base_commit)  # one pass over the folder: no feed vouches for it here
     return True
 
 

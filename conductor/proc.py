@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from conductor.sandbox import SandboxSpec, Wrapped, reports_status, wrap
+from conductor.sandbox import SandboxSpec, reports_status, wrap
 from conductor.seccomp import no_links_filter
 from conductor.errors import ExecutorError
 
@@ -174,7 +174,7 @@ def run_command(
         if namespace is not None:
             namespace.started()
         if on_start is not None:
-            on_start(proc.pid, _dies_with_us(wrapped))
+            on_start(proc.pid, wrapped is not None and wrapped.dies_with_starter)
         run = _Run(proc, stdin or b"", _Output(max_output_bytes), namespace)
         run.loop(started + timeout_seconds, kill_grace_seconds, should_stop, kill_now)
     finally:
@@ -202,14 +202,6 @@ def run_command(
         sandboxed=wrapped is not None and wrapped.sandboxed,
         contained=contained,
     )
-
-
-def _dies_with_us(wrapped: Wrapped | None) -> bool:
-    """Whether every process of a command started as ``wrapped`` says dies with this process: bubblewrap
-    puts them in a pid namespace of their own and kills its init when we die (``--die-with-parent``)."""
-    if wrapped is None or not wrapped.sandboxed or "--" not in wrapped.argv:
-        return False
-    return {"--unshare-pid", "--die-with-parent"} <= set(wrapped.argv[: wrapped.argv.index("--")])
 
 
 def _memory_file(data: bytes) -> int:

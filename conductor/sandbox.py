@@ -69,6 +69,15 @@ class Wrapped:
     sandboxed: bool
     reason: str = ""
 
+    @property
+    def dies_with_starter(self) -> bool:
+        """Whether every process of the command dies with the process that starts it: bubblewrap puts them
+        in a pid namespace of their own (``--unshare-pid``) whose init dies with its parent
+        (``--die-with-parent``), and the kernel then kills the rest."""
+        if not self.sandboxed or "--" not in self.argv:
+            return False
+        return {"--unshare-pid", "--die-with-parent"} <= set(self.argv[: self.argv.index("--")])
+
     def describe(self, spec: SandboxSpec) -> str:
         """One line for an explanation or an error message."""
         if not self.sandboxed:

@@ -123,16 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort as exc:  # click turns a KeyboardInterrupt (Terminated too) into Abort
-        if isinstance(exc.__cause__, Terminated):
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns a KeyboardInterrupt into Abort
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):  # SIGTERM, not Ctrl-C
             click.echo("conductor: terminated", err=True)
             return EXIT_TERMINATED
-        click.echo("conductor: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except Terminated:
-        click.echo("conductor: terminated", err=True)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
         click.echo("conductor: interrupted", err=True)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: keep the traceback, show one line

@@ -203,17 +203,11 @@ def execute_claim(
     if heartbeat.lost is not None and not isinstance(heartbeat.lost.__cause__, IntegrityError):
         on_event("task.abandoned", {"step_id": task.task_id, "attempt": task.attempt, "reason": str(heartbeat.lost)})
         return None
-    if over_budget is not None:
-        if starts_no_process(runner) and prepare_retry is not None:  # nothing ran: the folder is as it was
-            budget_fallback = prepare_retry
-            prepare_retry = lambda retry: hand_over(layout, retry, fallback=budget_fallback)  # noqa: E731
-        _release(claim, prepare_retry, on_event)
+    if over_budget is not None:  # nothing ran: an in-process runner left the folder as it was
+        _release(claim, _retry_folder(layout, prepare_retry, free=starts_no_process(runner)), on_event)
         raise over_budget
-    if stop_seen.is_set():
-        if outcome.contained and prepare_retry is not None:  # nothing can write the folder: the retry takes it
-            fallback = prepare_retry
-            prepare_retry = lambda retry: hand_over(layout, retry, fallback=fallback)  # noqa: E731
-        _release(claim, prepare_retry, on_event)
+    if stop_seen.is_set():  # a contained run left nothing that can write the folder
+        _release(claim, _retry_folder(layout, prepare_retry, free=outcome.contained), on_event)
         return None
     crash_point("execute.after_run")
     try:
@@ -233,6 +227,16 @@ def execute_claim(
     except IntegrityError as exc:  # the task file was altered while it ran: fail it, never the executor
         _reject_altered(claim, exc, runner, on_event)
         return None
+
+
+def _retry_folder(layout: ProjectLayout, prepare_retry: Callable[[Task], Task] | None, *,
+                  free: bool) -> Callable[[Task], Task] | None:
+    """How a released task's retry gets its folder: ``prepare_retry``, or, when the released attempt's
+    folder is nobody's now (``free``), that folder (``attempts.hand_over``, ``prepare_retry`` the fallback)."""
+    if not free or prepare_retry is None:
+        return prepare_retry
+    fallback = prepare_retry
+    return lambda retry: hand_over(layout, retry, fallback=fallback)
 
 
 def _raise_storage(exc: BaseException) -> None:

@@ -203,8 +203,8 @@ def reap_expired(
                if look.task is not None and look.task.attempt < (look.task.max_attempts or max_attempts)}
     if batch is not None:  # folders made in the background, before the lock is taken for each
         # A dead holder's folder that nobody can write (as things look now) is taken over, not checked out.
-        take = [task_id for task_id, look in looks
-                if isinstance(batch, FolderTaker) and nobodys_folder(look.lease, look.reason)]
+        taker = isinstance(batch, FolderTaker)
+        take = [task_id for task_id, look in looks if taker and nobodys_folder(look.lease, look.reason)]
         if take:
             batch.prefetch(list(retries.values()), take=take)
         else:  # (a preparer that takes no folder over need not know the argument)
